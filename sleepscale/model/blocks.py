@@ -1,0 +1,34 @@
+"""Pre-norm residual blocks, with fla's block parameter names (attn_norm, attn, mlp_norm, mlp).
+
+A block is one letter of the model's layer pattern (`sleepscale.config.BLOCK_LETTERS`):
+
+    A  attention + SwiGLU MLP          a  attention only
+    G  Gated DeltaNet + SwiGLU MLP     g  Gated DeltaNet only (like Ouro's inserted fast-weight layers)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sleepscale.model.mlp import SwiGLU
+from sleepscale.model.state import MixerState
+
+
+class Block(nn.Module):
+    def __init__(self, mixer: nn.Module, hidden_size: int, intermediate_size: int | None, norm_eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
+        self.attn = mixer
+        if intermediate_size is None:
+            self.mlp_norm = self.mlp = None
+        else:
+            self.mlp_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
+            self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        mixed, state = self.attn(self.attn_norm(x), state)
+        x = x + mixed
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state

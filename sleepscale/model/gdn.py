@@ -1,0 +1,136 @@
+"""Gated DeltaNet token mixer with fla's `GatedDeltaNet` parameter layout.
+
+Same parameter names, shapes and maths as `fla.layers.GatedDeltaNet` (use_gate=True,
+use_short_conv=True, conv_bias=False, num_v_heads == num_heads), so weights move between the two
+unchanged (see `sleepscale.model.convert`). Differences, all needed by sleep: the recurrent state is
+an explicit input and output with gradient through both, and the short-convolution tails are part
+of the state so that sliding eviction can carry them across windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sleepscale.model.state import MixerState
+from sleepscale.ops import Backend, gated_delta_rule
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNState(MixerState):
+    fast_weights: torch.Tensor  # [batch, heads, head_k_dim, head_v_dim], float32
+    conv_tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v: [batch, channels, conv_size - 1]
+
+    def evicted(self) -> GDNState:
+        return GDNState(self.fast_weights)
+
+    def next_pass(self, window_start: GDNState) -> GDNState:
+        return GDNState(self.fast_weights, window_start.conv_tails)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution followed by SiLU; the weight is laid out as fla's (an nn.Conv1d's)."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv1d's default
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, C]; tail: the previous [B, C, kernel_size - 1] inputs, None for zeros."""
+        x = x.transpose(1, 2)
+        history = self.weight.shape[-1] - 1
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], x.shape[1], history)
+        padded = torch.cat([tail.to(x.dtype), x], dim=-1)
+        y = F.conv1d(padded, self.weight, groups=x.shape[1])
+        return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - history :]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of the mixer output times SiLU(gate), in float32 (fla's FusedRMSNormGated, 'swish')."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return (normed * F.silu(gate.float())).to(x.dtype)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's l2norm: x / sqrt(sum(x^2) + eps)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float = 2.0,
+        conv_size: int = 4,
+        norm_eps: float = 1e-5,
+        backend: Backend = "auto",
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_k_dim = head_dim
+        self.head_v_dim = int(head_dim * expand_v)
+        if self.head_v_dim != head_dim * expand_v:
+            raise ValueError(f"head_dim * expand_v must be an integer, got {head_dim} * {expand_v}")
+        self.key_dim = num_heads * self.head_k_dim
+        self.value_dim = num_heads * self.head_v_dim
+        self.backend = backend
+
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.q_conv1d = ShortConvolution(self.key_dim, conv_size)
+        self.k_conv1d = ShortConvolution(self.key_dim, conv_size)
+        self.v_conv1d = ShortConvolution(self.value_dim, conv_size)
+        self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.reset_decay_parameters()
+
+    @torch.no_grad()
+    def reset_decay_parameters(self) -> None:
+        """Mamba-2 style decay init, as fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
+        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        dt = dt.clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> GDNState:
+        return GDNState(torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device))
+
+    def forward(self, x: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
+        q_tail, k_tail, v_tail = state.conv_tails or (None, None, None)
+        q, q_tail = self.q_conv1d(self.q_proj(x), q_tail)
+        k, k_tail = self.k_conv1d(self.k_proj(x), k_tail)
+        v, v_tail = self.v_conv1d(self.v_proj(x), v_tail)
+        q = l2_normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
+        k = l2_normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
+        v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        beta = torch.sigmoid(self.b_proj(x).float())
+        log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+
+        out, fast_weights = gated_delta_rule(
+            q, k, v, log_decay, beta, initial_state=state.fast_weights, backend=self.backend
+        )
+        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        out = self.o_norm(out, gate).flatten(-2)
+        return self.o_proj(out), GDNState(fast_weights, (q_tail, k_tail, v_tail))

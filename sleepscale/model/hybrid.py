@@ -1,0 +1,105 @@
+"""The hybrid language model: embedding, a stack of attention / Gated DeltaNet blocks, norm, head.
+
+The model knows nothing about windows or passes; it offers the pieces the sleep engine
+(`sleepscale.sleep`) drives: `embed`, `run_blocks` over any block range with explicit states, and
+`head`. Module names follow fla's HF models (embeddings, layers, norm, lm_head) so that checkpoints
+convert by renaming (`sleepscale.model.convert`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sleepscale.config import ModelConfig
+from sleepscale.model.attention import Attention
+from sleepscale.model.blocks import Block
+from sleepscale.model.gdn import GatedDeltaNet
+from sleepscale.model.state import MixerState
+
+
+def _make_block(letter: str, config: ModelConfig) -> Block:
+    if letter in "Aa":
+        mixer = Attention(
+            config.hidden_size,
+            config.attention.num_heads,
+            config.attention_kv_heads,
+            config.attention_head_dim,
+            config.attention.rope_theta,
+        )
+    else:
+        mixer = GatedDeltaNet(
+            config.hidden_size,
+            config.gdn.num_heads,
+            config.gdn_head_dim,
+            config.gdn.expand_v,
+            config.gdn.conv_size,
+            config.norm_eps,
+            config.backend,
+        )
+    intermediate = config.mlp_size if letter.isupper() else None
+    return Block(mixer, config.hidden_size, intermediate, config.norm_eps)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(_make_block(letter, config) for letter in config.pattern)
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+        self.loop_range = range(*config.loop_range)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Deterministic given the global RNG: normal(0, init_std) for linear and embedding weights,
+        residual output projections scaled by 1/sqrt(2 * num_layers), fla's decay init for GDN."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, GatedDeltaNet):
+                module.reset_decay_parameters()
+        residual_std = std / math.sqrt(2 * len(self.layers))
+        for block in self.layers:
+            nn.init.normal_(block.attn.o_proj.weight, std=residual_std)
+            if block.mlp is not None:
+                nn.init.normal_(block.mlp.down_proj.weight, std=residual_std)
+
+    def initial_states(self, batch_size: int, span: int, device: torch.device | None = None) -> list[MixerState]:
+        """Fresh per-block states for a batch of new sequences; `span` is the attention window L."""
+        return [
+            block.attn.initial_state(batch_size, span)
+            if isinstance(block.attn, Attention)
+            else block.attn.initial_state(batch_size, device)
+            for block in self.layers
+        ]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+    def run_blocks(
+        self, hidden: torch.Tensor, states: list[MixerState], blocks: range
+    ) -> tuple[torch.Tensor, list[MixerState]]:
+        """Runs blocks[i] for i in `blocks`, reading and replacing states[i]; other states are untouched."""
+        states = list(states)
+        for i in blocks:
+            hidden, states[i] = self.layers[i](hidden, states[i])
+        return hidden, states
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None) -> HybridLM:
+    """The model with weights drawn from `config.seed` alone, leaving the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = HybridLM(config)
+        model.reset_parameters()
+    return model.to(device) if device is not None else model

@@ -1,0 +1,49 @@
+"""What a token mixer carries from one call to the next, and how sleep treats it.
+
+Every mixer is `forward(x, state) -> (y, new_state)`. A state has two kinds of content:
+- *memory* that the sleep passes refine: the GDN fast-weight matrix. Pass j+1 over a window starts
+  from pass j's memory, and memory is all that survives hard eviction.
+- *context*: the tail of past inputs that local operators look back on (short-convolution inputs,
+  attention keys and values). Every pass over a window starts from the context the window began
+  with; under sliding eviction the context left by the final pass is carried to the next window.
+
+The engine only uses the three methods below, so it never needs to know which mixer it drives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+import torch
+
+State = TypeVar("State", bound="MixerState")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerState:
+    """Base for mixer states: a frozen dataclass of tensors (or None, or tuples of them), batch first."""
+
+    def evicted(self: State) -> State:
+        """The state after hard eviction: memory kept, context dropped."""
+        raise NotImplementedError
+
+    def next_pass(self: State, window_start: State) -> State:
+        """The state another pass over the same window starts from."""
+        raise NotImplementedError
+
+    def where(self: State, mask: torch.Tensor, other: State) -> State:
+        """Per sequence: this state where `mask` [batch] is True, else `other`."""
+        return type(self)(
+            **{f.name: _where(mask, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)}
+        )
+
+
+def _where(mask: torch.Tensor, a, b):
+    if isinstance(a, tuple):
+        return tuple(_where(mask, x, y) for x, y in zip(a, b))
+    if a is None or b is None:
+        if a is not None or b is not None:
+            raise ValueError("cannot select between a present and a missing state tensor")
+        return None
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)

@@ -1,0 +1,64 @@
+"""Backend choice for the gated delta rule: fla's Triton kernel on CUDA, our PyTorch code on CPU.
+
+Both backends share one signature and one state layout ([B, H, d_k, d_v], fla's default), and both
+are differentiable in every input including `initial_state`. fla is imported only when the fla
+backend is actually used: importing it costs ~10 s and needs a GPU driver for its kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
+
+Backend = Literal["auto", "torch", "fla"]
+BACKENDS = ("auto", "torch", "fla")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested delta-rule backend cannot run here."""
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", "fla"]:
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown delta-rule backend {backend!r} (allowed: {', '.join(BACKENDS)})")
+    if backend == "auto":
+        return "fla" if device.type == "cuda" else "torch"
+    if backend == "fla" and device.type != "cuda":
+        raise BackendUnavailable(
+            f"delta-rule backend 'fla' needs CUDA tensors, got {device.type}; set model.backend=torch or auto"
+        )
+    return backend
+
+
+def _fla_chunk_gated_delta_rule():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError as error:  # no silent fallback to the slow path on a GPU
+        raise BackendUnavailable(
+            f"delta-rule backend 'fla' could not import fla ({error}); install flash-linear-attention and triton, "
+            "or set model.backend=torch"
+        ) from error
+    return chunk_gated_delta_rule
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay), beta: [B, T, H]; initial_state: [B, H, K, V].
+    Returns (output [B, T, H, V], final_state [B, H, K, V], float32)."""
+    if resolve_backend(backend, q.device) == "torch":
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state, scale=scale)
+    chunk_gated_delta_rule = _fla_chunk_gated_delta_rule()
+    return chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True
+    )

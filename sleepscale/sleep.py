@@ -1,0 +1,135 @@
+"""The sleep engine: read a sequence window by window, and sleep on each window before evicting it.
+
+For every window of L tokens (the last may be shorter):
+
+1. Wake pass. The prelude blocks, pass 1 of the loop blocks, then the coda blocks and the head.
+   All logits and all loss come from this pass, so answering costs one pass whatever N is.
+2. Sleep. If the window will be evicted before the sequence ends, the loop blocks run passes
+   2..N over it. Each pass starts from the previous pass's hidden states and GDN fast weights;
+   its short-convolution and attention context is the context the window started with.
+   `sleep_on: context` sleeps only on windows that carry no loss tokens (the paper's Algorithm 1).
+3. Evict. The hidden states are dropped. Under hard eviction only the GDN fast weights reach the
+   next window. Under sliding eviction the attention keeps the last L-1 keys/values and the short
+   convolutions their last inputs, all from the final pass over the window.
+
+N = 1 is exactly the plain hybrid. Activation checkpointing (`checkpoint: pass | window`, always
+non-reentrant so that blocks reused N times work under ZeRO-2/3) changes memory and time, never
+values or gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sleepscale.config import SleepConfig
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.state import MixerState
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class SleepOutput:
+    logits: torch.Tensor | None  # [batch, length, vocab] from the wake passes; None unless asked for
+    loss: torch.Tensor | None  # mean cross-entropy over target tokens; None without targets
+    passes: torch.Tensor  # [batch, windows]: passes of the loop blocks run over each window
+    states: list[MixerState]  # per-block states after the last window
+
+
+def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
+    return [(start, min(start + window, length)) for start in range(0, length, window)]
+
+
+def sleep_forward(
+    model: HybridLM,
+    input_ids: torch.Tensor,
+    sleep: SleepConfig,
+    targets: torch.Tensor | None = None,
+    return_logits: bool = True,
+) -> SleepOutput:
+    """Runs `model` over `input_ids` [batch, length] under `sleep`; `targets` [batch, length] hold
+    the token to predict at each position, or IGNORE_INDEX where no loss applies."""
+    batch, length = input_ids.shape
+    states = model.initial_states(batch, sleep.window, input_ids.device)
+    bounds = window_bounds(length, sleep.window)
+    logits, passes = [], []
+    loss_sum = input_ids.new_zeros((), dtype=torch.float32)
+    for index, (start, end) in enumerate(bounds):
+        window_targets = None if targets is None else targets[:, start:end]
+        sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted=index < len(bounds) - 1, device=input_ids.device)
+        window_logits, window_loss, states = _maybe_checkpoint(
+            sleep.checkpoint == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
+        )
+        if sleep.eviction == "hard":
+            states = [state.evicted() for state in states]
+        loss_sum = loss_sum + window_loss
+        passes.append(1 + (sleep.passes - 1) * sleeps.long())
+        if return_logits:
+            logits.append(window_logits)
+
+    loss = None
+    if targets is not None:
+        loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return SleepOutput(
+        logits=torch.cat(logits, dim=1) if return_logits else None,
+        loss=loss,
+        passes=torch.stack(passes, dim=1),
+        states=states,
+    )
+
+
+def _sleeps_on_window(
+    sleep: SleepConfig, targets: torch.Tensor | None, batch: int, evicted: bool, device: torch.device
+) -> torch.Tensor:
+    """[batch] bool: which sequences sleep on this window."""
+    if not evicted or sleep.passes == 1:
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+    if sleep.sleep_on == "context" and targets is not None:
+        return (targets == IGNORE_INDEX).all(dim=1)
+    return torch.ones(batch, dtype=torch.bool, device=device)
+
+
+def _run_window(
+    model: HybridLM,
+    sleep: SleepConfig,
+    window_ids: torch.Tensor,
+    window_targets: torch.Tensor | None,
+    states: list[MixerState],
+    sleeps: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, list[MixerState]]:
+    """Wake pass and sleep passes over one window. Returns (logits, summed loss, states after it)."""
+    loop = model.loop_range
+    prelude, coda = range(0, loop.start), range(loop.stop, len(model.layers))
+    per_pass = sleep.checkpoint == "pass"
+    window_start = states
+
+    hidden = model.embed(window_ids)
+    hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, prelude)
+    hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, loop)
+    coda_hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, coda)
+    logits = model.head(coda_hidden)
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if window_targets is not None:
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), window_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    if sleeps.any():
+        slept = states
+        for _ in range(2, sleep.passes + 1):
+            slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
+            hidden, slept = _maybe_checkpoint(per_pass, model.run_blocks, hidden, slept, loop)
+        if not sleeps.all():
+            slept = [slept[i].where(sleeps, states[i]) if i in loop else states[i] for i in range(len(states))]
+        states = slept
+    return logits, loss, states
+
+
+def _maybe_checkpoint(enabled: bool, function, *args):
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)

@@ -1,0 +1,100 @@
+"""The CPU delta-rule op against fla's pure-PyTorch references, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_reference import chunk_reference, recurrent_reference
+from sleepscale.ops import BackendUnavailable, gated_delta_rule
+from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
+
+
+def make_inputs(batch, length, heads, key_dim, value_dim, with_state, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    q = F.normalize(randn(batch, length, heads, key_dim), dim=-1)
+    k = F.normalize(randn(batch, length, heads, key_dim), dim=-1)
+    v = randn(batch, length, heads, value_dim)
+    g = F.logsigmoid(randn(batch, length, heads))
+    beta = torch.sigmoid(randn(batch, length, heads))
+    state = randn(batch, heads, key_dim, value_dim) if with_state else None
+    inputs = [q, k, v, g, beta] + ([state] if with_state else [])
+    return [x.requires_grad_() for x in inputs]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    q, k, v, g, beta, *state = inputs
+    out, final = fn(q, k, v, g, beta, state[0] if state else None)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (
+        final * torch.randn(final.shape, generator=gen, dtype=final.dtype)
+    ).sum()
+    grads = torch.autograd.grad(loss, inputs)
+    return [out, final, *grads]
+
+
+def assert_close_relative(actual, expected, rtol, names):
+    for name, a, e in zip(names, actual, expected):
+        error = (a.double() - e.double()).norm() / e.double().norm()
+        assert error < rtol, f"{name}: relative error {error:.2e}"
+
+
+NAMES = ["output", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state"]
+
+
+@pytest.mark.parametrize("reference", [recurrent_reference, chunk_reference], ids=["recurrent", "chunk"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 64, 2, 16, 16), (1, 100, 3, 16, 8), (2, 150, 2, 32, 24), (1, 7, 1, 8, 8)],
+    ids=lambda s: "B{}T{}H{}K{}V{}".format(*s),
+)
+@pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
+def test_matches_fla_references_in_float64(reference, shape, with_state):
+    inputs = make_inputs(*shape, with_state=with_state)
+    ours = outputs_and_grads(chunk_gated_delta_rule_torch, inputs)
+    theirs = outputs_and_grads(reference, inputs)
+    assert ours[0].dtype == torch.float64 and ours[1].dtype == torch.float64
+    assert_close_relative(ours, theirs, 1e-8, NAMES[: len(ours)])
+
+
+def test_gradcheck_tiny():
+    inputs = make_inputs(1, 5, 1, 3, 2, with_state=True)
+
+    def op(q, k, v, g, beta, state):
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, state, chunk_size=2)
+
+    assert torch.autograd.gradcheck(op, inputs)
+
+
+@pytest.mark.parametrize("pieces", [[64, 64], [30, 50, 48], [1, 127]], ids=str)
+def test_state_threading_equals_one_call(pieces):
+    """T tokens in k calls with the state carried equals one call of T tokens, gradients included."""
+    inputs = make_inputs(2, sum(pieces), 2, 16, 8, with_state=True)
+
+    def threaded(q, k, v, g, beta, state):
+        outs, start = [], 0
+        for size in pieces:
+            part = slice(start, start + size)
+            out, state = chunk_gated_delta_rule_torch(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
+            outs.append(out)
+            start += size
+        return torch.cat(outs, dim=1), state
+
+    one = outputs_and_grads(chunk_gated_delta_rule_torch, inputs)
+    many = outputs_and_grads(threaded, inputs)
+    assert_close_relative(many, one, 1e-12, NAMES)
+
+
+def test_float32_inputs_keep_a_float32_state():
+    q, k, v, g, beta, state = make_inputs(1, 70, 2, 8, 8, with_state=True, dtype=torch.float32)
+    out, final = gated_delta_rule(q, k, v, g, beta, state)
+    assert out.dtype == torch.float32 and final.dtype == torch.float32
+
+
+def test_fla_backend_refuses_cpu_tensors():
+    q, k, v, g, beta = make_inputs(1, 4, 1, 4, 4, with_state=False)
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
+        gated_delta_rule(q, k, v, g, beta, backend="fla")
