@@ -50,21 +50,34 @@ def sleep_forward(
     sleep: SleepConfig,
     targets: torch.Tensor | None = None,
     return_logits: bool = True,
+    states: list[MixerState] | None = None,
+    sequence_continues: bool = False,
 ) -> SleepOutput:
     """Runs `model` over `input_ids` [batch, length] under `sleep`; `targets` [batch, length] hold
-    the token to predict at each position, or IGNORE_INDEX where no loss applies."""
+    the token to predict at each position, or IGNORE_INDEX where no loss applies.
+
+    A long stream can be fed in segments: pass the previous call's `states` and, for every segment
+    but the last, `sequence_continues=True`, which makes the final window evicted (and slept on)
+    too. Such a segment must then be a whole number of windows."""
     batch, length = input_ids.shape
-    states = model.initial_states(batch, sleep.window, input_ids.device)
+    if sequence_continues and length % sleep.window:
+        raise ValueError(
+            f"a segment followed by more of the sequence must be whole windows: length {length} "
+            f"is not a multiple of sleep.window={sleep.window}"
+        )
+    if states is None:
+        states = model.initial_states(batch, sleep.window, input_ids.device)
     bounds = window_bounds(length, sleep.window)
     logits, passes = [], []
     loss_sum = input_ids.new_zeros((), dtype=torch.float32)
     for index, (start, end) in enumerate(bounds):
         window_targets = None if targets is None else targets[:, start:end]
-        sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted=index < len(bounds) - 1, device=input_ids.device)
+        evicted = sequence_continues or index < len(bounds) - 1
+        sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted, input_ids.device)
         window_logits, window_loss, states = _maybe_checkpoint(
             sleep.checkpoint == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
         )
-        if sleep.eviction == "hard":
+        if evicted and sleep.eviction == "hard":
             states = [state.evicted() for state in states]
         loss_sum = loss_sum + window_loss
         passes.append(1 + (sleep.passes - 1) * sleeps.long())
@@ -112,10 +125,11 @@ def _run_window(
     hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, loop)
     coda_hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, coda)
     logits = model.head(coda_hidden)
-    loss = logits.new_zeros((), dtype=torch.float32)
+    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
+    loss = logits.new_zeros((), dtype=loss_dtype)
     if window_targets is not None:
         loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), window_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.flatten(0, 1).to(loss_dtype), window_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
     if sleeps.any():

@@ -46,10 +46,11 @@ class AttentionState(MixerState):
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half form) of x [batch, heads, time, head_dim] at integer positions [time]."""
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
+    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    x1, x2 = x.to(dtype)[..., :half], x.to(dtype)[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 

@@ -52,7 +52,7 @@ class ShortConvolution(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of the mixer output times SiLU(gate), in float32 (fla's FusedRMSNormGated, 'swish')."""
+    """RMSNorm of the mixer output times SiLU(gate), in at least float32 (fla's FusedRMSNormGated, 'swish')."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -60,9 +60,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return (normed * F.silu(gate.float())).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        wide = x.to(dtype)
+        normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dtype)
+        return (normed * F.silu(gate.to(dtype))).to(x.dtype)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -115,7 +116,8 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> GDNState:
-        return GDNState(torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device))
+        dtype = torch.promote_types(self.q_proj.weight.dtype, torch.float32)
+        return GDNState(torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
         q_tail, k_tail, v_tail = state.conv_tails or (None, None, None)
@@ -125,8 +127,9 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
         k = l2_normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
         v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
-        beta = torch.sigmoid(self.b_proj(x).float())
-        log_decay = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        gate_dtype = torch.promote_types(x.dtype, torch.float32)
+        beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
+        log_decay = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
 
         out, fast_weights = gated_delta_rule(
             q, k, v, log_decay, beta, initial_state=state.fast_weights, backend=self.backend
