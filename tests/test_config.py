@@ -1,0 +1,106 @@
+"""Config loading, overrides, and the one-line error for every invalid value."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sleepscale.cli import main
+from sleepscale.config import ConfigError, apply_overrides, load_config, validate
+
+
+def base():
+    return {
+        "model": {"vocab_size": 32, "hidden_size": 16, "pattern": "AGAG", "attention": {"num_heads": 2}, "gdn": {"num_heads": 2}},
+        "sleep": {"window": 8, "passes": 2},
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model.pattern=AGXG"], "model.pattern: unknown block letter 'X' at position 2 (allowed: A, a, G, g)"),
+        (["model.pattern="], "model.pattern: "),
+        (["model.loop=[2, 7]"], "model.loop: [2, 7) is not a block range of the 4-block stack; need 0 <= start < end <= 4"),
+        (["model.loop=[3, 3]"], "model.loop: [3, 3) is not a block range"),
+        (["sleep.passes=0"], "sleep.passes: Input should be greater than or equal to 1"),
+        (["sleep.window=0"], "sleep.window: Input should be greater than or equal to 1"),
+        (["model.attention.num_heads=3"], "model.attention.num_heads: 3 does not divide hidden_size 16"),
+        (["model.gdn.num_heads=5"], "model.gdn.num_heads: 5 does not divide hidden_size 16"),
+        (["model.attention.num_kv_heads=3"], "model.attention.num_kv_heads: 3 must divide attention.num_heads 2"),
+        (["sleep.eviction=soft"], "sleep.eviction: Input should be 'hard' or 'sliding'"),
+        (["sleep.sleep_on=always"], "sleep.sleep_on: Input should be 'evicted' or 'context'"),
+        (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'none', 'pass' or 'window'"),
+        (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch' or 'fla'"),
+        (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint)"),
+        (["modle.pattern=AG"], "modle: unknown key (allowed: model, sleep, train)"),
+        (["model.gdn.expand_v=0.3"], "model.gdn.expand_v: head_dim 8 * expand_v 0.3 is not an integer"),
+    ],
+)
+def test_invalid_values_fail_with_one_line_naming_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        validate(apply_overrides(base(), overrides))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(expected), message
+
+
+def test_missing_section_is_named():
+    data = base()
+    del data["sleep"]
+    with pytest.raises(ConfigError, match="^sleep: required, but not given$"):
+        validate(data)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    config = load_config(path, ["sleep.passes=4", "model.loop=[1, 3]", "sleep.eviction=sliding", "model.tie_embeddings=true"])
+    assert config.sleep.passes == 4 and config.model.loop_range == (1, 3)
+    assert config.sleep.eviction == "sliding" and config.model.tie_embeddings is True
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["passes"], "override 'passes' must look like key=value"),
+        (["sleep.passes.x=1"], "override 'sleep.passes.x=1': passes is a value, not a section"),
+    ],
+)
+def test_malformed_overrides(tmp_path, overrides, expected):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        load_config(path, overrides)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {vocab_size: 3\nsleep: [")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML at line"):
+        load_config(broken)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    assert main(["config", str(path), "sleep.passes=0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "sleepscale: config error: sleep.passes: Input should be greater than or equal to 1\n"
+
+
+def test_shipped_configs_are_valid():
+    assert load_config("configs/tiny.yaml").sleep.passes == 2
+
+
+def test_demo_command_trains(tmp_path):
+    """The README's main job, shortened: the loss must fall."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "demo", "configs/tiny.yaml", "train.steps=60"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    first, last = result.stdout.strip().splitlines()[-1].split()[1::2][:2]
+    assert float(last) < float(first) - 0.2, result.stdout
