@@ -1,0 +1,50 @@
+"""Runs fla's own GatedDeltaNet layer and GatedDeltaNetForCausalLM (through its Triton kernels,
+interpreted on the CPU, float32) and saves weights, inputs and outputs for test_fla_parity.py.
+
+A separate process because it patches Triton and imports fla (~10 s), which the rest of the test
+suite must not see. Usage: python tests/fla_outputs.py OUT.pt
+"""
+
+import sys
+
+import triton_cpu_interpreter  # noqa: F401  (before fla)
+import torch
+from fla.layers import GatedDeltaNet
+from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+
+def randomize(module, generator):
+    """Non-default values everywhere (norm weights too), so that no parameter goes untested."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3 + (1.0 if parameter.dim() == 1 else 0.0))
+
+
+def main(path):
+    generator = torch.Generator().manual_seed(0)
+    layer = GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=4, expand_v=1.5, conv_size=4, norm_eps=1e-5)
+    randomize(layer, generator)
+    layer_input = torch.randn(2, 70, 32, generator=generator)  # 70: not a multiple of fla's chunk of 64
+    with torch.no_grad():
+        layer_output = layer(layer_input)[0]
+
+    config = GatedDeltaNetConfig(
+        hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=1.0, vocab_size=50,
+        intermediate_size=48, fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False,
+    )
+    model = GatedDeltaNetForCausalLM(config)
+    randomize(model, generator)
+    input_ids = torch.randint(0, 50, (2, 40), generator=generator)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    torch.save(
+        {
+            "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
+            "model_config": config.to_dict(), "model_state": model.state_dict(), "input_ids": input_ids, "logits": logits,
+        },
+        path,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
