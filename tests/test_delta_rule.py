@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fla_reference import chunk_reference, recurrent_reference
 from sleepscale.ops import BackendUnavailable, gated_delta_rule
 from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
+from sleepscale.ops.references import chunk_reference, recurrent_reference
 
 
 def make_inputs(batch, length, heads, key_dim, value_dim, with_state, seed=0, dtype=torch.float64):

@@ -1,7 +1,7 @@
-"""fla's pure-PyTorch gated-delta-rule references, loaded by file path.
+"""fla's pure-PyTorch gated-delta-rule references, the oracles for our op's tests and benchmarks.
 
-`import fla.ops...` would import every Triton kernel in fla (~10 s, and a GPU driver for some), so the
-tests read `fla/ops/gated_delta_rule/naive.py` directly; it needs only torch and einops.
+`import fla.ops...` would import every Triton kernel in fla (~10 s, and a GPU driver for some), so
+`fla/ops/gated_delta_rule/naive.py` is loaded by file path; it needs only torch and einops.
 """
 
 import importlib.util
@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 def _load_naive():
     spec = importlib.util.find_spec("fla")  # locates the package without executing its __init__
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("flash-linear-attention is not installed: pip install -e '.[test]'")
+        raise ImportError("fla-core is not installed: pip install -e .")
     path = Path(spec.submodule_search_locations[0]) / "ops" / "gated_delta_rule" / "naive.py"
     module_spec = importlib.util.spec_from_file_location("fla_gated_delta_rule_naive", path)
     module = importlib.util.module_from_spec(module_spec)
