@@ -88,10 +88,11 @@ def test_state_threading_equals_one_call(pieces):
     assert_close_relative(many, one, 1e-12, NAMES)
 
 
-def test_float32_inputs_keep_a_float32_state():
-    q, k, v, g, beta, state = make_inputs(1, 70, 2, 8, 8, with_state=True, dtype=torch.float32)
-    out, final = gated_delta_rule(q, k, v, g, beta, state)
-    assert out.dtype == torch.float32 and final.dtype == torch.float32
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_output_keeps_the_input_dtype_and_the_state_is_float32(dtype):
+    q, k, v, g, beta, state = make_inputs(1, 70, 2, 8, 8, with_state=True, dtype=dtype)
+    out, final = gated_delta_rule(q, k, v, g, beta, state.float())
+    assert out.dtype == dtype and final.dtype == torch.float32
 
 
 def test_fla_backend_refuses_cpu_tensors():

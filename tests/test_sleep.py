@@ -115,8 +115,9 @@ def test_pass_counts(passes, tokens):
     assert out.passes.tolist() == [[passes, passes, passes, 1]] * 3
 
 
-def test_sleep_on_context_sleeps_only_on_loss_free_windows(tokens):
-    config = make_config(passes=3, sleep_on="context")
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_sleep_on_context_sleeps_only_on_loss_free_windows(eviction, tokens):
+    config = make_config(passes=3, sleep_on="context", eviction=eviction)
     model = make_model(config)
     targets = torch.full_like(tokens, IGNORE_INDEX)
     targets[0, 9] = targets[1, 17] = targets[:, 29] = 1  # loss in window 1 for row 0, window 2 for row 1

@@ -34,14 +34,6 @@ class AttentionState(MixerState):
     def next_pass(self, window_start: AttentionState) -> AttentionState:
         return window_start
 
-    def where(self, mask: torch.Tensor, other: AttentionState) -> AttentionState:
-        if (self.keys is None) != (other.keys is None):
-            raise ValueError("cannot select between a present and a missing attention tail")
-        if self.keys is None:
-            return self
-        pick = mask.view(-1, 1, 1, 1)
-        return AttentionState(self.span, torch.where(pick, self.keys, other.keys), torch.where(pick, self.values, other.values))
-
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary embedding (rotate-half form) of x [batch, heads, time, head_dim] at integer positions [time]."""

@@ -22,7 +22,8 @@ State = TypeVar("State", bound="MixerState")
 
 @dataclasses.dataclass(frozen=True)
 class MixerState:
-    """Base for mixer states: a frozen dataclass of tensors (or None, or tuples of them), batch first."""
+    """Base for mixer states: a frozen dataclass of batch-first tensors (or None, or tuples of them)
+    and of settings that are the same for every sequence (plain Python values)."""
 
     def evicted(self: State) -> State:
         """The state after hard eviction: memory kept, context dropped."""
@@ -42,8 +43,8 @@ class MixerState:
 def _where(mask: torch.Tensor, a, b):
     if isinstance(a, tuple):
         return tuple(_where(mask, x, y) for x, y in zip(a, b))
-    if a is None or b is None:
-        if a is not None or b is not None:
-            raise ValueError("cannot select between a present and a missing state tensor")
-        return None
-    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
+        raise ValueError(f"cannot select per sequence between {type(a).__name__} and {type(b).__name__} state fields")
+    return a

@@ -57,7 +57,7 @@ def chunk_gated_delta_rule_torch(
     initial_state: [B, H, K, V] or None (zeros). Returns (o [B, T, H, V] in v's dtype,
     final_state [B, H, K, V] in float32, or float64 for float64 inputs)."""
     batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    value_dim, out_dtype = v.shape[-1], v.dtype
     scale = key_dim**-0.5 if scale is None else scale
     dtype = _compute_dtype(q)
     # Zero padding is inert: g = 0 keeps the state, k = 0 and beta = 0 write nothing into it.
@@ -92,4 +92,4 @@ def chunk_gated_delta_rule_torch(
         outputs.append(q_decayed[:, :, n] @ state + intra[:, :, n] @ new_values)
         state = state * chunk_decay[:, :, n] + k_to_end[:, :, n].transpose(-1, -2) @ new_values
     out = torch.stack(outputs, dim=2).flatten(2, 3)[:, :, :length].transpose(1, 2)
-    return out.to(v.dtype), state
+    return out.to(out_dtype), state
