@@ -41,3 +41,17 @@ def test_fast_weights_stay_float32_in_a_bfloat16_model(tokens):
     assert all(s.fast_weights.dtype == torch.float32 for s in out.states if isinstance(s, GDNState))
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cpu_path_never_imports_fla():
+    """fla's import costs ~10 s and needs Triton drivers; the CPU path must not pay it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from conftest import make_config; "
+        "from sleepscale.model import build_model; from sleepscale.sleep import sleep_forward; "
+        "c = make_config(passes=2); sleep_forward(build_model(c.model), torch.zeros(1, 20, dtype=torch.long), c.sleep); "
+        "assert not any(m == 'fla' or m.startswith('fla.') for m in sys.modules), 'fla was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
