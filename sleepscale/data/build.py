@@ -1,0 +1,54 @@
+"""`sleepscale data <task>`: generate a task (or pack a text corpus) into train/validation shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sleepscale.data import depo, math_problems, rule110, text
+from tqdm import tqdm
+
+from sleepscale.data.shards import SplitWriter, sample_rng, write_manifest
+
+VERSIONS = {"rule110": rule110.VERSION, "depo": depo.VERSION, "math": math_problems.VERSION, "text": text.VERSION}
+
+
+def _prepare(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.glob("*.tar")) + sorted(out.glob("manifest.json"))
+    if stale:
+        raise FileExistsError(f"{out} already holds a dataset ({stale[0].name}, ...); choose an empty --out directory")
+
+
+def build_task_dataset(task, out: Path, seed: int, train_samples: int, validation_samples: int, samples_per_shard: int) -> Path:
+    """Generated tasks: sample i of a split comes from its own seeded generator."""
+    _prepare(out)
+    splits = {}
+    for split, count, split_task in (("train", train_samples, task), ("validation", validation_samples, task.for_validation())):
+        writer = SplitWriter(out, split, samples_per_shard)
+        for index in tqdm(range(count), desc=split, unit="sample", disable=None):
+            writer.write(split_task.sample(sample_rng(seed, split, index)))
+        splits[split] = writer.finish()
+    return write_manifest(out, {
+        "task": task.name, "generator_version": VERSIONS[task.name], "seed": seed,
+        "params": task.params(), "validation_params": task.for_validation().params(),
+        "tokenizer": task.vocabulary.describe(), "vocab_size": task.vocabulary.vocab_size,
+        "sequence_length": task.sequence_length, "splits": splits,
+    })
+
+
+def build_text_dataset(corpus: text.TextCorpus, out: Path, seed: int, validation_fraction: float, samples_per_shard: int) -> Path:
+    """Text: each packed sample goes to validation with probability `validation_fraction`, drawn
+    from its own seeded generator, so the split does not depend on file sizes or order."""
+    _prepare(out)
+    writers = {split: SplitWriter(out, split, samples_per_shard) for split in ("train", "validation")}
+    for index, sample in enumerate(tqdm(corpus.samples(), desc="text", unit="sample", disable=None)):
+        in_validation = sample_rng(seed, "validation", index).random() < validation_fraction
+        writers["validation" if in_validation else "train"].write(sample)
+    splits = {split: writer.finish() for split, writer in writers.items()}
+    return write_manifest(out, {
+        "task": corpus.name, "generator_version": VERSIONS["text"], "seed": seed,
+        "params": corpus.params() | {"validation_fraction": validation_fraction},
+        "dropped_tail_tokens": corpus.dropped_tail_tokens,
+        "tokenizer": corpus.tokenizer.describe(), "vocab_size": corpus.tokenizer.vocab_size,
+        "sequence_length": corpus.sequence_length, "splits": splits,
+    })

@@ -1,0 +1,63 @@
+"""Rule 110: can the model compute t cellular-automaton steps of strings it can no longer see?
+
+Token layout (T = 100 with the defaults, windows of L = 24):
+
+    positions  0..23   string 1, one bit token ("0"/"1") per cell     no loss
+              24..47   string 2                                        no loss
+              48..71   string 3                                        no loss
+              72..95   string 4                                        no loss
+              96..99   query tokens "?1" "?2" "?3" "?4"                target: bit of string i
+
+Label i is cell 0 of string i after t steps of Rule 110 with periodic boundaries (cell 0's left
+neighbour is the last cell). The stored information is 96 bits whatever t is; only the
+computation needed grows with t. t is drawn per sample from `t_values` and recorded in the meta.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sleepscale.data.sample import IGNORE_INDEX, Sample
+from sleepscale.data.tokenizer import SymbolVocabulary
+
+VERSION = "1"
+RULE = 110
+
+
+def step(cells: np.ndarray) -> np.ndarray:
+    """One Rule 110 step on the last axis, periodic boundary."""
+    neighbourhood = 4 * np.roll(cells, 1, axis=-1) + 2 * cells + np.roll(cells, -1, axis=-1)
+    return (RULE >> neighbourhood) & 1
+
+
+def evolve(cells: np.ndarray, steps: int) -> np.ndarray:
+    for _ in range(steps):
+        cells = step(cells)
+    return cells
+
+
+class Rule110Task:
+    name = "rule110"
+
+    def __init__(self, t_values=(32,), bits: int = 24, strings: int = 4):
+        if not t_values or min(t_values) < 0:
+            raise ValueError("t_values must be a non-empty list of steps >= 0")
+        self.t_values, self.bits, self.strings = [int(t) for t in t_values], bits, strings
+        self.vocabulary = SymbolVocabulary(["<pad>", "0", "1"] + [f"?{i + 1}" for i in range(strings)])
+        self.sequence_length = strings * bits + strings
+
+    def params(self) -> dict:
+        return {"t_values": self.t_values, "bits": self.bits, "strings": self.strings}
+
+    def for_validation(self) -> Rule110Task:
+        return self
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        t = int(rng.choice(self.t_values))
+        cells = rng.integers(0, 2, size=(self.strings, self.bits))
+        labels = evolve(cells, t)[:, 0]
+        bit = np.array([self.vocabulary["0"], self.vocabulary["1"]])
+        queries = [self.vocabulary[f"?{i + 1}"] for i in range(self.strings)]
+        input_ids = np.concatenate([bit[cells].ravel(), queries])
+        targets = np.concatenate([np.full(self.strings * self.bits, IGNORE_INDEX), bit[labels]])
+        return Sample(input_ids, targets, {"task": self.name, "difficulty": {"t": t}, "answer": labels.tolist()})
