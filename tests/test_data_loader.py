@@ -95,8 +95,11 @@ def test_resume_needs_the_same_worker_count(dataset):
         ShardLoader(str(dataset), batch_size=8, num_workers=1).load_state_dict(state)
 
 
-def test_shards_read_through_a_url_prefix(dataset):
+def test_shards_and_manifest_read_through_urls(dataset):
     loader = ShardLoader(str(dataset), batch_size=16, shard_url_prefix=f"pipe:cat {dataset}/", shuffle=False)
+    assert sum(read_epoch(loader), []) == sorted(all_train_keys(dataset))
+    loader = ShardLoader(f"pipe:cat {dataset}/manifest.json", batch_size=16, shuffle=False)
+    assert loader.shards[0].url == f"pipe:cat {dataset}/train-000000.tar"
     assert sum(read_epoch(loader), []) == sorted(all_train_keys(dataset))
 
 
@@ -166,8 +169,14 @@ def test_bad_data_gives_one_line_or_is_counted_when_skipping(copy_of, damage, ve
     assert all("train-000003.tar" in reason for reason in loader.skip_reasons)
 
 
-def test_missing_manifest_and_split(tmp_path, dataset):
+def test_missing_or_broken_manifest_and_split(tmp_path, dataset):
     with pytest.raises(DataError, match="no manifest"):
+        ShardLoader(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(DataError, match="manifest is not valid JSON"):
+        ShardLoader(str(tmp_path))
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match="not a sleepscale-shards/1 manifest"):
         ShardLoader(str(tmp_path))
     with pytest.raises(DataError, match=r"no split 'test' \(has train, validation\)"):
         ShardLoader(str(dataset), split="test")

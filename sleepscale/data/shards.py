@@ -72,16 +72,33 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(source: str | Path) -> tuple[dict[str, Any], str]:
-    """(manifest, base) for a dataset directory or a manifest.json path; shard urls are base + url."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / MANIFEST
+    """(manifest, base) for a dataset directory, a manifest.json path, or a manifest URL that
+    webdataset's gopen understands (`pipe:...`, `http(s)://...`); shard urls are base + url."""
+    source = str(source)
+    if "://" in source or source.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        where, base = source, source.rsplit("/", 1)[0] + "/"
+        try:
+            with gopen(source, "rb") as stream:
+                text = stream.read().decode()
+        except Exception as error:  # gopen's pipes and remote streams raise assorted types
+            raise DataError(f"{source}: cannot read the manifest ({error})") from None
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / MANIFEST
+        where, base = str(path), str(path.parent) + "/"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise DataError(f"{path}: no manifest (write the dataset with `sleepscale data ... --out DIR`)") from None
+        except OSError as error:
+            raise DataError(f"{path}: unreadable manifest ({error.strerror})") from None
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: no manifest (write the dataset with `sleepscale data ... --out DIR`)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: unreadable manifest ({error})") from None
+        manifest = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: manifest is not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: not a {FORMAT} manifest")
-    return manifest, str(path.parent) + "/"
+        raise DataError(f"{where}: not a {FORMAT} manifest")
+    return manifest, base
