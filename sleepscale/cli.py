@@ -51,14 +51,47 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sleepscale", description="Train sleeping hybrid language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("demo", "a short sleep training run on CPU with generated data (prints the loss falling)"),
+        ("train", "train (single process or under torchrun); resumes from the run directory's checkpoint"),
         ("config", "validate a config with overrides and print it resolved"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sleep.passes=4")
+    evaluate = commands.add_parser("eval", help="accuracy per difficulty and per N of a checkpoint")
+    evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
+    evaluate.add_argument("--split", default="validation")
+    evaluate.add_argument("--passes", default=None, help="comma-separated N values, e.g. 1,2,4 (default: the run's eval.passes)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-batches", type=int, default=None)
+    evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
     _add_data_commands(commands)
     return parser
+
+
+def _evaluate_checkpoint(args) -> None:
+    from pathlib import Path
+
+    from sleepscale.data.loader import ShardLoader
+    from sleepscale.eval import evaluate, format_table, write_csv
+    from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, config = load_model_from_checkpoint(checkpoint)
+    try:
+        passes = [int(n) for n in args.passes.split(",")] if args.passes else config.eval.passes
+    except ValueError:
+        raise ValueError(f"--passes {args.passes!r}: give comma-separated integers such as 1,2,4") from None
+    if min(passes) < 1:
+        raise ValueError(f"--passes {args.passes!r}: every N must be >= 1")
+    data = args.data or config.data.path
+    loader = ShardLoader(data, args.split, batch_size=args.batch_size, shuffle=False)
+    batches = [batch for index, batch in enumerate(loader) if args.max_batches is None or index < args.max_batches]
+    rows = evaluate(model.eval(), batches, config.sleep, passes)
+    out = Path(args.out) if args.out else checkpoint / f"eval-{args.split}.csv"
+    write_csv(rows, out)
+    print(format_table(rows))
+    print(f"wrote {out}")
 
 
 def _write_data(args) -> None:
@@ -104,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sleepscale: data error: {error}", file=sys.stderr)
             return 2
         return 0
+    if args.command == "eval":
+        from sleepscale.data.sample import DataError
+
+        try:
+            _evaluate_checkpoint(args)
+        except (DataError, ValueError, FileNotFoundError) as error:
+            print(f"sleepscale: eval error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as error:
@@ -111,11 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
-    elif args.command == "demo":
-        from sleepscale.demo import run_demo
+        return 0
+    from sleepscale.data.sample import DataError
+    from sleepscale.train.trainer import run_training
 
-        run_demo(config)
-    return 0
+    try:
+        return run_training(config)
+    except (DataError, ValueError) as error:
+        print(f"sleepscale: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

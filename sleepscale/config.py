@@ -6,6 +6,7 @@ allowed, e.g. `model.pattern: unknown block letter 'X' at position 2 (allowed: A
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,17 +135,134 @@ class SleepConfig(Section):
     checkpoint: Literal["none", "pass", "window"] = "none"
 
 
-class TrainConfig(Section):
-    steps: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-3, gt=0)
+class GenerateConfig(Section):
+    """Data to generate when `data.path` holds no dataset yet (see `sleepscale data --help`)."""
+
+    task: Literal["rule110", "depo", "math"]
+    args: dict[str, Any] = Field(default_factory=dict, description="the task's options, e.g. {t_values: [0, 1]}")
+    train_samples: int = Field(10000, ge=1)
+    validation_samples: int = Field(1000, ge=1)
+    samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
+
+
+class DataConfig(Section):
+    path: str = Field(description="a dataset directory (or manifest URL) written by `sleepscale data`")
+    generate: GenerateConfig | None = None
+    num_workers: int = Field(0, ge=0)
+    skip_bad_samples: bool = False
+    shard_url_prefix: str | None = None
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for 2-D hidden matrices, AdamW for the rest")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (with muon: embeddings, head, norms, gates, biases)")
+    muon_lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+
+
+class ScheduleConfig(Section):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+
+
+class StageConfig(Section):
+    name: str
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0, description="alternative to steps: passes over the training split")
+    eviction: Literal["hard", "sliding"] | None = Field(None, description="default: sleep.eviction")
+    passes: int | None = Field(None, ge=1, description="default: sleep.passes")
+    train: list[str] = Field(["*"], min_length=1, description="fnmatch patterns of the parameter names that train")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> StageConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise FieldError("steps", "give exactly one of steps and epochs")
+        return self
+
+
+class TrainConfig(Section):
+    run_dir: str = Field("runs/default", description="checkpoints, resolved config, MLflow store; a run resumes from it")
+    steps: int | None = Field(None, ge=1, description="length of the single stage when `stages` is empty")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
+    grad_accumulation: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    seed: int = 0
+    log_every: int = Field(1, ge=1)
+    max_bad_steps: int = Field(5, ge=1, description="consecutive skipped (NaN/Inf) steps that stop the run")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=1, description="steps between checkpoints (one is also written at the end)")
+    keep: int = Field(3, ge=1, description="how many of the latest checkpoints to keep")
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite in the run directory")
+    experiment: str = "sleepscale"
+    run_name: str | None = None
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="steps between evaluations; 0: only at the end")
+    passes: list[int] = Field([1], min_length=1, description="sleep passes N to evaluate")
+    batch_size: int = Field(32, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="per rank; default: the whole validation split")
+
+    @field_validator("passes")
+    @classmethod
+    def _positive(cls, passes: list[int]) -> list[int]:
+        if min(passes) < 1:
+            raise ValueError(f"every N must be >= 1, got {passes}")
+        return passes
 
 
 class Config(Section):
     model: ModelConfig
     sleep: SleepConfig
+    data: DataConfig | None = None
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    stages: list[StageConfig] = Field(default_factory=list, description="default: one stage of train.steps")
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _trainable(self) -> Config:
+        if not self.stages and self.train.steps is None:
+            raise FieldError("train.steps", "required when no stages are given")
+        if self.optimizer.name == "muon" and self.train.zero_stage != 0:
+            raise FieldError(
+                "optimizer.name",
+                f"muon needs train.zero_stage 0 (DeepSpeed's ZeRO-{self.train.zero_stage} Muon update differs from "
+                "unsharded Muon); use zero_stage 0 or optimizer adamw",
+            )
+        if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
+            raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
+        return self
+
+    def stage_list(self) -> list[StageConfig]:
+        """The stages, or the single default stage."""
+        return self.stages or [StageConfig(name="train", steps=self.train.steps)]
+
+    def fingerprint(self) -> str:
+        """Hash of what a resumed run must share with the run it resumes (not tracking, eval, logging)."""
+        import hashlib
+        import json
+
+        shared = self.model_dump(mode="json", include={"model", "sleep", "data", "optimizer", "schedule", "stages"})
+        shared["train"] = self.train.model_dump(
+            mode="json", include={"micro_batch_size", "grad_accumulation", "precision", "zero_stage", "grad_clip", "seed"}
+        )
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
@@ -163,8 +281,13 @@ def _describe(error: dict[str, Any], schema: type[BaseModel]) -> str:
 
 
 def _section_at(schema: type[BaseModel], location: list[str]) -> type[BaseModel]:
+    """The section class at a validation-error location such as ['stages', '0']."""
     for name in location:
-        schema = schema.model_fields[name].annotation
+        if name.isdigit():  # an item of a list of sections
+            continue
+        annotation = schema.model_fields[name].annotation
+        candidates = [annotation, *typing.get_args(annotation)]  # unwraps `X | None` and `list[X]`
+        schema = next(c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
     return schema
 
 

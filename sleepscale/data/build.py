@@ -10,6 +10,15 @@ from tqdm import tqdm
 from sleepscale.data.shards import SplitWriter, sample_rng, write_manifest
 
 VERSIONS = {"rule110": rule110.VERSION, "depo": depo.VERSION, "math": math_problems.VERSION, "text": text.VERSION}
+TASKS = {"rule110": rule110.Rule110Task, "depo": depo.DepoTask, "math": math_problems.MathTask}
+
+
+def make_task(name: str, args: dict):
+    """A generated task from its name and constructor options (as `data.generate` gives them)."""
+    try:
+        return TASKS[name](**args)
+    except TypeError as error:  # an unknown or missing option
+        raise ValueError(f"data.generate.args for {name}: {error}") from None
 
 
 def _prepare(out: Path) -> None:

@@ -1,0 +1,1 @@
+"""The trainer: `sleepscale train CONFIG` (see trainer.py, readable top to bottom)."""

@@ -1,0 +1,62 @@
+"""Process-group set-up for single-process and torchrun runs, on CPU (gloo) or GPU (NCCL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup_distributed() -> Distributed:
+    """Initialises torch.distributed through DeepSpeed. Without torchrun it is a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the submodule, patched below)
+
+    if not cuda:
+        # DeepSpeed JIT-compiles a shared-memory collective on first CPU use (~45 s); gloo needs none.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    _configure_logging(rank)
+    return Distributed(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def _configure_logging(rank: int) -> None:
+    """Rank 0 logs plainly; other ranks prefix their lines with their rank and log warnings only."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    root = logging.getLogger("sleepscale")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,0 +1,63 @@
+"""Optimizers and learning-rate schedules.
+
+AdamW: weight decay on matrices only. Muon (the paper's recipe): Muon for the 2-D hidden weight
+matrices, AdamW for embeddings, head, norms, gate projections, convolutions and biases, each with
+its own learning rate. Muon is DeepSpeed's `MuonWithAuxAdam` (a maintained implementation that
+DeepSpeed's engine knows), built here with its inline Adam so that no extension is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sleepscale.config import OptimizerConfig, ScheduleConfig
+
+# Small per-head gate projections: decay (a_proj) and write strength (b_proj).
+_GATE_PROJECTIONS = ("a_proj.", "b_proj.")
+
+
+def is_hidden_matrix(name: str, parameter: nn.Parameter) -> bool:
+    """A 2-D weight inside the block stack that is not a gate projection."""
+    return parameter.dim() == 2 and ".layers." in f".{name}" and not any(g in name for g in _GATE_PROJECTIONS)
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("no parameter is trainable in this stage; check the stage's `train` patterns")
+    if config.name == "adamw":
+        decay = [p for _, p in named if p.dim() >= 2]
+        no_decay = [p for _, p in named if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
+
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    for name, p in named:
+        p.use_muon = is_hidden_matrix(name, p)  # read by DeepSpeed's engine
+    muon = [p for _, p in named if p.use_muon]
+    adam = [p for _, p in named if not p.use_muon]
+    groups = []
+    if muon:
+        groups.append(dict(params=muon, lr=config.muon_lr, momentum=config.momentum, weight_decay=config.weight_decay, use_muon=True))
+    if adam:
+        groups.append(dict(params=adam, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0, use_muon=False))
+    return MuonWithAuxAdam(groups)
+
+
+def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of every group's base learning rate at a step of the stage."""
+
+    def factor(step: int) -> float:
+        if step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if schedule.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - schedule.warmup_steps) / max(1, total_steps - schedule.warmup_steps))
+        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,402 @@
+"""`sleepscale train CONFIG`: the training loop, single process or under torchrun.
+
+Read top to bottom: set up processes, data, model; then for each stage build a DeepSpeed engine
+over the stage's trainable parameters and run its steps (sleep forward, backward, guarded update,
+metrics, checkpoints, evaluation); finally evaluate and report.
+
+Exit codes: 0 done; 2 bad configuration or data; 3 stopped after `train.max_bad_steps`
+consecutive skipped (NaN/Inf) steps, with a checkpoint of the last good state; 75 stopped by
+SIGTERM or SIGUSR1 after writing a checkpoint (the next start resumes from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from sleepscale.config import Config, StageConfig
+from sleepscale.data.loader import ShardLoader
+from sleepscale.data.shards import read_manifest
+from sleepscale.eval import evaluate, format_table, plot, write_csv
+from sleepscale.model import build_model
+from sleepscale.model.gdn import GDNState
+from sleepscale.sleep import sleep_forward
+from sleepscale.tracking import Tracker
+from sleepscale.train.checkpoint import Checkpointer, restore_rng_states, rng_states
+from sleepscale.train.distributed import Distributed, setup_distributed
+from sleepscale.train.optim import build_optimizer, lr_factor
+
+log = logging.getLogger("sleepscale.train")
+
+EXIT_DONE, EXIT_BAD_STEPS, EXIT_PREEMPTED = 0, 3, 75
+
+
+class SleepingModel(nn.Module):
+    """What DeepSpeed wraps: the hybrid model run by the sleep engine (ZeRO-3 hooks need an nn.Module)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, targets, sleep):
+        return sleep_forward(self.model, input_ids, sleep, targets=targets)
+
+
+@dataclasses.dataclass
+class Stage:
+    index: int
+    config: StageConfig
+    start: int  # first global step of the stage
+    end: int  # one past its last
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int = 0
+    bad_steps_in_a_row: int = 0
+    skipped_steps: int = 0
+    tokens: int = 0
+    mlflow_run_id: str | None = None
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask for a checkpoint at the next step boundary, then exit 75."""
+
+    def __init__(self):
+        self.received: int | None = None
+        for number in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame):
+        self.received = number
+
+
+def run_training(config: Config) -> int:
+    ctx = setup_distributed()
+    torch.manual_seed(config.train.seed)
+    run_dir = Path(config.train.run_dir)
+    data_path = _ensure_dataset(config, ctx)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    dist.barrier()
+
+    loader = ShardLoader(
+        data_path, "train", batch_size=config.train.micro_batch_size, num_workers=config.data.num_workers,
+        seed=config.train.seed, skip_bad_samples=config.data.skip_bad_samples,
+        shard_url_prefix=config.data.shard_url_prefix,
+    )
+    _check_vocabulary(config, loader)
+    stages = _plan_stages(config, loader)
+    model = SleepingModel(build_model(config.model)).to(ctx.device)
+    checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
+    tracker = Tracker(config, run_dir, enabled=ctx.is_main)
+    stop = StopSignal()
+
+    progress, resume_from = Progress(), checkpointer.latest()
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer.json").read_text())
+        _check_resumable(saved, config, ctx)
+        progress = Progress(**saved["progress"])
+        log.info("resuming from %s (step %d)", resume_from, progress.step)
+        if ctx.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", progress.step)
+    progress.mlflow_run_id = tracker.start(
+        progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
+    )
+    total_steps = stages[-1].end
+    log.info("run %s: %d steps in %d stage(s), world size %d; MLflow %s", run_dir, total_steps, len(stages),
+             ctx.world_size, tracker.uri if tracker.enabled else "off")
+
+    exit_code = EXIT_DONE
+    for stage in stages:
+        if progress.step >= stage.end and stage is not stages[-1]:
+            continue
+        engine, stage_sleep = _build_engine(model, config, stage, ctx)
+        if resume_from is not None:
+            _, rank_state = checkpointer.load(engine, resume_from)
+            loader.load_state_dict(rank_state["loader"])
+            restore_rng_states(rank_state["rng"])
+            resume_from = None
+        exit_code = _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tracker, progress, stop, data_path)
+        if exit_code != EXIT_DONE:
+            break
+
+    if exit_code == EXIT_DONE:
+        _final_report(engine, config, ctx, data_path, tracker, run_dir, stages[-1])
+        tracker.finish("FINISHED")
+    else:
+        tracker.finish("KILLED" if exit_code == EXIT_PREEMPTED else "FAILED")
+    dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tracker, progress, stop, data_path) -> int:
+    batches = _endless(loader)
+    bar = _progress_bar(ctx, progress.step, stage)
+    last_log = time.perf_counter()
+    tokens_since_log = 0
+    for step in range(progress.step, stage.end):
+        loss_sum, passes_sum, norms = 0.0, 0.0, None
+        skipped_before = engine.skipped_steps
+        for _ in range(config.train.grad_accumulation):
+            batch = next(batches)
+            out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), stage_sleep)
+            loss = _inject_fault(out.loss, step)
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                _skip_update_if_not_finite(engine)
+            engine.step()
+            loss_sum += loss.item()
+            passes_sum += out.passes.float().mean().item()
+            norms = _state_norms(out.states)
+            tokens_since_log += int(batch["input_ids"].numel())
+        progress.step = step + 1
+        bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
+        progress.skipped_steps += int(bad)
+        progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
+
+        if progress.step % config.train.log_every == 0 or progress.step == stage.end:
+            elapsed = time.perf_counter() - last_log
+            metrics = {
+                "loss": _mean_over_ranks(loss_sum / config.train.grad_accumulation),
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
+                "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
+                "passes_per_window": passes_sum / config.train.grad_accumulation,
+                "skipped_steps": progress.skipped_steps,
+                "stage": stage.index,
+                **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
+            }
+            progress.tokens += tokens_since_log * ctx.world_size
+            tracker.log_metrics(metrics, progress.step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
+            last_log, tokens_since_log = time.perf_counter(), 0
+        bar.update(1)
+
+        if progress.bad_steps_in_a_row >= config.train.max_bad_steps:
+            _save(checkpointer, engine, config, ctx, loader, progress)
+            log.error("stopping: %d consecutive steps had a NaN/Inf loss or gradient and were skipped; "
+                      "the checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, checkpointer.root)
+            return EXIT_BAD_STEPS
+        stop_now = _any_rank(stop.received is not None)
+        if stop_now or progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
+            _save(checkpointer, engine, config, ctx, loader, progress)
+        if stop_now:
+            log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
+                        progress.step, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
+        if config.eval.every and progress.step % config.eval.every == 0 and progress.step != stage.end:
+            rows = _evaluate(engine, config, ctx, data_path, stage_sleep)
+            tracker.log_metrics(_eval_metrics(rows), progress.step)
+    bar.close()
+    return EXIT_DONE
+
+
+def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distributed):
+    """A DeepSpeed engine over the parameters this stage trains (every stage starts a fresh optimizer)."""
+    import deepspeed
+
+    patterns = stage.config.train
+    for name, parameter in model.model.named_parameters():
+        parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
+    optimizer = build_optimizer(model.model, config.optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, stage.end - stage.start))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": config.train.grad_accumulation,
+        "gradient_clipping": config.train.grad_clip,
+        "zero_optimization": {"stage": config.train.zero_stage},
+        "bf16": {"enabled": config.train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if config.train.zero_stage == 3:
+        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    stage_sleep = config.sleep.model_copy(update={
+        "eviction": stage.config.eviction or config.sleep.eviction,
+        "passes": stage.config.passes or config.sleep.passes,
+    })
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("stage %d %r: steps %d-%d, N=%d, eviction %s, %s trainable parameters",
+             stage.index, stage.config.name, stage.start + 1, stage.end, stage_sleep.passes, stage_sleep.eviction, f"{trainable:,}")
+    return engine, stage_sleep
+
+
+def _skip_update_if_not_finite(engine) -> None:
+    """DeepSpeed's ZeRO and bf16 optimizers skip a non-finite update themselves and count it. A plain
+    torch optimizer (ZeRO-0, fp32) is told the same way: no gradients, and the `overflow` flag that
+    DeepSpeed's engine reads (it then counts the step as skipped and holds the LR schedule)."""
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "check_grad_overflow"):
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    finite = torch.tensor(float(all(torch.isfinite(g).all() for g in grads)))
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    optimizer.overflow = not bool(finite.item())
+    if optimizer.overflow:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def _save(checkpointer, engine, config, ctx, loader, progress) -> None:
+    trainer_state = {
+        "progress": dataclasses.asdict(progress), "fingerprint": config.fingerprint(), "world_size": ctx.world_size,
+        "num_workers": config.data.num_workers, "config": config.model_dump(mode="json"),
+    }
+    checkpointer.save(engine, progress.step, trainer_state, {"loader": loader.state_dict(), "rng": rng_states()})
+
+
+def _final_report(engine, config, ctx, data_path, tracker, run_dir, last_stage) -> None:
+    stage_sleep = config.sleep.model_copy(update={"passes": last_stage.config.passes or config.sleep.passes,
+                                                  "eviction": last_stage.config.eviction or config.sleep.eviction})
+    rows = _evaluate(engine, config, ctx, data_path, stage_sleep)
+    tracker.log_metrics(_eval_metrics(rows), engine.global_steps)
+    if ctx.is_main:
+        table = format_table(rows)
+        write_csv(rows, run_dir / "eval.csv")
+        (run_dir / "eval.md").write_text(table + "\n")
+        plot(rows, run_dir / "eval.png")
+        for name in ("config.yaml", "eval.csv", "eval.md", "eval.png"):
+            tracker.log_artifact(run_dir / name)
+        print(f"\nvalidation accuracy by difficulty and N:\n{table}\n")
+        where = f"MLflow run {tracker.run_id} in {tracker.uri}" if tracker.run_id else "MLflow off"
+        print(f"run directory {run_dir}; {where}")
+        if tracker.run_id and tracker.uri.startswith("sqlite:"):
+            print(f"browse it with: mlflow ui --backend-store-uri {tracker.uri}")
+
+
+def _evaluate(engine, config, ctx, data_path, stage_sleep) -> list[dict]:
+    loader = ShardLoader(data_path, "validation", batch_size=config.eval.batch_size, shuffle=False,
+                         seed=config.train.seed, shard_url_prefix=config.data.shard_url_prefix)
+    batches = _Limited(loader, config.eval.max_batches)
+    was_training = engine.module.training
+    engine.module.eval()
+    rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes,
+                    forward=lambda ids, targets, s: engine(ids, targets, s))
+    engine.module.train(was_training)
+    return rows
+
+
+class _Limited:
+    """Re-iterable first `limit` batches of a loader (all of them if limit is None)."""
+
+    def __init__(self, loader, limit):
+        self.loader, self.limit = loader, limit
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if self.limit is not None and index >= self.limit:
+                break
+            yield batch
+
+
+def _eval_metrics(rows) -> dict[str, float]:
+    return {f"eval_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def _plan_stages(config: Config, loader: ShardLoader) -> list[Stage]:
+    stages, start = [], 0
+    steps_per_epoch = max(1, loader.batches_per_epoch() // config.train.grad_accumulation)
+    for index, stage in enumerate(config.stage_list()):
+        length = stage.steps if stage.steps is not None else max(1, round(stage.epochs * steps_per_epoch))
+        stages.append(Stage(index, stage, start, start + length))
+        start += length
+    return stages
+
+
+def _ensure_dataset(config: Config, ctx: Distributed) -> str:
+    """The dataset path, generated first (by rank 0) if the config says how and it is missing."""
+    if config.data is None:
+        raise ValueError("data: required for training (a dataset path written by `sleepscale data`)")
+    path = Path(config.data.path)
+    generate = config.data.generate
+    if generate is not None and not (path / "manifest.json").exists():
+        if ctx.is_main:
+            from sleepscale.data.build import build_task_dataset, make_task
+
+            log.info("generating %s data into %s", generate.task, path)
+            build_task_dataset(make_task(generate.task, generate.args), path, generate.seed, generate.train_samples,
+                               generate.validation_samples, generate.samples_per_shard)
+        dist.barrier()
+    read_manifest(config.data.path)  # one-line DataError if it is not a dataset
+    return config.data.path
+
+
+def _check_vocabulary(config: Config, loader: ShardLoader) -> None:
+    needed = loader.manifest["vocab_size"]
+    if config.model.vocab_size < needed:
+        raise ValueError(f"model.vocab_size: {config.model.vocab_size} is smaller than the dataset's vocabulary ({needed})")
+
+
+def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
+    if saved["fingerprint"] != config.fingerprint():
+        raise ValueError(
+            f"train.run_dir: {config.train.run_dir} holds a checkpoint of a different configuration "
+            "(model, sleep, data, optimizer, schedule, stages or batch settings changed); use a new run_dir"
+        )
+    if saved["world_size"] != ctx.world_size or saved["num_workers"] != config.data.num_workers:
+        raise ValueError(
+            f"train.run_dir: the checkpoint was written by {saved['world_size']} rank(s) with {saved['num_workers']} "
+            f"data worker(s); resume with the same (now {ctx.world_size} and {config.data.num_workers})"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Metrics logged after the checkpoint we resume from will be logged again: drop them."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _state_norms(states) -> dict[int, float]:
+    return {i: s.fast_weights.detach().float().norm().item() for i, s in enumerate(states) if isinstance(s, GDNState)}
+
+
+def _mean_over_ranks(value: float) -> float:
+    tensor = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def _any_rank(flag: bool) -> bool:
+    tensor = torch.tensor(int(flag))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def _inject_fault(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """SLEEPSCALE_FAULT_NAN_LOSS_STEPS=3,4 turns the loss of those (0-based) steps into NaN: for testing the guard."""
+    import os
+
+    steps = os.environ.get("SLEEPSCALE_FAULT_NAN_LOSS_STEPS", "")
+    if steps and str(step) in steps.split(","):
+        return loss * float("nan")
+    return loss
+
+
+def _progress_bar(ctx: Distributed, initial: int, stage: Stage):
+    from tqdm import tqdm
+
+    # On rank 0 tqdm decides (None: shown on a terminal, not in a log file); other ranks never show one.
+    return tqdm(total=stage.end, initial=initial, desc=f"stage {stage.index}", unit="step",
+                disable=None if ctx.is_main else True, dynamic_ncols=True)
