@@ -85,7 +85,9 @@ class Tracker:
         self.run_id = self._guard("start", start_run)
         return self.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        """Unknown values (None) are left out."""
+        metrics = {name: value for name, value in metrics.items() if value is not None}
         if self._metrics_file is not None:
             with self._metrics_file.open("a") as file:
                 file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sleepscale.train import faults
 from sleepscale.train.distributed import Distributed
 
 LATEST = "latest"
@@ -80,8 +81,7 @@ class Checkpointer:
         if self.ctx.is_main:
             _write_atomically(partial / tag / "trainer.json", json.dumps(trainer_state, indent=2))
         dist.barrier()
-        if os.environ.get("SLEEPSCALE_FAULT_KILL_DURING_SAVE") == str(step):  # for the crash-safety test
-            os.kill(os.getpid(), 9)
+        faults.during_save(step)
         final = self.root / tag
         if self.ctx.is_main:
             shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step, from before a resume

@@ -33,6 +33,7 @@ from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
+from sleepscale.train import faults
 from sleepscale.train.checkpoint import Checkpointer, restore_rng_states, rng_states
 from sleepscale.train.distributed import Distributed, setup_distributed
 from sleepscale.train.optim import build_optimizer, lr_factor
@@ -149,21 +150,22 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
     last_log = time.perf_counter()
     tokens_since_log = 0
     for step in range(progress.step, stage.end):
-        loss_sum, passes_sum, norms = 0.0, 0.0, None
+        loss_sum, passes_sum, norms, grad_norm = 0.0, 0.0, None, None
         skipped_before = engine.skipped_steps
         for _ in range(config.train.grad_accumulation):
             batch = next(batches)
             out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), stage_sleep)
-            loss = _inject_fault(out.loss, step)
+            loss = faults.nan_loss(out.loss, step)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
-                _skip_update_if_not_finite(engine)
+                grad_norm = _check_gradients(engine)
             engine.step()
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
             norms = _state_norms(out.states)
             tokens_since_log += int(batch["input_ids"].numel())
         progress.step = step + 1
+        faults.after_step(progress.step)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
@@ -173,7 +175,7 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
             metrics = {
                 "loss": _mean_over_ranks(loss_sum / config.train.grad_accumulation),
                 "lr": engine.get_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
+                "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
@@ -236,21 +238,23 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     return engine, stage_sleep
 
 
-def _skip_update_if_not_finite(engine) -> None:
-    """DeepSpeed's ZeRO and bf16 optimizers skip a non-finite update themselves and count it. A plain
-    torch optimizer (ZeRO-0, fp32) is told the same way: no gradients, and the `overflow` flag that
-    DeepSpeed's engine reads (it then counts the step as skipped and holds the LR schedule)."""
+def _check_gradients(engine) -> float | None:
+    """Gradient norm before clipping, where DeepSpeed does not report one (a plain torch optimizer:
+    ZeRO-0 in fp32), and the non-finite guard for that case. DeepSpeed's ZeRO and bf16 optimizers
+    skip a non-finite update themselves and count it; a plain optimizer is told the same way: no
+    gradients, and the `overflow` flag that DeepSpeed's engine reads (it then counts the step as
+    skipped and holds the LR schedule). Gradients are already averaged over ranks here."""
     optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "check_grad_overflow"):
-        return
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        return None
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    finite = torch.tensor(float(all(torch.isfinite(g).all() for g in grads)))
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    optimizer.overflow = not bool(finite.item())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    optimizer.overflow = not math.isfinite(norm)
     if optimizer.overflow:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
+    return norm
 
 
 def _save(checkpointer, engine, config, ctx, loader, progress) -> None:
@@ -307,6 +311,14 @@ class _Limited:
 
 def _eval_metrics(rows) -> dict[str, float]:
     return {f"eval_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
+
+
+def _as_number(value) -> float | None:
+    """A metric value for JSON and MLflow: None when unknown or not finite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _endless(loader):
@@ -382,16 +394,6 @@ def _any_rank(flag: bool) -> bool:
     tensor = torch.tensor(int(flag))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
-
-
-def _inject_fault(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """SLEEPSCALE_FAULT_NAN_LOSS_STEPS=3,4 turns the loss of those (0-based) steps into NaN: for testing the guard."""
-    import os
-
-    steps = os.environ.get("SLEEPSCALE_FAULT_NAN_LOSS_STEPS", "")
-    if steps and str(step) in steps.split(","):
-        return loss * float("nan")
-    return loss
 
 
 def _progress_bar(ctx: Distributed, initial: int, stage: Stage):

@@ -1,0 +1,212 @@
+"""`sleepscale train` and `sleepscale eval` as real processes: tracking, resume, crash safety, guards, stages."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from sleepscale.config import load_config
+from sleepscale.model import build_model
+from sleepscale.train.checkpoint import load_model_from_checkpoint
+from sleepscale.train.trainer import EXIT_BAD_STEPS, EXIT_PREEMPTED
+from train_helpers import losses, metric, train, write_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Generated once by the first run that needs it (the trainer generates missing data)."""
+    return tmp_path_factory.mktemp("data") / "rule110"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data):
+    """A 20-step run that every resume test compares against."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run = tmp / "run"
+    result = train(write_config(tmp, data, run))
+    return run, result
+
+
+def test_short_run_trains_and_is_tracked_in_mlflow(uninterrupted):
+    run, result = uninterrupted
+    loss = losses(run)
+    assert sorted(loss) == list(range(1, 21))
+    assert sum(list(loss.values())[-5:]) / 5 < sum(list(loss.values())[:5]) / 5
+    assert "validation accuracy by difficulty and N" in result.stdout and "| t | 0 | 2 |" in result.stdout
+    assert f"sqlite:///{run.resolve()}/mlflow.db" in result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run.resolve()}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sleepscale").experiment_id])
+    assert mlflow_run.data.params["sleep.passes"] == "2" and mlflow_run.data.params["model.pattern"] == "AGAG"
+    assert mlflow_run.data.tags["passes"] == "2" and mlflow_run.data.tags["eviction"] == "hard"
+    assert len(mlflow_run.data.tags["git_commit"]) in (7, 40) or mlflow_run.data.tags["git_commit"] == "unknown"
+    history = client.get_metric_history(mlflow_run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 21)) and [m.value for m in history] == list(losses(run).values())
+    for name in ("grad_norm", "lr", "tokens_per_second", "passes_per_window", "skipped_steps", "gdn_state_norm_layer1",
+                 "eval_accuracy_t0_N1", "eval_accuracy_t1_N2"):
+        assert client.get_metric_history(mlflow_run.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"config.yaml", "eval.csv", "eval.png", "eval.md"} <= artifacts
+    assert mlflow_run.info.status == "FINISHED"
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_tracking_to_a_real_mlflow_server(tmp_path, data):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        uri = f"http://127.0.0.1:{port}"
+        run = tmp_path / "run"
+        train(write_config(tmp_path, data, run, tracking={"uri": uri, "experiment": "served"}), "train.steps=6")
+
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        (mlflow_run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == list(range(1, 7))
+        assert "eval.png" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_unreachable_tracking_server_does_not_stop_training(tmp_path, data):
+    run = tmp_path / "run"
+    result = train(write_config(tmp_path, data, run, tracking={"uri": f"http://127.0.0.1:{_free_port()}"}), "train.steps=3")
+    assert result.stderr.count("training continues without MLflow tracking") == 1
+    assert sorted(losses(run)) == [1, 2, 3]
+
+
+def test_sigterm_checkpoints_exits_75_and_the_restart_matches_the_uninterrupted_run(tmp_path, data, uninterrupted):
+    run = tmp_path / "run"
+    config = write_config(tmp_path, data, run)
+    stopped = train(config, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "7"}, check=False)
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-2000:]
+    assert "stopped by signal at step 7" in stopped.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step-000007"
+    train(config)
+    resumed, reference = losses(run), losses(uninterrupted[0])
+    assert sorted(resumed) == list(range(1, 21))
+    assert [resumed[s] for s in range(8, 21)] == [reference[s] for s in range(8, 21)]  # exact, not close
+
+
+def test_resume_after_step_10_reproduces_steps_11_to_20(tmp_path, data, uninterrupted):
+    run = tmp_path / "run"
+    config = write_config(tmp_path, data, run)
+    train(config, "train.steps=20", env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "10"}, check=False)
+    train(config)
+    assert [losses(run)[s] for s in range(11, 21)] == [losses(uninterrupted[0])[s] for s in range(11, 21)]
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, data, uninterrupted):
+    run = tmp_path / "run"
+    config = write_config(tmp_path, data, run)
+    killed = train(config, env={"SLEEPSCALE_FAULT_KILL_DURING_SAVE": "20"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / "checkpoints" / "latest").read_text() == "step-000010"
+    assert (run / "checkpoints" / ".partial" / "step-000020").exists()  # the half-written one
+    model, _ = load_model_from_checkpoint(run)
+    assert model.layers[1].attn.q_proj.weight.shape == (16, 16)
+    train(config)
+    assert [losses(run)[s] for s in range(11, 21)] == [losses(uninterrupted[0])[s] for s in range(11, 21)]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nan_loss_is_skipped_and_counted(tmp_path, data, zero_stage):
+    run = tmp_path / "run"
+    config = write_config(tmp_path, data, run, train={"zero_stage": zero_stage})
+    train(config, "train.steps=6", env={"SLEEPSCALE_FAULT_NAN_LOSS_STEPS": "2"})
+    skipped = metric(run, "skipped_steps")
+    assert [skipped[s] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert all(v == v for s, v in losses(run).items() if s != 3)  # NaN only at step 3
+    model, _ = load_model_from_checkpoint(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_consecutive_bad_steps_stop_with_a_checkpoint(tmp_path, data):
+    run = tmp_path / "run"
+    config = write_config(tmp_path, data, run, train={"max_bad_steps": 2})
+    result = train(config, env={"SLEEPSCALE_FAULT_NAN_LOSS_STEPS": "4,5"}, check=False)
+    assert result.returncode == EXIT_BAD_STEPS
+    assert "2 consecutive steps had a NaN/Inf loss or gradient" in result.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step-000006"
+    model, _ = load_model_from_checkpoint(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_first_stage_trains_only_the_named_parameters(tmp_path, data):
+    run = tmp_path / "run"
+    stages = [
+        {"name": "gdn-only", "steps": 5, "eviction": "hard", "passes": 2, "train": ["layers.1.attn.*", "layers.3.attn.*"]},
+        {"name": "all", "steps": 3, "eviction": "sliding", "passes": 2, "train": ["*"]},
+    ]
+    config = write_config(tmp_path, data, run, stages=stages, train={"steps": None}, checkpoint={"every": 5, "keep": 5})
+    result = train(config)
+    assert "stage 0 'gdn-only'" in result.stderr and "stage 1 'all'" in result.stderr
+    initial = build_model(load_config(config).model).state_dict()
+    after_stage_1, _ = load_model_from_checkpoint(run / "checkpoints" / "step-000005")
+    after_stage_2, _ = load_model_from_checkpoint(run / "checkpoints" / "step-000008")
+    for name, tensor in after_stage_1.state_dict().items():
+        trained = name.startswith(("layers.1.attn.", "layers.3.attn."))
+        assert torch.equal(tensor, initial[name]) != trained, name
+    assert not torch.equal(after_stage_2.state_dict()["embeddings.weight"], initial["embeddings.weight"])
+
+
+def test_eval_command_prints_and_writes_the_table(uninterrupted, tmp_path):
+    run, _ = uninterrupted
+    out = tmp_path / "table.csv"
+    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(run), "--passes", "1,3", "--out", str(out)],
+                            capture_output=True, text=True, check=True, timeout=120)
+    assert "| difficulty | value | passes | items | accuracy | token_accuracy |" in result.stdout
+    rows = out.read_text().splitlines()
+    assert rows[0] == "difficulty,value,passes,items,accuracy,token_accuracy"
+    assert {(r.split(",")[1], r.split(",")[2]) for r in rows[1:]} == {("0", "1"), ("0", "3"), ("1", "1"), ("1", "3")}
+    assert sum(int(r.split(",")[3]) for r in rows[1:]) == 2 * 32
+
+
+def test_bad_eval_arguments_are_one_line(uninterrupted, tmp_path):
+    run, _ = uninterrupted
+    for args, message in (
+        (["--passes", "1,x"], "--passes '1,x': give comma-separated integers"),
+        (["--data", str(tmp_path)], "no manifest"),
+    ):
+        result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(run), *args],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and "not a sleepscale checkpoint or run directory" in result.stderr
+
+
+def test_resuming_with_a_changed_config_is_refused(tmp_path, data, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run)
+    result = train(write_config(tmp_path, data, run), "model.hidden_size=32", check=False)
+    assert result.returncode == 2
+    assert "holds a checkpoint of a different configuration" in result.stderr
+    assert json.loads((run / "checkpoints" / "step-000020" / "trainer.json").read_text())["progress"]["step"] == 20
