@@ -20,12 +20,30 @@ from sleepscale.config import OptimizerConfig, ScheduleConfig
 _GATE_PROJECTIONS = ("a_proj.", "b_proj.")
 
 
+class _SkipsOnOverflow:
+    """`overflow = True` makes the next step() a no-op. DeepSpeed's engine reads the same flag to
+    count the step as skipped and hold the LR schedule; its ZeRO optimizers set it themselves."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class AdamW(_SkipsOnOverflow, torch.optim.AdamW):
+    pass
+
+
 def is_hidden_matrix(name: str, parameter: nn.Parameter) -> bool:
     """A 2-D weight inside the block stack that is not a gate projection."""
     return parameter.dim() == 2 and ".layers." in f".{name}" and not any(g in name for g in _GATE_PROJECTIONS)
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow: bool) -> torch.optim.Optimizer:
+    """`skips_on_overflow`: for ZeRO-0, where the trainer's guard sets `overflow` itself. ZeRO
+    optimizers have their own guard and accept only the exact optimizer types DeepSpeed tested."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("no parameter is trainable in this stage; check the stage's `train` patterns")
@@ -33,9 +51,13 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
         decay = [p for _, p in named if p.dim() >= 2]
         no_decay = [p for _, p in named if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
+        adamw = AdamW if skips_on_overflow else torch.optim.AdamW
+        return adamw([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
 
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    class Muon(_SkipsOnOverflow, MuonWithAuxAdam):  # only ever used at ZeRO-0 (the config enforces it)
+        pass
 
     for name, p in named:
         p.use_muon = is_hidden_matrix(name, p)  # read by DeepSpeed's engine
@@ -46,7 +68,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
         groups.append(dict(params=muon, lr=config.muon_lr, momentum=config.momentum, weight_decay=config.weight_decay, use_muon=True))
     if adam:
         groups.append(dict(params=adam, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0, use_muon=False))
-    return MuonWithAuxAdam(groups)
+    return Muon(groups)
 
 
 def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

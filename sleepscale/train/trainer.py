@@ -214,7 +214,7 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     patterns = stage.config.train
     for name, parameter in model.model.named_parameters():
         parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
-    optimizer = build_optimizer(model.model, config.optimizer)
+    optimizer = build_optimizer(model.model, config.optimizer, skips_on_overflow=config.train.zero_stage == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, stage.end - stage.start))
     ds_config = {
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
@@ -239,21 +239,16 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
 
 
 def _check_gradients(engine) -> float | None:
-    """Gradient norm before clipping, where DeepSpeed does not report one (a plain torch optimizer:
-    ZeRO-0 in fp32), and the non-finite guard for that case. DeepSpeed's ZeRO and bf16 optimizers
-    skip a non-finite update themselves and count it; a plain optimizer is told the same way: no
-    gradients, and the `overflow` flag that DeepSpeed's engine reads (it then counts the step as
-    skipped and holds the LR schedule). Gradients are already averaged over ranks here."""
+    """Gradient norm before clipping, where DeepSpeed does not report one (our own optimizer,
+    unwrapped: ZeRO-0 in fp32), and the non-finite guard for that case: the optimizer's `overflow`
+    flag (see `sleepscale.train.optim`). DeepSpeed's ZeRO and bf16 optimizers skip a non-finite
+    update themselves and count it. Gradients are already averaged over ranks here."""
     optimizer = engine.optimizer
     if engine.zero_optimization() or engine.bfloat16_enabled():
         return None
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
     optimizer.overflow = not math.isfinite(norm)
-    if optimizer.overflow:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
     return norm
 
 
