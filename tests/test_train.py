@@ -3,7 +3,6 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from sleepscale.config import load_config
 from sleepscale.model import build_model
 from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.trainer import EXIT_BAD_STEPS, EXIT_PREEMPTED
-from train_helpers import losses, metric, train, write_config
+from train_helpers import free_port, losses, metric, train, write_config
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +58,8 @@ def test_short_run_trains_and_is_tracked_in_mlflow(uninterrupted):
     assert mlflow_run.info.status == "FINISHED"
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_tracking_to_a_real_mlflow_server(tmp_path, data):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
@@ -98,7 +91,7 @@ def test_tracking_to_a_real_mlflow_server(tmp_path, data):
 
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, data):
     run = tmp_path / "run"
-    result = train(write_config(tmp_path, data, run, tracking={"uri": f"http://127.0.0.1:{_free_port()}"}), "train.steps=3")
+    result = train(write_config(tmp_path, data, run, tracking={"uri": f"http://127.0.0.1:{free_port()}"}), "train.steps=3")
     assert result.stderr.count("training continues without MLflow tracking") == 1
     assert sorted(losses(run)) == [1, 2, 3]
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +38,18 @@ def write_config(tmp: Path, data: Path, run: Path, **sections) -> Path:
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def train(config: Path, *overrides: str, env: dict | None = None, ranks: int = 1, check: bool = True, timeout: int = 300):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if ranks == 1:
         command = [sys.executable, "-m", "sleepscale.cli", "train", str(config), *overrides]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "0",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
                    "-m", "sleepscale.cli", "train", str(config), *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     if check and result.returncode != 0:

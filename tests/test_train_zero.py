@@ -1,0 +1,55 @@
+"""Two torchrun ranks under ZeRO 0/1/2/3 equal one process that sees the same global batch."""
+
+import pytest
+import torch
+
+from sleepscale.config import load_config
+from sleepscale.data.loader import ShardLoader
+from sleepscale.model import build_model
+from sleepscale.sleep import sleep_forward
+from sleepscale.train.optim import build_optimizer, lr_factor
+from train_helpers import losses, train, write_config
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zero")
+    data = tmp / "data"
+    config = write_config(tmp, data, tmp / "first", train={"steps": STEPS, "grad_clip": 0.5},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"})
+    train(config, "train.steps=1")  # generates the data once
+    return tmp, data
+
+
+def reference_losses(config_path, data, world_size=2) -> list[float]:
+    """Written out by hand: both ranks' micro-batches in one process, mean loss, clip, AdamW."""
+    config = load_config(config_path)
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.optimizer, skips_on_overflow=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, STEPS))
+    streams = [iter(ShardLoader(str(data), batch_size=config.train.micro_batch_size, seed=config.train.seed, rank=r,
+                                world_size=world_size)) for r in range(world_size)]
+    recorded = []
+    for _ in range(STEPS):
+        batches = [next(stream) for stream in streams]
+        loss = sum(sleep_forward(model, b["input_ids"], config.sleep, targets=b["targets"]).loss for b in batches) / world_size
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        schedule.step()
+        recorded.append(loss.item())
+    return recorded
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_two_ranks_match_one_process_with_the_same_global_batch(setup, zero_stage):
+    tmp, data = setup
+    run = tmp / f"zero{zero_stage}"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": zero_stage},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"})
+    train(config, ranks=2, timeout=600)
+    distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
