@@ -147,8 +147,8 @@ def run_training(config: Config) -> int:
 def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tracker, progress, stop, data_path) -> int:
     batches = _endless(loader)
     bar = _progress_bar(ctx, progress.step, stage)
-    last_log = time.perf_counter()
-    tokens_since_log = 0
+    last_log, first_step = time.perf_counter(), progress.step
+    tokens_since_log, steps_since_log = 0, 0
     for step in range(progress.step, stage.end):
         loss_sum, passes_sum, norms, grad_norm = 0.0, 0.0, None, None
         skipped_before = engine.skipped_steps
@@ -165,6 +165,7 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
             norms = _state_norms(out.states)
             tokens_since_log += int(batch["input_ids"].numel())
         progress.step = step + 1
+        steps_since_log += 1
         faults.after_step(progress.step)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
@@ -177,15 +178,20 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
+                "step_seconds": elapsed / steps_since_log,
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
                 "stage": stage.index,
                 **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
             }
+            if step == first_step:  # this process's first step: how long the start took
+                import psutil
+
+                metrics["startup_seconds"] = time.time() - psutil.Process().create_time()
             progress.tokens += tokens_since_log * ctx.world_size
             tracker.log_metrics(metrics, progress.step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
-            last_log, tokens_since_log = time.perf_counter(), 0
+            last_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
         bar.update(1)
 
         if progress.bad_steps_in_a_row >= config.train.max_bad_steps:
