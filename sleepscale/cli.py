@@ -81,9 +81,9 @@ def _evaluate_checkpoint(args) -> None:
     try:
         passes = [int(n) for n in args.passes.split(",")] if args.passes else config.eval.passes
     except ValueError:
-        raise ValueError(f"--passes {args.passes!r}: give comma-separated integers such as 1,2,4") from None
+        raise ConfigError(f"--passes {args.passes!r}: give comma-separated integers such as 1,2,4") from None
     if min(passes) < 1:
-        raise ValueError(f"--passes {args.passes!r}: every N must be >= 1")
+        raise ConfigError(f"--passes {args.passes!r}: every N must be >= 1")
     data = args.data or config.data.path
     loader = ShardLoader(data, args.split, batch_size=args.batch_size, shuffle=False)
     batches = [batch for index, batch in enumerate(loader) if args.max_batches is None or index < args.max_batches]
@@ -95,6 +95,17 @@ def _evaluate_checkpoint(args) -> None:
 
 
 def _write_data(args) -> None:
+    try:
+        _build_data(args)
+    except ValueError as error:  # a task option that cannot work (DataError, a ValueError too, passes through)
+        from sleepscale.data.sample import DataError
+
+        if isinstance(error, DataError):
+            raise
+        raise ConfigError(str(error)) from None
+
+
+def _build_data(args) -> None:
     from pathlib import Path
 
     from sleepscale.data.build import build_task_dataset, build_text_dataset
@@ -126,41 +137,31 @@ def _write_data(args) -> None:
     print(f"wrote {manifest}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "data":
-        from sleepscale.data.sample import DataError
+def _print_config(args) -> int:
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
 
-        try:
-            _write_data(args)
-        except (DataError, ValueError, FileExistsError) as error:
-            print(f"sleepscale: data error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "eval":
-        from sleepscale.data.sample import DataError
 
-        try:
-            _evaluate_checkpoint(args)
-        except (DataError, ValueError, FileNotFoundError) as error:
-            print(f"sleepscale: eval error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"sleepscale: config error: {error}", file=sys.stderr)
-        return 2
-    if args.command == "config":
-        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
-        return 0
-    from sleepscale.data.sample import DataError
+def _train(args) -> int:
     from sleepscale.train.trainer import run_training
 
+    return run_training(load_config(args.config, args.overrides))
+
+
+COMMANDS = {"data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Problems with what the user gave (config, data, paths, arguments) end as one line and exit 2;
+    anything else is a bug and keeps its traceback."""
+    from sleepscale.data.sample import DataError
+
+    args = _parser().parse_args(argv)
     try:
-        return run_training(config)
-    except (DataError, ValueError) as error:
-        print(f"sleepscale: error: {error}", file=sys.stderr)
+        return COMMANDS[args.command](args) or 0
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as error:
+        print(f"sleepscale {args.command}: {error}", file=sys.stderr)
         return 2
 
 

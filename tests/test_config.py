@@ -95,7 +95,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     path.write_text(yaml.safe_dump(base()))
     assert main(["config", str(path), "sleep.passes=0"]) == 2
     err = capsys.readouterr().err
-    assert err == "sleepscale: config error: sleep.passes: Input should be greater than or equal to 1\n"
+    assert err == "sleepscale config: sleep.passes: Input should be greater than or equal to 1\n"
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*.yaml")))

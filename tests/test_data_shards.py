@@ -69,7 +69,7 @@ def test_data_command_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "math", "--ops", "8", "--length", "50", "--out", str(tmp_path / "m")]) == 2
     errors = capsys.readouterr().err.splitlines()
     assert errors == [
-        f"sleepscale: data error: {tmp_path} already holds a dataset (train-000000.tar, ...); choose an empty --out directory",
-        f"sleepscale: data error: {tmp_path / 'none.txt'}: no such file",
-        "sleepscale: data error: a 8-operation problem does not fit in length 50; raise the length",
+        f"sleepscale data: {tmp_path} already holds a dataset (train-000000.tar, ...); choose an empty --out directory",
+        f"sleepscale data: {tmp_path / 'none.txt'}: no such file",
+        "sleepscale data: a 8-operation problem does not fit in length 50; raise the length",
     ]

@@ -203,3 +203,31 @@ def test_resuming_with_a_changed_config_is_refused(tmp_path, data, uninterrupted
     assert result.returncode == 2
     assert "holds a checkpoint of a different configuration" in result.stderr
     assert json.loads((run / "checkpoints" / "step-000020" / "trainer.json").read_text())["progress"]["step"] == 20
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["optimizer.name=muon", "optimizer.muon_lr=0.02"], ["train.precision=bf16", "train.zero_stage=1"]],
+    ids=["muon", "bf16-zero1"],
+)
+def test_muon_and_bf16_runs_train(tmp_path, data, overrides):
+    run = tmp_path / "run"
+    train(write_config(tmp_path, data, run), "train.steps=8", *overrides)
+    loss = losses(run)
+    assert len(loss) == 8 and all(v == v for v in loss.values())
+    assert sum(list(loss.values())[-3:]) < sum(list(loss.values())[:3])
+    model, _ = load_model_from_checkpoint(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_shipped_two_stage_config_first_trains_only_the_inserted_gdn_layers():
+    import fnmatch
+
+    config = load_config("configs/two_stage_sliding.yaml")
+    first, second = config.stages
+    assert (first.eviction, second.eviction, second.train) == ("hard", "sliding", ["*"])
+    model = build_model(config.model)
+    trained = {name for name, _ in model.named_parameters() if any(fnmatch.fnmatchcase(name, p) for p in first.train)}
+    gdn_only = {i for i, letter in enumerate(config.model.pattern) if letter == "g"}
+    expected = {name for name, _ in model.named_parameters() if name.startswith("layers.") and int(name.split(".")[1]) in gdn_only}
+    assert trained == expected and expected

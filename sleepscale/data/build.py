@@ -17,8 +17,10 @@ def make_task(name: str, args: dict):
     """A generated task from its name and constructor options (as `data.generate` gives them)."""
     try:
         return TASKS[name](**args)
-    except TypeError as error:  # an unknown or missing option
-        raise ValueError(f"data.generate.args for {name}: {error}") from None
+    except (TypeError, ValueError) as error:  # an unknown, missing or impossible option
+        from sleepscale.config import ConfigError
+
+        raise ConfigError(f"data.generate.args for {name}: {error}") from None
 
 
 def _prepare(out: Path) -> None:

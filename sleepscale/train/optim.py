@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sleepscale.config import OptimizerConfig, ScheduleConfig
+from sleepscale.config import ConfigError, OptimizerConfig, ScheduleConfig
 
 # Small per-head gate projections: decay (a_proj) and write strength (b_proj).
 _GATE_PROJECTIONS = ("a_proj.", "b_proj.")
@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow
     optimizers have their own guard and accept only the exact optimizer types DeepSpeed tested."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ValueError("no parameter is trainable in this stage; check the stage's `train` patterns")
+        raise ConfigError("no parameter is trainable in this stage; check the stage's `train` patterns")
     if config.name == "adamw":
         decay = [p for _, p in named if p.dim() >= 2]
         no_decay = [p for _, p in named if p.dim() < 2]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from sleepscale.config import Config, StageConfig
+from sleepscale.config import Config, ConfigError, StageConfig
 from sleepscale.data.loader import ShardLoader
 from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, format_table, plot, write_csv
@@ -83,6 +83,20 @@ class StopSignal:
         self.received = number
 
 
+@dataclasses.dataclass
+class Run:
+    """What every stage of a run shares."""
+
+    config: Config
+    ctx: Distributed
+    loader: ShardLoader
+    checkpointer: Checkpointer
+    tracker: Tracker
+    progress: Progress
+    stop: StopSignal
+    data_path: str
+
+
 def run_training(config: Config) -> int:
     ctx = setup_distributed()
     torch.manual_seed(config.train.seed)
@@ -116,6 +130,7 @@ def run_training(config: Config) -> int:
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
     )
+    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path)
     total_steps = stages[-1].end
     log.info("run %s: %d steps in %d stage(s), world size %d; MLflow %s", run_dir, total_steps, len(stages),
              ctx.world_size, tracker.uri if tracker.enabled else "off")
@@ -130,12 +145,12 @@ def run_training(config: Config) -> int:
             loader.load_state_dict(rank_state["loader"])
             restore_rng_states(rank_state["rng"])
             resume_from = None
-        exit_code = _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tracker, progress, stop, data_path)
+        exit_code = _run_stage(run, engine, stage, stage_sleep)
         if exit_code != EXIT_DONE:
             break
 
     if exit_code == EXIT_DONE:
-        _final_report(engine, config, ctx, data_path, tracker, run_dir, stages[-1])
+        _final_report(run, engine, stages[-1])
         tracker.finish("FINISHED")
     else:
         tracker.finish("KILLED" if exit_code == EXIT_PREEMPTED else "FAILED")
@@ -144,13 +159,18 @@ def run_training(config: Config) -> int:
     return exit_code
 
 
-def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tracker, progress, stop, data_path) -> int:
-    batches = _endless(loader)
-    bar = _progress_bar(ctx, progress.step, stage)
-    last_log, first_step = time.perf_counter(), progress.step
+def _run_stage(run: Run, engine, stage: Stage, stage_sleep) -> int:
+    with _progress_bar(run.ctx, run.progress.step, stage) as bar:
+        return _run_steps(run, engine, stage, stage_sleep, bar)
+
+
+def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
+    config, ctx, progress = run.config, run.ctx, run.progress
+    batches = _endless(run.loader)
+    last_log, startup, startup_logged = time.perf_counter(), None, False
     tokens_since_log, steps_since_log = 0, 0
     for step in range(progress.step, stage.end):
-        loss_sum, passes_sum, norms, grad_norm = 0.0, 0.0, None, None
+        loss_sum, passes_sum, norms, grad_norm, step_tokens = 0.0, 0.0, None, None, 0
         skipped_before = engine.skipped_steps
         for _ in range(config.train.grad_accumulation):
             batch = next(batches)
@@ -163,9 +183,15 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
             norms = _state_norms(out.states)
-            tokens_since_log += int(batch["input_ids"].numel())
+            step_tokens += int(batch["input_ids"].numel())
         progress.step = step + 1
+        progress.tokens += step_tokens * ctx.world_size  # every rank reads equal batches
+        tokens_since_log += step_tokens
         steps_since_log += 1
+        if startup is None:  # this process's first step: how long the start took
+            import psutil
+
+            startup = time.time() - psutil.Process().create_time()
         faults.after_step(progress.step)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
@@ -178,38 +204,35 @@ def _run_stage(engine, stage, stage_sleep, config, ctx, loader, checkpointer, tr
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
+                "tokens": progress.tokens,
                 "step_seconds": elapsed / steps_since_log,
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
                 "stage": stage.index,
                 **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
             }
-            if step == first_step:  # this process's first step: how long the start took
-                import psutil
-
-                metrics["startup_seconds"] = time.time() - psutil.Process().create_time()
-            progress.tokens += tokens_since_log * ctx.world_size
-            tracker.log_metrics(metrics, progress.step)
+            if not startup_logged:
+                metrics["startup_seconds"], startup_logged = startup, True
+            run.tracker.log_metrics(metrics, progress.step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:,.0f}", refresh=False)
             last_log, tokens_since_log, steps_since_log = time.perf_counter(), 0, 0
         bar.update(1)
 
         if progress.bad_steps_in_a_row >= config.train.max_bad_steps:
-            _save(checkpointer, engine, config, ctx, loader, progress)
+            _save(run, engine)
             log.error("stopping: %d consecutive steps had a NaN/Inf loss or gradient and were skipped; "
-                      "the checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, checkpointer.root)
+                      "the checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, run.checkpointer.root)
             return EXIT_BAD_STEPS
-        stop_now = _any_rank(stop.received is not None)
+        stop_now = _any_rank(run.stop.received is not None)
         if stop_now or progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
-            _save(checkpointer, engine, config, ctx, loader, progress)
+            _save(run, engine)
         if stop_now:
             log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
                         progress.step, EXIT_PREEMPTED)
             return EXIT_PREEMPTED
         if config.eval.every and progress.step % config.eval.every == 0 and progress.step != stage.end:
-            rows = _evaluate(engine, config, ctx, data_path, stage_sleep)
-            tracker.log_metrics(_eval_metrics(rows), progress.step)
-    bar.close()
+            rows = _evaluate(run, engine, stage_sleep)
+            run.tracker.log_metrics(_eval_metrics(rows), progress.step)
     return EXIT_DONE
 
 
@@ -258,20 +281,22 @@ def _check_gradients(engine) -> float | None:
     return norm
 
 
-def _save(checkpointer, engine, config, ctx, loader, progress) -> None:
+def _save(run: Run, engine) -> None:
+    config = run.config
     trainer_state = {
-        "progress": dataclasses.asdict(progress), "fingerprint": config.fingerprint(), "world_size": ctx.world_size,
+        "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(), "world_size": run.ctx.world_size,
         "num_workers": config.data.num_workers, "config": config.model_dump(mode="json"),
     }
-    checkpointer.save(engine, progress.step, trainer_state, {"loader": loader.state_dict(), "rng": rng_states()})
+    run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": run.loader.state_dict(), "rng": rng_states()})
 
 
-def _final_report(engine, config, ctx, data_path, tracker, run_dir, last_stage) -> None:
+def _final_report(run: Run, engine, last_stage: Stage) -> None:
+    config, tracker, run_dir = run.config, run.tracker, Path(run.config.train.run_dir)
     stage_sleep = config.sleep.model_copy(update={"passes": last_stage.config.passes or config.sleep.passes,
                                                   "eviction": last_stage.config.eviction or config.sleep.eviction})
-    rows = _evaluate(engine, config, ctx, data_path, stage_sleep)
-    tracker.log_metrics(_eval_metrics(rows), engine.global_steps)
-    if ctx.is_main:
+    rows = _evaluate(run, engine, stage_sleep)
+    tracker.log_metrics(_eval_metrics(rows), run.progress.step)
+    if run.ctx.is_main:
         table = format_table(rows)
         write_csv(rows, run_dir / "eval.csv")
         (run_dir / "eval.md").write_text(table + "\n")
@@ -285,8 +310,9 @@ def _final_report(engine, config, ctx, data_path, tracker, run_dir, last_stage) 
             print(f"browse it with: mlflow ui --backend-store-uri {tracker.uri}")
 
 
-def _evaluate(engine, config, ctx, data_path, stage_sleep) -> list[dict]:
-    loader = ShardLoader(data_path, "validation", batch_size=config.eval.batch_size, shuffle=False,
+def _evaluate(run: Run, engine, stage_sleep) -> list[dict]:
+    config = run.config
+    loader = ShardLoader(run.data_path, "validation", batch_size=config.eval.batch_size, shuffle=False,
                          seed=config.train.seed, shard_url_prefix=config.data.shard_url_prefix)
     batches = _Limited(loader, config.eval.max_batches)
     was_training = engine.module.training
@@ -340,7 +366,7 @@ def _plan_stages(config: Config, loader: ShardLoader) -> list[Stage]:
 def _ensure_dataset(config: Config, ctx: Distributed) -> str:
     """The dataset path, generated first (by rank 0) if the config says how and it is missing."""
     if config.data is None:
-        raise ValueError("data: required for training (a dataset path written by `sleepscale data`)")
+        raise ConfigError("data: required for training (a dataset path written by `sleepscale data`)")
     path = Path(config.data.path)
     generate = config.data.generate
     if generate is not None and not (path / "manifest.json").exists():
@@ -358,17 +384,17 @@ def _ensure_dataset(config: Config, ctx: Distributed) -> str:
 def _check_vocabulary(config: Config, loader: ShardLoader) -> None:
     needed = loader.manifest["vocab_size"]
     if config.model.vocab_size < needed:
-        raise ValueError(f"model.vocab_size: {config.model.vocab_size} is smaller than the dataset's vocabulary ({needed})")
+        raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the dataset's vocabulary ({needed})")
 
 
 def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
     if saved["fingerprint"] != config.fingerprint():
-        raise ValueError(
+        raise ConfigError(
             f"train.run_dir: {config.train.run_dir} holds a checkpoint of a different configuration "
             "(model, sleep, data, optimizer, schedule, stages or batch settings changed); use a new run_dir"
         )
     if saved["world_size"] != ctx.world_size or saved["num_workers"] != config.data.num_workers:
-        raise ValueError(
+        raise ConfigError(
             f"train.run_dir: the checkpoint was written by {saved['world_size']} rank(s) with {saved['num_workers']} "
             f"data worker(s); resume with the same (now {ctx.world_size} and {config.data.num_workers})"
         )
