@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
+    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run")
     _add_data_commands(commands)
     return parser
 
@@ -92,6 +93,28 @@ def _evaluate_checkpoint(args) -> None:
     write_csv(rows, out)
     print(format_table(rows))
     print(f"wrote {out}")
+    if not args.no_mlflow:
+        _log_evaluation(checkpoint, config, rows, out, args.split)
+
+
+def _log_evaluation(checkpoint, config, rows, csv_path, split: str) -> None:
+    """Adds the table to the MLflow run that wrote the checkpoint, at the checkpoint's step."""
+    import json
+
+    from sleepscale.tracking import Tracker
+
+    progress = json.loads((checkpoint / "trainer.json").read_text())["progress"]
+    if not progress.get("mlflow_run_id"):
+        print("the checkpoint's run had no MLflow run; table not logged")
+        return
+    tracker = Tracker(config, checkpoint.parent.parent, enabled=True)
+    if tracker.start(progress["mlflow_run_id"], tags={}) is None:
+        return  # the tracker has said why
+    metrics = {f"{split}_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
+    tracker.log_metrics(metrics, progress["step"])
+    tracker.log_artifact(csv_path)
+    tracker.finish()
+    print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")
 
 
 def _write_data(args) -> None:

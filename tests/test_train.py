@@ -181,6 +181,14 @@ def test_eval_command_prints_and_writes_the_table(uninterrupted, tmp_path):
     assert rows[0] == "difficulty,value,passes,items,accuracy,token_accuracy"
     assert {(r.split(",")[1], r.split(",")[2]) for r in rows[1:]} == {("0", "1"), ("0", "3"), ("1", "1"), ("1", "3")}
     assert sum(int(r.split(",")[3]) for r in rows[1:]) == 2 * 32
+    assert "logged to MLflow run" in result.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run.resolve()}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("sleepscale").experiment_id])
+    assert client.get_metric_history(mlflow_run.info.run_id, "validation_accuracy_t0_N3")
+    assert "table.csv" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
 
 
 def test_bad_eval_arguments_are_one_line(uninterrupted, tmp_path):
