@@ -133,6 +133,13 @@ class SleepConfig(Section):
         "evicted", description="evicted: every window before the last; context: only windows without loss tokens"
     )
     checkpoint: Literal["none", "pass", "window"] = "none"
+    grad_passes: int | None = Field(
+        None, ge=1, description="truncated backprop: only the last k of the N passes carry gradient (the wake pass always does)"
+    )
+    detach_every: int | None = Field(None, ge=1, description="stop gradient through the carried state every W windows")
+    state_norm_bound: float | None = Field(
+        None, gt=0, description="rescale each GDN state (per sequence and head) to at most this norm after every sleep pass"
+    )
 
 
 class GenerateConfig(Section):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sleepscale.config import SleepConfig
+from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
 
@@ -38,6 +39,7 @@ class SleepOutput:
     loss: torch.Tensor | None  # mean cross-entropy over target tokens; None without targets
     passes: torch.Tensor  # [batch, windows]: passes of the loop blocks run over each window
     states: list[MixerState]  # per-block states after the last window
+    pass_state_norms: torch.Tensor | None = None  # [N]: loop GDN state norm after each pass, mean over slept windows
 
 
 def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
@@ -68,17 +70,21 @@ def sleep_forward(
     if states is None:
         states = model.initial_states(batch, sleep.window, input_ids.device)
     bounds = window_bounds(length, sleep.window)
-    logits, passes = [], []
+    logits, passes, pass_norms = [], [], []
     loss_sum = input_ids.new_zeros((), dtype=torch.float32)
     for index, (start, end) in enumerate(bounds):
         window_targets = None if targets is None else targets[:, start:end]
         evicted = sequence_continues or index < len(bounds) - 1
         sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted, input_ids.device)
-        window_logits, window_loss, states = _maybe_checkpoint(
+        window_logits, window_loss, states, norms = _maybe_checkpoint(
             sleep.checkpoint == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
         )
         if evicted and sleep.eviction == "hard":
             states = [state.evicted() for state in states]
+        if sleep.detach_every is not None and (index + 1) % sleep.detach_every == 0:
+            states = [state.detached() for state in states]
+        if len(norms) > 1:
+            pass_norms.append(norms)
         loss_sum = loss_sum + window_loss
         passes.append(1 + (sleep.passes - 1) * sleeps.long())
         if return_logits:
@@ -92,6 +98,7 @@ def sleep_forward(
         loss=loss,
         passes=torch.stack(passes, dim=1),
         states=states,
+        pass_state_norms=torch.stack(pass_norms).mean(0) if pass_norms else None,
     )
 
 
@@ -113,8 +120,9 @@ def _run_window(
     window_targets: torch.Tensor | None,
     states: list[MixerState],
     sleeps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, list[MixerState]]:
-    """Wake pass and sleep passes over one window. Returns (logits, summed loss, states after it)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[MixerState], torch.Tensor]:
+    """Wake pass and sleep passes over one window. Returns (logits, summed loss, states after it,
+    the loop blocks' mean GDN state norm after each pass)."""
     loop = model.loop_range
     prelude, coda = range(0, loop.start), range(loop.stop, len(model.layers))
     per_pass = sleep.checkpoint == "pass"
@@ -132,15 +140,28 @@ def _run_window(
             logits.flatten(0, 1).to(loss_dtype), window_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
+    pass_norms = [_loop_state_norm(states, loop)]
     if sleeps.any():
         slept = states
-        for _ in range(2, sleep.passes + 1):
-            slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
-            hidden, slept = _maybe_checkpoint(per_pass, model.run_blocks, hidden, slept, loop)
+        for pass_number in range(2, sleep.passes + 1):
+            # Truncated backprop: the first N - k passes run without autograd, cutting the graph there.
+            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - sleep.grad_passes
+            with torch.set_grad_enabled(torch.is_grad_enabled() and carries_grad):
+                slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
+                hidden, slept = _maybe_checkpoint(per_pass, model.run_blocks, hidden, slept, loop)
+                if sleep.state_norm_bound is not None:
+                    slept = [slept[i].bounded(sleep.state_norm_bound) if i in loop else slept[i] for i in range(len(slept))]
+            pass_norms.append(_loop_state_norm(slept, loop))
         if not sleeps.all():
             slept = [slept[i].where(sleeps, states[i]) if i in loop else states[i] for i in range(len(states))]
         states = slept
-    return logits, loss, states
+    return logits, loss, states, torch.stack(pass_norms)
+
+
+def _loop_state_norm(states: list[MixerState], loop: range) -> torch.Tensor:
+    """Mean norm of the loop blocks' GDN fast weights (0 without GDN blocks), for monitoring."""
+    norms = [states[i].fast_weights.detach().float().flatten(2).norm(dim=-1).mean() for i in loop if isinstance(states[i], GDNState)]
+    return torch.stack(norms).mean() if norms else torch.zeros(())
 
 
 def _maybe_checkpoint(enabled: bool, function, *args):

@@ -20,6 +20,7 @@ def make_config(pattern="AGAG", window=8, passes=3, vocab_size=40, hidden_size=1
                 **sleep.pop("model", {}),
             },
             "sleep": {"window": window, "passes": passes, **sleep},
+            "train": {"steps": 1},
         }
     )
 

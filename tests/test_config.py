@@ -31,7 +31,7 @@ def base():
         (["sleep.sleep_on=always"], "sleep.sleep_on: Input should be 'evicted' or 'context'"),
         (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'none', 'pass' or 'window'"),
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch' or 'fla'"),
-        (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint)"),
+        (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint, grad_passes, detach_every, state_norm_bound)"),
         (["modle.pattern=AG"], "modle: unknown key (allowed: model, sleep, data, optimizer, schedule, stages, train, checkpoint, tracking, eval)"),
         (["data.path=d", "data.pth=x"], "data.pth: unknown key (allowed: path, generate, num_workers, skip_bad_samples, shard_url_prefix)"),
         (["stages=[{name: a, steps: 2, trian: ['*']}]"], "stages.0.trian: unknown key (allowed: name, steps, epochs, eviction, passes, train)"),

@@ -44,7 +44,7 @@ def test_gdn_layer_with_fla_weights_matches_fla_layer(fla_outputs):
 
 def test_fla_model_converts_and_matches(fla_outputs):
     model_section = model_config_from_fla(fla_outputs["model_config"])
-    config = validate({"model": model_section, "sleep": {"window": 40, "passes": 1}})
+    config = validate({"model": model_section, "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}})
     model = build_model(config.model)
     model.load_state_dict(state_dict_from_fla(fla_outputs["model_state"]), strict=True)
     with torch.no_grad():

@@ -31,6 +31,10 @@ class GDNState(MixerState):
     def next_pass(self, window_start: GDNState) -> GDNState:
         return GDNState(self.fast_weights, window_start.conv_tails)
 
+    def bounded(self, bound: float) -> GDNState:
+        norms = self.fast_weights.flatten(2).norm(dim=-1)[..., None, None]  # per sequence and head
+        return GDNState(self.fast_weights * (bound / norms.clamp(min=bound)), self.conv_tails)
+
 
 class ShortConvolution(nn.Module):
     """Depthwise causal convolution followed by SiLU; the weight is laid out as fla's (an nn.Conv1d's)."""

@@ -33,11 +33,25 @@ class MixerState:
         """The state another pass over the same window starts from."""
         raise NotImplementedError
 
+    def bounded(self: State, bound: float) -> State:
+        """This state with its memory rescaled to norm <= bound (stability option); context as is."""
+        return self
+
+    def detached(self: State) -> State:
+        """This state cut from the autograd graph (truncated backprop across windows)."""
+        return type(self)(**{f.name: _detach(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def where(self: State, mask: torch.Tensor, other: State) -> State:
         """Per sequence: this state where `mask` [batch] is True, else `other`."""
         return type(self)(
             **{f.name: _where(mask, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)}
         )
+
+
+def _detach(value):
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _where(mask: torch.Tensor, a, b):
