@@ -125,6 +125,23 @@ class ModelConfig(Section):
         return 256 * ((size + 255) // 256)
 
 
+class PassesDistribution(Section):
+    """N drawn per training step (see sleepscale/passes.py)."""
+
+    kind: Literal["uniform", "poisson_lognormal"]
+    low: int = Field(1, ge=1, description="uniform: smallest N")
+    high: int = Field(4, ge=1, description="uniform: largest N")
+    mean: float = Field(3.0, gt=1, description="poisson_lognormal: mean N")
+    sigma: float = Field(0.5, gt=0, description="poisson_lognormal: spread of the log-rate")
+    max: int = Field(16, ge=1, description="poisson_lognormal: largest N")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PassesDistribution:
+        if self.kind == "uniform" and self.low > self.high:
+            raise FieldError("high", f"{self.high} is below low {self.low}")
+        return self
+
+
 class SleepConfig(Section):
     window: int = Field(ge=1, description="L: tokens per window; also the attention span")
     passes: int = Field(1, ge=1, description="N: passes over each evicted window (1 = the plain hybrid)")
@@ -137,9 +154,16 @@ class SleepConfig(Section):
         None, ge=1, description="truncated backprop: only the last k of the N passes carry gradient (the wake pass always does)"
     )
     detach_every: int | None = Field(None, ge=1, description="stop gradient through the carried state every W windows")
+    random_passes: PassesDistribution | None = Field(None, description="training only: draw N per step instead of `passes`")
     state_norm_bound: float | None = Field(
         None, gt=0, description="rescale each GDN state (per sequence and head) to at most this norm after every sleep pass"
     )
+
+    @model_validator(mode="after")
+    def _grad_passes_fit(self) -> SleepConfig:
+        if self.grad_passes is not None and self.random_passes is None and self.grad_passes > self.passes:
+            raise FieldError("grad_passes", f"{self.grad_passes} is more than passes {self.passes}")
+        return self
 
 
 class GenerateConfig(Section):

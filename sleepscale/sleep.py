@@ -145,7 +145,7 @@ def _run_window(
         slept = states
         for pass_number in range(2, sleep.passes + 1):
             # Truncated backprop: the first N - k passes run without autograd, cutting the graph there.
-            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - sleep.grad_passes
+            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - min(sleep.grad_passes, sleep.passes)
             with torch.set_grad_enabled(torch.is_grad_enabled() and carries_grad):
                 slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
                 hidden, slept = _maybe_checkpoint(per_pass, model.run_blocks, hidden, slept, loop)

@@ -31,6 +31,7 @@ from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, format_table, plot, write_csv
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
+from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
@@ -170,11 +171,14 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     last_log, startup, startup_logged = time.perf_counter(), None, False
     tokens_since_log, steps_since_log = 0, 0
     for step in range(progress.step, stage.end):
-        loss_sum, passes_sum, norms, grad_norm, step_tokens = 0.0, 0.0, None, None, 0
+        loss_sum, passes_sum, norms, grad_norm, step_tokens, pass_norms = 0.0, 0.0, None, None, 0, None
         skipped_before = engine.skipped_steps
+        step_sleep = stage_sleep
+        if stage_sleep.random_passes is not None:
+            step_sleep = stage_sleep.model_copy(update={"passes": draw_passes(stage_sleep.random_passes, config.train.seed, step)})
         for _ in range(config.train.grad_accumulation):
             batch = next(batches)
-            out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), stage_sleep)
+            out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), step_sleep)
             loss = faults.nan_loss(out.loss, step)
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
@@ -183,6 +187,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
             norms = _state_norms(out.states)
+            pass_norms = out.pass_state_norms
             step_tokens += int(batch["input_ids"].numel())
         progress.step = step + 1
         progress.tokens += step_tokens * ctx.world_size  # every rank reads equal batches
@@ -206,10 +211,12 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
                 "tokens": progress.tokens,
                 "step_seconds": elapsed / steps_since_log,
+                "passes": step_sleep.passes,
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
                 "stage": stage.index,
                 **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
+                **{f"state_norm_pass{j + 1}": value for j, value in enumerate((pass_norms if pass_norms is not None else []).tolist())},
             }
             if not startup_logged:
                 metrics["startup_seconds"], startup_logged = startup, True
