@@ -164,3 +164,28 @@ def test_random_passes_follow_their_distribution():
     assert abs(draws.mean() - 4) < 0.1 and draws.min() >= 1 and draws.max() <= 64
     capped = PassesDistribution(kind="poisson_lognormal", mean=4, max=5)
     assert max(draw_passes(capped, 0, s) for s in range(2000)) == 5
+
+
+def test_flops_count_every_pass_actually_run():
+    from torch import nn
+
+    from sleepscale.flops import training_flops_per_token
+    from sleepscale.model import build_model
+
+    config = make_config("AGAG", passes=1)
+    model = build_model(config.model)
+    linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, nn.Linear))
+    attention = 2 * 4 * 2 * 8 * (8 + 1) / 2  # 2 attention blocks, 2 heads of 8, causal window of 8
+    gdn = 2 * 6 * 2 * 8 * 12  # 2 GDN blocks, 2 heads, d_k 8, d_v 12
+    blocks = 2 * linear + attention + gdn
+    wake = blocks + 2 * model.lm_head.weight.numel()
+
+    def flops(sleep_passes, **sleep):
+        return training_flops_per_token(model, config.model, config.sleep.model_copy(update=sleep), sleep_passes)
+
+    assert flops(0.0) == 3 * wake  # forward + backward (2x)
+    assert flops(0.75, passes=2) == 3 * wake + 3 * 0.75 * blocks  # 3 of 4 windows slept on once
+    assert flops(2.25, passes=4) == 3 * wake + 3 * 2.25 * blocks
+    assert flops(2.25, passes=4, grad_passes=1) == 3 * wake + (2.25 + 2 * 0.75) * blocks  # backward through 1 of 3
+    assert flops(2.25, passes=4, checkpoint="pass") == 3 * wake + 3 * 2.25 * blocks + blocks + 2.25 * blocks
+    assert flops(2.25, passes=4, checkpoint="window", grad_passes=1) == flops(2.25, passes=4, grad_passes=1) + wake + 2.25 * blocks

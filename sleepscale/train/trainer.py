@@ -29,6 +29,7 @@ from sleepscale.config import Config, ConfigError, StageConfig
 from sleepscale.data.loader import ShardLoader
 from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, format_table, plot, write_csv
+from sleepscale.flops import peak_flops, training_flops_per_token
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.passes import draw_passes
@@ -96,6 +97,7 @@ class Run:
     progress: Progress
     stop: StopSignal
     data_path: str
+    model: nn.Module  # the hybrid model (unwrapped)
 
 
 def run_training(config: Config) -> int:
@@ -131,7 +133,7 @@ def run_training(config: Config) -> int:
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
     )
-    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path)
+    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, model.model)
     total_steps = stages[-1].end
     log.info("run %s: %d steps in %d stage(s), world size %d; MLflow %s", run_dir, total_steps, len(stages),
              ctx.world_size, tracker.uri if tracker.enabled else "off")
@@ -169,6 +171,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     config, ctx, progress = run.config, run.ctx, run.progress
     batches = _endless(run.loader)
     last_log, startup, startup_logged = time.perf_counter(), None, False
+    peak = peak_flops(ctx.device)
     tokens_since_log, steps_since_log = 0, 0
     for step in range(progress.step, stage.end):
         loss_sum, passes_sum, norms, grad_norm, step_tokens, pass_norms = 0.0, 0.0, None, None, 0, None
@@ -186,6 +189,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             engine.step()
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
+            flops_per_token = training_flops_per_token(run.model, config.model, step_sleep, out.passes.float().mean().item() - 1)
             norms = _state_norms(out.states)
             pass_norms = out.pass_state_norms
             step_tokens += int(batch["input_ids"].numel())
@@ -212,6 +216,8 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "tokens": progress.tokens,
                 "step_seconds": elapsed / steps_since_log,
                 "passes": step_sleep.passes,
+                "model_flops_per_token": flops_per_token,
+                "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.world_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
                 "stage": stage.index,
