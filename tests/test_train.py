@@ -240,19 +240,3 @@ def test_shipped_two_stage_config_first_trains_only_the_inserted_gdn_layers():
     expected = {name for name, _ in model.named_parameters() if name.startswith("layers.") and int(name.split(".")[1]) in gdn_only}
     assert trained == expected and expected
 
-
-def test_random_n_run_trains_and_evaluates_every_requested_n(tmp_path, data):
-    run = tmp_path / "run"
-    config = write_config(tmp_path, data, run, eval={"passes": [1, 2, 4], "batch_size": 16})
-    train(config, "sleep.random_passes={kind: uniform, low: 1, high: 3}", "train.steps=12", "sleep.grad_passes=1")
-    drawn = metric(run, "passes")
-    assert set(drawn.values()) <= {1, 2, 3} and len(set(drawn.values())) > 1
-    from sleepscale.config import PassesDistribution
-    from sleepscale.passes import draw_passes
-
-    assert [drawn[s] for s in range(1, 13)] == [draw_passes(PassesDistribution(kind="uniform", low=1, high=3), 0, s) for s in range(12)]
-    loss = losses(run)
-    assert sum(list(loss.values())[-3:]) < sum(list(loss.values())[:3])
-    assert all(metric(run, "model_flops_per_token").values())
-    table = (run / "eval.csv").read_text()
-    assert {line.split(",")[2] for line in table.splitlines()[1:]} == {"1", "2", "4"}
