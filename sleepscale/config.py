@@ -226,7 +226,24 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
     seed: int = 0
     log_every: int = Field(1, ge=1)
-    max_bad_steps: int = Field(5, ge=1, description="consecutive skipped (NaN/Inf) steps that stop the run")
+    max_bad_steps: int = Field(5, ge=1, description="consecutive skipped (NaN/Inf or spike) steps that stop the run")
+    loss_spike_ratio: float | None = Field(
+        None, gt=1, description="skip a step whose loss exceeds this times the median of the last spike_window steps"
+    )
+    grad_spike_ratio: float | None = Field(
+        None, gt=1, description="skip a step whose gradient norm exceeds this times the median of the last spike_window steps"
+    )
+    spike_window: int = Field(50, ge=1, description="accepted steps a spike is judged against (detection starts after them)")
+
+    @model_validator(mode="after")
+    def _grad_spikes_need_our_optimizer(self) -> TrainConfig:
+        if self.grad_spike_ratio is not None and (self.zero_stage != 0 or self.precision != "fp32"):
+            raise FieldError(
+                "grad_spike_ratio",
+                "needs zero_stage 0 and precision fp32 (DeepSpeed's ZeRO and bf16 optimizers take the gradient norm "
+                "inside their own step, too late to skip it); use loss_spike_ratio there",
+            )
+        return self
 
 
 class CheckpointConfig(Section):

@@ -5,7 +5,7 @@ over the stage's trainable parameters and run its steps (sleep forward, backward
 metrics, checkpoints, evaluation); finally evaluate and report.
 
 Exit codes: 0 done; 2 bad configuration or data; 3 stopped after `train.max_bad_steps`
-consecutive skipped (NaN/Inf) steps, with a checkpoint of the last good state; 75 stopped by
+consecutive skipped steps (NaN/Inf, or a loss or gradient spike: `sleepscale.train.spikes`), with a checkpoint of the last good state; 75 stopped by
 SIGTERM or SIGUSR1 after writing a checkpoint (the next start resumes from it).
 """
 
@@ -39,6 +39,7 @@ from sleepscale.train import faults
 from sleepscale.train.checkpoint import Checkpointer, restore_rng_states, rng_states
 from sleepscale.train.distributed import Distributed, setup_distributed
 from sleepscale.train.optim import build_optimizer, lr_factor
+from sleepscale.train.spikes import SpikeGuard
 
 log = logging.getLogger("sleepscale.train")
 
@@ -69,8 +70,12 @@ class Progress:
     step: int = 0
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
+    loss_spikes: int = 0
+    grad_spikes: int = 0
     tokens: int = 0
     mlflow_run_id: str | None = None
+    loss_history: list[float] = dataclasses.field(default_factory=list)  # of accepted steps, for SpikeGuard
+    grad_norm_history: list[float] = dataclasses.field(default_factory=list)
 
 
 class StopSignal:
@@ -173,8 +178,12 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     last_log, startup, startup_logged = time.perf_counter(), None, False
     peak = peak_flops(ctx.device)
     tokens_since_log, steps_since_log = 0, 0
+    spikes = SpikeGuard(config.train, progress.loss_history, progress.grad_norm_history)
+    if progress.step == stage.start:
+        spikes.restart()
     for step in range(progress.step, stage.end):
         loss_sum, passes_sum, norms, grad_norm, step_tokens, pass_norms = 0.0, 0.0, None, None, 0, None
+        loss_spike = grad_spike = False
         skipped_before = engine.skipped_steps
         step_sleep = stage_sleep
         if stage_sleep.random_passes is not None:
@@ -182,10 +191,15 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         for _ in range(config.train.grad_accumulation):
             batch = next(batches)
             out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), step_sleep)
-            loss = faults.nan_loss(out.loss, step)
-            engine.backward(loss)
+            loss = faults.corrupt_loss(out.loss, step)
+            if config.train.loss_spike_ratio is not None:
+                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss.item()))
+            # A NaN gradient makes DeepSpeed (or our ZeRO-0 guard) skip and count the update.
+            engine.backward(loss * float("nan") if loss_spike else loss)
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _check_gradients(engine)
+                if grad_norm is not None and math.isfinite(grad_norm) and spikes.is_grad_spike(grad_norm):
+                    grad_spike = engine.optimizer.overflow = True
             engine.step()
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
@@ -204,12 +218,17 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         faults.after_step(progress.step)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
+        progress.loss_spikes += int(loss_spike)
+        progress.grad_spikes += int(grad_spike)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
+        step_loss = _mean_over_ranks(loss_sum / config.train.grad_accumulation)
+        if not bad:
+            spikes.accept(step_loss, grad_norm)
 
         if progress.step % config.train.log_every == 0 or progress.step == stage.end:
             elapsed = time.perf_counter() - last_log
             metrics = {
-                "loss": _mean_over_ranks(loss_sum / config.train.grad_accumulation),
+                "loss": step_loss,
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
@@ -220,9 +239,11 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.world_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
+                "loss_spikes": progress.loss_spikes,
+                "grad_spikes": progress.grad_spikes,
                 "stage": stage.index,
                 **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
-                **{f"state_norm_pass{j + 1}": value for j, value in enumerate((pass_norms if pass_norms is not None else []).tolist())},
+                **{f"state_norm_pass{j + 1}": value for j, value in enumerate([] if pass_norms is None else pass_norms.tolist())},
             }
             if not startup_logged:
                 metrics["startup_seconds"], startup_logged = startup, True
@@ -233,8 +254,8 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
 
         if progress.bad_steps_in_a_row >= config.train.max_bad_steps:
             _save(run, engine)
-            log.error("stopping: %d consecutive steps had a NaN/Inf loss or gradient and were skipped; "
-                      "the checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, run.checkpointer.root)
+            log.error("stopping: %d consecutive steps were skipped (NaN/Inf loss or gradient, or a spike); the "
+                      "checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, run.checkpointer.root)
             return EXIT_BAD_STEPS
         stop_now = _any_rank(run.stop.received is not None)
         if stop_now or progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
