@@ -101,6 +101,15 @@ class ModelConfig(Section):
             raise FieldError("gdn.expand_v", f"head_dim {self.gdn_head_dim} * expand_v {self.gdn.expand_v} is not an integer")
         return self
 
+    def tensor_parallel_problem(self, size: int) -> str | None:
+        """Why `size` tensor-parallel ranks cannot split this model's heads, or None."""
+        counts = {"attention.num_heads": self.attention.num_heads, "attention.num_kv_heads": self.attention_kv_heads,
+                  "gdn.num_heads": self.gdn.num_heads}
+        for name, count in counts.items():
+            if count % size:
+                return f"{size} does not divide model.{name} ({count}); choose a divisor of it"
+        return None
+
     @property
     def loop_range(self) -> tuple[int, int]:
         return self.loop if self.loop is not None else (0, len(self.pattern))
@@ -246,6 +255,12 @@ class TrainConfig(Section):
         return self
 
 
+class ParallelConfig(Section):
+    """Model parallelism; data parallelism takes the remaining ranks (world size / tensor)."""
+
+    tensor: int = Field(1, ge=1, description="tensor-parallel ranks: attention and GDN heads, MLP width and vocabulary split")
+
+
 class CheckpointConfig(Section):
     every: int = Field(100, ge=1, description="steps between checkpoints (one is also written at the end)")
     keep: int = Field(3, ge=1, description="how many of the latest checkpoints to keep")
@@ -279,6 +294,7 @@ class Config(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     stages: list[StageConfig] = Field(default_factory=list, description="default: one stage of train.steps")
     train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
@@ -293,6 +309,9 @@ class Config(Section):
                 f"muon needs train.zero_stage 0 (DeepSpeed's ZeRO-{self.train.zero_stage} Muon update differs from "
                 "unsharded Muon); use zero_stage 0 or optimizer adamw",
             )
+        problem = self.model.tensor_parallel_problem(self.parallel.tensor)
+        if problem:
+            raise FieldError("parallel.tensor", problem)
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
         return self

@@ -22,15 +22,14 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sleepscale.config import SleepConfig
+from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
 
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass
@@ -88,7 +87,7 @@ def sleep_forward(
         loss_sum = loss_sum + window_loss
         passes.append(1 + (sleep.passes - 1) * sleeps.long())
         if return_logits:
-            logits.append(window_logits)
+            logits.append(model.cross_entropy.full_logits(window_logits))
 
     loss = None
     if targets is not None:
@@ -133,12 +132,9 @@ def _run_window(
     hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, loop)
     coda_hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, coda)
     logits = model.head(coda_hidden)
-    loss_dtype = torch.promote_types(logits.dtype, torch.float32)
-    loss = logits.new_zeros((), dtype=loss_dtype)
+    loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
     if window_targets is not None:
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).to(loss_dtype), window_targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+        loss = model.cross_entropy(logits, window_targets)
 
     pass_norms = [_loop_state_norm(states, loop)]
     if sleeps.any():

@@ -2,7 +2,7 @@
 
 The model knows nothing about windows or passes; it offers the pieces the sleep engine
 (`sleepscale.sleep`) drives: `embed`, `run_blocks` over any block range with explicit states, and
-`head`. Module names follow fla's HF models (embeddings, layers, norm, lm_head) so that checkpoints
+`head`, and `cross_entropy` for the loss. Module names follow fla's HF models (embeddings, layers, norm, lm_head) so that checkpoints
 convert by renaming (`sleepscale.model.convert`).
 """
 
@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sleepscale.config import ModelConfig
+from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
@@ -43,6 +45,19 @@ def _make_block(letter: str, config: ModelConfig) -> Block:
     return Block(mixer, config.hidden_size, intermediate, config.norm_eps)
 
 
+class CrossEntropy(nn.Module):
+    """Summed token cross-entropy of the head's logits. A module of its own so that tensor
+    parallelism can swap in a vocab-parallel one (`sleepscale.parallel.tensor`)."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return F.cross_entropy(logits.flatten(0, 1).to(dtype), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary (the head's may be a shard of it)."""
+        return logits
+
+
 class HybridLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -53,6 +68,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embeddings.weight
+        self.cross_entropy = CrossEntropy()
         self.loop_range = range(*config.loop_range)
 
     @torch.no_grad()

@@ -1,0 +1,57 @@
+"""Tensor x pipeline x data parallel process groups, from megatron-core's `parallel_state`.
+
+Ranks are laid out as megatron does (tensor fastest, then data, then pipeline), so the processes of
+one tensor-parallel group sit on one node. Gloo on CPU, NCCL on GPU: the groups inherit the backend
+of the default process group, which `sleepscale.train.distributed` picks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.distributed as dist
+
+from sleepscale.config import ConfigError
+from sleepscale.parallel.cpu_shim import patch_megatron_for_cpu
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelGroups:
+    tensor: dist.ProcessGroup
+    pipeline: dist.ProcessGroup
+    data: dist.ProcessGroup
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        return self.tensor.size(), self.pipeline.size(), self.data.size()
+
+
+def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
+    """The data-parallel size, or a one-line error."""
+    if world_size % (tensor * pipeline):
+        raise ConfigError(
+            f"parallel: world size {world_size} is not a multiple of tensor {tensor} x pipeline {pipeline}; "
+            f"launch a multiple of {tensor * pipeline} processes or change parallel.tensor / parallel.pipeline"
+        )
+    return world_size // (tensor * pipeline)
+
+
+def init_parallel_groups(tensor: int = 1, pipeline: int = 1) -> ParallelGroups:
+    """Needs an initialised default process group. Idempotent for the same layout."""
+    from megatron.core import parallel_state
+
+    check_layout(dist.get_world_size(), tensor, pipeline)
+    patch_megatron_for_cpu()
+    if parallel_state.model_parallel_is_initialized():
+        existing = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        if existing != (tensor, pipeline):
+            raise RuntimeError(f"parallel groups already set up for tensor x pipeline {existing}, asked for {(tensor, pipeline)}")
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline, create_gloo_process_groups=False
+        )
+    return ParallelGroups(
+        tensor=parallel_state.get_tensor_model_parallel_group(),
+        pipeline=parallel_state.get_pipeline_model_parallel_group(),
+        data=parallel_state.get_data_parallel_group(),
+    )

@@ -1,0 +1,216 @@
+"""Tensor parallelism for the hybrid model, applied from outside it: `parallelize_tensor(model,
+group)` swaps the model's linear layers, embedding, head and loss for megatron-core's parallel ones
+and keeps this rank's contiguous 1/T of every split weight. The sleep engine runs unchanged.
+
+What is split:
+- attention: query heads and key/value heads (q/k/v projections by output rows, o_proj by columns);
+- Gated DeltaNet: heads. q/k/v/g/a/b projections by rows, the short convolutions by channel, the
+  per-head decay parameters A_log and dt_bias by head, o_proj by columns. A rank's GDN state holds
+  only its own heads, so the recurrence, every sleep pass and every window, never communicates;
+- SwiGLU: gate/up by rows, down by columns;
+- embedding and LM head: by vocabulary, padded up to a multiple of T. Padded logits are masked out
+  of megatron's vocab-parallel cross-entropy, so padding changes no value or gradient.
+Replicated: the RMSNorms. GDN's output-norm weight is replicated but each rank applies it to its own
+heads only, so its gradient is summed over the group.
+
+Weights move between TP sizes through the unsharded form: `full_state_dict` gathers it (names as in
+the unsharded model) and `load_full_state_dict` takes this rank's shard of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from sleepscale.config import ConfigError
+from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.model.attention import Attention
+from sleepscale.model.hybrid import HybridLM
+
+_PADDED_FROM = "_sleepscale_unpadded_rows"  # attribute on vocabulary-split parameters
+
+
+def padded_vocab_size(vocab_size: int, size: int) -> int:
+    return math.ceil(vocab_size / size) * size
+
+
+def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
+    """In place. `group` must be megatron's tensor-parallel group (`sleepscale.parallel.groups`),
+    which its vocab-parallel cross-entropy uses implicitly."""
+    size = group.size()
+    problem = model.config.tensor_parallel_problem(size)
+    if problem:
+        raise ConfigError(f"parallel.tensor: {problem}")
+    shard = _Sharder(group, model.embeddings.weight.dtype)
+    for block in model.layers:
+        mixer = block.attn
+        if isinstance(mixer, Attention):
+            shard.columns(mixer, "q_proj", "k_proj", "v_proj")
+            mixer.num_heads //= size
+            mixer.num_kv_heads //= size
+        else:
+            shard.columns(mixer, "q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")
+            for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+                conv.weight = shard.split(conv.weight, dim=0)
+            mixer.A_log, mixer.dt_bias = shard.split(mixer.A_log, dim=0), shard.split(mixer.dt_bias, dim=0)
+            mixer.num_heads //= size
+            mixer.key_dim //= size
+            mixer.value_dim //= size
+            mixer.o_norm.weight.register_hook(lambda grad: _summed_over(grad, group))
+        mixer.o_proj = shard.row(mixer.o_proj)
+        if block.mlp is not None:
+            shard.columns(block.mlp, "gate_proj", "up_proj")
+            block.mlp.down_proj = shard.row(block.mlp.down_proj)
+
+    vocab = model.config.vocab_size
+    model.embeddings = shard.embedding(model.embeddings, vocab)
+    model.lm_head = shard.column(model.lm_head, padded_rows=vocab)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embeddings.weight
+    model.cross_entropy = VocabParallelCrossEntropy(vocab, group)
+    return model
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """Summed cross-entropy of vocabulary-split logits (megatron's), with IGNORE_INDEX targets and
+    the padded vocabulary entries left out."""
+
+    def __init__(self, vocab_size: int, group: dist.ProcessGroup):
+        super().__init__()
+        self.vocab_size, self.group = vocab_size, group
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # A copy: megatron's cross-entropy works in place on its input, which the caller may still return.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+        width = logits.shape[-1]
+        vocab_ids = torch.arange(width, device=logits.device) + self.group.rank() * width
+        logits = logits.masked_fill(vocab_ids >= self.vocab_size, torch.finfo(logits.dtype).min)
+        scored = targets != IGNORE_INDEX
+        losses = vocab_parallel_cross_entropy(logits, targets.masked_fill(~scored, 0))
+        return losses.masked_fill(~scored, 0.0).sum()
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tensor_model_parallel_region(logits, self.group)[..., : self.vocab_size]
+
+
+def full_state_dict(model: nn.Module, group: dist.ProcessGroup, gradients: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded weights (or their gradients), on every rank of the group; collective."""
+    full = {}
+    for name, parameter in model.named_parameters():
+        tensor = parameter.grad if gradients else parameter.detach()
+        if not getattr(parameter, "tensor_model_parallel", False):
+            full[name] = tensor.clone()
+            continue
+        pieces = [torch.empty_like(tensor) for _ in range(group.size())]
+        dist.all_gather(pieces, tensor.contiguous(), group=group)
+        whole = torch.cat(pieces, dim=parameter.partition_dim)
+        full[name] = whole[: getattr(parameter, _PADDED_FROM, whole.shape[0])]
+    return full
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Copies this rank's shard of each unsharded weight into the tensor-parallel model."""
+    for name, parameter in model.named_parameters():
+        whole = full[name]
+        if getattr(parameter, "tensor_model_parallel", False):
+            whole = _shard_of(_padded(whole, getattr(parameter, _PADDED_FROM, None), group.size()),
+                              parameter.partition_dim, group)
+        parameter.copy_(whole)
+
+
+def _padded(tensor: torch.Tensor, unpadded_rows: int | None, size: int) -> torch.Tensor:
+    if unpadded_rows is None:
+        return tensor
+    extra = padded_vocab_size(unpadded_rows, size) - unpadded_rows
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])]) if extra else tensor
+
+
+def _shard_of(tensor: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    return tensor.chunk(group.size(), dim=dim)[group.rank()]
+
+
+def _summed_over(grad: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=group)
+    return grad
+
+
+class _Sharder:
+    """Builds megatron's parallel layers holding this rank's shard of existing unsharded weights."""
+
+    def __init__(self, group: dist.ProcessGroup, dtype: torch.dtype):
+        self.group = group
+        # perform_initialization=False: the weights are copied in from the unsharded model.
+        self.config = ModelParallelConfig(
+            tensor_model_parallel_size=group.size(), use_cpu_initialization=True, perform_initialization=False,
+            params_dtype=dtype, gradient_accumulation_fusion=False,
+        )
+
+    def columns(self, module: nn.Module, *names: str) -> None:
+        for name in names:
+            setattr(module, name, self.column(getattr(module, name)))
+
+    def column(self, linear: nn.Linear, padded_rows: int | None = None) -> nn.Module:
+        out_features, in_features = linear.weight.shape
+        if padded_rows is not None:
+            out_features = padded_vocab_size(out_features, self.group.size())
+        layer = _ColumnParallelLinear(in_features, out_features, config=self.config, init_method=_no_init, bias=False,
+                                      gather_output=False, tp_group=self.group)
+        self._take_shard(layer.weight, linear.weight, dim=0, padded_rows=padded_rows)
+        return layer
+
+    def row(self, linear: nn.Linear) -> nn.Module:
+        out_features, in_features = linear.weight.shape
+        layer = _RowParallelLinear(in_features, out_features, config=self.config, init_method=_no_init, bias=False,
+                                   input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        self._take_shard(layer.weight, linear.weight, dim=1)
+        return layer
+
+    def embedding(self, embedding: nn.Embedding, vocab_size: int) -> nn.Module:
+        layer = VocabParallelEmbedding(padded_vocab_size(vocab_size, self.group.size()), embedding.embedding_dim,
+                                       init_method=_no_init, config=self.config, tp_group=self.group)
+        self._take_shard(layer.weight, embedding.weight, dim=0, padded_rows=vocab_size)
+        return layer
+
+    def split(self, parameter: nn.Parameter, dim: int) -> nn.Parameter:
+        shard = nn.Parameter(_shard_of(parameter.detach(), dim, self.group).clone())
+        _mark_split(shard, dim)
+        return shard
+
+    @torch.no_grad()
+    def _take_shard(self, target: nn.Parameter, source: torch.Tensor, dim: int, padded_rows: int | None = None) -> None:
+        target.copy_(_shard_of(_padded(source.detach(), padded_rows, self.group.size()), dim, self.group))
+        _mark_split(target, dim)
+        if padded_rows is not None:
+            setattr(target, _PADDED_FROM, padded_rows)
+
+
+def _mark_split(parameter: nn.Parameter, dim: int) -> None:
+    set_tensor_model_parallel_attributes(parameter, is_parallel=True, dim=dim, stride=1)
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    pass
+
+
+class _ColumnParallelLinear(ColumnParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]  # megatron returns (output, bias); our blocks expect the output
+
+
+class _RowParallelLinear(RowParallelLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]

@@ -1,0 +1,77 @@
+"""Run under torchrun: on every rank, the unsharded model and its tensor-parallel version over all
+ranks, same initial weights, N=3 sleep; rank 0 writes the largest relative differences as JSON.
+
+    torchrun --nproc_per_node 2 tests/parallel_tensor_ranks.py OUT.json
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from conftest import make_config
+from sleepscale.model import build_model
+from sleepscale.model.gdn import GDNState
+from sleepscale.parallel.groups import init_parallel_groups
+from sleepscale.parallel.tensor import full_state_dict, load_full_state_dict, parallelize_tensor
+from sleepscale.sleep import IGNORE_INDEX, sleep_forward
+
+VOCAB = 39  # not a multiple of 2 or 4: the vocabulary gets padded
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, tp) -> dict:
+    config = make_config(passes=3, eviction=eviction, vocab_size=VOCAB, model={
+        "attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}, "tie_embeddings": tie,
+        "init_std": init_std})
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=generator)  # 3 windows of 8, the last one short
+    targets = ids.roll(-1, dims=1)
+    targets[:, :5] = IGNORE_INDEX
+
+    reference = build_model(config.model).to(dtype)
+    expected = sleep_forward(reference, ids, config.sleep, targets=targets, return_logits=True)
+    expected.loss.backward()
+
+    model = parallelize_tensor(build_model(config.model).to(dtype), tp)
+    got = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=True)
+    got.loss.backward()
+    grads, reference_grads = full_state_dict(model, tp, gradients=True), dict(reference.named_parameters())
+    heads = [(g, e) for g, e in zip(got.states, expected.states) if isinstance(g, GDNState)]
+    local = heads[0][0].fast_weights.shape[1]
+
+    plain = build_model(config.model.model_copy(update={"seed": 123})).to(dtype)
+    plain.load_state_dict(full_state_dict(model, tp), strict=False)  # TP -> unsharded
+    resharded = parallelize_tensor(build_model(config.model.model_copy(update={"seed": 123})).to(dtype), tp)
+    load_full_state_dict(resharded, dict(reference.state_dict()), tp)  # unsharded -> TP
+    return {
+        "logits": relative(got.logits, expected.logits),
+        "loss": relative(got.loss.detach(), expected.loss.detach()),
+        "grads": max(relative(grads[name], p.grad) for name, p in reference_grads.items()),
+        "grad_names_match": sorted(grads) == sorted(reference_grads),
+        "gdn_state_is_own_heads": all(
+            relative(g.fast_weights, e.fast_weights[:, tp.rank() * local:(tp.rank() + 1) * local]) < 1e-5 for g, e in heads) and local * tp.size() == config.model.gdn.num_heads,
+        "tp_to_unsharded_loss": relative(sleep_forward(plain, ids, config.sleep, targets=targets).loss.detach(), got.loss.detach()),
+        "unsharded_to_tp_loss": relative(sleep_forward(resharded, ids, config.sleep, targets=targets).loss.detach(), expected.loss.detach()),
+    }
+
+
+def main():
+    dist.init_process_group("gloo")
+    groups = init_parallel_groups(tensor=dist.get_world_size())
+    # fp32 at a realistic init; fp64 at a large one, where fp32 rounding alone moves gradients by ~1e-3.
+    cases = {"hard": ("hard", False, torch.float32, 0.02), "sliding": ("sliding", False, torch.float32, 0.02),
+             "hard-tied": ("hard", True, torch.float32, 0.02), "sliding-fp64": ("sliding", False, torch.float64, 0.2)}
+    report = {name: compare(*case, groups.tensor) for name, case in cases.items()}
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as out:
+            json.dump(report, out, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

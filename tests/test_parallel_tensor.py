@@ -1,0 +1,47 @@
+"""Tensor parallelism (megatron-core layers over gloo ranks) against the unsharded model."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_config
+from sleepscale.config import ConfigError, validate
+from sleepscale.parallel.groups import check_layout
+from train_helpers import free_port
+
+
+def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_passes(tmp_path):
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "tests/parallel_tensor_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert set(report) == {"hard", "sliding", "hard-tied", "sliding-fp64"}
+    for case, result in report.items():
+        assert result["grad_names_match"] and result["gdn_state_is_own_heads"], case
+        tolerance = 1e-12 if case.endswith("fp64") else 1e-5
+        assert result["logits"] < tolerance, (case, result)
+        # megatron's vocab-parallel cross-entropy computes in fp32 whatever the model's dtype
+        assert max(result["loss"], result["grads"], result["tp_to_unsharded_loss"], result["unsharded_to_tp_loss"]) < 1e-5, (case, result)
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    ({"attention": {"num_heads": 4, "num_kv_heads": 1}}, "parallel.tensor: 2 does not divide model.attention.num_kv_heads (1)"),
+    ({"attention": {"num_heads": 2}, "gdn": {"num_heads": 1}}, "parallel.tensor: 2 does not divide model.gdn.num_heads (1)"),
+])
+def test_tensor_size_must_divide_every_head_count(model, message):
+    data = make_config().model_dump(mode="json")
+    data["model"].update(model)
+    data["parallel"] = {"tensor": 2}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(data)
+
+
+def test_world_size_must_be_a_multiple_of_the_model_parallel_size():
+    assert check_layout(8, tensor=2, pipeline=2) == 2
+    with pytest.raises(ConfigError, match=r"parallel: world size 6 is not a multiple of tensor 4 x pipeline 1; launch a multiple of 4"):
+        check_layout(6, tensor=4, pipeline=1)
