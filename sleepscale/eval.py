@@ -33,9 +33,10 @@ class _Counts:
 
 
 @torch.no_grad()
-def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None) -> list[dict]:
+def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None, group=None) -> list[dict]:
     """Rows of COLUMNS for every (difficulty value, N). `batches` is a re-iterable of loader batches;
-    `forward(input_ids, targets, sleep)` defaults to `sleep_forward` on `model`."""
+    `forward(input_ids, targets, sleep)` defaults to `sleep_forward` on `model`. Counts are summed
+    over `group` (default: all ranks), the ranks that read different batches."""
     forward = forward or (lambda ids, targets, s: sleep_forward(model, ids, s, targets=targets))
     counts: dict[tuple, _Counts] = defaultdict(_Counts)
     for n in passes:
@@ -53,7 +54,7 @@ def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None
                             _count(counts[(name, item_value, n)], [item_right])
                     else:
                         _count(counts[(name, value, n)], right)
-    return _rows(_sum_over_ranks(counts))
+    return _rows(_sum_over_ranks(counts, group))
 
 
 def _count(cell: _Counts, right: list[bool]) -> None:
@@ -63,11 +64,11 @@ def _count(cell: _Counts, right: list[bool]) -> None:
     cell.tokens_right += sum(right)
 
 
-def _sum_over_ranks(counts: dict[tuple, _Counts]) -> dict[tuple, _Counts]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _sum_over_ranks(counts: dict[tuple, _Counts], group) -> dict[tuple, _Counts]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return counts
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {key: dataclasses.astuple(cell) for key, cell in counts.items()})
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, {key: dataclasses.astuple(cell) for key, cell in counts.items()}, group=group)
     total: dict[tuple, _Counts] = defaultdict(_Counts)
     for part in gathered:
         for key, values in part.items():

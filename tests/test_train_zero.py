@@ -53,3 +53,15 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(setup, zero_stag
     train(config, ranks=2, timeout=600)
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_tensor_2_x_data_2_matches_one_process_with_the_same_global_batch(setup, zero_stage):
+    tmp, data = setup
+    run = tmp / f"tp2-zero{zero_stage}"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": zero_stage},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, parallel={"tensor": 2})
+    result = train(config, ranks=4, timeout=600)
+    assert "tensor parallel 2 x data parallel 2" in result.stderr
+    distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)

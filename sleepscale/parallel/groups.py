@@ -55,3 +55,44 @@ def init_parallel_groups(tensor: int = 1, pipeline: int = 1) -> ParallelGroups:
         pipeline=parallel_state.get_pipeline_model_parallel_group(),
         data=parallel_state.get_data_parallel_group(),
     )
+
+
+class DeepSpeedMpu:
+    """The model-parallel unit DeepSpeed asks for (`deepspeed.initialize(mpu=...)`): it all-reduces
+    gradients and partitions ZeRO state over the data group only, and counts tensor-parallel shards
+    once in the gradient norm."""
+
+    def __init__(self, groups: ParallelGroups):
+        from megatron.core import parallel_state
+
+        self.groups, self._model_group = groups, parallel_state.get_model_parallel_group()
+
+    def get_model_parallel_group(self):
+        return self._model_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self._model_group.rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._model_group.size()
+
+    def get_tensor_model_parallel_group(self):
+        return self.groups.tensor
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.groups.tensor.rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.groups.tensor.size()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.groups.pipeline.size()
+
+    def get_data_parallel_group(self):
+        return self.groups.data
+
+    def get_data_parallel_rank(self) -> int:
+        return self.groups.data.rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.groups.data.size()

@@ -7,8 +7,12 @@ import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sleepscale.parallel.groups import ParallelGroups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +21,34 @@ class Distributed:
     world_size: int
     local_rank: int
     device: torch.device
+    groups: ParallelGroups | None = None  # with model parallelism: tensor, pipeline and data groups
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Ranks of one model-parallel group read the same batches; data ranks read different ones."""
+        return self.rank if self.groups is None else self.groups.data.rank()
+
+    @property
+    def data_size(self) -> int:
+        return self.world_size if self.groups is None else self.groups.data.size()
+
+    @property
+    def data_group(self):
+        """None: the whole world."""
+        return None if self.groups is None else self.groups.data
+
+
+def setup_model_parallel(ctx: Distributed, tensor: int) -> Distributed:
+    """Model-parallel process groups, when asked for (megatron-core's import costs ~6 s)."""
+    if tensor == 1:
+        return ctx
+    from sleepscale.parallel.groups import init_parallel_groups
+
+    return dataclasses.replace(ctx, groups=init_parallel_groups(tensor=tensor))
 
 
 def _free_port() -> int:

@@ -31,13 +31,14 @@ from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, format_table, plot, write_csv
 from sleepscale.flops import peak_flops, training_flops_per_token
 from sleepscale.model import build_model
+from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.gdn import GDNState
 from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
 from sleepscale.train.checkpoint import Checkpointer, restore_rng_states, rng_states
-from sleepscale.train.distributed import Distributed, setup_distributed
+from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
 
@@ -102,11 +103,11 @@ class Run:
     progress: Progress
     stop: StopSignal
     data_path: str
-    model: nn.Module  # the hybrid model (unwrapped)
+    shapes: nn.Module  # the unsharded hybrid model on the meta device: FLOPs are counted from its shapes
 
 
 def run_training(config: Config) -> int:
-    ctx = setup_distributed()
+    ctx = setup_model_parallel(setup_distributed(), config.parallel.tensor)
     torch.manual_seed(config.train.seed)
     run_dir = Path(config.train.run_dir)
     data_path = _ensure_dataset(config, ctx)
@@ -118,11 +119,18 @@ def run_training(config: Config) -> int:
     loader = ShardLoader(
         data_path, "train", batch_size=config.train.micro_batch_size, num_workers=config.data.num_workers,
         seed=config.train.seed, skip_bad_samples=config.data.skip_bad_samples,
-        shard_url_prefix=config.data.shard_url_prefix,
+        shard_url_prefix=config.data.shard_url_prefix, rank=ctx.data_rank, world_size=ctx.data_size,
     )
     _check_vocabulary(config, loader)
     stages = _plan_stages(config, loader)
-    model = SleepingModel(build_model(config.model)).to(ctx.device)
+    hybrid = build_model(config.model)
+    if ctx.groups is not None:
+        from sleepscale.parallel.tensor import parallelize_tensor
+
+        parallelize_tensor(hybrid, ctx.groups.tensor)
+    model = SleepingModel(hybrid).to(ctx.device)
+    with torch.device("meta"):
+        shapes = HybridLM(config.model)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
     tracker = Tracker(config, run_dir, enabled=ctx.is_main)
     stop = StopSignal()
@@ -138,10 +146,10 @@ def run_training(config: Config) -> int:
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
     )
-    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, model.model)
+    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes)
     total_steps = stages[-1].end
-    log.info("run %s: %d steps in %d stage(s), world size %d; MLflow %s", run_dir, total_steps, len(stages),
-             ctx.world_size, tracker.uri if tracker.enabled else "off")
+    log.info("run %s: %d steps in %d stage(s), world size %d (tensor parallel %d x data parallel %d); MLflow %s", run_dir,
+             total_steps, len(stages), ctx.world_size, config.parallel.tensor, ctx.data_size, tracker.uri if tracker.enabled else "off")
 
     exit_code = EXIT_DONE
     for stage in stages:
@@ -197,18 +205,18 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             # A NaN gradient makes DeepSpeed (or our ZeRO-0 guard) skip and count the update.
             engine.backward(loss * float("nan") if loss_spike else loss)
             if engine.is_gradient_accumulation_boundary():
-                grad_norm = _check_gradients(engine)
+                grad_norm = _check_gradients(engine, ctx)
                 if grad_norm is not None and math.isfinite(grad_norm) and spikes.is_grad_spike(grad_norm):
                     grad_spike = engine.optimizer.overflow = True
             engine.step()
             loss_sum += loss.item()
             passes_sum += out.passes.float().mean().item()
-            flops_per_token = training_flops_per_token(run.model, config.model, step_sleep, out.passes.float().mean().item() - 1)
+            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, out.passes.float().mean().item() - 1)
             norms = _state_norms(out.states)
             pass_norms = out.pass_state_norms
             step_tokens += int(batch["input_ids"].numel())
         progress.step = step + 1
-        progress.tokens += step_tokens * ctx.world_size  # every rank reads equal batches
+        progress.tokens += step_tokens * ctx.data_size  # every data rank reads equal batches
         tokens_since_log += step_tokens
         steps_since_log += 1
         if startup is None:  # this process's first step: how long the start took
@@ -231,12 +239,12 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "loss": step_loss,
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
-                "tokens_per_second": tokens_since_log * ctx.world_size / max(elapsed, 1e-9),
+                "tokens_per_second": tokens_since_log * ctx.data_size / max(elapsed, 1e-9),
                 "tokens": progress.tokens,
                 "step_seconds": elapsed / steps_since_log,
                 "passes": step_sleep.passes,
                 "model_flops_per_token": flops_per_token,
-                "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.world_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
+                "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.data_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
                 "passes_per_window": passes_sum / config.train.grad_accumulation,
                 "skipped_steps": progress.skipped_steps,
                 "loss_spikes": progress.loss_spikes,
@@ -290,7 +298,12 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     }
     if config.train.zero_stage == 3:
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    mpu = None
+    if ctx.groups is not None:
+        from sleepscale.parallel.groups import DeepSpeedMpu
+
+        mpu = DeepSpeedMpu(ctx.groups)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     stage_sleep = config.sleep.model_copy(update={
         "eviction": stage.config.eviction or config.sleep.eviction,
         "passes": stage.config.passes or config.sleep.passes,
@@ -301,16 +314,22 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     return engine, stage_sleep
 
 
-def _check_gradients(engine) -> float | None:
+def _check_gradients(engine, ctx: Distributed) -> float | None:
     """Gradient norm before clipping, where DeepSpeed does not report one (our own optimizer,
     unwrapped: ZeRO-0 in fp32), and the non-finite guard for that case: the optimizer's `overflow`
     flag (see `sleepscale.train.optim`). DeepSpeed's ZeRO and bf16 optimizers skip a non-finite
-    update themselves and count it. Gradients are already averaged over ranks here."""
+    update themselves and count it. Gradients are already averaged over data ranks here; under tensor
+    parallelism each shard counts once and replicated weights once."""
     optimizer = engine.optimizer
     if engine.zero_optimization() or engine.bfloat16_enabled():
         return None
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if ctx.groups is not None and ctx.groups.tensor.rank() != 0:
+        parameters = [p for p in parameters if getattr(p, "tensor_model_parallel", False)]
+    squares = sum((p.grad.float().pow(2).sum() for p in parameters), torch.zeros((), device=ctx.device))
+    if ctx.groups is not None:
+        dist.all_reduce(squares, group=ctx.groups.tensor)
+    norm = squares.sqrt().item()
     optimizer.overflow = not math.isfinite(norm)
     return norm
 
@@ -347,12 +366,13 @@ def _final_report(run: Run, engine, last_stage: Stage) -> None:
 def _evaluate(run: Run, engine, stage_sleep) -> list[dict]:
     config = run.config
     loader = ShardLoader(run.data_path, "validation", batch_size=config.eval.batch_size, shuffle=False,
-                         seed=config.train.seed, shard_url_prefix=config.data.shard_url_prefix)
+                         seed=config.train.seed, shard_url_prefix=config.data.shard_url_prefix,
+                         rank=run.ctx.data_rank, world_size=run.ctx.data_size)
     batches = _Limited(loader, config.eval.max_batches)
     was_training = engine.module.training
     engine.module.eval()
     rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes,
-                    forward=lambda ids, targets, s: engine(ids, targets, s))
+                    forward=lambda ids, targets, s: engine(ids, targets, s), group=run.ctx.data_group)
     engine.module.train(was_training)
     return rows
 
