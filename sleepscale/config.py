@@ -312,6 +312,10 @@ class Config(Section):
         problem = self.model.tensor_parallel_problem(self.parallel.tensor)
         if problem:
             raise FieldError("parallel.tensor", problem)
+        if self.parallel.tensor > 1 and self.train.zero_stage == 3:
+            raise FieldError("parallel.tensor", "tensor parallelism needs train.zero_stage <= 2 (ZeRO-3 would shard the shards)")
+        if self.parallel.tensor > 1 and self.optimizer.name == "muon":
+            raise FieldError("parallel.tensor", "muon orthogonalises whole matrices, not tensor-parallel shards; use adamw")
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
         return self

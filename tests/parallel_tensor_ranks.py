@@ -40,12 +40,12 @@ def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, tp) -
     model = parallelize_tensor(build_model(config.model).to(dtype), tp)
     got = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=True)
     got.loss.backward()
-    grads, reference_grads = full_state_dict(model, tp, gradients=True), dict(reference.named_parameters())
+    grads, reference_grads = full_state_dict(model, tp, gradients=True), dict(reference.named_parameters(remove_duplicate=False))
     heads = [(g, e) for g, e in zip(got.states, expected.states) if isinstance(g, GDNState)]
     local = heads[0][0].fast_weights.shape[1]
 
     plain = build_model(config.model.model_copy(update={"seed": 123})).to(dtype)
-    plain.load_state_dict(full_state_dict(model, tp), strict=False)  # TP -> unsharded
+    plain.load_state_dict(full_state_dict(model, tp))  # TP -> unsharded
     resharded = parallelize_tensor(build_model(config.model.model_copy(update={"seed": 123})).to(dtype), tp)
     load_full_state_dict(resharded, dict(reference.state_dict()), tp)  # unsharded -> TP
     return {

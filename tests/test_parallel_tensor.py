@@ -29,16 +29,20 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
         assert max(result["loss"], result["grads"], result["tp_to_unsharded_loss"], result["unsharded_to_tp_loss"]) < 1e-5, (case, result)
 
 
-@pytest.mark.parametrize(("model", "message"), [
-    ({"attention": {"num_heads": 4, "num_kv_heads": 1}}, "parallel.tensor: 2 does not divide model.attention.num_kv_heads (1)"),
-    ({"attention": {"num_heads": 2}, "gdn": {"num_heads": 1}}, "parallel.tensor: 2 does not divide model.gdn.num_heads (1)"),
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"model": {"attention": {"num_heads": 4, "num_kv_heads": 1}}}, "parallel.tensor: 2 does not divide model.attention.num_kv_heads (1)"),
+    ({"model": {"attention": {"num_heads": 2}, "gdn": {"num_heads": 1}}}, "parallel.tensor: 2 does not divide model.gdn.num_heads (1)"),
+    ({"train": {"zero_stage": 3}}, "parallel.tensor: tensor parallelism needs train.zero_stage <= 2"),
+    ({"optimizer": {"name": "muon"}}, "parallel.tensor: muon orthogonalises whole matrices, not tensor-parallel shards"),
 ])
-def test_tensor_size_must_divide_every_head_count(model, message):
-    data = make_config().model_dump(mode="json")
-    data["model"].update(model)
+def test_invalid_tensor_parallel_configs_fail_with_one_line(sections, message):
+    data = make_config(model={"attention": {"num_heads": 2, "num_kv_heads": 2}}).model_dump(mode="json")
+    for section, values in sections.items():
+        data[section].update(values)
     data["parallel"] = {"tensor": 2}
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(data)
+    assert validate({**data, "parallel": {"tensor": 1}})
 
 
 def test_world_size_must_be_a_multiple_of_the_model_parallel_size():

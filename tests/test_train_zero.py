@@ -65,3 +65,17 @@ def test_tensor_2_x_data_2_matches_one_process_with_the_same_global_batch(setup,
     assert "tensor parallel 2 x data parallel 2" in result.stderr
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
+
+
+def test_a_tensor_parallel_checkpoint_resumes_at_tensor_1_with_the_same_losses(setup):
+    """TP=2 stops at step 4 (SIGTERM); one process resumes at TP=1 through the unsharded checkpoint state."""
+    tmp, data = setup
+    run = tmp / "tp2-then-tp1"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, parallel={"tensor": 2})
+    train(config, ranks=2, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    result = train(config, "parallel.tensor=1")
+    assert "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1" in result.stderr
+    resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)

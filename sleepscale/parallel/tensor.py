@@ -106,29 +106,69 @@ class VocabParallelCrossEntropy(nn.Module):
 
 
 def full_state_dict(model: nn.Module, group: dist.ProcessGroup, gradients: bool = False) -> dict[str, torch.Tensor]:
-    """The unsharded weights (or their gradients), on every rank of the group; collective."""
-    full = {}
-    for name, parameter in model.named_parameters():
-        tensor = parameter.grad if gradients else parameter.detach()
-        if not getattr(parameter, "tensor_model_parallel", False):
-            full[name] = tensor.clone()
-            continue
-        pieces = [torch.empty_like(tensor) for _ in range(group.size())]
-        dist.all_gather(pieces, tensor.contiguous(), group=group)
-        whole = torch.cat(pieces, dim=parameter.partition_dim)
-        full[name] = whole[: getattr(parameter, _PADDED_FROM, whole.shape[0])]
-    return full
+    """The unsharded weights (or their gradients) under the unsharded model's state-dict names (tied
+    weights under both), on every rank of the group; collective."""
+    return {name: _unsharded((parameter.grad if gradients else parameter).detach(), parameter, group)
+            for name, parameter in model.named_parameters(remove_duplicate=False)}
 
 
 @torch.no_grad()
 def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
     """Copies this rank's shard of each unsharded weight into the tensor-parallel model."""
     for name, parameter in model.named_parameters():
-        whole = full[name]
-        if getattr(parameter, "tensor_model_parallel", False):
-            whole = _shard_of(_padded(whole, getattr(parameter, _PADDED_FROM, None), group.size()),
-                              parameter.partition_dim, group)
-        parameter.copy_(whole)
+        parameter.copy_(_sharded(full[name], parameter, group))
+
+
+def unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, group: dist.ProcessGroup) -> dict:
+    """Weights and per-parameter optimizer state (e.g. Adam's moments; None without an optimizer) in
+    unsharded form, keyed by parameter name, so that a run can resume at another tensor-parallel
+    size; collective."""
+    if optimizer is None:
+        return {"weights": full_state_dict(model, group), "optimizer": None}
+    optimizer_state = {}
+    for name, parameter in model.named_parameters():
+        state = optimizer.state.get(parameter, {})
+        optimizer_state[name] = {key: _unsharded(value, parameter, group) if _shaped_like(value, parameter) else value
+                                 for key, value in state.items()}
+    # Hyperparameters per group (the scheduled lr among them); groups are built the same at any TP size.
+    groups = [{key: value for key, value in settings.items() if key != "params"} for settings in optimizer.param_groups]
+    return {"weights": full_state_dict(model, group), "optimizer": optimizer_state, "param_groups": groups}
+
+
+@torch.no_grad()
+def load_unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, group: dist.ProcessGroup) -> None:
+    """The inverse of `unsharded_training_state`, at this model's tensor-parallel size (1 included)."""
+    load_full_state_dict(model, state["weights"], group)
+    for settings, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        settings.update(saved)
+    for name, parameter in model.named_parameters():
+        saved = state["optimizer"][name]
+        optimizer.state[parameter] = {key: _sharded(value, parameter, group).clone() if _shaped_like_full(value, parameter, group)
+                                      else value for key, value in saved.items()}
+
+
+def _shaped_like(value, parameter: nn.Parameter) -> bool:
+    return torch.is_tensor(value) and value.shape == parameter.shape
+
+
+def _shaped_like_full(value, parameter: nn.Parameter, group: dist.ProcessGroup | None) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and _sharded(value, parameter, group).shape == parameter.shape
+
+
+def _unsharded(tensor: torch.Tensor, parameter: nn.Parameter, group: dist.ProcessGroup) -> torch.Tensor:
+    if not getattr(parameter, "tensor_model_parallel", False):
+        return tensor.clone()
+    pieces = [torch.empty_like(tensor) for _ in range(group.size())]
+    dist.all_gather(pieces, tensor.contiguous(), group=group)
+    whole = torch.cat(pieces, dim=parameter.partition_dim)
+    return whole[: getattr(parameter, _PADDED_FROM, whole.shape[0])]
+
+
+def _sharded(whole: torch.Tensor, parameter: nn.Parameter, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if not getattr(parameter, "tensor_model_parallel", False):
+        return whole
+    padded = _padded(whole, getattr(parameter, _PADDED_FROM, None), group.size())
+    return _shard_of(padded, parameter.partition_dim, group)
 
 
 def _padded(tensor: torch.Tensor, unpadded_rows: int | None, size: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
 
     step-000200/            DeepSpeed files, trainer.json (rank 0), trainer-rank00000.pt (each rank:
-                            data-loader position, RNG states)
+                            data-loader position, RNG states), and with tensor parallelism at ZeRO-0
+                            unsharded.pt (weights and optimizer state in unsharded form, by name)
     latest                  the tag of the newest complete checkpoint
 
 A checkpoint is written into `.partial/<tag>/` and moved into place only when every rank has
@@ -29,6 +30,7 @@ from sleepscale.train.distributed import Distributed
 
 LATEST = "latest"
 PARTIAL = ".partial"
+UNSHARDED = "unsharded.pt"  # the training state in tensor-parallel-independent form
 
 
 def rng_states() -> dict[str, Any]:
@@ -69,7 +71,9 @@ class Checkpointer:
             raise RuntimeError(f"{pointer} names {path.name}, which is incomplete; remove {pointer} to start over")
         return path
 
-    def save(self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
+    def save(self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any],
+             shared_files: dict[str, Any] | None = None) -> Path:
+        """`shared_files`: name -> object, the same on every rank, written once by rank 0."""
         tag = f"step-{step:06d}"
         partial = self.root / PARTIAL
         if self.ctx.is_main:
@@ -79,6 +83,8 @@ class Checkpointer:
         engine.save_checkpoint(str(partial), tag=tag, save_latest=False)
         torch.save(rank_state, partial / tag / f"trainer-rank{self.ctx.rank:05d}.pt")
         if self.ctx.is_main:
+            for name, content in (shared_files or {}).items():
+                torch.save(content, partial / tag / name)
             _write_atomically(partial / tag / "trainer.json", json.dumps(trainer_state, indent=2))
         dist.barrier()
         faults.during_save(step)
@@ -96,16 +102,18 @@ class Checkpointer:
         for old in steps[: -self.keep]:
             shutil.rmtree(old)
 
-    def load(self, engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Loads model, optimizer and scheduler into `engine`; returns (trainer_state, this rank's state)."""
-        trainer_state = json.loads((path / "trainer.json").read_text())
-        rank_file = path / f"trainer-rank{self.ctx.rank:05d}.pt"
-        if not rank_file.exists():
-            raise RuntimeError(f"{path} has no state for rank {self.ctx.rank}: it was written by a different world size")
+    def load(self, engine, path: Path) -> None:
+        """Loads model, optimizer and scheduler into `engine`, from a checkpoint of the same layout."""
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-        return trainer_state, torch.load(rank_file, weights_only=False)
+
+    def rank_state(self, path: Path, rank: int) -> dict[str, Any]:
+        """What `rank` saved (data-loader position, RNG states)."""
+        rank_file = path / f"trainer-rank{rank:05d}.pt"
+        if not rank_file.exists():
+            raise RuntimeError(f"{path} has no state for rank {rank}: it was written by a different world size")
+        return torch.load(rank_file, weights_only=False)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -127,7 +135,9 @@ def load_model_from_checkpoint(path: str | Path):
 
     path = resolve_checkpoint(path)
     config = validate(json.loads((path / "trainer.json").read_text())["config"])
-    if list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):  # ZeRO-3: weights are sharded
+    if (path / UNSHARDED).exists():  # tensor parallel: DeepSpeed's files hold shards
+        state = torch.load(path / UNSHARDED, map_location="cpu", weights_only=False)["weights"]
+    elif list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):  # ZeRO-3: weights are sharded
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

@@ -37,7 +37,7 @@ from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
-from sleepscale.train.checkpoint import Checkpointer, restore_rng_states, rng_states
+from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_states, rng_states
 from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
@@ -157,9 +157,7 @@ def run_training(config: Config) -> int:
             continue
         engine, stage_sleep = _build_engine(model, config, stage, ctx)
         if resume_from is not None:
-            _, rank_state = checkpointer.load(engine, resume_from)
-            loader.load_state_dict(rank_state["loader"])
-            restore_rng_states(rank_state["rng"])
+            _restore(run, engine, resume_from, saved)
             resume_from = None
         exit_code = _run_stage(run, engine, stage, stage_sleep)
         if exit_code != EXIT_DONE:
@@ -335,12 +333,44 @@ def _check_gradients(engine, ctx: Distributed) -> float | None:
 
 
 def _save(run: Run, engine) -> None:
-    config = run.config
+    config, ctx = run.config, run.ctx
     trainer_state = {
-        "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(), "world_size": run.ctx.world_size,
-        "num_workers": config.data.num_workers, "config": config.model_dump(mode="json"),
+        "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(), "world_size": ctx.world_size,
+        "data_size": ctx.data_size, "tensor": config.parallel.tensor, "num_workers": config.data.num_workers,
+        "config": config.model_dump(mode="json"),
     }
-    run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": run.loader.state_dict(), "rng": rng_states()})
+    shared_files = {}
+    if ctx.groups is not None:
+        from sleepscale.parallel.tensor import unsharded_training_state
+
+        # ZeRO-1/2 keep optimizer state flat and partitioned: only their weights are written unsharded.
+        optimizer = engine.optimizer if config.train.zero_stage == 0 else None
+        state = unsharded_training_state(engine.module.model, optimizer, ctx.groups.tensor)
+        shared_files[UNSHARDED] = {**state, "lr_scheduler": engine.lr_scheduler.state_dict(),
+                                   "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps}
+    run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": run.loader.state_dict(), "rng": rng_states()},
+                          shared_files)
+
+
+def _restore(run: Run, engine, path: Path, saved: dict) -> None:
+    """Model, optimizer, schedule, data position and RNG from a checkpoint, at the same tensor-parallel
+    size through DeepSpeed, at another one through the checkpoint's unsharded state."""
+    ctx, saved_tensor = run.ctx, saved.get("tensor", 1)
+    if saved_tensor == run.config.parallel.tensor:
+        run.checkpointer.load(engine, path)
+    else:
+        from sleepscale.parallel.tensor import load_unsharded_training_state
+
+        state = torch.load(path / UNSHARDED, weights_only=False)
+        load_unsharded_training_state(engine.module.model, engine.optimizer, state, ctx.groups.tensor if ctx.groups else None)
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
+        log.info("resumed a tensor-parallel %d checkpoint at tensor-parallel size %d", saved_tensor, run.config.parallel.tensor)
+    # Ranks are laid out tensor-fastest, and the ranks of one data rank saved the same data position.
+    source = ctx.rank if saved_tensor == run.config.parallel.tensor else ctx.data_rank * saved_tensor
+    rank_state = run.checkpointer.rank_state(path, source)
+    run.loader.load_state_dict(rank_state["loader"])
+    restore_rng_states(rank_state["rng"])
 
 
 def _final_report(run: Run, engine, last_stage: Stage) -> None:
@@ -447,10 +477,16 @@ def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
             f"train.run_dir: {config.train.run_dir} holds a checkpoint of a different configuration "
             "(model, sleep, data, optimizer, schedule, stages or batch settings changed); use a new run_dir"
         )
-    if saved["world_size"] != ctx.world_size or saved["num_workers"] != config.data.num_workers:
+    saved_data_size, saved_tensor = saved.get("data_size", saved["world_size"]), saved.get("tensor", 1)
+    if saved_data_size != ctx.data_size or saved["num_workers"] != config.data.num_workers:
         raise ConfigError(
-            f"train.run_dir: the checkpoint was written by {saved['world_size']} rank(s) with {saved['num_workers']} "
-            f"data worker(s); resume with the same (now {ctx.world_size} and {config.data.num_workers})"
+            f"train.run_dir: the checkpoint was written by {saved_data_size} data-parallel rank(s) with {saved['num_workers']} "
+            f"data worker(s); resume with the same (now {ctx.data_size} and {config.data.num_workers})"
+        )
+    if saved_tensor != config.parallel.tensor and (saved_tensor == 1 or config.train.zero_stage != 0):
+        raise ConfigError(
+            f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor}; resume at that size "
+            "(a different size needs a checkpoint written with parallel.tensor > 1 at train.zero_stage 0)"
         )
 
 
