@@ -1,7 +1,7 @@
 """Stability of sleep training on real runs: one `sleepscale train` run per variant, same data and
 steps, then what the metrics say about loss spikes, gradient norms and GDN state growth across passes.
 
-    python benchmarks/stability.py [--passes 4] [--steps 150] [--variants full k2 lr10x lr10x-bounded]
+    python benchmarks/stability.py [--passes 4] [--steps 150] [--variants full k2 ...] [--reuse]
 
 Columns: final loss (mean of the last 10% of steps); worst jump (largest loss / median of the 10
 steps before it, after warm-up); largest gradient norm before clipping (after warm-up); the loop GDN
@@ -53,6 +53,13 @@ def summarize(run_dir: Path, passes: int, warmup: int) -> dict[str, float]:
     }
 
 
+def _accuracy_t0(run_dir: Path) -> float:
+    if not (run_dir / "eval.csv").exists():  # stopped early
+        return float("nan")
+    with (run_dir / "eval.csv").open() as table:
+        return next(float(r["accuracy"]) for r in csv.DictReader(table) if r["value"] == "0")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=4)
@@ -60,11 +67,15 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--out", default="runs/stability")
+    parser.add_argument("--reuse", action="store_true", help="summarize finished runs in --out instead of training them again")
     args = parser.parse_args()
 
     rows = {}
     for name in args.variants:
         run_dir = Path(args.out) / name
+        if args.reuse and (run_dir / "eval.csv").exists():
+            rows[name] = {**summarize(run_dir, args.passes, warmup=20), "exit": 0, "acc t=0": _accuracy_t0(run_dir), "seconds": "-"}
+            continue
         start = time.perf_counter()
         result = subprocess.run(
             [sys.executable, "-m", "sleepscale.cli", "train", args.config, f"sleep.passes={args.passes}",
@@ -76,9 +87,7 @@ def main():
             sys.exit(f"{name}: exit {result.returncode}\n{result.stderr[-3000:]}")
         rows[name] = summarize(run_dir, args.passes, warmup=20)
         rows[name]["exit"] = result.returncode
-        if (run_dir / "eval.csv").exists():
-            with (run_dir / "eval.csv").open() as table:
-                rows[name]["acc t=0"] = next(float(r["accuracy"]) for r in csv.DictReader(table) if r["value"] == "0")
+        rows[name]["acc t=0"] = _accuracy_t0(run_dir)
         rows[name]["seconds"] = time.perf_counter() - start
         print(f"{name}: {rows[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
 

@@ -62,8 +62,8 @@ def training_flops_per_token(model: nn.Module, config: ModelConfig, sleep: Sleep
     forward = wake + sleep_passes * loop_pass
     backward = 2.0 * (wake + grad_sleep_passes * loop_pass)
     recompute = 0.0
-    if sleep.checkpoint == "pass":
+    if sleep.checkpointing == "pass":
         recompute = sum(per_block) + grad_sleep_passes * loop_pass  # the head and loss are not checkpointed
-    elif sleep.checkpoint == "window":
+    elif sleep.checkpointing == "window":
         recompute = wake + sleep_passes * loop_pass  # the whole window is re-run, passes without gradient too
     return forward + backward + recompute

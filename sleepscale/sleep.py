@@ -76,7 +76,7 @@ def sleep_forward(
         evicted = sequence_continues or index < len(bounds) - 1
         sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted, input_ids.device)
         window_logits, window_loss, states, norms = _maybe_checkpoint(
-            sleep.checkpoint == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
+            sleep.checkpointing == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
         )
         if evicted and sleep.eviction == "hard":
             states = [state.evicted() for state in states]
@@ -124,7 +124,7 @@ def _run_window(
     the loop blocks' mean GDN state norm after each pass)."""
     loop = model.loop_range
     prelude, coda = range(0, loop.start), range(loop.stop, len(model.layers))
-    per_pass = sleep.checkpoint == "pass"
+    per_pass = sleep.checkpointing == "pass"
     window_start = states
 
     hidden = model.embed(window_ids)

@@ -6,7 +6,9 @@ from sleepscale.model import build_model
 
 
 def make_config(pattern="AGAG", window=8, passes=3, vocab_size=40, hidden_size=16, **sleep):
-    """A tiny model + sleep config; keyword arguments go to the sleep section."""
+    """A tiny model + sleep config; keyword arguments go to the sleep section. Checkpointing is off
+    unless asked for, so that tests compare against the plain engine."""
+    sleep.setdefault("checkpoint", "none")
     return validate(
         {
             "model": {

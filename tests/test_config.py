@@ -29,7 +29,7 @@ def base():
         (["model.attention.num_kv_heads=3"], "model.attention.num_kv_heads: 3 must divide attention.num_heads 2"),
         (["sleep.eviction=soft"], "sleep.eviction: Input should be 'hard' or 'sliding'"),
         (["sleep.sleep_on=always"], "sleep.sleep_on: Input should be 'evicted' or 'context'"),
-        (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'none', 'pass' or 'window'"),
+        (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'auto', 'none', 'pass' or 'window'"),
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch' or 'fla'"),
         (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint, grad_passes, detach_every, random_passes, state_norm_bound)"),
         (["modle.pattern=AG"], "modle: unknown key (allowed: model, sleep, data, optimizer, schedule, stages, train, parallel, checkpoint, tracking, eval)"),
@@ -111,3 +111,13 @@ def test_fingerprint_ignores_tracking_and_eval_but_not_the_model():
     config = validate(base())
     assert config.fingerprint() == validate(apply_overrides(base(), ["tracking.experiment=x", "eval.passes=[1,4]"])).fingerprint()
     assert config.fingerprint() != validate(apply_overrides(base(), ["model.hidden_size=32"])).fingerprint()
+
+
+def test_checkpointing_defaults_to_per_pass_once_the_model_sleeps():
+    from sleepscale.config import SleepConfig
+
+    assert SleepConfig(window=8).checkpointing == "none"
+    assert SleepConfig(window=8, passes=2).checkpointing == "pass"
+    assert SleepConfig(window=8, random_passes={"kind": "uniform", "low": 1, "high": 3}).checkpointing == "pass"
+    assert SleepConfig(window=8, passes=4, checkpoint="none").checkpointing == "none"
+    assert SleepConfig(window=8, passes=4, checkpoint="window").checkpointing == "window"

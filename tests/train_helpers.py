@@ -14,7 +14,7 @@ TINY = {
         "vocab_size": 8, "hidden_size": 16, "pattern": "AGAG", "intermediate_size": 32,
         "attention": {"num_heads": 2}, "gdn": {"num_heads": 2}, "init_std": 0.1,
     },
-    "sleep": {"window": 8, "passes": 2},
+    "sleep": {"window": 8, "passes": 2, "checkpoint": "none"},
     "data": {
         "path": None,
         "generate": {"task": "rule110", "args": {"t_values": [0, 1], "bits": 8}, "train_samples": 320,
