@@ -201,7 +201,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             import psutil
 
             startup = time.time() - psutil.Process().create_time()
-        faults.after_step(progress.step)
+        faults.after_step(progress.step, run.stop)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
