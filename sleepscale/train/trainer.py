@@ -131,7 +131,7 @@ def run_training(config: Config) -> int:
         if ctx.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", progress.step)
     progress.mlflow_run_id = tracker.start(
-        progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
+        progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags}
     )
     run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, model.model)
     total_steps = stages[-1].end
