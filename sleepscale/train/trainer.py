@@ -222,7 +222,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "skipped_steps": progress.skipped_steps,
                 "stage": stage.index,
                 **{f"gdn_state_norm_layer{i}": value for i, value in (norms or {}).items()},
-                **{f"state_norm_pass{j + 1}": value for j, value in enumerate((pass_norms if pass_norms is not None else []).tolist())},
+                **{f"state_norm_pass{j + 1}": value for j, value in enumerate([] if pass_norms is None else pass_norms.tolist())},
             }
             if not startup_logged:
                 metrics["startup_seconds"], startup_logged = startup, True
