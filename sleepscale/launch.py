@@ -70,11 +70,11 @@ def plan(args) -> LaunchPlan:
 
 def launch(args) -> int:
     """Runs the plan; returns the exit code for the process (see the module docstring)."""
+    the_plan = plan(args)  # argument errors first, before the slow imports
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    the_plan = plan(args)
     # Every rank inherits this; torch would otherwise use all cores in each of several processes.
     os.environ["OMP_NUM_THREADS"] = str(the_plan.threads_per_process)
     config = LaunchConfig(
