@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -37,6 +38,9 @@ def after_step(step: int, stop=None) -> None:
         if entry.strip() and tuple(int(part) for part in entry.split(":")) == (rank, step):
             os._exit(EXIT_CODE_DYING_RANK)
     if stop is not None and step in _steps("SLEEPSCALE_FAULT_PAUSE_AT_STEP"):
+        # Said once a rank is past the previous step's stop check: a signal sent after this line
+        # is certain to stop the run at this step.
+        print(f"fault injection: rank {rank} paused after step {step} until SIGTERM/SIGUSR1", file=sys.stderr, flush=True)
         while stop.received is None:
             time.sleep(0.05)
 
