@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,6 +97,7 @@ def main() -> None:
     data = tmp / "data"
     with SlurmCluster(quick_requeue=not args.slurm_defaults) as cluster:
         results = [one_job(cluster, tmp, data, index, args.ranks) for index in range(args.repeats)]
+    shutil.rmtree(tmp)
     # The first job also generates the tiny dataset before its first step; reported separately.
     mode = "Slurm defaults (cred_expire 120 s, sched 60 s, backfill 30 s)" if args.slurm_defaults else \
         "test cluster (cred_expire 10 s, sched/backfill 2 s)"

@@ -18,7 +18,6 @@ The launcher holds no training logic: it only starts processes and reports how t
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -51,9 +50,8 @@ def plan(args) -> LaunchPlan:
     """Checks the arguments and decides everything the launch needs, without starting anything."""
     if args.nnodes < 1:
         raise LaunchError(f"--nnodes {args.nnodes}: must be >= 1")
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else _devices()
-    if nproc < 1:
-        raise LaunchError(f"--nproc-per-node {nproc}: must be >= 1")
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise LaunchError(f"--nproc-per-node {args.nproc_per_node}: must be >= 1")
     endpoint = args.rdzv_endpoint
     if endpoint is None:
         if args.nnodes > 1:
@@ -62,6 +60,7 @@ def plan(args) -> LaunchPlan:
     host, _, port = endpoint.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise LaunchError(f"--rdzv-endpoint {endpoint!r}: give HOST:PORT, e.g. node001:29500")
+    nproc = args.nproc_per_node if args.nproc_per_node is not None else _devices()  # imports torch: last
     rdzv_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "sleepscale"
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else max(1, _cpus() // nproc)
     command = [sys.executable, "-u", "-m", "sleepscale.cli", "train", args.config, *args.overrides]
@@ -95,7 +94,6 @@ def launch(args) -> int:
     )
     _say(f"{the_plan.nnodes} node(s) x {the_plan.nproc_per_node} process(es) on {socket.gethostname()}, "
          f"rendezvous c10d at {the_plan.rdzv_endpoint} (id {the_plan.rdzv_id}), OMP_NUM_THREADS={the_plan.threads_per_process}")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     stop = _forward_stop_signals()
     try:
         elastic_launch(config, the_plan.command[0])(*the_plan.command[1:])

@@ -41,7 +41,10 @@ def _free_port() -> int:
 
 class SlurmCluster:
     def __init__(self, root: Path | None = None, quick_requeue: bool = True):
-        # Short path: the munge socket path must fit in a sockaddr_un (108 bytes).
+        # Short path: the munge socket path must fit in a sockaddr_un (108 bytes); and munged wants
+        # every directory above its socket to be traversable by all (pytest's temporary
+        # directories are not). Removed by stop() when made here.
+        self._made_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.node = socket.gethostname()
         self.conf = self.root / "slurm.conf"
@@ -76,10 +79,12 @@ class SlurmCluster:
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o600)
         self.socket = self.root / "munge" / "socket"
+        if len(str(self.socket).encode()) > 100:
+            raise SlurmUnavailable(f"munge socket path too long for a Unix socket: {self.socket}; use a shorter root")
         self._spawn("munged", [DAEMONS["munged"], "--foreground", f"--socket={self.socket}", f"--key-file={key}",
                                f"--log-file={self.root / 'log' / 'munged.log'}", f"--pid-file={self.root / 'munge' / 'munged.pid'}",
                                f"--seed-file={self.root / 'munge' / 'seed'}"])
-        self._wait(lambda: self.socket.exists(), timeout, "munged to create its socket")
+        self._wait(lambda: self._alive() and self.socket.exists(), timeout, "munged to create its socket")
         self.conf.write_text(self._slurm_conf())
         self._spawn("slurmctld", [DAEMONS["slurmctld"], "-D", "-i"])
         self._spawn("slurmd", [DAEMONS["slurmd"], "-D"])
@@ -104,6 +109,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        if self._made_root and not self._daemons:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
         return self.start()
@@ -163,10 +170,15 @@ class SlurmCluster:
                                                stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
 
-    def _node_idle(self) -> bool:
+    def _alive(self) -> bool:
         for name, process in self._daemons.items():
             if process.poll() is not None:
-                raise SlurmUnavailable(f"{name} exited with code {process.returncode}; see {self.root / 'log'}")
+                log = (self.root / "log" / f"{name}.out").read_text(errors="replace").strip().splitlines()
+                raise SlurmUnavailable(f"{name} exited with code {process.returncode}: {log[-1] if log else 'no output'}")
+        return True
+
+    def _node_idle(self) -> bool:
+        self._alive()
         out = self.run("sinfo", "--noheader", "--format=%t", check=False).stdout.split()
         return out == ["idle"]
 
