@@ -119,7 +119,7 @@ def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes_into_the_
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
     log = output(tmp_path, job)
     assert "stopped by signal at step 3 after writing a checkpoint" in log
-    assert "requeueing to resume from it" in log
+    assert "ranks stopped (exit 75); requeueing to resume from the last checkpoint" in log
     assert f"resuming from {run / 'checkpoints' / 'step-000003'} (step 3)" in log
     assert (run / "checkpoints" / "latest").read_text() == "step-000006"
     client, (mlflow_run,) = mlflow_runs(run)  # one run, continued
