@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run")
+    from sleepscale.launch import add_arguments
+
+    add_arguments(commands.add_parser(
+        "launch", help="start `sleepscale train` on every device of every node (torch's elastic agent, c10d rendezvous); "
+        "run the same command on each node"))
     _add_data_commands(commands)
     return parser
 
@@ -172,7 +177,13 @@ def _train(args) -> int:
     return run_training(load_config(args.config, args.overrides))
 
 
-COMMANDS = {"data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+def _launch(args) -> int:
+    from sleepscale.launch import launch
+
+    return launch(args)
+
+
+COMMANDS = {"launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

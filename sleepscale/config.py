@@ -281,6 +281,15 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite in the run directory")
     experiment: str = "sleepscale"
     run_name: str | None = None
+    tags: dict[str, str] = Field({}, description="extra MLflow run tags, e.g. tracking.tags.N=4 (a sweep sets its value)")
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values_as_text(cls, tags: Any) -> Any:
+        # `tracking.tags.N=4` reads 4 as a number; MLflow tags are text.
+        if isinstance(tags, dict):
+            return {key: value if isinstance(value, (str, dict, list)) else str(value) for key, value in tags.items()}
+        return tags
 
 
 class EvalConfig(Section):

@@ -76,6 +76,9 @@ def setup_distributed() -> Distributed:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _configure_logging(rank)
+    # One line from every rank (others log only warnings), so a job's output shows who ran where.
+    logging.getLogger("sleepscale.distributed").info(
+        "rank %d of %d (local rank %d) on %s, %s", rank, world_size, local_rank, socket.gethostname(), "cuda" if cuda else "cpu")
     return Distributed(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
@@ -87,4 +90,5 @@ def _configure_logging(rank: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
+    logging.getLogger("sleepscale.distributed").setLevel(logging.INFO)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -144,7 +144,7 @@ def run_training(config: Config) -> int:
         if ctx.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", progress.step)
     progress.mlflow_run_id = tracker.start(
-        progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction}
+        progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags}
     )
     run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes)
     total_steps = stages[-1].end
@@ -221,7 +221,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             import psutil
 
             startup = time.time() - psutil.Process().create_time()
-        faults.after_step(progress.step)
+        faults.after_step(progress.step, run.stop)
         bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
         progress.skipped_steps += int(bad)
         progress.loss_spikes += int(loss_spike)
