@@ -31,7 +31,6 @@ from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
 
 
-
 @dataclasses.dataclass
 class SleepOutput:
     logits: torch.Tensor | None  # [batch, length, vocab] from the wake passes; None unless asked for

@@ -5,8 +5,9 @@ over the stage's trainable parameters and run its steps (sleep forward, backward
 metrics, checkpoints, evaluation); finally evaluate and report.
 
 Exit codes: 0 done; 2 bad configuration or data; 3 stopped after `train.max_bad_steps`
-consecutive skipped steps (NaN/Inf, or a loss or gradient spike: `sleepscale.train.spikes`), with a checkpoint of the last good state; 75 stopped by
-SIGTERM or SIGUSR1 after writing a checkpoint (the next start resumes from it).
+consecutive skipped steps (NaN/Inf, or a loss or gradient spike: `sleepscale.train.spikes`), with
+a checkpoint of the last good state; 75 stopped by SIGTERM or SIGUSR1 after writing a checkpoint
+(the next start resumes from it).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, format_table, plot, write_csv
 from sleepscale.flops import peak_flops, training_flops_per_token
 from sleepscale.model import build_model
-from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.gdn import GDNState
+from sleepscale.model.hybrid import HybridLM
 from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
