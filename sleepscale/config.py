@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+STAGE_BOUNDARY = "|"
+
 # The layer-pattern alphabet (one letter per block; see sleepscale/model/blocks.py).
 BLOCK_LETTERS = {
     "A": "attention + MLP",
@@ -55,7 +57,10 @@ class GDNConfig(Section):
 class ModelConfig(Section):
     vocab_size: int = Field(ge=2)
     hidden_size: int = Field(ge=2)
-    pattern: str = Field(description="one letter per block: " + ", ".join(f"{k}={v}" for k, v in BLOCK_LETTERS.items()))
+    pattern: str = Field(
+        description="one letter per block: " + ", ".join(f"{k}={v}" for k, v in BLOCK_LETTERS.items())
+        + "; a '|' marks a pipeline-stage boundary (ignored without pipeline parallelism)"
+    )
     loop: tuple[int, int] | None = Field(None, description="[start, end) of the blocks that sleep re-runs; default: all")
     intermediate_size: int | None = Field(None, ge=1, description="SwiGLU width; default: fla's rule")
     tie_embeddings: bool = False
@@ -71,18 +76,21 @@ class ModelConfig(Section):
     @field_validator("pattern")
     @classmethod
     def _known_letters(cls, pattern: str) -> str:
-        if not pattern:
+        if not pattern.replace(STAGE_BOUNDARY, ""):
             raise ValueError("must name at least one block (allowed letters: " + ", ".join(BLOCK_LETTERS) + ")")
         for position, letter in enumerate(pattern):
-            if letter not in BLOCK_LETTERS:
+            if letter not in BLOCK_LETTERS and letter != STAGE_BOUNDARY:
                 raise ValueError(
-                    f"unknown block letter {letter!r} at position {position} (allowed: {', '.join(BLOCK_LETTERS)})"
+                    f"unknown block letter {letter!r} at position {position} (allowed: {', '.join(BLOCK_LETTERS)}, "
+                    f"and {STAGE_BOUNDARY} between pipeline stages)"
                 )
+        if "" in pattern.split(STAGE_BOUNDARY):
+            raise ValueError(f"{pattern!r} has a pipeline stage without blocks; put at least one block between two '|'")
         return pattern
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        depth = len(self.pattern)
+        depth = len(self.blocks)
         start, end = self.loop_range
         if not 0 <= start < end <= depth:
             raise FieldError("loop", f"[{start}, {end}) is not a block range of the {depth}-block stack; need 0 <= start < end <= {depth}")
@@ -110,9 +118,31 @@ class ModelConfig(Section):
                 return f"{size} does not divide model.{name} ({count}); choose a divisor of it"
         return None
 
+    def pipeline_problem(self, size: int) -> str | None:
+        """Why the pattern's '|' marks do not give `size` pipeline stages, or None."""
+        boundaries = self.pattern.count(STAGE_BOUNDARY)
+        if size > 1 and boundaries != size - 1:
+            return (f"parallel.pipeline {size} needs {size - 1} stage boundaries '|' in model.pattern, found {boundaries} "
+                    f"(e.g. {'|'.join(['GG'] * size)})")
+        return None
+
+    @property
+    def blocks(self) -> str:
+        """The pattern's block letters, stage boundaries removed."""
+        return self.pattern.replace(STAGE_BOUNDARY, "")
+
+    @property
+    def stage_ranges(self) -> list[range]:
+        """The blocks of each pipeline stage, as the pattern's '|' marks split them."""
+        ranges, start = [], 0
+        for part in self.pattern.split(STAGE_BOUNDARY):
+            ranges.append(range(start, start + len(part)))
+            start += len(part)
+        return ranges
+
     @property
     def loop_range(self) -> tuple[int, int]:
-        return self.loop if self.loop is not None else (0, len(self.pattern))
+        return self.loop if self.loop is not None else (0, len(self.blocks))
 
     @property
     def attention_kv_heads(self) -> int:
@@ -267,9 +297,12 @@ class TrainConfig(Section):
 
 
 class ParallelConfig(Section):
-    """Model parallelism; data parallelism takes the remaining ranks (world size / tensor)."""
+    """Model parallelism; data parallelism takes the remaining ranks (world size / (tensor x pipeline))."""
 
     tensor: int = Field(1, ge=1, description="tensor-parallel ranks: attention and GDN heads, MLP width and vocabulary split")
+    pipeline: int = Field(
+        1, ge=1, description="pipeline stages, as model.pattern's '|' marks them; train.grad_accumulation micro-batches fill them"
+    )
 
 
 class CheckpointConfig(Section):
@@ -336,9 +369,28 @@ class Config(Section):
             raise FieldError("parallel.tensor", "tensor parallelism needs train.zero_stage <= 2 (ZeRO-3 would shard the shards)")
         if self.parallel.tensor > 1 and self.optimizer.name == "muon":
             raise FieldError("parallel.tensor", "muon orthogonalises whole matrices, not tensor-parallel shards; use adamw")
+        problem = self.model.pipeline_problem(self.parallel.pipeline)
+        if problem:
+            raise FieldError("model.pattern", problem)
+        if self.parallel.pipeline > 1:
+            self._check_pipeline()
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
         return self
+
+    def _check_pipeline(self) -> None:
+        pipeline = f"parallel.pipeline {self.parallel.pipeline}"
+        if self.train.zero_stage > 1:
+            raise FieldError("train.zero_stage", f"{self.train.zero_stage} with {pipeline}: pipeline stages run their "
+                             "backward outside DeepSpeed's gradient hooks; use zero_stage 0 or 1")
+        if self.train.precision != "fp32":
+            raise FieldError("train.precision", f"{self.train.precision} with {pipeline} is not supported yet; use fp32")
+        if self.sleep.checkpoint == "window":
+            raise FieldError("sleep.checkpoint", f"window with {pipeline}: a window spans stages and recomputing it would "
+                             "re-communicate; use pass")
+        if self.model.tie_embeddings:
+            raise FieldError("model.tie_embeddings", f"true with {pipeline}: the embedding and the head live on different "
+                             "stages; untie them")
 
     def stage_list(self) -> list[StageConfig]:
         """The stages, or the single default stage."""

@@ -83,7 +83,8 @@ def sleep_forward(
             states = [state.detached() for state in states]
         if len(norms) > 1:
             pass_norms.append(norms)
-        loss_sum = loss_sum + window_loss
+        if window_loss is not None:
+            loss_sum = loss_sum + window_loss
         passes.append(1 + (sleep.passes - 1) * sleeps.long())
         if return_logits:
             logits.append(model.cross_entropy.full_logits(window_logits))
@@ -119,21 +120,19 @@ def _run_window(
     states: list[MixerState],
     sleeps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, list[MixerState], torch.Tensor]:
-    """Wake pass and sleep passes over one window. Returns (logits, summed loss, states after it,
-    the loop blocks' mean GDN state norm after each pass)."""
+    """Wake pass and sleep passes over one window. Returns (logits, summed loss or None without
+    targets, states after it, the loop blocks' mean GDN state norm after each pass)."""
     loop = model.loop_range
     prelude, coda = range(0, loop.start), range(loop.stop, len(model.layers))
     per_pass = sleep.checkpointing == "pass"
     window_start = states
 
     hidden = model.embed(window_ids)
-    hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, prelude)
-    hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, loop)
-    coda_hidden, states = _maybe_checkpoint(per_pass, model.run_blocks, hidden, states, coda)
+    hidden, states = model.run_blocks(hidden, states, prelude, checkpoint=per_pass)
+    hidden, states = model.run_blocks(hidden, states, loop, checkpoint=per_pass)
+    coda_hidden, states = model.run_blocks(hidden, states, coda, checkpoint=per_pass)
     logits = model.head(coda_hidden)
-    loss = logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
-    if window_targets is not None:
-        loss = model.cross_entropy(logits, window_targets)
+    loss = None if window_targets is None else model.cross_entropy(logits, window_targets)
 
     pass_norms = [_loop_state_norm(states, loop)]
     if sleeps.any():
@@ -143,7 +142,7 @@ def _run_window(
             carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - min(sleep.grad_passes, sleep.passes)
             with torch.set_grad_enabled(torch.is_grad_enabled() and carries_grad):
                 slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
-                hidden, slept = _maybe_checkpoint(per_pass, model.run_blocks, hidden, slept, loop)
+                hidden, slept = model.run_blocks(hidden, slept, loop, checkpoint=per_pass)
                 if sleep.state_norm_bound is not None:
                     slept = [slept[i].bounded(sleep.state_norm_bound) if i in loop else slept[i] for i in range(len(slept))]
             pass_norms.append(_loop_state_norm(slept, loop))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sleepscale.model.attention import Attention
 from sleepscale.model.mlp import SwiGLU
 from sleepscale.model.state import MixerState
 
@@ -25,6 +26,12 @@ class Block(nn.Module):
         else:
             self.mlp_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
             self.mlp = SwiGLU(hidden_size, intermediate_size)
+
+    def initial_state(self, batch_size: int, span: int, device: torch.device | None = None) -> MixerState:
+        """The mixer's state for new sequences; `span` is the attention window L."""
+        if isinstance(self.attn, Attention):
+            return self.attn.initial_state(batch_size, span)
+        return self.attn.initial_state(batch_size, device)
 
     def forward(self, x: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         mixed, state = self.attn(self.attn_norm(x), state)

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sleepscale.config import ModelConfig
@@ -63,7 +64,7 @@ class HybridLM(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(_make_block(letter, config) for letter in config.pattern)
+        self.layers = nn.ModuleList(_make_block(letter, config) for letter in config.blocks)
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -89,20 +90,19 @@ class HybridLM(nn.Module):
 
     def initial_states(self, batch_size: int, span: int, device: torch.device | None = None) -> list[MixerState]:
         """Fresh per-block states for a batch of new sequences; `span` is the attention window L."""
-        return [
-            block.attn.initial_state(batch_size, span)
-            if isinstance(block.attn, Attention)
-            else block.attn.initial_state(batch_size, device)
-            for block in self.layers
-        ]
+        return [block.initial_state(batch_size, span, device) for block in self.layers]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
 
     def run_blocks(
-        self, hidden: torch.Tensor, states: list[MixerState], blocks: range
+        self, hidden: torch.Tensor, states: list[MixerState], blocks: range, checkpoint: bool = False
     ) -> tuple[torch.Tensor, list[MixerState]]:
-        """Runs blocks[i] for i in `blocks`, reading and replacing states[i]; other states are untouched."""
+        """Runs blocks[i] for i in `blocks`, reading and replacing states[i]; other states are untouched.
+        `checkpoint`: keep only the inputs and recompute the blocks' activations in backward
+        (non-reentrant, so that blocks reused N times work under ZeRO-2/3)."""
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(HybridLM.run_blocks, self, hidden, states, blocks, use_reentrant=False)
         states = list(states)
         for i in blocks:
             hidden, states[i] = self.layers[i](hidden, states[i])
