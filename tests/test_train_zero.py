@@ -24,7 +24,7 @@ def setup(tmp_path_factory):
 
 
 def reference_losses(config_path, data, world_size=2) -> list[float]:
-    """Written out by hand: both ranks' micro-batches in one process, mean loss, clip, AdamW."""
+    """Written out by hand: every data rank's micro-batches in one process, mean loss, clip, AdamW."""
     config = load_config(config_path)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.optimizer, skips_on_overflow=False)
@@ -33,8 +33,8 @@ def reference_losses(config_path, data, world_size=2) -> list[float]:
                                 world_size=world_size)) for r in range(world_size)]
     recorded = []
     for _ in range(STEPS):
-        batches = [next(stream) for stream in streams]
-        loss = sum(sleep_forward(model, b["input_ids"], config.sleep, targets=b["targets"]).loss for b in batches) / world_size
+        batches = [next(stream) for stream in streams for _ in range(config.train.grad_accumulation)]
+        loss = sum(sleep_forward(model, b["input_ids"], config.sleep, targets=b["targets"]).loss for b in batches) / len(batches)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
@@ -63,7 +63,7 @@ def test_tensor_2_x_data_2_matches_one_process_with_the_same_global_batch(setup)
     config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": zero_stage},
                           sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, parallel={"tensor": 2})
     result = train(config, ranks=4, timeout=600)
-    assert "tensor parallel 2 x data parallel 2" in result.stderr
+    assert "tensor 2 x pipeline 1 x data 2" in result.stderr
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
 
@@ -80,3 +80,16 @@ def test_a_tensor_parallel_checkpoint_resumes_at_tensor_1_with_the_same_losses(s
     assert "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1" in result.stderr
     resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
+
+
+def test_pipeline_2_x_data_2_matches_one_process_with_the_same_global_batch(setup):
+    """ZeRO-1 over the data group; each step's two micro-batches per data rank fill the two stages."""
+    tmp, data = setup
+    run = tmp / "pp2-zero1"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, "grad_accumulation": 2},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, model={"pattern": "AG|AG"},
+                          parallel={"pipeline": 2})
+    result = train(config, ranks=4, timeout=600)
+    assert "tensor 1 x pipeline 2 x data 2" in result.stderr
+    distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)

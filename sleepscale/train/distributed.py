@@ -24,6 +24,11 @@ class Distributed:
     groups: ParallelGroups | None = None  # with model parallelism: tensor, pipeline and data groups
 
     @property
+    def is_last_stage(self) -> bool:
+        """On the pipeline's last stage, which holds the head and so the loss (always, without pipelining)."""
+        return self.groups is None or self.groups.pipeline.rank() == self.groups.pipeline.size() - 1
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -42,13 +47,13 @@ class Distributed:
         return None if self.groups is None else self.groups.data
 
 
-def setup_model_parallel(ctx: Distributed, tensor: int) -> Distributed:
+def setup_model_parallel(ctx: Distributed, tensor: int, pipeline: int = 1) -> Distributed:
     """Model-parallel process groups, when asked for (megatron-core's import costs ~6 s)."""
-    if tensor == 1:
+    if tensor == pipeline == 1:
         return ctx
     from sleepscale.parallel.groups import init_parallel_groups
 
-    return dataclasses.replace(ctx, groups=init_parallel_groups(tensor=tensor))
+    return dataclasses.replace(ctx, groups=init_parallel_groups(tensor=tensor, pipeline=pipeline))
 
 
 def _free_port() -> int:

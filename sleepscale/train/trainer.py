@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import logging
 import math
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -42,6 +44,9 @@ from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_sta
 from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
+
+if TYPE_CHECKING:
+    from sleepscale.parallel.pipeline import PipelineStage
 
 log = logging.getLogger("sleepscale.train")
 
@@ -105,10 +110,11 @@ class Run:
     stop: StopSignal
     data_path: str
     shapes: nn.Module  # the unsharded hybrid model on the meta device: FLOPs are counted from its shapes
+    pipeline: PipelineStage | None  # this rank's stage, with pipeline parallelism
 
 
 def run_training(config: Config) -> int:
-    ctx = setup_model_parallel(setup_distributed(), config.parallel.tensor)
+    ctx = setup_model_parallel(setup_distributed(), config.parallel.tensor, config.parallel.pipeline)
     torch.manual_seed(config.train.seed)
     run_dir = Path(config.train.run_dir)
     data_path = _ensure_dataset(config, ctx)
@@ -125,11 +131,17 @@ def run_training(config: Config) -> int:
     _check_vocabulary(config, loader)
     stages = _plan_stages(config, loader)
     hybrid = build_model(config.model)
-    if ctx.groups is not None:
+    if config.parallel.tensor > 1:
         from sleepscale.parallel.tensor import parallelize_tensor
 
         parallelize_tensor(hybrid, ctx.groups.tensor)
-    model = SleepingModel(hybrid).to(ctx.device)
+    hybrid, pipeline = hybrid.to(ctx.device), None
+    if config.parallel.pipeline > 1:
+        from sleepscale.parallel.pipeline import PipelineStage, lane_groups
+
+        lanes = lane_groups(ctx.groups.pipeline, config.train.grad_accumulation)
+        hybrid = pipeline = PipelineStage(hybrid, config.model.stage_ranges, ctx.groups.pipeline, lanes, ctx.groups.tensor)
+    model = SleepingModel(hybrid)
     with torch.device("meta"):
         shapes = HybridLM(config.model)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
@@ -147,10 +159,11 @@ def run_training(config: Config) -> int:
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags}
     )
-    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes)
+    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes, pipeline)
     total_steps = stages[-1].end
-    log.info("run %s: %d steps in %d stage(s), world size %d (tensor parallel %d x data parallel %d); MLflow %s", run_dir,
-             total_steps, len(stages), ctx.world_size, config.parallel.tensor, ctx.data_size, tracker.uri if tracker.enabled else "off")
+    log.info("run %s: %d steps in %d stage(s), world size %d (tensor %d x pipeline %d x data %d); MLflow %s", run_dir,
+             total_steps, len(stages), ctx.world_size, config.parallel.tensor, config.parallel.pipeline, ctx.data_size,
+             tracker.uri if tracker.enabled else "off")
 
     exit_code = EXIT_DONE
     for stage in stages:
@@ -195,25 +208,26 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         step_sleep = stage_sleep
         if stage_sleep.random_passes is not None:
             step_sleep = stage_sleep.model_copy(update={"passes": draw_passes(stage_sleep.random_passes, config.train.seed, step)})
-        for _ in range(config.train.grad_accumulation):
-            batch = next(batches)
-            out = engine(batch["input_ids"].to(ctx.device), batch["targets"].to(ctx.device), step_sleep)
-            loss = faults.corrupt_loss(out.loss, step)
+        micro_steps = _micro_steps(run, batches)
+        for micro_batches in micro_steps:
+            outs = _forward(run, engine, micro_batches, step_sleep)
+            loss = faults.corrupt_loss(sum(out.loss for out in outs) / len(outs), step)
+            loss_value = _from_last_stage(ctx, loss.item())
             if config.train.loss_spike_ratio is not None:
-                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss.item()))
+                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss_value))
             # A NaN gradient makes DeepSpeed (or our ZeRO-0 guard) skip and count the update.
-            engine.backward(loss * float("nan") if loss_spike else loss)
+            _backward(run, engine, loss * float("nan") if loss_spike else loss)
             if engine.is_gradient_accumulation_boundary():
                 grad_norm = _check_gradients(engine, ctx)
                 if grad_norm is not None and math.isfinite(grad_norm) and spikes.is_grad_spike(grad_norm):
                     grad_spike = engine.optimizer.overflow = True
             engine.step()
-            loss_sum += loss.item()
-            passes_sum += out.passes.float().mean().item()
-            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, out.passes.float().mean().item() - 1)
-            norms = _state_norms(out.states)
-            pass_norms = out.pass_state_norms
-            step_tokens += int(batch["input_ids"].numel())
+            loss_sum += loss_value
+            passes = torch.cat([out.passes for out in outs]).float().mean().item()
+            passes_sum += passes
+            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, passes - 1)
+            norms, pass_norms = _state_norms(outs[-1].states), outs[-1].pass_state_norms
+            step_tokens += sum(int(batch["input_ids"].numel()) for batch in micro_batches)
         progress.step = step + 1
         progress.tokens += step_tokens * ctx.data_size  # every data rank reads equal batches
         tokens_since_log += step_tokens
@@ -228,11 +242,13 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         progress.loss_spikes += int(loss_spike)
         progress.grad_spikes += int(grad_spike)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
-        step_loss = _mean_over_ranks(loss_sum / config.train.grad_accumulation)
+        step_loss = _mean_over_ranks(loss_sum / len(micro_steps))
         if not bad:
             spikes.accept(step_loss, grad_norm)
 
         if progress.step % config.train.log_every == 0 or progress.step == stage.end:
+            if run.pipeline is not None:
+                norms, pass_norms = _over_stages(ctx, norms, pass_norms)
             elapsed = time.perf_counter() - last_log
             metrics = {
                 "loss": step_loss,
@@ -244,7 +260,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "passes": step_sleep.passes,
                 "model_flops_per_token": flops_per_token,
                 "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.data_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
-                "passes_per_window": passes_sum / config.train.grad_accumulation,
+                "passes_per_window": passes_sum / len(micro_steps),
                 "skipped_steps": progress.skipped_steps,
                 "loss_spikes": progress.loss_spikes,
                 "grad_spikes": progress.grad_spikes,
@@ -286,9 +302,11 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
         parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
     optimizer = build_optimizer(model.model, config.optimizer, skips_on_overflow=config.train.zero_stage == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, stage.end - stage.start))
+    # With pipelining, one DeepSpeed micro-step runs all micro-batches (they fill the pipeline together).
+    pipelined = config.parallel.pipeline > 1
     ds_config = {
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": config.train.grad_accumulation,
+        "gradient_accumulation_steps": 1 if pipelined else config.train.grad_accumulation,
         "gradient_clipping": config.train.grad_clip,
         "zero_optimization": {"stage": config.train.zero_stage},
         "bf16": {"enabled": config.train.precision == "bf16"},
@@ -326,8 +344,9 @@ def _check_gradients(engine, ctx: Distributed) -> float | None:
     if ctx.groups is not None and ctx.groups.tensor.rank() != 0:
         parameters = [p for p in parameters if getattr(p, "tensor_model_parallel", False)]
     squares = sum((p.grad.float().pow(2).sum() for p in parameters), torch.zeros((), device=ctx.device))
-    if ctx.groups is not None:
+    if ctx.groups is not None:  # pipeline stages hold disjoint parameters
         dist.all_reduce(squares, group=ctx.groups.tensor)
+        dist.all_reduce(squares, group=ctx.groups.pipeline)
     norm = squares.sqrt().item()
     optimizer.overflow = not math.isfinite(norm)
     return norm
@@ -337,7 +356,8 @@ def _save(run: Run, engine) -> None:
     config, ctx = run.config, run.ctx
     trainer_state = {
         "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(), "world_size": ctx.world_size,
-        "data_size": ctx.data_size, "tensor": config.parallel.tensor, "num_workers": config.data.num_workers,
+        "data_size": ctx.data_size, "tensor": config.parallel.tensor, "pipeline": config.parallel.pipeline,
+        "num_workers": config.data.num_workers,
         "config": config.model_dump(mode="json"),
     }
     shared_files = {}
@@ -347,6 +367,8 @@ def _save(run: Run, engine) -> None:
         # ZeRO-1/2 keep optimizer state flat and partitioned: only their weights are written unsharded.
         optimizer = engine.optimizer if config.train.zero_stage == 0 else None
         state = unsharded_training_state(engine.module.model, optimizer, ctx.groups.tensor)
+        if run.pipeline is not None:
+            state = _merged_over_stages(state, ctx.groups.pipeline)
         shared_files[UNSHARDED] = {**state, "lr_scheduler": engine.lr_scheduler.state_dict(),
                                    "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps}
     run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": run.loader.state_dict(), "rng": rng_states()},
@@ -479,6 +501,9 @@ def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
             "(model, sleep, data, optimizer, schedule, stages or batch settings changed); use a new run_dir"
         )
     saved_data_size, saved_tensor = saved.get("data_size", saved["world_size"]), saved.get("tensor", 1)
+    if saved.get("pipeline", 1) != config.parallel.pipeline:
+        raise ConfigError(f"parallel.pipeline: the checkpoint was written with {saved.get('pipeline', 1)} pipeline stage(s); "
+                          f"resume with the same (now {config.parallel.pipeline})")
     if saved_data_size != ctx.data_size or saved["num_workers"] != config.data.num_workers:
         raise ConfigError(
             f"train.run_dir: the checkpoint was written by {saved_data_size} data-parallel rank(s) with {saved['num_workers']} "
@@ -496,6 +521,60 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _micro_steps(run: Run, batches) -> list[list[dict]]:
+    """The step's micro-batches, grouped by DeepSpeed micro-step: one each, or all in one when they
+    fill a pipeline together."""
+    count = run.config.train.grad_accumulation
+    if run.pipeline is None:
+        return [[next(batches)] for _ in range(count)]
+    return [[next(batches) for _ in range(count)]]
+
+
+def _forward(run: Run, engine, micro_batches: list[dict], sleep) -> list:
+    inputs = [(batch["input_ids"].to(run.ctx.device), batch["targets"].to(run.ctx.device)) for batch in micro_batches]
+    if run.pipeline is None:
+        return [engine(ids, targets, sleep) for ids, targets in inputs]
+    # DeepSpeed's forward keeps per-call bookkeeping; at ZeRO-0/1 in fp32 it is the module's forward.
+    return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep) for ids, targets in inputs])
+
+
+def _backward(run: Run, engine, loss: torch.Tensor) -> None:
+    if run.pipeline is None:
+        engine.backward(loss)
+        return
+    engine.backward(run.pipeline.backward_root(loss))
+    run.pipeline.wait_for_sends()
+
+
+def _from_last_stage(ctx: Distributed, value: float) -> float:
+    """`value` as the pipeline's last stage has it (the loss lives there); as is without pipelining."""
+    if ctx.groups is None or ctx.groups.pipeline.size() == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64)
+    dist.broadcast(tensor, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
+    return tensor.item()
+
+
+def _over_stages(ctx: Distributed, norms: dict[int, float], pass_norms: torch.Tensor | None):
+    """Per-layer GDN norms from every stage, and the per-pass loop norm averaged over the stages that have loop GDN layers."""
+    gathered = [None] * ctx.groups.pipeline.size()
+    dist.all_gather_object(gathered, (norms, None if pass_norms is None else pass_norms.tolist()), group=ctx.groups.pipeline)
+    merged = {layer: value for stage_norms, _ in gathered for layer, value in stage_norms.items()}
+    per_pass = [values for _, values in gathered if values is not None and any(values)]
+    return merged, torch.tensor(per_pass).mean(0) if per_pass else None
+
+
+def _merged_over_stages(state: dict, group: dist.ProcessGroup) -> dict:
+    """The whole model's unsharded training state from each stage's part (names are the whole model's)."""
+    parts = [None] * group.size()
+    dist.all_gather_object(parts, state, group=group)
+    merged = {"weights": {name: value for part in parts for name, value in part["weights"].items()}}
+    if state["optimizer"] is None:
+        return {**merged, "optimizer": None}
+    return {**merged, "optimizer": {name: value for part in parts for name, value in part["optimizer"].items()},
+            "param_groups": state["param_groups"]}
 
 
 def _state_norms(states) -> dict[int, float]:

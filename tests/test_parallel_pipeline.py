@@ -1,0 +1,51 @@
+"""Pipeline parallelism (sleep passes looping back across gloo ranks) against the single process."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_config
+from sleepscale.config import ConfigError, validate
+from train_helpers import free_port
+
+
+@pytest.mark.parametrize("tensor", [1, 2], ids=["pp2", "tp2xpp2"])
+def test_pipeline_stages_equal_the_single_process_model_over_several_micro_batches(tmp_path, tensor):
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(2 * tensor), "--master_port",
+                    str(free_port()), "tests/parallel_pipeline_ranks.py", str(out), "--tensor", str(tensor)],
+                   check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    assert set(report) == {"hard", "sliding", "sliding-checkpointed", "prelude-coda"}
+    for case, result in report.items():
+        assert result["stages_cover_the_model"] and result["passes_equal"], (case, result)
+        assert max(result["logits"], result["loss"], result["grads"]) < 1e-5, (case, result)
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"model": {"pattern": "AGAG"}}, "model.pattern: parallel.pipeline 2 needs 1 stage boundaries '|' in model.pattern, found 0"),
+    ({"model": {"pattern": "A|G|AG"}}, "model.pattern: parallel.pipeline 2 needs 1 stage boundaries '|' in model.pattern, found 2"),
+    ({"model": {"pattern": "AG||AG"}}, "model.pattern: 'AG||AG' has a pipeline stage without blocks"),
+    ({"train": {"zero_stage": 2}}, "train.zero_stage: 2 with parallel.pipeline 2: pipeline stages run their backward outside"),
+    ({"train": {"precision": "bf16"}}, "train.precision: bf16 with parallel.pipeline 2 is not supported yet; use fp32"),
+    ({"sleep": {"checkpoint": "window"}}, "sleep.checkpoint: window with parallel.pipeline 2: a window spans stages"),
+    ({"model": {"tie_embeddings": True}}, "model.tie_embeddings: true with parallel.pipeline 2: the embedding and the head"),
+])
+def test_invalid_pipeline_configs_fail_with_one_line(sections, message):
+    data = make_config(pattern="AG|AG").model_dump(mode="json")
+    for section, values in sections.items():
+        data[section].update(values)
+    data["parallel"] = {"pipeline": 2}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(data)
+
+
+def test_stage_marks_split_the_pattern_and_are_ignored_without_pipeline_parallelism():
+    config = make_config(pattern="AG|GGA|g")
+    assert config.model.blocks == "AGGGAg" and config.model.loop_range == (0, 6)
+    assert config.model.stage_ranges == [range(0, 2), range(2, 5), range(5, 6)]
+    assert validate({**config.model_dump(mode="json"), "parallel": {"pipeline": 3}}).parallel.pipeline == 3
