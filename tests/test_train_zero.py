@@ -7,6 +7,7 @@ from sleepscale.config import load_config
 from sleepscale.data.loader import ShardLoader
 from sleepscale.model import build_model
 from sleepscale.sleep import sleep_forward
+from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.optim import build_optimizer, lr_factor
 from train_helpers import losses, train, write_config
 
@@ -93,3 +94,19 @@ def test_pipeline_2_x_data_2_matches_one_process_with_the_same_global_batch(setu
     assert "tensor 1 x pipeline 2 x data 2" in result.stderr
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
+
+
+def test_a_pipeline_run_stopped_at_step_4_resumes_with_the_same_losses_and_a_whole_model_checkpoint(setup):
+    """PP=2 at ZeRO-0: SIGTERM at step 4, restart; the final checkpoint loads as one unsplit model."""
+    tmp, data = setup
+    run = tmp / "pp2-resume"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "grad_accumulation": 2},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, model={"pattern": "A|GAG"},
+                          parallel={"pipeline": 2})
+    train(config, ranks=2, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    train(config, ranks=2, timeout=600)
+    resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
+    model, _ = load_model_from_checkpoint(run)  # strict: every block's weights, from both stages
+    assert len(model.layers) == 4

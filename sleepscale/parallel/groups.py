@@ -96,3 +96,13 @@ class DeepSpeedMpu:
 
     def get_data_parallel_world_size(self) -> int:
         return self.groups.data.size()
+
+
+def mark_stage_parameters_for_deepspeed(model, groups: ParallelGroups) -> None:
+    """DeepSpeed counts a parameter in the gradient norm (for clipping) on the first rank of the
+    model-parallel group, or anywhere it is marked `model_parallel`. Under pipeline parallelism each
+    stage holds its own parameters, so on each stage's first tensor rank all of them must count;
+    replicated ones still count once per stage, split ones on every tensor rank."""
+    if groups.pipeline.size() > 1 and groups.tensor.rank() == 0:
+        for parameter in model.parameters():
+            parameter.model_parallel = True

@@ -317,9 +317,10 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     mpu = None
     if ctx.groups is not None:
-        from sleepscale.parallel.groups import DeepSpeedMpu
+        from sleepscale.parallel.groups import DeepSpeedMpu, mark_stage_parameters_for_deepspeed
 
         mpu = DeepSpeedMpu(ctx.groups)
+        mark_stage_parameters_for_deepspeed(model, ctx.groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     stage_sleep = config.sleep.model_copy(update={
         "eviction": stage.config.eviction or config.sleep.eviction,
