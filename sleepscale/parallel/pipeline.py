@@ -113,6 +113,7 @@ class PipelineStage(nn.Module):
         self._anchor = torch.zeros((), device=self._device(), requires_grad=True)
         self._transfer_roots: list[torch.Tensor] = []
         self._pending_sends: list = []
+        self.wait_seconds = 0.0  # blocked waiting for another stage (forward and backward), for bubble measurements
 
     # The model interface the sleep engine drives.
 
@@ -155,7 +156,9 @@ class PipelineStage(nn.Module):
                     lane = started
                     started += 1
                 else:
+                    waiting_since = time.perf_counter()
                     lane = self._next_ready(arrivals)
+                    self.wait_seconds += time.perf_counter() - waiting_since
                 work = coroutines[lane].switch()
                 torch.set_grad_enabled(grad_mode)
                 if work is not None:
@@ -195,17 +198,32 @@ class PipelineStage(nn.Module):
         if self.index == hidden.owner:
             peer = self._peers[destination]
             if torch.is_grad_enabled():
-                self._transfer_roots.append(_Send.apply(hidden.tensor, self._anchor, peer, group, self._pending_sends))
+                self._transfer_roots.append(_Send.apply(hidden.tensor, self._anchor, peer, group, self))
             else:
                 self._pending_sends.append(dist.isend(hidden.tensor.contiguous(), peer, group=group))
         elif self.index == destination:
             buffer = torch.empty(hidden.shape, dtype=self._dtype(), device=self._device())
-            _wait(dist.irecv(buffer, self._peers[hidden.owner], group=group))
+            self._wait(dist.irecv(buffer, self._peers[hidden.owner], group=group))
             if torch.is_grad_enabled():
-                buffer = _Received.apply(buffer, self._anchor, self._peers[hidden.owner], group, self._pending_sends)
+                buffer = _Received.apply(buffer, self._anchor, self._peers[hidden.owner], group, self)
                 self._transfer_roots.append(buffer)
             moved = StageHidden(destination, hidden.shape, buffer)
         return moved
+
+    def _wait(self, work) -> None:
+        """Inside a lane: hand the thread to the other lanes until `work` completes."""
+        current = getcurrent()
+        if getattr(current, "lane", None) is None:
+            self._blocking_wait(work)
+            return
+        grad_mode = torch.is_grad_enabled()
+        current.parent.switch(work)
+        torch.set_grad_enabled(grad_mode)  # lanes share the thread's autograd mode
+
+    def _blocking_wait(self, work) -> None:
+        waiting_since = time.perf_counter()
+        work.wait()
+        self.wait_seconds += time.perf_counter() - waiting_since
 
     def _lane_group(self) -> dist.ProcessGroup:
         return self._lanes[getattr(getcurrent(), "lane", 0)]
@@ -217,12 +235,14 @@ class PipelineStage(nn.Module):
         return next(self.layers[self.owned.start].parameters()).device
 
     def _next_ready(self, arrivals: _Arrivals) -> int:
-        """The lane to resume: the lowest whose receive has arrived, as the tensor group's first rank
-        saw it (all ranks of a stage must interleave micro-batches alike)."""
+        """The lane to resume: the one whose receive arrived first, as the tensor group's first rank
+        saw it (all ranks of a stage must interleave micro-batches alike). First come, first served
+        keeps the lanes offset by one stage, which fills the pipe (lowest lane first does not: see
+        benchmarks/pipeline.py)."""
         tensor_group = self._tensor_group if self._tensor_group is not None and self._tensor_group.size() > 1 else None
         choice = torch.zeros((), dtype=torch.int64)
         if tensor_group is None or tensor_group.rank() == 0:
-            choice.fill_(min(arrivals.wait_for_any()))
+            choice.fill_(arrivals.first())
         if tensor_group is not None:
             dist.broadcast(choice, dist.get_global_rank(tensor_group, 0), group=tensor_group)
         arrivals.take(int(choice))
@@ -245,7 +265,7 @@ class _Arrivals:
     polls the device, and `wait()` then orders the compute stream after the receive."""
 
     def __init__(self, gloo: bool, lanes: int):
-        self.gloo, self.waiting, self.arrived = gloo, {}, set()
+        self.gloo, self.waiting, self.arrived = gloo, {}, []  # arrived: in order of arrival
         self._events: queue.Queue[int] = queue.Queue()
         self._threads = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="pipeline-recv") if gloo else None
 
@@ -254,27 +274,28 @@ class _Arrivals:
         if self.gloo:
             self._threads.submit(lambda: (work.wait(), self._events.put(lane)))
 
-    def wait_for_any(self) -> set[int]:
+    def first(self) -> int:
+        """The lane whose receive arrived first (blocks until one has)."""
         while not self.arrived:
             self._collect(block=True)
-        return self.arrived
+        return self.arrived[0]
 
     def take(self, lane: int) -> None:
         """Blocks until `lane`'s receive has arrived, and forgets it."""
         while lane not in self.arrived:
             self._collect(block=True)
-        self.arrived.discard(lane)
+        self.arrived.remove(lane)
         work = self.waiting.pop(lane)
         if not self.gloo:
             work.wait()
 
     def _collect(self, block: bool) -> None:
         if self.gloo:
-            self.arrived.add(self._events.get(block=block))
+            self.arrived.append(self._events.get(block=block))
             while not self._events.empty():
-                self.arrived.add(self._events.get())
+                self.arrived.append(self._events.get())
         else:
-            self.arrived |= {lane for lane, work in self.waiting.items() if work.is_completed()}
+            self.arrived += [lane for lane, work in self.waiting.items() if lane not in self.arrived and work.is_completed()]
             if block and not self.arrived:
                 time.sleep(1e-5)
 
@@ -286,31 +307,22 @@ class _Arrivals:
             self._threads.shutdown(wait=not any(failure), cancel_futures=True)
 
 
-def _wait(work) -> None:
-    """Inside a lane: hand the thread to the other lanes until `work` completes."""
-    current = getcurrent()
-    if getattr(current, "lane", None) is None:
-        work.wait()
-        return
-    grad_mode = torch.is_grad_enabled()
-    current.parent.switch(work)
-    torch.set_grad_enabled(grad_mode)  # lanes share the thread's autograd mode
 
 
 class _Send(torch.autograd.Function):
     """Sends `tensor` to `peer`; returns a zero whose backward receives the tensor's gradient."""
 
     @staticmethod
-    def forward(ctx, tensor, anchor, peer, group, pending):
-        ctx.peer, ctx.group, ctx.shape, ctx.dtype = peer, group, tensor.shape, tensor.dtype
+    def forward(ctx, tensor, anchor, peer, group, stage):
+        ctx.peer, ctx.group, ctx.stage, ctx.shape, ctx.dtype = peer, group, stage, tensor.shape, tensor.dtype
         ctx.needs_grad = tensor.requires_grad
-        pending.append(dist.isend(tensor.contiguous(), peer, group=group))
+        stage._pending_sends.append(dist.isend(tensor.contiguous(), peer, group=group))
         return anchor.new_zeros(())
 
     @staticmethod
     def backward(ctx, zero):
         grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=zero.device)
-        dist.recv(grad, ctx.peer, group=ctx.group)
+        ctx.stage._blocking_wait(dist.irecv(grad, ctx.peer, group=ctx.group))
         return (grad if ctx.needs_grad else None), None, None, None, None
 
 
@@ -318,13 +330,13 @@ class _Received(torch.autograd.Function):
     """A received tensor; its backward sends the gradient back to the sender."""
 
     @staticmethod
-    def forward(ctx, buffer, anchor, peer, group, pending):
-        ctx.peer, ctx.group, ctx.pending = peer, group, pending
+    def forward(ctx, buffer, anchor, peer, group, stage):
+        ctx.peer, ctx.group, ctx.stage = peer, group, stage
         return buffer.view_as(buffer)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.pending.append(dist.isend(grad.contiguous(), ctx.peer, group=ctx.group))
+        ctx.stage._pending_sends.append(dist.isend(grad.contiguous(), ctx.peer, group=ctx.group))
         return None, None, None, None, None
 
 
