@@ -110,3 +110,17 @@ def test_a_pipeline_run_stopped_at_step_4_resumes_with_the_same_losses_and_a_who
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
     model, _ = load_model_from_checkpoint(run)  # strict: every block's weights, from both stages
     assert len(model.layers) == 4
+
+
+def test_a_single_process_checkpoint_resumes_at_tensor_2_with_the_same_losses(setup):
+    """One process stops at step 4 (SIGTERM); two tensor-parallel ranks resume from DeepSpeed's whole-model files."""
+    tmp, data = setup
+    run = tmp / "tp1-then-tp2"
+    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5},
+                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"})
+    train(config, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
+    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    result = train(config, "parallel.tensor=2", ranks=2, timeout=600)
+    assert "resumed a tensor-parallel 1 checkpoint at tensor-parallel size 2" in result.stderr
+    resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)

@@ -143,7 +143,9 @@ class PipelineStage(nn.Module):
 
     def run_micro_batches(self, forwards: list[Callable[[], object]]) -> list:
         """Runs each `forwards[m]()` (a sleep forward over micro-batch m through this stage) as a
-        coroutine on lane m, interleaving them so that they fill the pipeline; returns their results."""
+        coroutine on lane m, interleaving them so that they fill the pipeline; returns their results.
+        Every forward through the stage goes through here (evaluation too, with one micro-batch):
+        it completes the forward's sends."""
         if len(forwards) > len(self._lanes):
             raise ValueError(f"{len(forwards)} micro-batches but only {len(self._lanes)} pipeline lanes were created")
         results, started = [None] * len(forwards), 0
@@ -193,7 +195,6 @@ class PipelineStage(nn.Module):
         if hidden.owner == destination:
             return hidden
         group = self._lane_group()
-        self._pending_sends = [work for work in self._pending_sends if not work.is_completed()]
         moved = StageHidden(destination, hidden.shape)
         if self.index == hidden.owner:
             peer = self._peers[destination]

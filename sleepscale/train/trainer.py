@@ -139,6 +139,10 @@ def run_training(config: Config) -> int:
     if config.parallel.pipeline > 1:
         from sleepscale.parallel.pipeline import PipelineStage, lane_groups
 
+        if config.train.grad_accumulation < config.parallel.pipeline:
+            log.warning("parallel.pipeline %d with train.grad_accumulation %d: fewer micro-batches than stages leave "
+                        "stages idle; set grad_accumulation >= %d", config.parallel.pipeline, config.train.grad_accumulation,
+                        config.parallel.pipeline)
         lanes = lane_groups(ctx.groups.pipeline, config.train.grad_accumulation)
         hybrid = pipeline = PipelineStage(hybrid, config.model.stage_ranges, ctx.groups.pipeline, lanes, ctx.groups.tensor)
     model = SleepingModel(hybrid)
@@ -385,7 +389,8 @@ def _restore(run: Run, engine, path: Path, saved: dict) -> None:
     else:
         from sleepscale.parallel.tensor import load_unsharded_training_state
 
-        state = torch.load(path / UNSHARDED, weights_only=False)
+        written = path / UNSHARDED  # by model-parallel runs
+        state = torch.load(written, weights_only=False) if written.exists() else _unsharded_from_deepspeed(run, engine, path)
         load_unsharded_training_state(engine.module.model, engine.optimizer, state, ctx.groups.tensor if ctx.groups else None)
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
@@ -395,6 +400,24 @@ def _restore(run: Run, engine, path: Path, saved: dict) -> None:
     rank_state = run.checkpointer.rank_state(path, source)
     run.loader.load_state_dict(rank_state["loader"])
     restore_rng_states(rank_state["rng"])
+
+
+def _unsharded_from_deepspeed(run: Run, engine, path: Path) -> dict:
+    """The unsharded training state of a single-process-model ZeRO-0 checkpoint, whose DeepSpeed file
+    holds the whole model and our optimizer's state (keyed by position, which the same
+    `build_optimizer` over the unsplit model gives back)."""
+    from sleepscale.parallel.tensor import unsharded_training_state
+
+    saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    plain = HybridLM(run.config.model)
+    plain.load_state_dict({name.removeprefix("model."): tensor for name, tensor in saved["module"].items()})
+    trainable = {name for name, parameter in engine.module.model.named_parameters() if parameter.requires_grad}
+    for name, parameter in plain.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    optimizer = build_optimizer(plain, run.config.optimizer, skips_on_overflow=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    return {**unsharded_training_state(plain, optimizer, None), "lr_scheduler": saved["lr_scheduler"],
+            "global_steps": saved["global_steps"], "skipped_steps": saved["skipped_steps"]}
 
 
 def _final_report(run: Run, engine, last_stage: Stage) -> None:
@@ -425,8 +448,12 @@ def _evaluate(run: Run, engine, stage_sleep) -> list[dict]:
     batches = _Limited(loader, config.eval.max_batches)
     was_training = engine.module.training
     engine.module.eval()
-    rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes,
-                    forward=lambda ids, targets, s: engine(ids, targets, s), group=run.ctx.data_group)
+    if run.pipeline is None:
+        forward = engine
+    else:
+        def forward(ids, targets, sleep):
+            return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep)])[0]
+    rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes, forward=forward, group=run.ctx.data_group)
     engine.module.train(was_training)
     return rows
 
@@ -510,10 +537,11 @@ def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
             f"train.run_dir: the checkpoint was written by {saved_data_size} data-parallel rank(s) with {saved['num_workers']} "
             f"data worker(s); resume with the same (now {ctx.data_size} and {config.data.num_workers})"
         )
-    if saved_tensor != config.parallel.tensor and (saved_tensor == 1 or config.train.zero_stage != 0):
+    if saved_tensor != config.parallel.tensor and (config.train.zero_stage != 0 or config.train.precision != "fp32"):
         raise ConfigError(
-            f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor}; resume at that size "
-            "(a different size needs a checkpoint written with parallel.tensor > 1 at train.zero_stage 0)"
+            f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor} with DeepSpeed's own "
+            f"optimizer state (ZeRO-{config.train.zero_stage}, {config.train.precision}); resume at that size (fp32 runs at "
+            "train.zero_stage 0 resume at any size)"
         )
 
 
