@@ -127,14 +127,15 @@ def measure(args, groups, lanes, micro_batches: int, passes: int) -> dict:
     forward, forward_idle, backward, backward_idle = (sum(column) for column in zip(*times))
     per_stage = [None] * stages
     dist.all_gather_object(per_stage, ((forward_idle + backward_idle) / (forward + backward), forward_idle / forward,
-                                       backward_idle / backward, sent.bytes / args.steps), group=groups.pipeline)
+                                       backward_idle / backward, sent.bytes / args.steps, (forward + backward) / args.steps),
+                           group=groups.pipeline)
     slices = (args.windows - 1) * passes + 1
     return {
         "P": stages, "M": micro_batches, "N": passes, "S": slices,
         "idle": statistics.mean(r[0] for r in per_stage), "idle_max": max(r[0] for r in per_stage),
         "forward_idle": statistics.mean(r[1] for r in per_stage), "backward_idle": statistics.mean(r[2] for r in per_stage),
         "analytic": analytic_idle(stages, micro_batches, passes, args.windows),
-        "bytes": sum(r[3] for r in per_stage),
+        "bytes": sum(r[3] for r in per_stage), "step_ms": 1e3 * max(r[4] for r in per_stage),
         "bytes_formula": analytic_bytes(stages, micro_batches, passes, args.windows, args.batch, args.window, args.hidden),
     }
 
@@ -157,10 +158,10 @@ def main():
     if dist.get_rank() == 0:
         print(f"{groups.pipeline.size()} stages x 2 GDN blocks, hidden {args.hidden}; micro-batch {args.batch} x {args.windows} "
               f"windows of {args.window}; {args.steps} steps; idle = blocked on another stage / step time")
-        print("\n| P | M | N | S | idle (mean) | idle (max stage) | forward idle | backward idle | analytic | MB sent | formula |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| P | M | N | S | step ms | idle (mean) | idle (max stage) | forward idle | backward idle | analytic | MB sent | formula |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['P']} | {r['M']} | {r['N']} | {r['S']} | {r['idle']:.3f} | {r['idle_max']:.3f} | {r['forward_idle']:.3f} "
+            print(f"| {r['P']} | {r['M']} | {r['N']} | {r['S']} | {r['step_ms']:.0f} | {r['idle']:.3f} | {r['idle_max']:.3f} | {r['forward_idle']:.3f} "
                   f"| {r['backward_idle']:.3f} | {r['analytic']:.3f} "
                   f"| {r['bytes'] / 1e6:.3f} | {r['bytes_formula'] / 1e6:.3f} |")
     dist.destroy_process_group()

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_config
 from sleepscale.config import ConfigError, validate
+from sleepscale.parallel.groups import check_layout
 from train_helpers import free_port
 
 
@@ -49,3 +50,9 @@ def test_stage_marks_split_the_pattern_and_are_ignored_without_pipeline_parallel
     assert config.model.blocks == "AGGGAg" and config.model.loop_range == (0, 6)
     assert config.model.stage_ranges == [range(0, 2), range(2, 5), range(5, 6)]
     assert validate({**config.model_dump(mode="json"), "parallel": {"pipeline": 3}}).parallel.pipeline == 3
+
+
+def test_world_size_must_be_a_multiple_of_tensor_times_pipeline():
+    assert check_layout(8, tensor=2, pipeline=2) == 2
+    with pytest.raises(ConfigError, match=r"parallel: world size 6 is not a multiple of tensor 1 x pipeline 4; launch a multiple of 4"):
+        check_layout(6, tensor=1, pipeline=4)

@@ -10,10 +10,11 @@ output feeds the coda and the next sleep pass) is sent twice. GDN fast weights, 
 and attention keys/values never leave the stage that owns their block.
 
 Filling the pipe. The micro-batches of a step run as coroutines (greenlets) in one thread. A
-micro-batch that waits for a hidden lets the others run, so while micro-batch m is in pass j on
-stage s, micro-batch m+1 can be in pass j on stage s-1: the N passes over W windows of M micro-batches
-keep P stages busy but for (P-1) fill-and-drain slices, an idle fraction of about
-(P-1)/(M*S+P-1) with S = (W-1)*N+1 stage passes per micro-batch (benchmarks/pipeline_bubble.py).
+micro-batch that waits for a hidden lets the others run, and the one whose hidden arrived first
+goes next, so while micro-batch m is in pass j on stage s, micro-batch m+1 is in pass j on stage
+s-1. With M >= P micro-batches the N passes over W windows keep the P stages busy but for the
+fill and drain: an idle fraction of (P-1)/(M*S+P-1), S = (W-1)*N+1 stage passes per micro-batch
+(benchmarks/pipeline.py measures it against the ideal schedule).
 Each micro-batch sends on its own process group ("lane"), so sends and receives pair up in program
 order even where the backend ignores tags (NCCL). With tensor parallelism the ranks of a stage
 must also run micro-batches in the same order (their collectives pair up in order): the first rank
@@ -25,6 +26,9 @@ and the autograd engine runs a graph's nodes in reverse creation order, which is
 real-time order here, so the backward is the forward's communication run backwards: it pairs up
 and cannot deadlock. Every transfer made with gradients enabled is tied into the backward root with
 a zero value, so even a hidden whose gradient is zero (a last pass that feeds nothing) sends it.
+
+Tested on gloo (CPU) only: on NCCL the arrival of a receive is polled with `is_completed()` and the
+same backward order applies, but no GPU run has checked it yet.
 
 Why our own schedule and not `torch.distributed.pipelining` or Megatron's/DeepSpeed's schedules:
 they run each micro-batch once through a fixed chain of stages, carrying one activation and no
