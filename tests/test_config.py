@@ -18,7 +18,7 @@ def base():
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["model.pattern=AGXG"], "model.pattern: unknown block letter 'X' at position 2 (allowed: A, a, G, g)"),
+        (["model.pattern=AGXG"], "model.pattern: unknown block letter 'X' at position 2 (allowed: A, a, G, g, and | between pipeline stages)"),
         (["model.pattern="], "model.pattern: "),
         (["model.loop=[2, 7]"], "model.loop: [2, 7) is not a block range of the 4-block stack; need 0 <= start < end <= 4"),
         (["model.loop=[3, 3]"], "model.loop: [3, 3) is not a block range"),

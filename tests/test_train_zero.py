@@ -56,71 +56,48 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(setup, zero_stag
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
 
 
-def test_tensor_2_x_data_2_matches_one_process_with_the_same_global_batch(setup):
-    """ZeRO-1 over the data group (TP at ZeRO-0 is checked by the resume test below)."""
+SLEEP = {"window": 8, "passes": 2, "checkpoint": "pass"}
+
+
+@pytest.mark.parametrize(("name", "sections", "layout"), [
+    ("tp2-zero1", {"parallel": {"tensor": 2}}, "tensor 2 x pipeline 1 x data 2"),
+    # each step's two micro-batches per data rank fill the two stages
+    ("pp2-zero1", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2}},
+     "tensor 1 x pipeline 2 x data 2"),
+], ids=["tp2xdp2", "pp2xdp2"])
+def test_model_parallel_2_x_data_2_matches_one_process_with_the_same_global_batch(setup, name, sections, layout):
+    """ZeRO-1 over the data group (model parallelism at ZeRO-0 is checked by the resume tests below)."""
     tmp, data = setup
-    zero_stage = 1
-    run = tmp / f"tp2-zero{zero_stage}"
-    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": zero_stage},
-                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, parallel={"tensor": 2})
+    run = tmp / name
+    train_section = {"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, **sections.get("train", {})}
+    config = write_config(tmp, data, run, sleep=SLEEP, **{**sections, "train": train_section})
     result = train(config, ranks=4, timeout=600)
-    assert "tensor 2 x pipeline 1 x data 2" in result.stderr
+    assert layout in result.stderr
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
 
 
-def test_a_tensor_parallel_checkpoint_resumes_at_tensor_1_with_the_same_losses(setup):
-    """TP=2 stops at step 4 (SIGTERM); one process resumes at TP=1 through the unsharded checkpoint state."""
+@pytest.mark.parametrize(("name", "sections", "ranks", "resume", "message"), [
+    # through the unsharded checkpoint state
+    ("tp2-then-tp1", {"parallel": {"tensor": 2}}, 2, ("parallel.tensor=1", 1),
+     "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1"),
+    # through DeepSpeed's whole-model files
+    ("tp1-then-tp2", {}, 1, ("parallel.tensor=2", 2), "resumed a tensor-parallel 1 checkpoint at tensor-parallel size 2"),
+    ("pp2-then-pp2", {"parallel": {"pipeline": 2}, "model": {"pattern": "A|GAG"}, "train": {"grad_accumulation": 2}}, 2,
+     ("parallel.pipeline=2", 2), "resuming from"),
+], ids=["tp2-then-tp1", "tp1-then-tp2", "pp2-then-pp2"])
+def test_a_run_stopped_at_step_4_resumes_with_the_same_losses(setup, name, sections, ranks, resume, message):
+    """ZeRO-0: SIGTERM at step 4, then a restart, possibly at another tensor-parallel size; one data rank throughout."""
     tmp, data = setup
-    run = tmp / "tp2-then-tp1"
-    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5},
-                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, parallel={"tensor": 2})
-    train(config, ranks=2, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
+    run = tmp / name
+    config = write_config(tmp, data, run, sleep=SLEEP, **{**sections, "train": {"steps": STEPS, "grad_clip": 0.5,
+                                                                                 **sections.get("train", {})}})
+    train(config, ranks=ranks, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
     assert (run / "checkpoints" / "latest").read_text() == "step-000004"
-    result = train(config, "parallel.tensor=1")
-    assert "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1" in result.stderr
+    override, resumed_ranks = resume
+    result = train(config, override, ranks=resumed_ranks, timeout=600)
+    assert message in result.stderr
     resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
-
-
-def test_pipeline_2_x_data_2_matches_one_process_with_the_same_global_batch(setup):
-    """ZeRO-1 over the data group; each step's two micro-batches per data rank fill the two stages."""
-    tmp, data = setup
-    run = tmp / "pp2-zero1"
-    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, "grad_accumulation": 2},
-                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, model={"pattern": "AG|AG"},
-                          parallel={"pipeline": 2})
-    result = train(config, ranks=4, timeout=600)
-    assert "tensor 1 x pipeline 2 x data 2" in result.stderr
-    distributed = [losses(run)[step] for step in range(1, STEPS + 1)]
-    torch.testing.assert_close(torch.tensor(distributed), torch.tensor(reference_losses(config, data)), rtol=1e-5, atol=0)
-
-
-def test_a_pipeline_run_stopped_at_step_4_resumes_with_the_same_losses_and_a_whole_model_checkpoint(setup):
-    """PP=2 at ZeRO-0: SIGTERM at step 4, restart; the final checkpoint loads as one unsplit model."""
-    tmp, data = setup
-    run = tmp / "pp2-resume"
-    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5, "grad_accumulation": 2},
-                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"}, model={"pattern": "A|GAG"},
-                          parallel={"pipeline": 2})
-    train(config, ranks=2, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
-    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
-    train(config, ranks=2, timeout=600)
-    resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
-    model, _ = load_model_from_checkpoint(run)  # strict: every block's weights, from both stages
+    model, _ = load_model_from_checkpoint(run)  # strict: every block's weights (from every stage)
     assert len(model.layers) == 4
-
-
-def test_a_single_process_checkpoint_resumes_at_tensor_2_with_the_same_losses(setup):
-    """One process stops at step 4 (SIGTERM); two tensor-parallel ranks resume from DeepSpeed's whole-model files."""
-    tmp, data = setup
-    run = tmp / "tp1-then-tp2"
-    config = write_config(tmp, data, run, train={"steps": STEPS, "grad_clip": 0.5},
-                          sleep={"window": 8, "passes": 2, "checkpoint": "pass"})
-    train(config, check=False, env={"SLEEPSCALE_FAULT_SIGTERM_AT_STEP": "4"}, timeout=600)
-    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
-    result = train(config, "parallel.tensor=2", ranks=2, timeout=600)
-    assert "resumed a tensor-parallel 1 checkpoint at tensor-parallel size 2" in result.stderr
-    resumed = [losses(run)[step] for step in range(1, STEPS + 1)]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)

@@ -245,7 +245,7 @@ class PipelineStage(nn.Module):
         keeps the lanes offset by one stage, which fills the pipe (lowest lane first does not: see
         benchmarks/pipeline.py)."""
         tensor_group = self._tensor_group if self._tensor_group is not None and self._tensor_group.size() > 1 else None
-        choice = torch.zeros((), dtype=torch.int64)
+        choice = torch.zeros((), dtype=torch.int64, device=self._device())  # NCCL broadcasts device tensors
         if tensor_group is None or tensor_group.rank() == 0:
             choice.fill_(arrivals.first())
         if tensor_group is not None:

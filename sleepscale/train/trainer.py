@@ -218,7 +218,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             loss = faults.corrupt_loss(sum(out.loss for out in outs) / len(outs), step)
             loss_value = _from_last_stage(ctx, loss.item())
             if config.train.loss_spike_ratio is not None:
-                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss_value))
+                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss_value, ctx.device))
             # A NaN gradient makes DeepSpeed (or our ZeRO-0 guard) skip and count the update.
             _backward(run, engine, loss * float("nan") if loss_spike else loss)
             if engine.is_gradient_accumulation_boundary():
@@ -246,7 +246,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         progress.loss_spikes += int(loss_spike)
         progress.grad_spikes += int(grad_spike)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
-        step_loss = _mean_over_ranks(loss_sum / len(micro_steps))
+        step_loss = _mean_over_ranks(loss_sum / len(micro_steps), ctx.device)
         if not bad:
             spikes.accept(step_loss, grad_norm)
 
@@ -284,7 +284,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             log.error("stopping: %d consecutive steps were skipped (NaN/Inf loss or gradient, or a spike); the "
                       "checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, run.checkpointer.root)
             return EXIT_BAD_STEPS
-        stop_now = _any_rank(run.stop.received is not None)
+        stop_now = _any_rank(run.stop.received is not None, ctx.device)
         if stop_now or progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
             _save(run, engine)
         if stop_now:
@@ -581,7 +581,7 @@ def _from_last_stage(ctx: Distributed, value: float) -> float:
     """`value` as the pipeline's last stage has it (the loss lives there); as is without pipelining."""
     if ctx.groups is None or ctx.groups.pipeline.size() == 1:
         return value
-    tensor = torch.tensor(value, dtype=torch.float64)
+    tensor = torch.tensor(value, dtype=torch.float64, device=ctx.device)
     dist.broadcast(tensor, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
     return tensor.item()
 
@@ -610,14 +610,15 @@ def _state_norms(states) -> dict[int, float]:
     return {i: s.fast_weights.detach().float().norm().item() for i, s in enumerate(states) if isinstance(s, GDNState)}
 
 
-def _mean_over_ranks(value: float) -> float:
-    tensor = torch.tensor(value, dtype=torch.float64)
+# Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
 
 
-def _any_rank(flag: bool) -> bool:
-    tensor = torch.tensor(int(flag))
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    tensor = torch.tensor(int(flag), device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
