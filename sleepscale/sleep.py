@@ -119,7 +119,7 @@ def _run_window(
     window_targets: torch.Tensor | None,
     states: list[MixerState],
     sleeps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, list[MixerState], torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, list[MixerState], torch.Tensor]:
     """Wake pass and sleep passes over one window. Returns (logits, summed loss or None without
     targets, states after it, the loop blocks' mean GDN state norm after each pass)."""
     loop = model.loop_range

@@ -216,13 +216,9 @@ class PipelineStage(nn.Module):
         return moved
 
     def _wait(self, work) -> None:
-        """Inside a lane: hand the thread to the other lanes until `work` completes."""
-        current = getcurrent()
-        if getattr(current, "lane", None) is None:
-            self._blocking_wait(work)
-            return
+        """Hands the thread to the other lanes until `work` completes."""
         grad_mode = torch.is_grad_enabled()
-        current.parent.switch(work)
+        getcurrent().parent.switch(work)
         torch.set_grad_enabled(grad_mode)  # lanes share the thread's autograd mode
 
     def _blocking_wait(self, work) -> None:
@@ -231,7 +227,10 @@ class PipelineStage(nn.Module):
         self.wait_seconds += time.perf_counter() - waiting_since
 
     def _lane_group(self) -> dist.ProcessGroup:
-        return self._lanes[getattr(getcurrent(), "lane", 0)]
+        lane = getattr(getcurrent(), "lane", None)
+        if lane is None:
+            raise RuntimeError("a forward through a pipeline stage must run inside PipelineStage.run_micro_batches")
+        return self._lanes[lane]
 
     def _dtype(self) -> torch.dtype:
         return next(self.layers[self.owned.start].parameters()).dtype

@@ -24,11 +24,6 @@ class Distributed:
     groups: ParallelGroups | None = None  # with model parallelism: tensor, pipeline and data groups
 
     @property
-    def is_last_stage(self) -> bool:
-        """On the pipeline's last stage, which holds the head and so the loss (always, without pipelining)."""
-        return self.groups is None or self.groups.pipeline.rank() == self.groups.pipeline.size() - 1
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
