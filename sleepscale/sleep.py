@@ -15,6 +15,10 @@ For every window of L tokens (the last may be shorter):
 N = 1 is exactly the plain hybrid. Activation checkpointing (`checkpoint: pass | window`, always
 non-reentrant so that blocks reused N times work under ZeRO-2/3) changes memory and time, never
 values or gradients.
+
+Which windows sleep, which passes carry gradient, what is checkpointed and which state operations
+run between passes is decided up front, on the host, by `sleepscale.plan.make_plan`; this file only
+runs that plan. So the engine never asks the device a question (no host synchronisation).
 """
 
 from __future__ import annotations
@@ -29,19 +33,32 @@ from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
+from sleepscale.plan import SleepPlan, WindowPlan, loss_windows, make_plan, window_bounds
+
+__all__ = ["IGNORE_INDEX", "SleepOutput", "sleep_forward", "plan_for", "window_bounds"]
 
 
 @dataclasses.dataclass
 class SleepOutput:
     logits: torch.Tensor | None  # [batch, length, vocab] from the wake passes; None unless asked for
     loss: torch.Tensor | None  # mean cross-entropy over target tokens; None without targets
-    passes: torch.Tensor  # [batch, windows]: passes of the loop blocks run over each window
+    passes: torch.Tensor  # [batch, windows] on the host: passes of the loop blocks run over each window
     states: list[MixerState]  # per-block states after the last window
     pass_state_norms: torch.Tensor | None = None  # [N]: loop GDN state norm after each pass, mean over slept windows
 
 
-def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
-    return [(start, min(start + window, length)) for start in range(0, length, window)]
+def plan_for(
+    model: HybridLM, input_ids: torch.Tensor, sleep: SleepConfig, targets: torch.Tensor | None = None,
+    sequence_continues: bool = False,
+) -> SleepPlan:
+    """The plan `sleep_forward` runs for these inputs. Under `sleep_on: context` it reads `targets`
+    on the host: build it from CPU targets (before they move to the device) to keep the step free
+    of host synchronisation."""
+    batch, length = input_ids.shape
+    carries_loss = None
+    if sleep.sleep_on == "context" and sleep.passes > 1 and targets is not None:
+        carries_loss = loss_windows(targets, sleep.window)
+    return make_plan(sleep, batch, length, len(model.layers), model.loop_range, carries_loss, sequence_continues)
 
 
 def sleep_forward(
@@ -52,9 +69,11 @@ def sleep_forward(
     return_logits: bool = True,
     states: list[MixerState] | None = None,
     sequence_continues: bool = False,
+    plan: SleepPlan | None = None,
 ) -> SleepOutput:
     """Runs `model` over `input_ids` [batch, length] under `sleep`; `targets` [batch, length] hold
-    the token to predict at each position, or IGNORE_INDEX where no loss applies.
+    the token to predict at each position, or IGNORE_INDEX where no loss applies. `plan` (from
+    `plan_for`) defaults to the plan for these inputs.
 
     A long stream can be fed in segments: pass the previous call's `states` and, for every segment
     but the last, `sequence_continues=True`, which makes the final window evicted (and slept on)
@@ -65,27 +84,29 @@ def sleep_forward(
             f"a segment followed by more of the sequence must be whole windows: length {length} "
             f"is not a multiple of sleep.window={sleep.window}"
         )
+    if plan is None:
+        plan = plan_for(model, input_ids, sleep, targets, sequence_continues)
+    elif (plan.batch, plan.windows[-1].end) != (batch, length):
+        raise ValueError(f"the sleep plan is for {plan.batch} sequences of {plan.windows[-1].end} tokens, "
+                         f"the input is {batch} of {length}")
     if states is None:
         states = model.initial_states(batch, sleep.window, input_ids.device)
-    bounds = window_bounds(length, sleep.window)
-    logits, passes, pass_norms = [], [], []
+    logits, pass_norms = [], []
     loss_sum = input_ids.new_zeros((), dtype=torch.float32)
-    for index, (start, end) in enumerate(bounds):
-        window_targets = None if targets is None else targets[:, start:end]
-        evicted = sequence_continues or index < len(bounds) - 1
-        sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted, input_ids.device)
+    for window in plan.windows:
+        window_targets = None if targets is None else targets[:, window.start : window.end]
         window_logits, window_loss, states, norms = _maybe_checkpoint(
-            sleep.checkpointing == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
+            window.checkpoint == "window", _run_window, model, window, input_ids[:, window.start : window.end],
+            window_targets, states,
         )
-        if evicted and sleep.eviction == "hard":
+        if window.evict:
             states = [state.evicted() for state in states]
-        if sleep.detach_every is not None and (index + 1) % sleep.detach_every == 0:
+        if window.detach:
             states = [state.detached() for state in states]
         if len(norms) > 1:
             pass_norms.append(norms)
         if window_loss is not None:
             loss_sum = loss_sum + window_loss
-        passes.append(1 + (sleep.passes - 1) * sleeps.long())
         if return_logits:
             logits.append(model.cross_entropy.full_logits(window_logits))
 
@@ -95,60 +116,45 @@ def sleep_forward(
     return SleepOutput(
         logits=torch.cat(logits, dim=1) if return_logits else None,
         loss=loss,
-        passes=torch.stack(passes, dim=1),
+        passes=plan.passes_run(),
         states=states,
         pass_state_norms=torch.stack(pass_norms).mean(0) if pass_norms else None,
     )
 
 
-def _sleeps_on_window(
-    sleep: SleepConfig, targets: torch.Tensor | None, batch: int, evicted: bool, device: torch.device
-) -> torch.Tensor:
-    """[batch] bool: which sequences sleep on this window."""
-    if not evicted or sleep.passes == 1:
-        return torch.zeros(batch, dtype=torch.bool, device=device)
-    if sleep.sleep_on == "context" and targets is not None:
-        return (targets == IGNORE_INDEX).all(dim=1)
-    return torch.ones(batch, dtype=torch.bool, device=device)
-
-
 def _run_window(
     model: HybridLM,
-    sleep: SleepConfig,
+    window: WindowPlan,
     window_ids: torch.Tensor,
     window_targets: torch.Tensor | None,
     states: list[MixerState],
-    sleeps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[MixerState], torch.Tensor]:
-    """Wake pass and sleep passes over one window. Returns (logits, summed loss or None without
-    targets, states after it, the loop blocks' mean GDN state norm after each pass)."""
-    loop = model.loop_range
-    prelude, coda = range(0, loop.start), range(loop.stop, len(model.layers))
-    per_pass = sleep.checkpointing == "pass"
+    """The passes of one window, as planned. Returns (logits, summed loss or None without targets,
+    states after it, the loop blocks' mean GDN state norm after each pass)."""
+    loop, per_pass = model.loop_range, window.checkpoint == "pass"
     window_start = states
-
-    hidden = model.embed(window_ids)
-    hidden, states = model.run_blocks(hidden, states, prelude, checkpoint=per_pass)
-    hidden, states = model.run_blocks(hidden, states, loop, checkpoint=per_pass)
-    coda_hidden, states = model.run_blocks(hidden, states, coda, checkpoint=per_pass)
-    logits = model.head(coda_hidden)
-    loss = None if window_targets is None else model.cross_entropy(logits, window_targets)
-
-    pass_norms = [_loop_state_norm(states, loop)]
-    if sleeps.any():
-        slept = states
-        for pass_number in range(2, sleep.passes + 1):
-            # Truncated backprop: the first N - k passes run without autograd, cutting the graph there.
-            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - min(sleep.grad_passes, sleep.passes)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and carries_grad):
-                slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
-                hidden, slept = model.run_blocks(hidden, slept, loop, checkpoint=per_pass)
-                if sleep.state_norm_bound is not None:
-                    slept = [slept[i].bounded(sleep.state_norm_bound) if i in loop else slept[i] for i in range(len(slept))]
-            pass_norms.append(_loop_state_norm(slept, loop))
-        if not sleeps.all():
-            slept = [slept[i].where(sleeps, states[i]) if i in loop else states[i] for i in range(len(states))]
-        states = slept
+    pass_norms = []
+    for planned in window.passes:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
+            if planned.number == 1:
+                hidden = model.embed(window_ids)
+            if planned.next_pass:
+                states = [states[i].next_pass(window_start[i]) if i in loop else states[i] for i in range(len(states))]
+            for blocks in planned.blocks:
+                hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=per_pass)
+            if planned.readout is not None:  # the wake pass: coda and head on a branch, the loop output goes on
+                readout = hidden
+                if planned.readout:
+                    readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
+                logits = model.head(readout)
+                loss = None if window_targets is None else model.cross_entropy(logits, window_targets)
+                woke = states
+            if planned.bound is not None:
+                states = [states[i].bounded(planned.bound) if i in loop else states[i] for i in range(len(states))]
+        pass_norms.append(_loop_state_norm(states, loop))
+    if window.sleepers is not None:  # the others keep their wake states
+        sleepers = torch.tensor(window.sleepers, device=window_ids.device)
+        states = [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
     return logits, loss, states, torch.stack(pass_norms)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sleepscale.ops import BackendUnavailable, gated_delta_rule
-from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
+from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch, fitted_chunk_size
 from sleepscale.ops.references import chunk_reference, recurrent_reference
 
 
@@ -48,7 +48,7 @@ NAMES = ["output", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_sta
 @pytest.mark.parametrize("reference", [recurrent_reference, chunk_reference], ids=["recurrent", "chunk"])
 @pytest.mark.parametrize(
     "shape",
-    [(2, 64, 2, 16, 16), (1, 100, 3, 16, 8), (2, 150, 2, 32, 24), (1, 7, 1, 8, 8)],
+    [(2, 64, 2, 16, 16), (1, 100, 3, 16, 8), (2, 150, 2, 32, 24), (1, 7, 1, 8, 8), (2, 24, 2, 16, 16), (1, 1, 1, 8, 8)],
     ids=lambda s: "B{}T{}H{}K{}V{}".format(*s),
 )
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
@@ -58,6 +58,12 @@ def test_matches_fla_references_in_float64(reference, shape, with_state):
     theirs = outputs_and_grads(reference, inputs)
     assert ours[0].dtype == torch.float64 and ours[1].dtype == torch.float64
     assert_close_relative(ours, theirs, 1e-8, NAMES[: len(ours)])
+
+
+@pytest.mark.parametrize("length,chunk", [(1, 1), (24, 24), (64, 64), (65, 33), (100, 50), (129, 43)])
+def test_chunks_fit_the_sequence(length, chunk):
+    """A short sleep window is one chunk of its own length, not a padded 64-token chunk."""
+    assert fitted_chunk_size(length) == chunk
 
 
 def test_gradcheck_tiny():

@@ -25,7 +25,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_SIZE = 64
+CHUNK_SIZE = 64  # the longest chunk; sequences are split into equal chunks no longer than this
+
+
+def fitted_chunk_size(length: int, longest: int = CHUNK_SIZE) -> int:
+    """The chunk length for a sequence of `length` tokens: as few chunks as `longest` allows, of
+    equal size, so that a short sleep window (24 tokens) is one 24-token chunk rather than a chunk
+    of 64 that is mostly padding (the triangular solve, masks and decays are quadratic in it)."""
+    chunks = max(1, -(-length // longest))
+    return -(-length // chunks)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,12 +59,14 @@ def chunk_gated_delta_rule_torch(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     scale: float | None = None,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay, <= 0), beta: [B, T, H];
     initial_state: [B, H, K, V] or None (zeros). Returns (o [B, T, H, V] in v's dtype,
-    final_state [B, H, K, V] in float32, or float64 for float64 inputs)."""
+    final_state [B, H, K, V] in float32, or float64 for float64 inputs). `chunk_size` defaults to
+    `fitted_chunk_size(T)`."""
     batch, length, heads, key_dim = q.shape
+    chunk_size = fitted_chunk_size(length) if chunk_size is None else chunk_size
     value_dim, out_dtype = v.shape[-1], v.dtype
     scale = key_dim**-0.5 if scale is None else scale
     dtype = _compute_dtype(q)

@@ -1,0 +1,118 @@
+"""The sleep plan: the plan-driven engine equals the engine it replaced bit for bit, and running a
+plan never synchronises the host with the device."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import frozen_engine
+from conftest import make_config, make_model
+from sleepscale.plan import make_plan
+from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
+
+# Operators that copy a device value to the host (and so wait for the device).
+SYNC_OPERATORS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero",
+                  "aten::masked_select", "aten::unique", "aten::_unique2", "aten::repeat_interleave"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts device-to-host synchronising operators run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in SYNC_OPERATORS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def context_targets(tokens):
+    targets = torch.full_like(tokens, IGNORE_INDEX)
+    targets[0, 9] = targets[1, 17] = targets[:, 29] = 1  # loss in window 1 for row 0, window 2 for row 1
+    return targets
+
+
+SETTINGS = [
+    {},
+    {"checkpoint": "pass"},
+    {"checkpoint": "window"},
+    {"grad_passes": 1},
+    {"grad_passes": 2, "checkpoint": "pass"},
+    {"detach_every": 2},
+    {"state_norm_bound": 0.5},
+    {"sleep_on": "context"},
+    {"sleep_on": "context", "checkpoint": "window", "eviction": "sliding"},
+    {"eviction": "sliding"},
+    {"eviction": "sliding", "checkpoint": "pass", "grad_passes": 1},
+    {"model": {"loop": [1, 3]}},
+    {"model": {"loop": [1, 3]}, "eviction": "sliding", "checkpoint": "pass", "state_norm_bound": 0.5},
+]
+
+
+def _loss_and_grads(engine_forward, config, tokens, targets):
+    model = make_model(config, dtype=torch.float32)
+    out = engine_forward(model, tokens, config.sleep, targets=targets)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("passes", [1, 2, 3])
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_plan_driven_engine_is_bit_identical_to_the_engine_it_replaced(passes, setting, tokens):
+    """tests/frozen_engine.py is sleepscale/sleep.py as of 278da2f, before the plan."""
+    setting = dict(setting)
+    if setting.get("grad_passes", 0) > passes:
+        setting["grad_passes"] = passes
+    config = make_config("AGAG", passes=passes, **setting)
+    targets = context_targets(tokens) if config.sleep.sleep_on == "context" else tokens.roll(-1, dims=1)
+    old, old_grads = _loss_and_grads(frozen_engine.sleep_forward, config, tokens, targets)
+    new, new_grads = _loss_and_grads(sleep_forward, config, tokens, targets)
+    assert torch.equal(new.loss, old.loss)
+    assert torch.equal(new.logits, old.logits)
+    assert torch.equal(new.passes, old.passes)
+    for name, grad in old_grads.items():
+        assert (grad is None and new_grads[name] is None) or torch.equal(new_grads[name], grad), name
+    if old.pass_state_norms is not None:
+        assert torch.equal(new.pass_state_norms, old.pass_state_norms)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("sleep_on", ["evicted", "context"])
+def test_sleep_forward_never_synchronises_with_the_host(sleep_on, eviction, tokens):
+    config = make_config("AGAG", passes=3, sleep_on=sleep_on, eviction=eviction, checkpoint="pass")
+    model = make_model(config, dtype=torch.float32)
+    targets = context_targets(tokens)
+    with HostSyncs() as syncs:
+        out = sleep_forward(model, tokens, config.sleep, targets=targets, return_logits=False)
+        out.loss.backward()
+    assert syncs.seen == []
+    assert out.passes[:, :3].min() == (1 if sleep_on == "context" else 3)  # it did sleep
+
+
+def test_the_plan_says_what_runs(tokens):
+    config = make_config("GAGAG", passes=3, grad_passes=1, detach_every=2, model={"loop": [1, 4]}, sleep_on="context",
+                         checkpoint="pass", state_norm_bound=2.0)
+    model = make_model(config)
+    plan = plan_for(model, tokens, config.sleep, context_targets(tokens))
+    assert [(w.start, w.end) for w in plan.windows] == [(0, 8), (8, 16), (16, 24), (24, 30)]
+    wake, *sleep = plan.windows[0].passes
+    assert (wake.blocks, wake.readout, wake.grad, wake.next_pass) == ((range(0, 1), range(1, 4)), range(4, 5), True, False)
+    assert [(p.number, p.blocks, p.grad, p.next_pass, p.bound) for p in sleep] == [
+        (2, (range(1, 4),), False, True, 2.0), (3, (range(1, 4),), True, True, 2.0)]
+    assert [w.sleepers for w in plan.windows] == [None, (False, True, True), (True, False, True), None]
+    assert [len(w.passes) for w in plan.windows] == [3, 3, 3, 1]  # nobody sleeps on the last window
+    assert [w.detach for w in plan.windows] == [False, True, False, True]
+    assert [w.evict for w in plan.windows] == [True, True, True, False]
+    assert plan.passes_run().tolist() == [[3, 1, 3, 1], [3, 3, 1, 1], [3, 3, 3, 1]]
+    continuing = make_plan(config.sleep, 3, 16, 5, range(1, 4), sequence_continues=True)
+    assert [len(w.passes) for w in continuing.windows] == [3, 3]
+
+
+def test_a_plan_for_other_inputs_is_refused(tokens):
+    config = make_config(passes=2)
+    model = make_model(config)
+    with pytest.raises(ValueError, match="plan is for 3 sequences of 16 tokens, the input is 3 of 30"):
+        sleep_forward(model, tokens, config.sleep, plan=plan_for(model, tokens[:, :16], config.sleep))
