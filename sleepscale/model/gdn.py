@@ -37,7 +37,11 @@ class GDNState(MixerState):
 
 
 class ShortConvolution(nn.Module):
-    """Depthwise causal convolution followed by SiLU; the weight is laid out as fla's (an nn.Conv1d's)."""
+    """Depthwise causal convolution followed by SiLU; the weight is laid out as fla's (an nn.Conv1d's).
+
+    Computed as kernel_size shifted multiply-adds in [batch, time, channels] layout rather than with
+    F.conv1d: on CPU the depthwise convolution's backward took 6 ms a call, 12% of a sleep step,
+    against well under 1 ms for the same sum written out (and no transposes)."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
@@ -46,13 +50,17 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, C]; tail: the previous [B, C, kernel_size - 1] inputs, None for zeros."""
-        x = x.transpose(1, 2)
-        history = self.weight.shape[-1] - 1
+        length, kernel_size = x.shape[1], self.weight.shape[-1]
+        history = kernel_size - 1
         if tail is None:
-            tail = x.new_zeros(x.shape[0], x.shape[1], history)
-        padded = torch.cat([tail.to(x.dtype), x], dim=-1)
-        y = F.conv1d(padded, self.weight, groups=x.shape[1])
-        return F.silu(y).transpose(1, 2), padded[..., padded.shape[-1] - history :]
+            padded = F.pad(x, (0, 0, history, 0))
+        else:
+            padded = torch.cat([tail.to(x.dtype).transpose(1, 2), x], dim=1)
+        weight = self.weight[:, 0].to(x.dtype)  # [C, kernel_size]
+        y = padded[:, :length] * weight[:, 0]
+        for shift in range(1, kernel_size):
+            y = y + padded[:, shift : shift + length] * weight[:, shift]
+        return F.silu(y), padded[:, padded.shape[1] - history :].transpose(1, 2)
 
 
 class GatedRMSNorm(nn.Module):

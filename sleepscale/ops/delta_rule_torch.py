@@ -44,10 +44,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _to_chunks(x: torch.Tensor, pad: int, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, T, H, ...] -> [B, H, num_chunks, chunk_size, ...], zero-padded at the end of T."""
     x = x.to(dtype).transpose(1, 2)
-    if x.dim() == 4:
-        x = F.pad(x, (0, 0, 0, pad))
-    else:
-        x = F.pad(x, (0, pad))
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
     return x.unflatten(2, (-1, chunk_size))
 
 
