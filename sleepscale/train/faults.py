@@ -1,4 +1,6 @@
-"""Fault injection for testing the trainer's guards, switched on by environment variables only:
+"""Fault injection for testing the trainer's guards, switched on by environment variables only.
+`install` is called once at start-up: without any SLEEPSCALE_FAULT_* variable it changes nothing
+and the training step runs no fault code at all.
 
     SLEEPSCALE_FAULT_NAN_LOSS_STEPS=3,4     the loss of those (0-based) steps becomes NaN
     SLEEPSCALE_FAULT_SPIKE_LOSS_STEPS=12    the loss of those (0-based) steps is multiplied by 1000
@@ -23,12 +25,25 @@ def _steps(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
 
 
-def corrupt_loss(loss: torch.Tensor, step: int) -> torch.Tensor:
-    if step in _steps("SLEEPSCALE_FAULT_NAN_LOSS_STEPS"):
-        return loss * float("nan")
-    if step in _steps("SLEEPSCALE_FAULT_SPIKE_LOSS_STEPS"):
-        return loss * 1000.0
-    return loss
+def install(model: torch.nn.Module, progress, stop) -> list:
+    """Switches on the faults the environment asks for: a forward hook on `model` (the module the
+    trainer calls per micro-batch) for loss faults, and the after-step callables it returns.
+    `progress.step` is the step being run; `stop` is the trainer's StopSignal."""
+    nan_steps, spike_steps = _steps("SLEEPSCALE_FAULT_NAN_LOSS_STEPS"), _steps("SLEEPSCALE_FAULT_SPIKE_LOSS_STEPS")
+    if nan_steps or spike_steps:
+        def corrupt_loss(module, inputs, output):
+            if module.training and output.loss is not None:
+                if progress.step in nan_steps:
+                    output.loss = output.loss * float("nan")
+                elif progress.step in spike_steps:
+                    output.loss = output.loss * 1000.0
+            return output
+
+        model.register_forward_hook(corrupt_loss)
+    after_step_variables = ("SLEEPSCALE_FAULT_SIGTERM_AT_STEP", "SLEEPSCALE_FAULT_EXIT_AT_STEP", "SLEEPSCALE_FAULT_PAUSE_AT_STEP")
+    if any(os.environ.get(name) for name in after_step_variables):
+        return [lambda step: after_step(step, stop)]
+    return []
 
 
 EXIT_CODE_DYING_RANK = 13

@@ -26,9 +26,10 @@ class SpikeGuard:
     def is_grad_spike(self, grad_norm: float) -> bool:
         return self._exceeds(self.grad_norm_history, grad_norm, self.grad_ratio)
 
-    def accept(self, loss: float, grad_norm: float | None) -> None:
-        """Record a step whose update was applied."""
-        self._append(self.loss_history, loss)
+    def accept(self, loss: float | None, grad_norm: float | None) -> None:
+        """Record a step whose update was applied (None: not watched)."""
+        if loss is not None:
+            self._append(self.loss_history, loss)
         if grad_norm is not None:
             self._append(self.grad_norm_history, grad_norm)
 

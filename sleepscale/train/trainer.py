@@ -44,6 +44,7 @@ from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_sta
 from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
+from sleepscale.train.step import UpdateGuard, get_forward_backward_func, micro_batch
 
 if TYPE_CHECKING:
     from sleepscale.parallel.pipeline import PipelineStage
@@ -60,8 +61,9 @@ class SleepingModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, targets, sleep):
-        return sleep_forward(self.model, input_ids, sleep, targets=targets)
+    def forward(self, input_ids, targets, sleep, plan=None, return_logits=False):
+        """Training asks for the loss only: no logits are gathered or kept (evaluation asks for them)."""
+        return sleep_forward(self.model, input_ids, sleep, targets=targets, plan=plan, return_logits=return_logits)
 
 
 @dataclasses.dataclass
@@ -111,6 +113,7 @@ class Run:
     data_path: str
     shapes: nn.Module  # the unsharded hybrid model on the meta device: FLOPs are counted from its shapes
     pipeline: PipelineStage | None  # this rank's stage, with pipeline parallelism
+    after_step: list  # callables of the step number; empty unless test fault injection is switched on
 
 
 def run_training(config: Config) -> int:
@@ -163,7 +166,8 @@ def run_training(config: Config) -> int:
     progress.mlflow_run_id = tracker.start(
         progress.mlflow_run_id, {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags}
     )
-    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes, pipeline)
+    run = Run(config, ctx, loader, checkpointer, tracker, progress, stop, data_path, shapes, pipeline,
+              faults.install(model, progress, stop))
     total_steps = stages[-1].end
     log.info("run %s: %d steps in %d stage(s), world size %d (tensor %d x pipeline %d x data %d); MLflow %s", run_dir,
              total_steps, len(stages), ctx.world_size, config.parallel.tensor, config.parallel.pipeline, ctx.data_size,
@@ -197,6 +201,9 @@ def _run_stage(run: Run, engine, stage: Stage, stage_sleep) -> int:
 
 
 def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
+    """The steps of one stage. A step reads no device value on the host except where named: the
+    update guard's (`sleepscale.train.step`), the stop flag agreed over ranks, and, on logging steps
+    only, the metrics."""
     config, ctx, progress = run.config, run.ctx, run.progress
     batches = _endless(run.loader)
     last_log, startup, startup_logged = time.perf_counter(), None, False
@@ -205,34 +212,25 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     spikes = SpikeGuard(config.train, progress.loss_history, progress.grad_norm_history)
     if progress.step == stage.start:
         spikes.restart()
+    last_stage_rank = None
+    if run.pipeline is not None:
+        last_stage_rank = dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1)
+    guard = UpdateGuard(config.train, engine, ctx, spikes, last_stage_rank)
+    forward_backward = get_forward_backward_func(run.pipeline)
     for step in range(progress.step, stage.end):
-        loss_sum, passes_sum, norms, grad_norm, step_tokens, pass_norms = 0.0, 0.0, None, None, 0, None
-        loss_spike = grad_spike = False
-        skipped_before = engine.skipped_steps
         step_sleep = stage_sleep
         if stage_sleep.random_passes is not None:
             step_sleep = stage_sleep.model_copy(update={"passes": draw_passes(stage_sleep.random_passes, config.train.seed, step)})
-        micro_steps = _micro_steps(run, batches)
-        for micro_batches in micro_steps:
-            outs = _forward(run, engine, micro_batches, step_sleep)
-            loss = faults.corrupt_loss(sum(out.loss for out in outs) / len(outs), step)
-            loss_value = _from_last_stage(ctx, loss.item())
-            if config.train.loss_spike_ratio is not None:
-                loss_spike = loss_spike or spikes.is_loss_spike(_mean_over_ranks(loss_value, ctx.device))
-            # A NaN gradient makes DeepSpeed (or our ZeRO-0 guard) skip and count the update.
-            _backward(run, engine, loss * float("nan") if loss_spike else loss)
-            if engine.is_gradient_accumulation_boundary():
-                grad_norm = _check_gradients(engine, ctx)
-                if grad_norm is not None and math.isfinite(grad_norm) and spikes.is_grad_spike(grad_norm):
-                    grad_spike = engine.optimizer.overflow = True
-            engine.step()
-            loss_sum += loss_value
-            passes = torch.cat([out.passes for out in outs]).float().mean().item()
-            passes_sum += passes
-            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, passes - 1)
-            norms, pass_norms = _state_norms(outs[-1].states), outs[-1].pass_state_norms
-            step_tokens += sum(int(batch["input_ids"].numel()) for batch in micro_batches)
+        micro_batches = [micro_batch(next(batches), run.shapes, step_sleep, ctx.device)
+                         for _ in range(config.train.grad_accumulation)]
+        skipped_before = engine.skipped_steps
+        result = forward_backward(engine, micro_batches, step_sleep, guard)
+        decision = guard.decide()
+        engine.step()  # applies the update, or skips it as `decision` arranged
+        bad = engine.skipped_steps > skipped_before
+
         progress.step = step + 1
+        step_tokens = sum(batch.tokens for batch in micro_batches)
         progress.tokens += step_tokens * ctx.data_size  # every data rank reads equal batches
         tokens_since_log += step_tokens
         steps_since_log += 1
@@ -240,31 +238,34 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             import psutil
 
             startup = time.time() - psutil.Process().create_time()
-        faults.after_step(progress.step, run.stop)
-        bad = engine.skipped_steps > skipped_before or not math.isfinite(loss_sum)
+        for hook in run.after_step:
+            hook(progress.step)
         progress.skipped_steps += int(bad)
-        progress.loss_spikes += int(loss_spike)
-        progress.grad_spikes += int(grad_spike)
+        progress.loss_spikes += int(decision.loss_spike)
+        progress.grad_spikes += int(decision.grad_spike)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
-        step_loss = _mean_over_ranks(loss_sum / len(micro_steps), ctx.device)
-        if not bad:
-            spikes.accept(step_loss, grad_norm)
+        if not bad and (config.train.loss_spike_ratio is not None or config.train.grad_spike_ratio is not None):
+            loss = _loss_on_host(ctx, result.loss) if config.train.loss_spike_ratio is not None else None
+            spikes.accept(loss, decision.grad_norm)
 
         if progress.step % config.train.log_every == 0 or progress.step == stage.end:
+            norms, pass_norms = _state_norms(result.last.states), result.last.pass_state_norms
             if run.pipeline is not None:
                 norms, pass_norms = _over_stages(ctx, norms, pass_norms)
+            passes = torch.cat([batch.plan.passes_run() for batch in micro_batches]).float().mean().item()
+            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, passes - 1)
             elapsed = time.perf_counter() - last_log
             metrics = {
-                "loss": step_loss,
+                "loss": _loss_on_host(ctx, result.loss),
                 "lr": engine.get_lr()[0],
-                "grad_norm": _as_number(engine.get_global_grad_norm() if grad_norm is None else grad_norm),
+                "grad_norm": _as_number(engine.get_global_grad_norm() if decision.grad_norm is None else decision.grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.data_size / max(elapsed, 1e-9),
                 "tokens": progress.tokens,
                 "step_seconds": elapsed / steps_since_log,
                 "passes": step_sleep.passes,
                 "model_flops_per_token": flops_per_token,
                 "mfu": None if peak is None else flops_per_token * tokens_since_log * ctx.data_size / max(elapsed, 1e-9) / (peak * ctx.world_size),
-                "passes_per_window": passes_sum / len(micro_steps),
+                "passes_per_window": passes,
                 "skipped_steps": progress.skipped_steps,
                 "loss_spikes": progress.loss_spikes,
                 "grad_spikes": progress.grad_spikes,
@@ -334,27 +335,6 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     log.info("stage %d %r: steps %d-%d, N=%d, eviction %s, %s trainable parameters",
              stage.index, stage.config.name, stage.start + 1, stage.end, stage_sleep.passes, stage_sleep.eviction, f"{trainable:,}")
     return engine, stage_sleep
-
-
-def _check_gradients(engine, ctx: Distributed) -> float | None:
-    """Gradient norm before clipping, where DeepSpeed does not report one (our own optimizer,
-    unwrapped: ZeRO-0 in fp32), and the non-finite guard for that case: the optimizer's `overflow`
-    flag (see `sleepscale.train.optim`). DeepSpeed's ZeRO and bf16 optimizers skip a non-finite
-    update themselves and count it. Gradients are already averaged over data ranks here; under tensor
-    parallelism each shard counts once and replicated weights once."""
-    optimizer = engine.optimizer
-    if engine.zero_optimization() or engine.bfloat16_enabled():
-        return None
-    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if ctx.groups is not None and ctx.groups.tensor.rank() != 0:
-        parameters = [p for p in parameters if getattr(p, "tensor_model_parallel", False)]
-    squares = sum((p.grad.float().pow(2).sum() for p in parameters), torch.zeros((), device=ctx.device))
-    if ctx.groups is not None:  # pipeline stages hold disjoint parameters
-        dist.all_reduce(squares, group=ctx.groups.tensor)
-        dist.all_reduce(squares, group=ctx.groups.pipeline)
-    norm = squares.sqrt().item()
-    optimizer.overflow = not math.isfinite(norm)
-    return norm
 
 
 def _save(run: Run, engine) -> None:
@@ -449,10 +429,11 @@ def _evaluate(run: Run, engine, stage_sleep) -> list[dict]:
     was_training = engine.module.training
     engine.module.eval()
     if run.pipeline is None:
-        forward = engine
+        def forward(ids, targets, sleep):
+            return engine(ids, targets, sleep, return_logits=True)
     else:
         def forward(ids, targets, sleep):
-            return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep)])[0]
+            return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep, return_logits=True)])[0]
     rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes, forward=forward, group=run.ctx.data_group)
     engine.module.train(was_training)
     return rows
@@ -552,40 +533,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _micro_steps(run: Run, batches) -> list[list[dict]]:
-    """The step's micro-batches, grouped by DeepSpeed micro-step: one each, or all in one when they
-    fill a pipeline together."""
-    count = run.config.train.grad_accumulation
-    if run.pipeline is None:
-        return [[next(batches)] for _ in range(count)]
-    return [[next(batches) for _ in range(count)]]
-
-
-def _forward(run: Run, engine, micro_batches: list[dict], sleep) -> list:
-    inputs = [(batch["input_ids"].to(run.ctx.device), batch["targets"].to(run.ctx.device)) for batch in micro_batches]
-    if run.pipeline is None:
-        return [engine(ids, targets, sleep) for ids, targets in inputs]
-    # DeepSpeed's forward keeps per-call bookkeeping; at ZeRO-0/1 in fp32 it is the module's forward.
-    return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep) for ids, targets in inputs])
-
-
-def _backward(run: Run, engine, loss: torch.Tensor) -> None:
-    if run.pipeline is None:
-        engine.backward(loss)
-        return
-    engine.backward(run.pipeline.backward_root(loss))
-    run.pipeline.wait_for_sends()
-
-
-def _from_last_stage(ctx: Distributed, value: float) -> float:
-    """`value` as the pipeline's last stage has it (the loss lives there); as is without pipelining."""
-    if ctx.groups is None or ctx.groups.pipeline.size() == 1:
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=ctx.device)
-    dist.broadcast(tensor, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
-    return tensor.item()
-
-
 def _over_stages(ctx: Distributed, norms: dict[int, float], pass_norms: torch.Tensor | None):
     """Per-layer GDN norms from every stage, and the per-pass loop norm averaged over the stages that have loop GDN layers."""
     gathered = [None] * ctx.groups.pipeline.size()
@@ -610,12 +557,17 @@ def _state_norms(states) -> dict[int, float]:
     return {i: s.fast_weights.detach().float().norm().item() for i, s in enumerate(states) if isinstance(s, GDNState)}
 
 
-# Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+def _loss_on_host(ctx: Distributed, loss: torch.Tensor) -> float:
+    """The step's loss, mean over data ranks, as the pipeline's last stage has it (the loss lives
+    there). Reads the device: call it on logging steps (or for the opt-in loss-spike guard)."""
+    loss = loss.detach().to(torch.float64)
+    if ctx.groups is not None and ctx.groups.pipeline.size() > 1:
+        dist.broadcast(loss, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
+    dist.all_reduce(loss)
+    return loss.item() / dist.get_world_size()
 
+
+# Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor(int(flag), device=device)
