@@ -4,7 +4,11 @@ group, counted at every collective megatron-core and sleepscale issue, next to t
     torchrun --nproc_per_node 2 benchmarks/tp_communication.py [--passes 1 2 4 8]
 
 Counted is the payload handed to each collective (tensor bytes), not the bytes a ring algorithm
-puts on the wire (about 2 (T-1)/T times that for an all-reduce). The formula, per step, with
+puts on the wire (about 2 (T-1)/T times that for an all-reduce), including collectives megatron-core
+calls through its own module-level references (its `dist_all_gather_func`, e.g. the vocabulary
+gather of full logits). The step is a training step: the loss only, no logits asked for
+(`return_logits=False`, as `SleepingModel` runs it), so no vocabulary-sized gather appears and none
+is in the formula. The formula, per step, with
 A = bytes of one [batch, window, hidden] activation, W windows of which W-1 sleep, per block r row-
 parallel all-reduces in forward (mixer out, MLP down) and c column-parallel gradient all-reduces in
 backward (q/k/v for attention, q/k/v/g/a/b for GDN, gate/up for the MLP):
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -50,6 +55,12 @@ class ByteCounter:
     @contextlib.contextmanager
     def counting(self):
         originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+        # megatron-core binds all_gather_into_tensor / reduce_scatter_tensor at import (`dist_all_gather_func`):
+        # those references are replaced too, or its gathers would go uncounted.
+        aliases = [(module, attribute, value) for name, module in list(sys.modules.items()) if name.startswith("megatron.")
+                   for attribute, value in list(vars(module).items())
+                   if any(value is function for function in originals.values())]
+        by_function = {id(function): name for name, function in originals.items()}
 
         def wrap(name, function):
             # all_reduce(tensor, op, group), all_gather(outputs, input, group), *_into_tensor(output, input, group)
@@ -61,13 +72,18 @@ class ByteCounter:
                 return function(first, *args, **kwargs)
             return counted
 
-        for name, function in originals.items():
-            setattr(dist, name, wrap(name, function))
+        wrapped = {name: wrap(name, function) for name, function in originals.items()}
+        for name, function in wrapped.items():
+            setattr(dist, name, function)
+        for module, attribute, value in aliases:
+            setattr(module, attribute, wrapped[by_function[id(value)]])
         try:
             yield
         finally:
             for name, function in originals.items():
                 setattr(dist, name, function)
+            for module, attribute, value in aliases:
+                setattr(module, attribute, value)
 
 
 def formula(model, sleep, batch: int, windows: int) -> tuple[int, int]:
@@ -121,7 +137,7 @@ def main():
             sleep = config.sleep.model_copy(update={"passes": n, "checkpoint": checkpoint})
             with counter.counting():
                 counter.bytes = 0
-                loss = sleep_forward(model, tokens, sleep, targets=tokens.roll(-1, dims=1)).loss
+                loss = sleep_forward(model, tokens, sleep, targets=tokens.roll(-1, dims=1), return_logits=False).loss
                 forward = counter.bytes
                 loss.backward()
                 backward = counter.bytes - forward
@@ -139,6 +155,9 @@ def main():
         for checkpoint, n, forward, backward, f_forward, f_backward in rows:
             print(f"| {checkpoint} | {n} | {forward / 1e6:.3f} | {f_forward / 1e6:.3f} | {backward / 1e6:.3f} | "
                   f"{f_backward / 1e6:.3f} | {(forward + backward) / base[checkpoint]:.2f} |")
+        differ = [(r[0], r[1], r[2] - r[4], r[3] - r[5]) for r in rows if (r[2], r[3]) != (r[4], r[5])]
+        print("\nmeasured bytes equal the formula exactly in every row" if not differ else
+              "\nmeasured - formula, bytes (checkpoint, N, forward, backward): " + "; ".join(map(str, differ)))
     dist.destroy_process_group()
 
 
