@@ -97,7 +97,7 @@ def sleep_forward(
         window_targets = None if targets is None else targets[:, window.start : window.end]
         window_logits, window_loss, states, norms = _maybe_checkpoint(
             window.checkpoint == "window", _run_window, model, window, input_ids[:, window.start : window.end],
-            window_targets, states,
+            window_targets, states, return_logits,
         )
         if window.evict:
             states = [state.evicted() for state in states]
@@ -128,9 +128,11 @@ def _run_window(
     window_ids: torch.Tensor,
     window_targets: torch.Tensor | None,
     states: list[MixerState],
-) -> tuple[torch.Tensor, torch.Tensor | None, list[MixerState], torch.Tensor]:
-    """The passes of one window, as planned. Returns (logits, summed loss or None without targets,
-    states after it, the loop blocks' mean GDN state norm after each pass)."""
+    want_logits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[MixerState], torch.Tensor]:
+    """The passes of one window, as planned. Returns (logits, or None when not wanted and not
+    needed; summed loss, or None without targets; states after it; the loop blocks' mean GDN state
+    norm after each pass)."""
     loop, per_pass = model.loop_range, window.checkpoint == "pass"
     window_start = states
     pass_norms = []
@@ -146,8 +148,7 @@ def _run_window(
                 readout = hidden
                 if planned.readout:
                     readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
-                logits = model.head(readout)
-                loss = None if window_targets is None else model.cross_entropy(logits, window_targets)
+                logits, loss = _head(model, readout, window_targets, want_logits)
                 woke = states
             if planned.bound is not None:
                 states = [states[i].bounded(planned.bound) if i in loop else states[i] for i in range(len(states))]
@@ -156,6 +157,34 @@ def _run_window(
         sleepers = torch.tensor(window.sleepers, device=window_ids.device)
         states = [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
     return logits, loss, states, torch.stack(pass_norms)
+
+
+# Logits of at most this many elements are computed at once when only the loss is wanted (2^26: 256 MB
+# in float32); a window whose [batch, length, vocab] logits are larger gets its loss in token chunks.
+LOSS_CHUNK_ELEMENTS = 2**26
+
+
+def _head(model: HybridLM, hidden, targets: torch.Tensor | None, want_logits: bool):
+    """(logits or None, summed loss or None) of the head over `hidden`. When only the loss is wanted
+    and the window's logits would be large (long windows, large vocabularies), the loss is computed
+    over chunks of tokens, each chunk's head and cross-entropy checkpointed: only one chunk's logits
+    exist at a time, in forward and in backward."""
+    if want_logits or targets is None or not isinstance(hidden, torch.Tensor):
+        logits = model.head(hidden)
+        return logits, None if targets is None else model.cross_entropy(logits, targets)
+    batch, length = targets.shape
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // (batch * model.config.vocab_size))
+    if chunk >= length:
+        return None, model.cross_entropy(model.head(hidden), targets)
+    loss = None
+    for start in range(0, length, chunk):
+        part = _maybe_checkpoint(True, _chunk_loss, model, hidden[:, start : start + chunk], targets[:, start : start + chunk])
+        loss = part if loss is None else loss + part
+    return None, loss
+
+
+def _chunk_loss(model: HybridLM, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model.cross_entropy(model.head(hidden), targets)
 
 
 def _loop_state_norm(states: list[MixerState], loop: range) -> torch.Tensor:

@@ -159,3 +159,26 @@ def test_a_training_step_reads_the_device_only_where_named(tmp_path, data, sleep
     assert len(adam_step_counters) == sum(1 for p in build_model(load_config(config).model).parameters())
     assert sorted(set(seen) - set(adam_step_counters)) == sorted(EXPECTED_STEP_SYNCS)
     assert len(seen) - len(adam_step_counters) == len(EXPECTED_STEP_SYNCS), seen
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "window"])
+def test_loss_in_token_chunks_equals_the_whole_window_loss(monkeypatch, checkpoint, tokens):
+    """Training asks for the loss only; a window whose logits would be large gets it chunk by chunk."""
+    import sleepscale.sleep
+
+    config = make_config("AGAG", passes=2, checkpoint=checkpoint)
+    targets = tokens.roll(-1, dims=1)
+
+    def loss_and_grads(chunk_elements):
+        monkeypatch.setattr(sleepscale.sleep, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+        model = make_model(config)
+        out = sleep_forward(model, tokens, config.sleep, targets=targets, return_logits=False)
+        out.loss.backward()
+        assert out.logits is None
+        return out.loss, [p.grad for p in model.parameters()]
+
+    whole_loss, whole_grads = loss_and_grads(2**26)
+    chunked_loss, chunked_grads = loss_and_grads(3 * 40 * 3)  # chunks of 3 tokens: 3 sequences x 40 words
+    torch.testing.assert_close(chunked_loss, whole_loss, rtol=1e-12, atol=0)
+    for chunked, whole in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-14)
