@@ -38,29 +38,34 @@ from sleepscale.config import validate
 from sleepscale.model import build_model
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.pipeline import PipelineStage, lane_groups
+from sleepscale.plan import SleepPlan, make_plan
 from sleepscale.sleep import sleep_forward
 
 
-def analytic_idle(stages: int, micro_batches: int, passes: int, windows: int) -> float:
-    """Idle fraction of the ideal schedule: unit-time stage passes, each stage running the one that
-    became ready first (ties: lowest micro-batch), dependencies as the engine has them."""
+def analytic_idle(plan: SleepPlan, stage_ranges: list[range], micro_batches: int) -> float:
+    """Idle fraction of the ideal schedule of `micro_batches` micro-batches, each run as `plan`, over
+    stages holding `stage_ranges` of the blocks: unit-time stage passes (one pass's visit to one
+    stage), each stage running the one that became ready first (ties: lowest micro-batch), with the
+    engine's dependencies: the hidden states from the stage before on the same pass (for a sleep
+    pass's first stage, from the stage of the previous pass's last loop block), and the stage's
+    states from its previous stage pass."""
+    stage_of = {block: stage for stage, blocks in enumerate(stage_ranges) for block in blocks}
     tasks, deps = [], {}
     for m in range(micro_batches):
-        for w in range(windows):
-            last_pass = passes if w < windows - 1 else 1
-            for j in range(1, last_pass + 1):
-                for s in range(stages):
-                    task = (m, w, j, s)
+        last_on_stage = {}
+        for window in plan.windows:
+            loop_output = None
+            for planned in window.passes:
+                hidden = loop_output  # a window's wake pass starts from the embedding
+                blocks = [block for blocks in (*planned.blocks, planned.readout or range(0)) for block in blocks]
+                for s in dict.fromkeys(stage_of[block] for block in blocks):  # stages in the order the pass visits them
+                    task = (m, window.index, planned.number, s)
                     tasks.append(task)
-                    if s > 0:
-                        deps[task] = [(m, w, j, s - 1)]  # the hidden from the stage before
-                    elif j > 1:
-                        deps[task] = [(m, w, j - 1, stages - 1)]  # the sleep pass loops back
-                    else:
-                        deps[task] = []
-                    if j == 1 and w > 0:
-                        deps[task].append((m, w - 1, passes, s))  # the stage's state after the last window
+                    deps[task] = [d for d in (hidden, last_on_stage.get(s)) if d is not None]
+                    hidden = last_on_stage[s] = task
+                loop_output = (m, window.index, planned.number, stage_of[plan.loop[-1]])
     done, ready_since, time_step = {}, {}, 0
+    stages = len(stage_ranges)
     while len(done) < len(tasks):
         for s in range(stages):
             ready = [t for t in tasks if t[3] == s and t not in done and all(done.get(d, time_step) < time_step for d in deps[t])]
@@ -130,11 +135,12 @@ def measure(args, groups, lanes, micro_batches: int, passes: int) -> dict:
                                        backward_idle / backward, sent.bytes / args.steps, (forward + backward) / args.steps),
                            group=groups.pipeline)
     slices = (args.windows - 1) * passes + 1
+    plan = make_plan(config.sleep, args.batch, args.window * args.windows, len(config.model.blocks), range(*config.model.loop_range))
     return {
         "P": stages, "M": micro_batches, "N": passes, "S": slices,
         "idle": statistics.mean(r[0] for r in per_stage), "idle_max": max(r[0] for r in per_stage),
         "forward_idle": statistics.mean(r[1] for r in per_stage), "backward_idle": statistics.mean(r[2] for r in per_stage),
-        "analytic": analytic_idle(stages, micro_batches, passes, args.windows),
+        "analytic": analytic_idle(plan, config.model.stage_ranges, micro_batches),
         "bytes": sum(r[3] for r in per_stage), "step_ms": 1e3 * max(r[4] for r in per_stage),
         "bytes_formula": analytic_bytes(stages, micro_batches, passes, args.windows, args.batch, args.window, args.hidden),
     }

@@ -32,7 +32,7 @@ def measure(passes: int, mode: str, width: int, steps: int) -> dict:
     from sleepscale.config import validate
     from sleepscale.flops import training_flops_per_token
     from sleepscale.model import build_model
-    from sleepscale.sleep import sleep_forward
+    from sleepscale.sleep import plan_for, sleep_forward
 
     if MODES[mode].get("grad_passes", 0) > passes:
         return {}  # k > N: not a configuration
@@ -60,16 +60,15 @@ def measure(passes: int, mode: str, width: int, steps: int) -> dict:
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step()
+        step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    sleep_passes = out.passes.float().mean().item() - 1
-    return {"saved_mb": saved / 2**20, "peak_mb": peak / 1024, "step_s": statistics.median(times),
-            "gflops_per_token": training_flops_per_token(model, config.model, config.sleep, sleep_passes) / 1e9}
+    flops = training_flops_per_token([plan_for(model, tokens, config.sleep, targets)], model, config.sleep.window)
+    return {"saved_mb": saved / 2**20, "peak_mb": peak / 1024, "step_s": statistics.median(times), "gflops_per_token": flops / 1e9}
 
 
 def main():

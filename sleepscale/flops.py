@@ -1,29 +1,69 @@
-"""Model FLOPs of a training step, counting every pass actually run.
+"""Training FLOPs of a step, counted from its sleep plan (`sleepscale.plan`): what actually runs.
 
-Per token and block, a forward pass costs 2 FLOPs per weight of its linear layers, plus for
-attention 4 * heads * head_dim * (keys seen) for scores and weighted values, plus for Gated
-DeltaNet 6 * heads * d_k * d_v for reading the state, the delta correction and the state update.
-Per window: the wake pass runs every block once and the head; each sleep pass runs the loop blocks
-again. Backward costs twice the forward of the passes that carry gradient; activation
-checkpointing recomputes the forward of what it covers once more; passes under `grad_passes` run
-forward only. The count is analytic (it ignores norms, activations and the loss), as MFU is usually
-reported.
+The plan says, per window, which passes run over which block ranges, which carry gradient and what
+is checkpointed; `plan_flops` walks it and adds up the matrix products of the forward, backward and
+recomputation over the whole batch, counted as `torch.utils.flop_counter.FlopCounterMode` counts
+them (2 FLOPs per multiply-add of every mm/bmm, its formulas for scaled dot-product attention).
+Elementwise work (norms, activations, rotary, short convolutions, gates, decays, the loss), the
+embedding and the triangular solves' own work are not counted (FlopCounterMode has no formula for
+them). `tests/test_flops.py` holds the count to FlopCounterMode on real CPU steps, where it is
+exact; there attention runs as a CPU kernel FlopCounterMode has no formula for (it would count 0),
+so the tests give that kernel torch's own attention formulas.
+
+Forward, per window of L tokens (the last window may be shorter) and every sequence of the batch (a
+window's sleep passes run for the whole batch even when only some sequences keep their result):
+
+- linear layers: 2 FLOPs per weight and token; the head (2 per weight and token) on the wake pass;
+- attention: FlopCounterMode counts the whole [queries x keys] score matrix whatever the mask,
+  4 d per query, key and head (scores and weighted values). Keys: the window's own, plus under
+  sliding eviction the retained tail (at most `window` - 1) the window started with, on every pass;
+- Gated DeltaNet, as the CPU delta rule computes it (`sleepscale.ops.delta_rule_torch`): the window
+  in n chunks of C = fitted_chunk_size(L) (zero-padded), per chunk and head 4 C^2 d_k + 2 C^2 d_v
+  + 6 C d_k d_v. On a GPU, fla's kernel computes the same products in chunks of 64 whatever the
+  window (and FlopCounterMode sees none of its Triton work): there this count is the CPU
+  algorithm's, a close estimate rather than a measurement.
+
+Backward is what autograd runs: only passes that carry gradient (`PassPlan.grad`), and in them only
+what reaches the loss. A block's run has three outputs (`Live`): its hidden states (read by the next
+block, the next pass, or the head), its GDN fast weights (read by the next pass, or after the window
+by the next window unless detached), and its context (attention keys and values, convolution tails:
+only the final pass's, and only under sliding eviction, reach the next window). Hence the last
+sleep pass's hidden output, the final states of the last window, the wake pass's fast weights
+before a sleep pass without gradient, and everything slept on before a detach get no backward. A
+linear layer's backward is 4 FLOPs per weight and token (input and weight gradients) when what it
+feeds is live; attention's is FlopCounterMode's 10 d per query, key and head; the delta
+rule's is that of each product whose result is needed and of each operand that requires grad (the
+fast weights a pass starts from do not after a pass without gradient, a detach, or at the start),
+plus the matmul in the backward of each triangular solve, 2 C^2 (d_k + d_v) per chunk and head.
+
+Recomputation (non-reentrant checkpointing with torch's default early stop) re-runs a checkpointed
+unit whose backward runs, up to the last tensor its forward saved for backward. Autograd saves a
+matmul's inputs before computing it, so the unit's last matmul (the last block's down_proj, or its
+o_proj without MLP) is not re-run when nothing after it saves a tensor. Units (`WindowPlan.checkpoint`):
+`pass`, every block range of a pass that carries gradient (the coda too, not the head); `window`,
+the whole window with the head, passes without gradient included (there a bound or a per-sequence
+choice of sleepers after the last pass saves tensors, so the last matmul is re-run too).
+
+Assumed: a training step (targets, so a loss on every window's wake pass) from fresh states (no
+`states=` carried in), training every parameter (a stage that freezes some skips their weight
+gradients, which this counts).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterable
+
 from torch import nn
 
-from sleepscale.config import ModelConfig, SleepConfig
 from sleepscale.model.attention import Attention
 from sleepscale.model.gdn import GatedDeltaNet
+from sleepscale.ops.delta_rule_torch import fitted_chunk_size
+from sleepscale.plan import PassPlan, SleepPlan, WindowPlan
 
 # Dense bf16 tensor-core peak of the accelerators MFU is reported for (FLOP/s).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def peak_flops(device) -> float | None:
@@ -36,34 +76,161 @@ def peak_flops(device) -> float | None:
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
 
 
-def block_forward_flops_per_token(block: nn.Module, keys_seen: float) -> float:
-    flops = 2.0 * _linear_weights(block)
-    mixer = block.attn
-    if isinstance(mixer, Attention):
-        flops += 4.0 * mixer.num_heads * mixer.head_dim * keys_seen
-    elif isinstance(mixer, GatedDeltaNet):
-        flops += 6.0 * mixer.num_heads * mixer.head_k_dim * mixer.head_v_dim
-    return flops
+@dataclasses.dataclass(frozen=True)
+class Live:
+    """Which outputs of one block's run over a window reach the loss (so that backward runs there)."""
+
+    hidden: bool = False  # its output hidden states
+    memory: bool = False  # its GDN fast weights
+    context: bool = False  # its context: attention keys and values, short-convolution tails
+
+    def __bool__(self) -> bool:
+        return self.hidden or self.memory or self.context
 
 
-def training_flops_per_token(model: nn.Module, config: ModelConfig, sleep: SleepConfig, sleep_passes: float) -> float:
-    """FLOPs per token of one training step; `sleep_passes`: the sleep passes run per window, on
-    average (the sleep engine's `passes` minus 1, averaged)."""
-    window = sleep.window
-    keys_seen = (window + 1) / 2 if sleep.eviction == "hard" else float(window)
-    per_block = [block_forward_flops_per_token(block, keys_seen) for block in model.layers]
-    loop = range(*config.loop_range)
-    loop_pass = sum(per_block[i] for i in loop)
-    wake = sum(per_block) + 2.0 * model.lm_head.weight.numel()
-    grad_sleep_passes = sleep_passes
-    if sleep.grad_passes is not None and sleep.passes > 1:
-        grad_sleep_passes = sleep_passes * min(sleep.grad_passes, sleep.passes - 1) / (sleep.passes - 1)
+# The outputs each linear layer of a mixer feeds (the MLP's feed only the hidden states).
+_FEEDS = {
+    Attention: {"q_proj": {"hidden"}, "k_proj": {"hidden", "context"}, "v_proj": {"hidden", "context"}, "o_proj": {"hidden"}},
+    GatedDeltaNet: {
+        "q_proj": {"hidden", "context"}, "k_proj": {"hidden", "memory", "context"}, "v_proj": {"hidden", "memory", "context"},
+        "a_proj": {"hidden", "memory"}, "b_proj": {"hidden", "memory"}, "g_proj": {"hidden"}, "o_proj": {"hidden"},
+    },
+}
 
-    forward = wake + sleep_passes * loop_pass
-    backward = 2.0 * (wake + grad_sleep_passes * loop_pass)
-    recompute = 0.0
-    if sleep.checkpointing == "pass":
-        recompute = sum(per_block) + grad_sleep_passes * loop_pass  # the head and loss are not checkpointed
-    elif sleep.checkpointing == "window":
-        recompute = wake + sleep_passes * loop_pass  # the whole window is re-run, passes without gradient too
+
+def _linears(block: nn.Module) -> list[tuple[int, set[str]]]:
+    """(weights, outputs it feeds) of each linear layer of a block."""
+    feeds = _FEEDS[type(block.attn)]
+    layers = [(layer.weight.numel(), feeds[name]) for name, layer in block.attn.named_children() if isinstance(layer, nn.Linear)]
+    if block.mlp is not None:
+        layers += [(layer.weight.numel(), {"hidden"}) for layer in block.mlp.children() if isinstance(layer, nn.Linear)]
+    return layers
+
+
+def _last_matmul(block: nn.Module) -> int:
+    """Weights of the block's last matrix product, per token: the one early stop does not re-run."""
+    return (block.mlp.down_proj if block.mlp is not None else block.attn.o_proj).weight.numel()
+
+
+def _attention(mixer: Attention, queries: int, keys: int, live: Live) -> tuple[float, float]:
+    """(forward, backward) of scaled dot-product attention for `queries` queries over the batch,
+    with FlopCounterMode's formulas (`sdpa_flop_count`, `sdpa_backward_flop_count`)."""
+    scores = queries * keys * mixer.num_heads * mixer.head_dim
+    return 4.0 * scores, (10.0 * scores if live.hidden else 0.0)
+
+
+def _delta_rule(mixer: GatedDeltaNet, sequences: int, length: int, live: Live, state_grad: bool) -> tuple[float, float]:
+    """(forward, backward) of the chunked delta rule over a window of `length` tokens for `sequences`
+    sequences; `state_grad`: the fast weights it starts from require grad. Per chunk of C tokens
+    and head, with S the chunk's starting state and E its new values (see delta_rule_torch):
+    forward K_beta K^T and Q K^T (2 C^2 d_k each), W S, Q S and K^T E (2 C d_k d_v each), and
+    (Q K^T * decay) E (2 C^2 d_v); backward the same per needed product and operand that requires
+    grad, and the matmul in each solve's backward."""
+    chunk = fitted_chunk_size(length)
+    chunks, c, k, v = math.ceil(length / chunk), chunk, mixer.head_k_dim, mixer.head_v_dim
+    forward = chunks * (4 * c * c * k + 2 * c * c * v + 6 * c * k * v)
+    backward = 0
+    starts_with_grad = chunks - 1 + state_grad  # chunks whose S requires grad (the first only if the input state does)
+    if live.hidden or live.memory:  # E = U - W S, from two triangular solves of K_beta K^T, feeds both
+        backward += chunks * (2 * c * c * (k + v) + 4 * c * c * k + 2 * c * k * v) + starts_with_grad * 2 * c * k * v
+        backward += (chunks - 1 + live.memory) * 4 * c * k * v  # the state updates whose result is read
+    if live.hidden:  # the output: Q K^T, A E and Q S
+        backward += chunks * (4 * c * c * k + 4 * c * c * v + 2 * c * k * v) + starts_with_grad * 2 * c * k * v
+    scale = sequences * mixer.num_heads
+    return float(scale * forward), float(scale * backward)
+
+
+def _block(block: nn.Module, sequences: int, length: int, keys: int, live: Live, state_grad: bool) -> tuple[float, float]:
+    """(forward, backward) of one block's run over a window of `length` tokens for `sequences`
+    sequences; attention sees `keys` keys."""
+    tokens = sequences * length
+    forward = sum(2.0 * weights for weights, _ in _linears(block)) * tokens
+    backward = sum(4.0 * weights for weights, feeds in _linears(block) if any(getattr(live, f) for f in feeds)) * tokens
+    if isinstance(block.attn, Attention):
+        mixer = _attention(block.attn, tokens, keys, live)
+    else:
+        mixer = _delta_rule(block.attn, sequences, length, live, state_grad)
+    return forward + mixer[0], backward + mixer[1]
+
+
+def _liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool) -> dict[tuple[int, int], Live]:
+    """Live outputs of each (pass number, block) run over `window`, walked from its last pass back.
+    `carried`: the states after the window reach the loss (a next window reads them, no detach)."""
+    partial = window.sleepers is not None  # then the window's states are the wake pass's or the last pass's, per sequence
+    context = carried and not window.evict  # the context the window ends with is read by the next window
+    live, hidden_read, memory_read = {}, False, {}
+    for planned in reversed(window.passes):
+        final = planned is window.passes[-1] or (planned.number == 1 and partial)  # its states end the window
+        read = {}  # per block: whether this pass reads the fast weights it starts from with gradient
+
+        def back(blocks: list[int] | range, hidden: bool) -> bool:
+            """Marks the runs of `blocks` (in order on this pass) given whether their output hidden
+            states are read with gradient; returns whether their input's are."""
+            for i in reversed(blocks):
+                ends = final or i not in plan.loop  # prelude and coda blocks run on the wake pass only
+                gdn = isinstance(model.layers[i].attn, GatedDeltaNet)
+                outputs = Live(hidden, gdn and (ends and carried or memory_read.get(i, False)), ends and context)
+                live[planned.number, i] = outputs if planned.grad else Live()
+                read[i] = planned.grad and (outputs.hidden or outputs.memory)  # the fast weights feed both
+                hidden = planned.grad and bool(outputs)  # every output depends on the block's input
+            return hidden
+
+        if planned.readout is not None:  # the wake pass: the coda and the head read its loop output
+            back(planned.readout, True)
+        hidden_read = back(_flat(planned.blocks), planned.readout is not None or hidden_read)
+        memory_read = read
+    return live
+
+
+def _flat(ranges: tuple[range, ...]) -> list[int]:
+    return [i for blocks in ranges for i in blocks]
+
+
+def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int, carried: bool, state_grad: bool) -> float:
+    """FLOPs of one window: forward, backward and recomputation. `keys`: keys each attention query
+    sees; `state_grad`: the fast weights the window starts from require grad."""
+    sequences, length = plan.batch, window.length
+    live = _liveness(plan, window, model, carried)
+    head = 2.0 * model.lm_head.weight.numel() * sequences * length
+    forward = backward = recompute = 0.0
+    previous: PassPlan | None = None
+    for planned in window.passes:
+        starts_with_grad = state_grad if previous is None else previous.grad
+        units = [*planned.blocks, *([planned.readout] if planned.readout else [])]
+        for unit in units:
+            unit_forward = 0.0
+            for i in unit:
+                block_forward, block_backward = _block(model.layers[i], sequences, length, keys, live[planned.number, i], starts_with_grad)
+                unit_forward += block_forward
+                backward += block_backward
+            forward += unit_forward
+            if window.checkpoint == "pass" and planned.grad and any(live[planned.number, i] for i in unit):
+                recompute += unit_forward - 2.0 * _last_matmul(model.layers[unit[-1]]) * sequences * length
+        if planned.readout is not None:
+            forward, backward = forward + head, backward + 2 * head
+        previous = planned
+    if window.checkpoint == "window":
+        last = window.passes[-1]
+        ends_on_matmul = len(window.passes) > 1 and last.bound is None and window.sleepers is None
+        recompute += forward - (2.0 * _last_matmul(model.layers[last.blocks[-1][-1]]) * sequences * length if ends_on_matmul else 0.0)
     return forward + backward + recompute
+
+
+def plan_flops(plan: SleepPlan, model: nn.Module, window: int) -> float:
+    """FLOPs of one training forward, backward and recomputation of the batch `plan` describes
+    (`sleepscale.sleep.plan_for`), for `model` (the meta-device twin will do: only shapes are read);
+    `window`: `sleep.window`, the attention span."""
+    total, tail, state_grad = 0.0, 0, False
+    for index, planned in enumerate(plan.windows):
+        carried = index < len(plan.windows) - 1 and not planned.detach
+        total += _window(plan, planned, model, tail + planned.length, carried, state_grad)
+        tail = 0 if planned.evict else min(window - 1, tail + planned.length)  # keys the next window starts with
+        state_grad = not planned.detach  # the final pass carries gradient (grad_passes >= 1)
+    return total
+
+
+def training_flops_per_token(plans: Iterable[SleepPlan], model: nn.Module, window: int) -> float:
+    """FLOPs per token of a training step of these micro-batches' plans: their `plan_flops` over the
+    tokens they run (batch x length, padding rows included)."""
+    plans = list(plans)
+    return sum(plan_flops(plan, model, window) for plan in plans) / sum(plan.batch * plan.windows[-1].end for plan in plans)

@@ -169,23 +169,30 @@ def test_random_passes_follow_their_distribution():
 def test_flops_count_every_pass_actually_run():
     from torch import nn
 
-    from sleepscale.flops import training_flops_per_token
+    from sleepscale.flops import plan_flops
     from sleepscale.model import build_model
+    from sleepscale.sleep import plan_for
 
     config = make_config("AGAG", passes=1)
     model = build_model(config.model)
+    ids = torch.zeros(1, 32, dtype=torch.long)  # four windows of 8
     linear = sum(m.weight.numel() for m in model.layers.modules() if isinstance(m, nn.Linear))
-    attention = 2 * 4 * 2 * 8 * (8 + 1) / 2  # 2 attention blocks, 2 heads of 8, causal window of 8
-    gdn = 2 * 6 * 2 * 8 * 12  # 2 GDN blocks, 2 heads, d_k 8, d_v 12
-    blocks = 2 * linear + attention + gdn
-    wake = blocks + 2 * model.lm_head.weight.numel()
+    attention = 2 * 4 * 2 * 8 * 8  # 2 attention blocks, 2 heads of 8, all 8 keys (the causal mask saves nothing)
+    gdn = 2 * 2 * (4 * 8 * 8 + 2 * 8 * 12 + 6 * 8 * 12)  # 2 GDN blocks, 2 heads, one chunk of 8, d_k 8, d_v 12
+    loop_pass = 2 * linear + attention + gdn  # forward FLOPs per token of a pass over the blocks
+    solves = 2 * 2 * 2 * 8 * (8 + 12)  # the matmul in the backward of the delta rule's triangular solves
+    head = 2 * model.lm_head.weight.numel()
+    last_matmul = 2 * model.layers[-1].mlp.down_proj.weight.numel()
 
-    def flops(sleep_passes, **sleep):
-        return training_flops_per_token(model, config.model, config.sleep.model_copy(update=sleep), sleep_passes)
+    def flops(**sleep):
+        sleep = config.sleep.model_copy(update=sleep)
+        return plan_flops(plan_for(model, ids, sleep, ids), model, sleep.window)
 
-    assert flops(0.0) == 3 * wake  # forward + backward (2x)
-    assert flops(0.75, passes=2) == 3 * wake + 3 * 0.75 * blocks  # 3 of 4 windows slept on once
-    assert flops(2.25, passes=4) == 3 * wake + 3 * 2.25 * blocks
-    assert flops(2.25, passes=4, grad_passes=1) == 3 * wake + (2.25 + 2 * 0.75) * blocks  # backward through 1 of 3
-    assert flops(2.25, passes=4, checkpoint="pass") == 3 * wake + 3 * 2.25 * blocks + blocks + 2.25 * blocks
-    assert flops(2.25, passes=4, checkpoint="window", grad_passes=1) == flops(2.25, passes=4, grad_passes=1) + wake + 2.25 * blocks
+    # Per slept window (3 of 4): a sleep pass without gradient costs its forward; one more pass with
+    # gradient before the last costs forward and a backward of twice that (attention's 2.5 times).
+    assert flops(passes=4, grad_passes=1) - flops(passes=3, grad_passes=1) == 3 * 8 * loop_pass
+    assert flops(passes=3) - flops(passes=2) == 3 * 8 * (3 * loop_pass + 0.5 * attention + solves)
+    # Checkpointing re-runs the forward: the window's, head included, or each pass's blocks but for
+    # their last matmul, which torch's early stop skips.
+    assert flops(checkpoint="window") - flops() == 32 * (loop_pass + head)
+    assert flops(checkpoint="pass") - flops() == 32 * (loop_pass - last_matmul)

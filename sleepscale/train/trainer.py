@@ -253,7 +253,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             if run.pipeline is not None:
                 norms, pass_norms = _over_stages(ctx, norms, pass_norms)
             passes = torch.cat([batch.plan.passes_run() for batch in micro_batches]).float().mean().item()
-            flops_per_token = training_flops_per_token(run.shapes, config.model, step_sleep, passes - 1)
+            flops_per_token = training_flops_per_token([batch.plan for batch in micro_batches], run.shapes, step_sleep.window)
             elapsed = time.perf_counter() - last_log
             metrics = {
                 "loss": _loss_on_host(ctx, result.loss),

@@ -1,0 +1,88 @@
+"""Training FLOPs counted from the sleep plan (`sleepscale.flops`) against FlopCounterMode on real steps."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from conftest import make_config, make_model
+from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.flops import plan_flops, training_flops_per_token
+from sleepscale.sleep import plan_for, sleep_forward
+
+aten = torch.ops.aten
+# On a CPU, scaled_dot_product_attention runs as these kernels, for which FlopCounterMode has no
+# formula (it has one for the CUDA kernels, and would count attention as 0 here): give them its own.
+CPU_ATTENTION = {
+    aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+WINDOW = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These steps are thousands of tiny ops, each slower (and much slower on a busy machine) when
+    torch splits it over threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def batch(length=12):
+    """Two sequences; 12 tokens are a window of 8 (slept on) and a short last window of 4."""
+    ids = torch.randint(0, 40, (2, length), generator=torch.Generator().manual_seed(0))
+    return ids, ids.roll(-1, 1)
+
+
+def planned_and_counted(config, ids, targets):
+    """(the plan's FLOPs, FlopCounterMode's on one real forward and backward of that plan)."""
+    model = make_model(config, dtype=torch.float32)
+    plan = plan_for(model, ids, config.sleep, targets)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        sleep_forward(model, ids, config.sleep, targets=targets, return_logits=False, plan=plan).loss.backward()
+    return plan_flops(plan, model, config.sleep.window), counter.get_total_flops()
+
+
+@pytest.mark.parametrize("passes, checkpoint, grad_passes", [
+    *[(1, checkpoint, None) for checkpoint in ("none", "pass", "window")],
+    *[(3, checkpoint, k) for checkpoint in ("none", "pass", "window") for k in (None, 1)],
+])
+def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes):
+    config = make_config("AGAG", window=WINDOW, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes)
+    planned, counted = planned_and_counted(config, *batch())
+    assert planned == pytest.approx(counted, rel=0.02)
+
+
+def test_plan_flops_when_some_sequences_sleep():
+    """sleep_on: context, the first window slept on by one sequence of two (the other keeps its wake
+    states): the sleep passes still run for both."""
+    config = make_config("AGAG", window=WINDOW, passes=3, checkpoint="window", sleep_on="context")
+    ids, targets = batch()
+    targets[0, :WINDOW] = IGNORE_INDEX
+    planned, counted = planned_and_counted(config, ids, targets)
+    assert planned == pytest.approx(counted, rel=0.02)
+
+
+def test_flops_follow_the_plan():
+    config = make_config("AGAG", window=WINDOW, passes=3, sleep_on="context")
+    model = make_model(config)
+    ids, targets = batch(length=20)  # windows of 8, 8 and 4
+
+    def flops(*loss_free_windows):
+        window_targets = targets.clone()
+        for w in loss_free_windows:
+            window_targets[:, w * WINDOW : (w + 1) * WINDOW] = IGNORE_INDEX
+        return plan_flops(plan_for(model, ids, config.sleep, window_targets), model, WINDOW)
+
+    awake = flops()  # every window carries loss: nothing is slept on, as at N = 1
+    assert awake == plan_flops(plan_for(model, ids, config.sleep.model_copy(update={"passes": 1}), targets), model, WINDOW)
+    assert awake < flops(1) < flops(0, 1)
+    assert flops(0) == flops(1)  # whole windows of equal length: which one sleeps makes no difference
+    assert flops(2) == awake  # the last window is never slept on
+
+    plan = plan_for(model, ids, config.sleep, targets)
+    short = plan_for(model, ids[:1, :12], config.sleep, targets[:1, :12])
+    assert training_flops_per_token([plan, short], model, WINDOW) == (
+        (plan_flops(plan, model, WINDOW) + plan_flops(short, model, WINDOW)) / (2 * 20 + 12))
