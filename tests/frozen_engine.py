@@ -1,3 +1,5 @@
+# FROZEN: sleepscale/sleep.py as of commit 278da2f, before the sleep plan. tests/test_sleep_plan.py holds
+# the plan-driven engine to it bit for bit. Do not edit; it is the reference, not a second engine.
 """The sleep engine: read a sequence window by window, and sleep on each window before evicting it.
 
 For every window of L tokens (the last may be shorter):
