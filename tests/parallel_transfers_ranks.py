@@ -210,10 +210,7 @@ def main():
     with torch.device("meta"):
         shapes = HybridLM(config.model)
     engine, sleep = _build_engine(model, config, Stage(0, config.stage_list()[0], 0, 1), ctx)
-    last_stage_rank = None
-    if pipeline is not None:
-        last_stage_rank = dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1)
-    guard = UpdateGuard(config.train, engine, ctx, SpikeGuard(config.train, [], []), last_stage_rank)
+    guard = UpdateGuard(config.train, engine, ctx, SpikeGuard(config.train, [], []))
     forward_backward = get_forward_backward_func(pipeline)
     batches = loader_batches()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

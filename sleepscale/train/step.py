@@ -86,6 +86,16 @@ def forward_backward_pipelining(pipeline: PipelineStage, engine, micro_batches: 
     return StepResult(loss.detach(), outs[-1])
 
 
+def loss_on_host(ctx: Distributed, loss: torch.Tensor) -> float:
+    """The loss, mean over data ranks, as the pipeline's last stage has it (the loss lives there).
+    Reads the device: for logging steps and the opt-in loss-spike guard only."""
+    loss = loss.detach().to(torch.float64)
+    if ctx.groups is not None and ctx.groups.pipeline.size() > 1:
+        dist.broadcast(loss, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
+    dist.all_reduce(loss)
+    return loss.item() / dist.get_world_size()
+
+
 @dataclasses.dataclass
 class Decision:
     apply: bool
@@ -104,10 +114,9 @@ class UpdateGuard:
     own step from the gradients, and take no request: they skip non-finite gradients themselves, and
     for a loss spike the backward runs on a NaN loss, the one way to make them skip."""
 
-    def __init__(self, train: TrainConfig, engine, ctx: Distributed, spikes: SpikeGuard, last_stage_rank: int | None):
+    def __init__(self, train: TrainConfig, engine, ctx: Distributed, spikes: SpikeGuard):
         self.train, self.engine, self.ctx, self.spikes = train, engine, ctx, spikes
         self.ours = not (engine.zero_optimization() or engine.bfloat16_enabled())
-        self.last_stage_rank = last_stage_rank  # global rank holding the loss under pipelining
         self.loss_spike = False
 
     def before_backward(self, loss: torch.Tensor) -> torch.Tensor:
@@ -115,11 +124,7 @@ class UpdateGuard:
         ranks) on the host, one synchronisation per micro-batch; without it, nothing happens here."""
         if self.train.loss_spike_ratio is None:
             return loss
-        value = loss.detach().to(torch.float64)
-        if self.last_stage_rank is not None:
-            dist.broadcast(value, self.last_stage_rank, group=self.ctx.groups.pipeline)
-        dist.all_reduce(value)
-        self.loss_spike = self.loss_spike or self.spikes.is_loss_spike(value.item() / dist.get_world_size())
+        self.loss_spike = self.loss_spike or self.spikes.is_loss_spike(loss_on_host(self.ctx, loss))
         return loss * float("nan") if self.loss_spike and not self.ours else loss
 
     def decide(self) -> Decision:

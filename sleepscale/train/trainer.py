@@ -44,7 +44,7 @@ from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_sta
 from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
-from sleepscale.train.step import UpdateGuard, get_forward_backward_func, micro_batch
+from sleepscale.train.step import UpdateGuard, get_forward_backward_func, loss_on_host, micro_batch
 
 if TYPE_CHECKING:
     from sleepscale.parallel.pipeline import PipelineStage
@@ -212,10 +212,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     spikes = SpikeGuard(config.train, progress.loss_history, progress.grad_norm_history)
     if progress.step == stage.start:
         spikes.restart()
-    last_stage_rank = None
-    if run.pipeline is not None:
-        last_stage_rank = dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1)
-    guard = UpdateGuard(config.train, engine, ctx, spikes, last_stage_rank)
+    guard = UpdateGuard(config.train, engine, ctx, spikes)
     forward_backward = get_forward_backward_func(run.pipeline)
     for step in range(progress.step, stage.end):
         step_sleep = stage_sleep
@@ -245,7 +242,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         progress.grad_spikes += int(decision.grad_spike)
         progress.bad_steps_in_a_row = progress.bad_steps_in_a_row + 1 if bad else 0
         if not bad and (config.train.loss_spike_ratio is not None or config.train.grad_spike_ratio is not None):
-            loss = _loss_on_host(ctx, result.loss) if config.train.loss_spike_ratio is not None else None
+            loss = loss_on_host(ctx, result.loss) if config.train.loss_spike_ratio is not None else None
             spikes.accept(loss, decision.grad_norm)
 
         if progress.step % config.train.log_every == 0 or progress.step == stage.end:
@@ -256,7 +253,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             flops_per_token = training_flops_per_token([batch.plan for batch in micro_batches], run.shapes, step_sleep.window)
             elapsed = time.perf_counter() - last_log
             metrics = {
-                "loss": _loss_on_host(ctx, result.loss),
+                "loss": loss_on_host(ctx, result.loss),
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if decision.grad_norm is None else decision.grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.data_size / max(elapsed, 1e-9),
@@ -557,18 +554,7 @@ def _state_norms(states) -> dict[int, float]:
     return {i: s.fast_weights.detach().float().norm().item() for i, s in enumerate(states) if isinstance(s, GDNState)}
 
 
-def _loss_on_host(ctx: Distributed, loss: torch.Tensor) -> float:
-    """The step's loss, mean over data ranks, as the pipeline's last stage has it (the loss lives
-    there). Reads the device: call it on logging steps (or for the opt-in loss-spike guard)."""
-    loss = loss.detach().to(torch.float64)
-    if ctx.groups is not None and ctx.groups.pipeline.size() > 1:
-        dist.broadcast(loss, dist.get_global_rank(ctx.groups.pipeline, ctx.groups.pipeline.size() - 1), group=ctx.groups.pipeline)
-    dist.all_reduce(loss)
-    return loss.item() / dist.get_world_size()
-
-
 # Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     tensor = torch.tensor(int(flag), device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
