@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sleep.passes=4")
+    sweep = commands.add_parser("sweep", help="one training per value (or combination) of swept keys, then a comparison report")
+    sweep.add_argument("config", help="YAML config file")
+    sweep.add_argument("settings", nargs="+", metavar="KEY=V1,V2,...|key=value",
+                       help="swept keys (values separated by commas) and fixed overrides, e.g. sleep.passes=1,3")
+    sweep.add_argument("--out", help="sweep directory (default: runs/sweep-<config name>); the same command resumes it")
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at once; they share the cores (default: 1)")
+    sweep.add_argument("--equal-flops", action="store_true",
+                       help="add a run of every cheaper setting given the training FLOPs of the most expensive one")
+    sweep_report = commands.add_parser("sweep-report", help="write (again) the comparison report of a sweep directory")
+    sweep_report.add_argument("directory", help="a sweep directory (of `sleepscale sweep` or slurm/sweep.sbatch)")
+    sweep_report.add_argument("--tracking-uri", help="MLflow URI to log the report to (default: the sweep's, or "
+                              "sqlite in the directory)")
     evaluate = commands.add_parser("eval", help="accuracy per difficulty and per N of a checkpoint")
     evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
@@ -115,8 +127,9 @@ def _log_evaluation(checkpoint, config, rows, csv_path, split: str) -> None:
     tracker = Tracker(config, checkpoint.parent.parent, enabled=True)
     if tracker.start(progress["mlflow_run_id"], tags={}) is None:
         return  # the tracker has said why
-    metrics = {f"{split}_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
-    tracker.log_metrics(metrics, progress["step"])
+    from sleepscale.eval import metrics
+
+    tracker.log_metrics(metrics(rows, prefix=split), progress["step"])
     tracker.log_artifact(csv_path)
     tracker.finish()
     print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")
@@ -183,7 +196,32 @@ def _launch(args) -> int:
     return launch(args)
 
 
-COMMANDS = {"launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+def _sweep(args) -> int:
+    from sleepscale.sweep import run_sweep
+
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel {args.parallel}: give at least 1")
+    return run_sweep(args.config, args.settings, args.out, args.parallel, args.equal_flops)
+
+
+def _sweep_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from sleepscale.report import write_report
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory; give a sweep directory")
+    state = directory / "sweep.json"
+    recorded = json.loads(state.read_text()) if state.exists() else {}
+    parent = recorded.get("parent_run_id") if args.tracking_uri is None else None
+    uri = args.tracking_uri or recorded.get("tracking_uri") or f"sqlite:///{directory.resolve()}/mlflow.db"
+    print(write_report(directory, tracking=(uri, parent)).text)
+    return 0
+
+
+COMMANDS = {"sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

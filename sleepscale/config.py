@@ -232,6 +232,8 @@ class DataConfig(Section):
     generate: GenerateConfig | None = None
     num_workers: int = Field(0, ge=0)
     skip_bad_samples: bool = False
+    max_skipped_fraction: float = Field(
+        0.01, ge=0, le=1, description="with skip_bad_samples: stop (exit 2) once more than this fraction of an epoch's samples was skipped")
     shard_url_prefix: str | None = None
 
 
@@ -315,6 +317,7 @@ class TrackingConfig(Section):
     experiment: str = "sleepscale"
     run_name: str | None = None
     tags: dict[str, str] = Field({}, description="extra MLflow run tags, e.g. tracking.tags.N=4 (a sweep sets its value)")
+    parent_run_id: str | None = Field(None, description="MLflow run this run is nested under (`sleepscale sweep` sets it)")
 
     @field_validator("tags", mode="before")
     @classmethod

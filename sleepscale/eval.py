@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -88,6 +90,32 @@ def _rows(counts: dict[tuple, _Counts]) -> list[dict]:
     ]
 
 
+def metrics(rows: list[dict], prefix: str = "eval") -> dict[str, float]:
+    """The rows as metrics: `eval_accuracy_t2_N3` (difficulty t, value 2, N 3)."""
+    return {f"{prefix}_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
+
+
+_METRIC = re.compile(r"eval_accuracy_(?P<difficulty>[A-Za-z_]+?)(?P<value>-?[0-9.]+)_N(?P<passes>\d+)$")
+
+
+def evaluations(metrics_file: Path) -> list[tuple[dict, list[dict]]]:
+    """Every evaluation a run logged to its `metrics.jsonl`: (the record, its rows with difficulty,
+    value, passes and accuracy), in order."""
+    found = []
+    for line in Path(metrics_file).read_text().splitlines():
+        record = json.loads(line)
+        rows = []
+        for name, accuracy in record.items():
+            match = _METRIC.match(name)
+            if match:
+                value = float(match["value"])
+                rows.append({"difficulty": match["difficulty"], "value": int(value) if value.is_integer() else value,
+                             "passes": int(match["passes"]), "accuracy": accuracy})
+        if rows:
+            found.append((record, rows))
+    return found
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
@@ -106,21 +134,59 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Accuracy against difficulty, one line per N."""
+    """Accuracy against N, one line per difficulty value (`eval.png`); with a single N, one bar per
+    difficulty value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for n in sorted({row["passes"] for row in rows}):
-        mine = [row for row in rows if row["passes"] == n]
-        axis.plot([row["value"] for row in mine], [row["accuracy"] for row in mine], marker="o", label=f"N={n}")
-    names = sorted({row["difficulty"] for row in rows})
-    axis.set_xlabel(", ".join(names) or "difficulty")
+    passes = sorted({row["passes"] for row in rows})
+    items = sorted({(row["difficulty"], row["value"]) for row in rows}, key=lambda item: (item[0], float(item[1])))
+    if len(passes) > 1:
+        for difficulty, value in items:
+            mine = sorted((row["passes"], row["accuracy"]) for row in rows if (row["difficulty"], row["value"]) == (difficulty, value))
+            axis.plot(*zip(*mine), marker="o", label=f"{difficulty}={value}")
+        axis.set_xticks(passes)
+        axis.set_xlabel("N (sleep passes at evaluation)")
+        axis.legend(fontsize=8)
+    else:
+        labels = [f"{difficulty}={value}" for difficulty, value in items]
+        accuracies = [next(row["accuracy"] for row in rows if (row["difficulty"], row["value"]) == item) for item in items]
+        axis.bar(labels, accuracies)
+        axis.set_xlabel(f"difficulty (N={passes[0] if passes else '?'})")
     axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
-    axis.legend()
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> None:
+    """Accuracy against training step from periodic evaluations (`eval_steps.png`): one panel per
+    difficulty value, one line per N. `history`: (step, rows of `evaluate`) in step order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted({(row["difficulty"], row["value"]) for _, rows in history for row in rows},
+                   key=lambda item: (item[0], float(item[1])))
+    passes = sorted({row["passes"] for _, rows in history for row in rows})
+    figure, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4), squeeze=False)
+    for axis, (difficulty, value) in zip(axes[0], items):
+        for n in passes:
+            points = [(step, row["accuracy"]) for step, rows in history for row in rows
+                      if (row["difficulty"], row["value"], row["passes"]) == (difficulty, value, n)]
+            axis.plot(*zip(*points), marker=".", label=f"N={n}")
+        axis.set_title(f"{difficulty}={value}")
+        axis.set_xlabel("step")
+        axis.set_ylabel("accuracy")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -79,7 +79,8 @@ class Tracker:
             if run_id is None:
                 params = flatten(self.config.model_dump(mode="json"))
                 mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
-            mlflow.set_tags({"git_commit": git_commit(), **tags})
+            parent = {"mlflow.parentRunId": self.config.tracking.parent_run_id} if self.config.tracking.parent_run_id else {}
+            mlflow.set_tags({"git_commit": git_commit(), **parent, **tags})
             return run.info.run_id
 
         self.run_id = self._guard("start", start_run)

@@ -156,17 +156,40 @@ def break_shapes(copy):
     ],
     ids=["missing", "truncated", "truncated-unverified", "checksum", "keys", "shapes"],
 )
-def test_bad_data_gives_one_line_or_is_counted_when_skipping(copy_of, damage, verify, message, skipped):
+def test_bad_data_gives_one_line_or_is_counted_when_skipping(copy_of, damage, verify, message, skipped, caplog):
     copy = copy_of()
     damage(copy)
     with pytest.raises(DataError, match=message) as error:
         read_epoch(ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify))
     assert "\n" not in str(error.value)
 
-    loader = ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify, skip_bad_samples=True)
-    keys = sum(read_epoch(loader), [])
+    loader = ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify, skip_bad_samples=True,
+                         max_skipped_fraction=1.0)
+    with caplog.at_level("WARNING", logger="sleepscale.data"):
+        keys = sum(read_epoch(loader), [])
     assert loader.skipped == skipped == 530 - len(keys) and len(set(keys)) == len(keys)
     assert all("train-000003.tar" in reason for reason in loader.skip_reasons)
+    assert [record.getMessage() for record in caplog.records] == [f"skipped {skipped} bad sample(s): {loader.skip_reasons[0]}"]
+
+    # The default allows 1% of an epoch's samples: 1 of 530 is skipped, 50 stop the epoch with one
+    # line naming the shard.
+    default = ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify, skip_bad_samples=True)
+    if skipped < 0.01 * 530:
+        assert len(sum(read_epoch(default), [])) == 530 - skipped
+        return
+    with pytest.raises(DataError, match=r"skipped \d+ of the 530 samples of epoch 0 on this rank, more than "
+                       r"data.max_skipped_fraction = 0.01 of them; bad shards: \S+train-000003.tar \(\d+ samples\)") as error:
+        read_epoch(default)
+    assert "\n" not in str(error.value)
+
+
+def test_an_epoch_with_no_good_sample_stops_even_when_skipping_everything_is_allowed(copy_of):
+    copy = copy_of()
+    for shard in copy.glob("train-*.tar"):
+        shard.write_bytes(b"broken")
+    loader = ShardLoader(str(copy), batch_size=16, skip_bad_samples=True, max_skipped_fraction=1.0)
+    with pytest.raises(DataError, match=r"no good sample left in epoch 0 on this rank: all 530 were skipped; bad shards: "):
+        read_epoch(loader)
 
 
 def test_missing_or_broken_manifest_and_split(tmp_path, dataset):

@@ -240,3 +240,40 @@ def test_shipped_two_stage_config_first_trains_only_the_inserted_gdn_layers():
     expected = {name for name, _ in model.named_parameters() if name.startswith("layers.") and int(name.split(".")[1]) in gdn_only}
     assert trained == expected and expected
 
+
+
+def _dataset_with_bad_shards(tmp_path, bad: int):
+    """The tiny dataset (8 training shards of 40 samples), its first `bad` training shards overwritten."""
+    from sleepscale.data.build import generate_missing
+
+    data = tmp_path / "data"
+    config = write_config(tmp_path, data, tmp_path / "run")
+    generate_missing(load_config(config).data)
+    for shard in sorted(data.glob("train-*.tar"))[:bad]:
+        shard.write_bytes(b"not a tar file")
+    return config
+
+
+def test_skipping_bad_shards_is_one_line_each_and_stops_beyond_the_allowed_fraction(tmp_path):
+    config = _dataset_with_bad_shards(tmp_path, bad=8)
+    for fraction, message in ((0.01, "skipped 320 of the 320 samples of epoch 0 on this rank, more than "
+                                     "data.max_skipped_fraction = 0.01 of them; bad shards: "),
+                              (1.0, "no good sample left in epoch 0 on this rank: all 320 were skipped; bad shards: ")):
+        result = train(config, "data.skip_bad_samples=true", f"data.max_skipped_fraction={fraction}", check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("sleepscale train: " + message) and "train-000000.tar (40 samples)" in last
+        skip_lines = [line for line in result.stderr.splitlines() if "bad sample(s)" in line]
+        assert len(skip_lines) == 8  # one per shard, not one per sample
+        assert not (tmp_path / "run" / "metrics.jsonl").exists() or not losses(tmp_path / "run")  # no step on padding
+
+
+def test_batches_of_padding_only_are_never_steps(tmp_path):
+    config = _dataset_with_bad_shards(tmp_path, bad=4)  # half of every epoch is padding after skipping
+    result = train(config, "data.skip_bad_samples=true", "data.max_skipped_fraction=0.5", "train.steps=25")
+    run = tmp_path / "run"
+    tokens = metric(run, "tokens")
+    assert sorted(tokens) == list(range(1, 26))
+    assert {tokens[s] - tokens.get(s - 1, 0) for s in tokens} == {8 * 36}  # every step: 8 real sequences of 36 tokens
+    assert min(losses(run).values()) > 0
+    assert result.stderr.count("passing over the batches of padding only that end epoch 0") == 1

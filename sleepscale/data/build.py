@@ -63,3 +63,14 @@ def build_text_dataset(corpus: text.TextCorpus, out: Path, seed: int, validation
         "tokenizer": corpus.tokenizer.describe(), "vocab_size": corpus.tokenizer.vocab_size,
         "sequence_length": corpus.sequence_length, "splits": splits,
     })
+
+
+def generate_missing(data) -> bool:
+    """Writes the dataset a config's `data` section describes (`data.generate`) into `data.path` if
+    it has none yet; True if it did. The trainer calls it on rank 0, a sweep once before its runs."""
+    if data is None or data.generate is None or (Path(data.path) / "manifest.json").exists():
+        return False
+    generate = data.generate
+    build_task_dataset(make_task(generate.task, generate.args), Path(data.path), generate.seed, generate.train_samples,
+                       generate.validation_samples, generate.samples_per_shard)
+    return True

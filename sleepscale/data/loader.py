@@ -14,7 +14,9 @@ How an epoch is laid out (all of it computed from the manifest, identically on e
 `state_dict()` holds the epoch, the batches this rank has consumed and each worker's position in
 its stream; `load_state_dict()` resumes exactly there, in the same order, re-reading only the
 shards it stopped inside. With `skip_bad_samples` a bad sample or shard is counted and skipped
-instead of stopping the run (see `skipped` and `skip_reasons`).
+instead of stopping the run (see `skipped` and `skip_reasons`; one log line per bad shard or
+sample), up to `max_skipped_fraction` of the rank's samples in an epoch: beyond it, or when an
+epoch has no good sample left, iteration stops with a DataError naming the bad shards.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class ShardLoader:
         shard_url_prefix: str | None = None,
         skip_bad_samples: bool = False,
         verify_checksums: bool = True,
+        max_skipped_fraction: float = 0.01,
     ):
         """`source`: a dataset directory or its manifest.json. Shards are read from the manifest's
         directory, or from `shard_url_prefix` + name (any URL webdataset's gopen understands, e.g.
@@ -131,7 +134,9 @@ class ShardLoader:
         self.skip_bad_samples, self.verify_checksums = skip_bad_samples, verify_checksums
         self.sequence_length = self.manifest["sequence_length"]
         self.pad_id = self.manifest["tokenizer"]["pad_id"]
+        self.max_skipped_fraction = max_skipped_fraction
         self.skipped, self.skip_reasons = 0, []
+        self._epoch_skipped, self._bad_shards = 0, {}
         self.epoch, self._consumed, self._positions = 0, 0, [0] * self._workers
 
     @property
@@ -151,7 +156,8 @@ class ShardLoader:
         return self.batches_per_epoch()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self._consumed, "positions": list(self._positions), "skipped": self.skipped}
+        return {"epoch": self.epoch, "batches": self._consumed, "positions": list(self._positions), "skipped": self.skipped,
+                "epoch_skipped": self._epoch_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["positions"]) != self._workers:
@@ -160,25 +166,40 @@ class ShardLoader:
                 "workers; resume with the same num_workers"
             )
         self.epoch, self._consumed, self._positions = state["epoch"], state["batches"], list(state["positions"])
-        self.skipped = state.get("skipped", 0)
+        self.skipped, self._epoch_skipped = state.get("skipped", 0), state.get("epoch_skipped", 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch; the next iteration starts the next epoch."""
         per_worker = self.batches_per_epoch() // self._workers
         stream = _RankStream(self, self._plan()[self.rank], per_worker, self._consumed, self._positions)
         batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        epoch_samples = sum(shard.samples for shards in self._plan()[self.rank] for shard in shards)
         for batch in batches:
             if "error" in batch:
                 raise DataError(batch["error"])
             self._consumed += 1
             self._positions[batch.pop("worker")] = batch.pop("position")
-            self.skipped += len(batch["skip_reasons"])
-            for reason in batch.pop("skip_reasons"):
+            for url, reason, count in batch.pop("skip_reasons"):
+                self.skipped += count
+                self._epoch_skipped += count
+                self._bad_shards[url] = self._bad_shards.get(url, 0) + count
                 if len(self.skip_reasons) < 100:
                     self.skip_reasons.append(reason)
-                log.warning("skipped bad data: %s", reason)
+                log.warning("skipped %d bad sample(s): %s", count, reason)
+            if self._epoch_skipped > self.max_skipped_fraction * epoch_samples:
+                raise DataError(
+                    f"skipped {self._epoch_skipped} of the {epoch_samples} samples of epoch {self.epoch} on this rank, more "
+                    f"than data.max_skipped_fraction = {self.max_skipped_fraction:g} of them; bad shards: {self._bad_list()}; "
+                    "repair or remove them (and their manifest entries), or raise data.max_skipped_fraction")
             yield batch
+        if self._epoch_skipped and self._epoch_skipped >= epoch_samples:
+            raise DataError(f"no good sample left in epoch {self.epoch} on this rank: all {epoch_samples} were skipped; "
+                            f"bad shards: {self._bad_list()}")
         self.epoch, self._consumed, self._positions = self.epoch + 1, 0, [0] * self._workers
+        self._epoch_skipped, self._bad_shards = 0, {}
+
+    def _bad_list(self) -> str:
+        return ", ".join(f"{url} ({count} samples)" for url, count in self._bad_shards.items())
 
     # Runs in a DataLoader worker (or in-process with num_workers=0).
     def _worker_batches(self, shards: list[Shard], worker: int, position: int, remaining: int) -> Iterator[dict[str, Any]]:
@@ -214,8 +235,8 @@ class ShardLoader:
             except DataError as error:
                 if not self.skip_bad_samples:
                     raise
-                for offset in range(max(position - start, 0), shard.samples):
-                    yield start + offset + 1, None, None, f"{error} (sample {offset + 1} of {shard.samples})"
+                count = shard.samples - max(position - start, 0)  # its samples not yet consumed, as one skip
+                yield start + shard.samples, None, None, (shard.url, f"{error} (its {count} sample(s))", count)
                 start += shard.samples
                 continue
             order = np.random.default_rng([self.seed, self.epoch, shard.index]).permutation(len(records)) if self.shuffle else range(len(records))
@@ -228,7 +249,7 @@ class ShardLoader:
                 except DataError as error:
                     if not self.skip_bad_samples:
                         raise
-                    yield start + offset + 1, None, None, str(error)
+                    yield start + offset + 1, None, None, (shard.url, str(error), 1)
                     continue
                 yield start + offset + 1, record["__key__"], sample, None
             start += shard.samples

@@ -31,8 +31,9 @@ from torch import nn
 from sleepscale.config import Config, ConfigError, StageConfig
 from sleepscale.data.loader import ShardLoader
 from sleepscale.data.shards import read_manifest
-from sleepscale.eval import evaluate, format_table, plot, write_csv
-from sleepscale.flops import peak_flops, training_flops_per_token
+from sleepscale.eval import evaluate, evaluations, format_table, plot, plot_history, write_csv
+from sleepscale.eval import metrics as eval_metrics
+from sleepscale.flops import peak_flops, plan_flops, training_flops_per_token
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
@@ -82,6 +83,8 @@ class Progress:
     loss_spikes: int = 0
     grad_spikes: int = 0
     tokens: int = 0
+    flops: float = 0.0  # training FLOPs so far (`sleepscale.flops`, every data rank's)
+    seconds: float = 0.0  # wall seconds spent in training steps so far (not start-up, evaluation or checkpoints)
     mlflow_run_id: str | None = None
     loss_history: list[float] = dataclasses.field(default_factory=list)  # of accepted steps, for SpikeGuard
     grad_norm_history: list[float] = dataclasses.field(default_factory=list)
@@ -129,6 +132,7 @@ def run_training(config: Config) -> int:
     loader = ShardLoader(
         data_path, "train", batch_size=config.train.micro_batch_size, num_workers=config.data.num_workers,
         seed=config.train.seed, skip_bad_samples=config.data.skip_bad_samples,
+        max_skipped_fraction=config.data.max_skipped_fraction,
         shard_url_prefix=config.data.shard_url_prefix, rank=ctx.data_rank, world_size=ctx.data_size,
     )
     _check_vocabulary(config, loader)
@@ -202,24 +206,41 @@ def _run_stage(run: Run, engine, stage: Stage, stage_sleep) -> int:
 
 def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     """The steps of one stage. A step reads no device value on the host except where named: the
-    update guard's (`sleepscale.train.step`), the stop flag agreed over ranks, and, on logging steps
-    only, the metrics."""
+    update guard's (`sleepscale.train.step`), the flags agreed over ranks before it (stop; any real
+    sample), and, on logging steps only, the metrics. Batches that are padding on every rank (the end
+    of an epoch whose bad samples were skipped) are passed over: they are never a step."""
     config, ctx, progress = run.config, run.ctx, run.progress
     batches = _endless(run.loader)
     last_log, startup, startup_logged = time.perf_counter(), None, False
     peak = peak_flops(ctx.device)
-    tokens_since_log, steps_since_log = 0, 0
+    tokens_since_log, steps_since_log, padding_epoch = 0, 0, None
     spikes = SpikeGuard(config.train, progress.loss_history, progress.grad_norm_history)
     if progress.step == stage.start:
         spikes.restart()
     guard = UpdateGuard(config.train, engine, ctx, spikes)
     forward_backward = get_forward_backward_func(run.pipeline)
-    for step in range(progress.step, stage.end):
+    while progress.step < stage.end:
+        step = progress.step
+        step_start = time.perf_counter()
         step_sleep = stage_sleep
         if stage_sleep.random_passes is not None:
             step_sleep = stage_sleep.model_copy(update={"passes": draw_passes(stage_sleep.random_passes, config.train.seed, step)})
+        loader_before = run.loader.state_dict()
         micro_batches = [micro_batch(next(batches), run.shapes, step_sleep, ctx.device)
                          for _ in range(config.train.grad_accumulation)]
+        stop_now, has_samples = _any_rank((run.stop.received is not None, any(batch.tokens for batch in micro_batches)),
+                                          ctx.device)
+        if stop_now:  # the checkpoint resumes with this step's batches
+            _save(run, engine, loader_before)
+            log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
+                        progress.step, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED
+        if not has_samples:
+            if padding_epoch != run.loader.epoch:
+                log.warning("passing over the batches of padding only that end epoch %d (its bad samples were skipped); "
+                            "they are not steps", run.loader.epoch)
+                padding_epoch = run.loader.epoch
+            continue
         skipped_before = engine.skipped_steps
         result = forward_backward(engine, micro_batches, step_sleep, guard)
         decision = guard.decide()
@@ -229,6 +250,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         progress.step = step + 1
         step_tokens = sum(batch.tokens for batch in micro_batches)
         progress.tokens += step_tokens * ctx.data_size  # every data rank reads equal batches
+        progress.flops += sum(plan_flops(batch.plan, run.shapes, step_sleep.window) for batch in micro_batches) * ctx.data_size
         tokens_since_log += step_tokens
         steps_since_log += 1
         if startup is None:  # this process's first step: how long the start took
@@ -257,7 +279,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 "lr": engine.get_lr()[0],
                 "grad_norm": _as_number(engine.get_global_grad_norm() if decision.grad_norm is None else decision.grad_norm),
                 "tokens_per_second": tokens_since_log * ctx.data_size / max(elapsed, 1e-9),
-                "tokens": progress.tokens,
+                **_budget(progress),
                 "step_seconds": elapsed / steps_since_log,
                 "passes": step_sleep.passes,
                 "model_flops_per_token": flops_per_token,
@@ -282,16 +304,12 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
             log.error("stopping: %d consecutive steps were skipped (NaN/Inf loss or gradient, or a spike); the "
                       "checkpoint of the last good state is in %s", progress.bad_steps_in_a_row, run.checkpointer.root)
             return EXIT_BAD_STEPS
-        stop_now = _any_rank(run.stop.received is not None, ctx.device)
-        if stop_now or progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
+        progress.seconds += time.perf_counter() - step_start  # (on a GPU: what the next step's flags wait for counts there)
+        if progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
             _save(run, engine)
-        if stop_now:
-            log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
-                        progress.step, EXIT_PREEMPTED)
-            return EXIT_PREEMPTED
         if config.eval.every and progress.step % config.eval.every == 0 and progress.step != stage.end:
             rows = _evaluate(run, engine, stage_sleep)
-            run.tracker.log_metrics(_eval_metrics(rows), progress.step)
+            run.tracker.log_metrics({**_budget(progress), **eval_metrics(rows)}, progress.step)
     return EXIT_DONE
 
 
@@ -334,7 +352,8 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
     return engine, stage_sleep
 
 
-def _save(run: Run, engine) -> None:
+def _save(run: Run, engine, loader_state: dict | None = None) -> None:
+    """`loader_state`: where the data resumes (default: after the batches read so far)."""
     config, ctx = run.config, run.ctx
     trainer_state = {
         "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(), "world_size": ctx.world_size,
@@ -353,7 +372,7 @@ def _save(run: Run, engine) -> None:
             state = _merged_over_stages(state, ctx.groups.pipeline)
         shared_files[UNSHARDED] = {**state, "lr_scheduler": engine.lr_scheduler.state_dict(),
                                    "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps}
-    run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": run.loader.state_dict(), "rng": rng_states()},
+    run.checkpointer.save(engine, run.progress.step, trainer_state, {"loader": loader_state or run.loader.state_dict(), "rng": rng_states()},
                           shared_files)
 
 
@@ -402,13 +421,18 @@ def _final_report(run: Run, engine, last_stage: Stage) -> None:
     stage_sleep = config.sleep.model_copy(update={"passes": last_stage.config.passes or config.sleep.passes,
                                                   "eviction": last_stage.config.eviction or config.sleep.eviction})
     rows = _evaluate(run, engine, stage_sleep)
-    tracker.log_metrics(_eval_metrics(rows), run.progress.step)
+    tracker.log_metrics({**_budget(run.progress), **eval_metrics(rows)}, run.progress.step)
     if run.ctx.is_main:
         table = format_table(rows)
         write_csv(rows, run_dir / "eval.csv")
         (run_dir / "eval.md").write_text(table + "\n")
         plot(rows, run_dir / "eval.png")
-        for name in ("config.yaml", "eval.csv", "eval.md", "eval.png"):
+        names = ["config.yaml", "eval.csv", "eval.md", "eval.png"]
+        history = [(record["step"], rows) for record, rows in evaluations(run_dir / "metrics.jsonl")]
+        if len(history) > 1:  # periodic evaluation (eval.every)
+            plot_history(history, run_dir / "eval_steps.png")
+            names.append("eval_steps.png")
+        for name in names:
             tracker.log_artifact(run_dir / name)
         print(f"\nvalidation accuracy by difficulty and N:\n{table}\n")
         where = f"MLflow run {tracker.run_id} in {tracker.uri}" if tracker.run_id else "MLflow off"
@@ -449,8 +473,10 @@ class _Limited:
             yield batch
 
 
-def _eval_metrics(rows) -> dict[str, float]:
-    return {f"eval_accuracy_{r['difficulty']}{r['value']}_N{r['passes']}": r["accuracy"] for r in rows}
+def _budget(progress: Progress) -> dict[str, float]:
+    """What the run has spent so far; logged with the training metrics and with every evaluation, so
+    that accuracy can be read against tokens, FLOPs or time (`sleepscale.sweep`)."""
+    return {"tokens": progress.tokens, "training_flops": progress.flops, "train_seconds": progress.seconds}
 
 
 def _as_number(value) -> float | None:
@@ -480,15 +506,12 @@ def _ensure_dataset(config: Config, ctx: Distributed) -> str:
     """The dataset path, generated first (by rank 0) if the config says how and it is missing."""
     if config.data is None:
         raise ConfigError("data: required for training (a dataset path written by `sleepscale data`)")
-    path = Path(config.data.path)
-    generate = config.data.generate
-    if generate is not None and not (path / "manifest.json").exists():
+    if config.data.generate is not None and not (Path(config.data.path) / "manifest.json").exists():
         if ctx.is_main:
-            from sleepscale.data.build import build_task_dataset, make_task
+            from sleepscale.data.build import generate_missing
 
-            log.info("generating %s data into %s", generate.task, path)
-            build_task_dataset(make_task(generate.task, generate.args), path, generate.seed, generate.train_samples,
-                               generate.validation_samples, generate.samples_per_shard)
+            log.info("generating %s data into %s", config.data.generate.task, config.data.path)
+            generate_missing(config.data)
         dist.barrier()
     read_manifest(config.data.path)  # one-line DataError if it is not a dataset
     return config.data.path
@@ -555,10 +578,11 @@ def _state_norms(states) -> dict[int, float]:
 
 
 # Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    tensor = torch.tensor(int(flag), device=device)
+def _any_rank(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
+    """For each flag, whether it is set on any rank (one all-reduce)."""
+    tensor = torch.tensor([int(flag) for flag in flags], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return tuple(bool(value) for value in tensor.tolist())
 
 
 def _progress_bar(ctx: Distributed, initial: int, stage: Stage):
