@@ -229,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     anything else is a bug and keeps its traceback."""
     from sleepscale.data.sample import DataError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "sweep" and all("=" in item and not item.startswith("-") for item in extra):
+        args.settings += extra  # settings after an option: `sweep CONFIG sleep.passes=1,3 --parallel 2 train.steps=50`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args) or 0
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as error:

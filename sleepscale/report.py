@@ -38,6 +38,7 @@ class RunResult:
     flops: float | None
     train_seconds: float | None
     wall_seconds: float | None  # from a local sweep's sweep.json
+    steps: int
     history: list[tuple[float, float, dict[tuple[str, str, int], float]]]  # (tokens, flops, accuracy by item)
 
     def accuracy(self, difficulty: str, value: str) -> float | None:
@@ -76,7 +77,7 @@ def read_run(directory: Path, state: dict) -> RunResult:
     finished = recorded["finished"] if recorded is not None else bool(final)
     return RunResult(directory.name, config["sleep"]["passes"], finished, final, budget.get("tokens"),
                      budget.get("training_flops"), budget.get("train_seconds"),
-                     recorded["seconds"] if recorded is not None else None, history)
+                     recorded["seconds"] if recorded is not None else None, budget.get("step", 0), history)
 
 
 def read_runs(directory: Path) -> list[RunResult]:
@@ -117,15 +118,17 @@ def table(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _groups(runs: list[RunResult], quantity, tolerance: float) -> list[list[RunResult]]:
-    """Runs whose `quantity` agrees within `tolerance` (relative), groups of two or more."""
+def _groups(runs: list[RunResult], quantity) -> list[list[RunResult]]:
+    """Finished runs whose `quantity` agrees to within one training step of either run, in groups of
+    two or more."""
     groups: list[list[RunResult]] = []
     for run in runs:
         value = quantity(run)
         if value is None or not run.finished:
             continue
         for group in groups:
-            if abs(quantity(group[0]) - value) <= tolerance * max(value, 1e-30):
+            first = quantity(group[0])
+            if abs(first - value) <= max(first / max(group[0].steps, 1), value / max(run.steps, 1)):
                 group.append(run)
                 break
         else:
@@ -136,9 +139,9 @@ def _groups(runs: list[RunResult], quantity, tolerance: float) -> list[list[RunR
 def comparisons(runs: list[RunResult]) -> list[str]:
     items = _items(runs)
     lines = []
-    for title, quantity, unit, tolerance in (("equal training tokens", lambda r: r.tokens, "tokens", 0.01),
-                                             ("equal training FLOPs", lambda r: r.flops, "FLOPs", 0.03)):
-        for group in _groups(runs, quantity, tolerance):
+    for title, quantity, unit in (("equal training tokens", lambda r: r.tokens, "tokens"),
+                                  ("equal training FLOPs", lambda r: r.flops, "FLOPs")):
+        for group in _groups(runs, quantity):
             parts = []
             for run in group:
                 scores = ", ".join(f"{d}={v}: {_number(run.accuracy(d, v), '.3f')}" for d, v in items)

@@ -226,13 +226,16 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
     report = write_report(directory, tracking=(uri, parent))
     _end_parent(uri, parent, stopped.number is None)
     print(report.text)
-    failed = [name for name, record in state.data["runs"].items() if not record["finished"]]
-    if stopped.number is not None:
-        print(f"sweep stopped by signal; {len(failed)} run(s) unfinished; the same command resumes it", file=sys.stderr)
-        return EXIT_PREEMPTED
+    records = state.data["runs"]
+    stopped_runs = [name for name, record in records.items() if record["exit_code"] == EXIT_PREEMPTED]
+    failed = [name for name, record in records.items() if not record["finished"] and name not in stopped_runs]
     if failed:
         print(f"sweep: run(s) {', '.join(failed)} failed; see {directory / 'logs'}", file=sys.stderr)
         return 1
+    if stopped.number is not None or stopped_runs:
+        print(f"sweep stopped by signal with {len(pending) + len(stopped_runs)} run(s) unfinished; the same command resumes it",
+              file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
