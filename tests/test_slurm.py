@@ -4,6 +4,7 @@ Needs Debian's slurmctld, slurmd, slurm-client and munge (`.ci/run` installs the
 them these tests fail, saying so. Every daemon started here is stopped at the end, also on failure.
 """
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,12 @@ def test_sweep_sbatch_over_n_gives_one_tagged_finished_run_per_value(slurm, data
         assert mlflow_run.data.tags["N"] == str(n) and mlflow_run.data.tags["passes"] == str(n)
         assert mlflow_run.data.params["sleep.passes"] == str(n) and mlflow_run.info.run_name == f"N={n}"
         assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [1, 2, 3]
+    # Element 0 submitted the report, to run after the array: the local sweep's report.
+    report_job = re.search(r"sweep.sbatch: report job (\d+) writes", output(tmp_path, f"{job}_0")).group(1)
+    slurm.wait_for_state(report_job, {"COMPLETED"}, JOB_TIMEOUT)
+    report = (sweep / "report.md").read_text()
+    assert "| N-1 | 1 | 1 |" in report and "| N-2 | 2 | 1 |" in report and (sweep / "report.png").exists()
+    assert "- At equal training tokens" in report
 
 
 def test_sweep_sbatch_refuses_an_array_that_does_not_match_the_values(slurm, tmp_path):

@@ -67,10 +67,24 @@ def build_text_dataset(corpus: text.TextCorpus, out: Path, seed: int, validation
 
 def generate_missing(data) -> bool:
     """Writes the dataset a config's `data` section describes (`data.generate`) into `data.path` if
-    it has none yet; True if it did. The trainer calls it on rank 0, a sweep once before its runs."""
+    it has none yet; True if it did. Safe when several processes start at once (a job array's
+    elements): each writes into its own temporary directory and renames it into place; the first
+    rename wins and the others discard theirs (the same seed writes the same bytes)."""
+    import os
+    import shutil
+
     if data is None or data.generate is None or (Path(data.path) / "manifest.json").exists():
         return False
-    generate = data.generate
-    build_task_dataset(make_task(generate.task, generate.args), Path(data.path), generate.seed, generate.train_samples,
+    generate, path = data.generate, Path(data.path)
+    temporary = path.parent / f".{path.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    build_task_dataset(make_task(generate.task, generate.args), temporary, generate.seed, generate.train_samples,
                        generate.validation_samples, generate.samples_per_shard)
+    try:
+        os.rename(temporary, path)  # replaces a missing or empty directory, atomically
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if not (path / "manifest.json").exists():
+            raise FileExistsError(f"data.path {path} exists but holds no dataset; empty it or give another path") from None
+        return False
     return True
