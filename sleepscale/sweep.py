@@ -176,16 +176,19 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
 
     axes, fixed = parse_arguments(arguments)
     base = load_config(config_path, fixed)
+    runs = plan_runs(config_path, axes, fixed, equal_flops)  # every run's config is valid before anything starts
+    for run in runs:
+        ensure_dataset(load_config(config_path, fixed + run.overrides))
     directory = Path(out or f"runs/sweep-{Path(config_path).stem}")
     directory.mkdir(parents=True, exist_ok=True)
     state = _State(directory, {"config": str(config_path), "arguments": list(arguments), "equal_flops": equal_flops})
-    runs = plan_runs(config_path, axes, fixed, equal_flops)
-    for run in runs:
-        ensure_dataset(load_config(config_path, fixed + run.overrides))
     uri = base.tracking.uri or f"sqlite:///{directory.resolve()}/mlflow.db"
     parent = _parent_run(state, base, uri, directory, axes)
 
-    pending = [run for run in runs if not state.run(run.name)["finished"]]
+    pending = [run for run in runs if not state.run(run.name)["finished"]]  # (records every run, in plan order)
+    state.save()
+    if parallel > 1:  # the longest first, so that the last to finish is a short one
+        pending.sort(key=lambda run: not run.name.endswith("-equal-flops"))
     done = len(runs) - len(pending)
     print(f"sweep {directory}: {len(runs)} runs ({done} already finished), {min(parallel, max(len(pending), 1))} at a time; "
           f"MLflow {uri}", flush=True)
