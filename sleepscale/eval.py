@@ -133,20 +133,22 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> dict[str, tuple[list, list]]:
     """Accuracy against N, one line per difficulty value (`eval.png`); with a single N, one bar per
-    difficulty value."""
+    difficulty value. Returns what it drew: label -> (x values, accuracies)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5, 3.5))
+    drawn = {}
     passes = sorted({row["passes"] for row in rows})
     items = sorted({(row["difficulty"], row["value"]) for row in rows}, key=lambda item: (item[0], float(item[1])))
     if len(passes) > 1:
         for difficulty, value in items:
             mine = sorted((row["passes"], row["accuracy"]) for row in rows if (row["difficulty"], row["value"]) == (difficulty, value))
+            drawn[f"{difficulty}={value}"] = tuple(list(values) for values in zip(*mine))
             axis.plot(*zip(*mine), marker="o", label=f"{difficulty}={value}")
         axis.set_xticks(passes)
         axis.set_xlabel("N (sleep passes at evaluation)")
@@ -155,6 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
         labels = [f"{difficulty}={value}" for difficulty, value in items]
         accuracies = [next(row["accuracy"] for row in rows if (row["difficulty"], row["value"]) == item) for item in items]
         axis.bar(labels, accuracies)
+        drawn = {f"N={passes[0]}": (labels, accuracies)} if passes else {}
         axis.set_xlabel(f"difficulty (N={passes[0] if passes else '?'})")
     axis.set_ylabel("accuracy")
     axis.set_ylim(0, 1.02)
@@ -162,11 +165,13 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return drawn
 
 
-def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> None:
+def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> dict[str, tuple[list, list]]:
     """Accuracy against training step from periodic evaluations (`eval_steps.png`): one panel per
-    difficulty value, one line per N. `history`: (step, rows of `evaluate`) in step order."""
+    difficulty value, one line per N. `history`: (step, rows of `evaluate`) in step order. Returns
+    what it drew: label -> (steps, accuracies)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,10 +181,12 @@ def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> None:
                    key=lambda item: (item[0], float(item[1])))
     passes = sorted({row["passes"] for _, rows in history for row in rows})
     figure, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4), squeeze=False)
+    drawn = {}
     for axis, (difficulty, value) in zip(axes[0], items):
         for n in passes:
             points = [(step, row["accuracy"]) for step, rows in history for row in rows
                       if (row["difficulty"], row["value"], row["passes"]) == (difficulty, value, n)]
+            drawn[f"{difficulty}={value} N={n}"] = tuple(list(values) for values in zip(*points))
             axis.plot(*zip(*points), marker=".", label=f"N={n}")
         axis.set_title(f"{difficulty}={value}")
         axis.set_xlabel("step")
@@ -190,3 +197,4 @@ def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return drawn

@@ -33,7 +33,7 @@ def base():
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch' or 'fla'"),
         (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint, grad_passes, detach_every, random_passes, state_norm_bound)"),
         (["modle.pattern=AG"], "modle: unknown key (allowed: model, sleep, data, optimizer, schedule, stages, train, parallel, checkpoint, tracking, eval)"),
-        (["data.path=d", "data.pth=x"], "data.pth: unknown key (allowed: path, generate, num_workers, skip_bad_samples, shard_url_prefix)"),
+        (["data.path=d", "data.pth=x"], "data.pth: unknown key (allowed: path, generate, num_workers, skip_bad_samples, max_skipped_fraction, shard_url_prefix)"),
         (["stages=[{name: a, steps: 2, trian: ['*']}]"], "stages.0.trian: unknown key (allowed: name, steps, epochs, eviction, passes, train)"),
         (["stages=[{name: a}]"], "stages.0.steps: give exactly one of steps and epochs"),
         (["train.steps=null"], "train.steps: required when no stages are given"),

@@ -136,8 +136,9 @@ def data(tmp_path_factory):
 EXPECTED_STEP_SYNCS = {
     # The update guard of our ZeRO-0 fp32 optimizer: whether to skip needs the gradient norm on the host.
     "aten::_local_scalar_dense in step.py:_gradient_norm",
-    # SIGTERM/SIGUSR1 on any rank stops every rank at the same step: a flag agreed over ranks each step.
-    "aten::_local_scalar_dense in trainer.py:_any_rank",
+    # SIGTERM/SIGUSR1 on any rank stops every rank at the same step, and a batch of padding on every
+    # rank is no step: two flags agreed over ranks before each step, in one all-reduce and one read.
+    "aten::_local_scalar_dense in trainer.py:_step_flags",
 }
 
 

@@ -126,3 +126,18 @@ def test_sweep_arguments():
 def test_bad_sweep_values_are_one_line(tmp_path, config):
     result = sweep(config, "sleep.passes=1,0", "--out", str(tmp_path / "sweep"), check=False)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "sleep.passes" in result.stderr
+
+
+def test_evaluation_plots_accuracy_against_n_and_against_step(tmp_path):
+    from sleepscale.eval import metrics, plot, plot_history
+
+    rows = [{"difficulty": "t", "value": t, "passes": n, "accuracy": (10 * t + n) / 128} for t in (0, 2) for n in (1, 2, 4)]
+    drawn = plot(rows, tmp_path / "eval.png")
+    assert drawn == {"t=0": ([1, 2, 4], [1 / 128, 2 / 128, 4 / 128]), "t=2": ([1, 2, 4], [21 / 128, 22 / 128, 24 / 128])}
+    single = plot([row for row in rows if row["passes"] == 2], tmp_path / "single.png")
+    assert single == {"N=2": (["t=0", "t=2"], [2 / 128, 22 / 128])}  # one bar per difficulty, not a point on an axis
+    history = [(step, [{**row, "accuracy": row["accuracy"] * step} for row in rows]) for step in (10, 20)]
+    drawn = plot_history(history, tmp_path / "steps.png")
+    assert drawn["t=2 N=4"] == ([10, 20], [240 / 128, 480 / 128]) and len(drawn) == 6
+    assert set(metrics(rows)) == {f"eval_accuracy_t{t}_N{n}" for t in (0, 2) for n in (1, 2, 4)}
+    assert all(path.stat().st_size > 0 for path in tmp_path.glob("*.png"))

@@ -228,8 +228,8 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
         loader_before = run.loader.state_dict()
         micro_batches = [micro_batch(next(batches), run.shapes, step_sleep, ctx.device)
                          for _ in range(config.train.grad_accumulation)]
-        stop_now, has_samples = _any_rank((run.stop.received is not None, any(batch.tokens for batch in micro_batches)),
-                                          ctx.device)
+        stop_now, has_samples = _step_flags(run.stop.received is not None, any(batch.tokens for batch in micro_batches),
+                                            ctx.device)
         if stop_now:  # the checkpoint resumes with this step's batches
             _save(run, engine, loader_before)
             log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
@@ -578,11 +578,14 @@ def _state_norms(states) -> dict[int, float]:
 
 
 # Scalars travel as tensors on the rank's device: NCCL reduces only device tensors.
-def _any_rank(flags: tuple[bool, ...], device: torch.device) -> tuple[bool, ...]:
-    """For each flag, whether it is set on any rank (one all-reduce)."""
-    tensor = torch.tensor([int(flag) for flag in flags], device=device)
+def _step_flags(stop: bool, has_samples: bool, device: torch.device) -> tuple[bool, bool]:
+    """(whether any rank was asked to stop, whether any rank has a real sample), in one all-reduce
+    and one host read: the maximum over ranks of 2 * stop + has_samples. When no rank stops it is
+    the maximum of has_samples; when one does, has_samples is not needed."""
+    tensor = torch.tensor(2 * int(stop) + int(has_samples), device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tuple(bool(value) for value in tensor.tolist())
+    value = int(tensor.item())
+    return value >= 2, value == 1
 
 
 def _progress_bar(ctx: Distributed, initial: int, stage: Stage):
