@@ -80,7 +80,7 @@ def parse_arguments(arguments: list[str]) -> tuple[list[tuple[str, list[str]]], 
         else:
             axes.append((key, values))
     if not axes:
-        raise ConfigError("sweep: nothing to sweep; give at least one KEY=V1,V2,... (e.g. sleep.passes=1,3)")
+        raise ConfigError("nothing to sweep; give at least one KEY=V1,V2,... (e.g. sleep.passes=1,3)")
     return axes, fixed
 
 
@@ -95,7 +95,7 @@ def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool) -> li
         runs.append(SweepRun(run_name(values), values, [f"{key}={value}" for key, value in values.items()]))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
-        raise ConfigError(f"sweep: values {names} give the same run directory twice; give keys whose last parts differ")
+        raise ConfigError(f"values {names} give the same run directory twice; give keys whose last parts differ")
     configs = [load_config(config_path, fixed + run.overrides) for run in runs]  # every combination must be valid
     if equal_flops:
         runs += _equal_flops_runs(runs, configs)
@@ -206,8 +206,10 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
                 command.append(f"tracking.parent_run_id={parent}")
             logfile = (directory / "logs" / f"{run.name}.log").open("a")
             environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            running[run.name] = (subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=environment),
-                                 time.perf_counter(), run)
+            # Its own session: Ctrl-C in the terminal reaches the sweep only, which passes SIGTERM on (checkpoint).
+            process = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=environment,
+                                       start_new_session=True)
+            running[run.name] = (process, time.perf_counter(), run)
             logfile.close()
             print(f"  started {run.name} ({' '.join(run.overrides)}); log: {directory / 'logs' / (run.name + '.log')}",
                   flush=True)
