@@ -90,7 +90,7 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="runs/norm-defaults")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.part == "init":
         init_statistics(args.widths or [64, 128, 256, 512, 1024], args.init_std)
     else:
