@@ -65,8 +65,8 @@ class ModelConfig(Section):
     intermediate_size: int | None = Field(None, ge=1, description="SwiGLU width; default: fla's rule")
     tie_embeddings: bool = False
     # 1e-6 as fla's GDN models and Qwen3-Next use: at width 64 and init_std 0.02 the GDN gated output
-    # norm's input has a mean square of ~1.7e-5 at initialisation, which 1e-5 would swamp (a run to
-    # the same accuracy took longer; benchmarks/results/norm_defaults.md).
+    # norm's input has a mean square of ~1.7e-5 at initialisation, which 1e-5 would swamp; from width
+    # 512 on either is < 10% of it (benchmarks/results/norm_defaults.md, with the training runs).
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of every RMSNorm (blocks, final, GDN gated output)")
     init_std: float = Field(0.02, gt=0)
     seed: int = 0
