@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sweep_report.add_argument("directory", help="a sweep directory (of `sleepscale sweep` or slurm/sweep.sbatch)")
     sweep_report.add_argument("--tracking-uri", help="MLflow URI to log the report to (default: the sweep's, or "
                               "sqlite in the directory)")
+    convert = commands.add_parser(
+        "convert", help="a Hugging Face checkpoint directory into a sleepscale model directory (model.init_from), or back")
+    convert.add_argument("source", help="a Hugging Face directory (config.json + safetensors) to import; a model directory, "
+                         "run directory or training checkpoint to export")
+    convert.add_argument("out", help="new directory to write")
+    convert.add_argument("--insert-gdn", type=int, metavar="K", help="import: insert a GDN-only block after every K-th "
+                         "block (zero output projection: the outputs stay the source's) and write a two-stage train.yaml")
+    convert.add_argument("--seed", type=int, default=0, help="import: model.seed (initialises inserted blocks)")
     evaluate = commands.add_parser("eval", help="accuracy per difficulty and per N of a checkpoint")
     evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
@@ -133,6 +141,29 @@ def _log_evaluation(checkpoint, config, rows, csv_path, split: str) -> None:
     tracker.log_artifact(csv_path)
     tracker.finish()
     print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")
+
+
+def _convert(args) -> int:
+    from pathlib import Path
+
+    from sleepscale.convert import convert_from_hf, export_to_hf, is_model_dir
+
+    source = Path(args.source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such directory")
+    importing = (source / "config.json").is_file() and not is_model_dir(source)
+    if not importing and args.insert_gdn:
+        raise ConfigError("--insert-gdn applies when importing a Hugging Face checkpoint (a directory with config.json)")
+    if importing:
+        out = convert_from_hf(source, args.out, insert_gdn=args.insert_gdn, seed=args.seed)
+        print(f"wrote {out} (start a run from it with model.init_from={out})")
+        if args.insert_gdn:
+            from sleepscale.convert import INSERTION_CONFIG
+
+            print(f"wrote {out / INSERTION_CONFIG}: the two-stage training config of the insertion recipe")
+    else:
+        print(f"wrote {export_to_hf(source, args.out)}")
+    return 0
 
 
 def _write_data(args) -> None:
@@ -221,12 +252,14 @@ def _sweep_report(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+COMMANDS = {"convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Problems with what the user gave (config, data, paths, arguments) end as one line and exit 2;
     anything else is a bug and keeps its traceback."""
+    from sleepscale.convert.families import UnsupportedCheckpoint
+    from sleepscale.convert.model_dir import ModelDirError
     from sleepscale.data.sample import DataError
 
     parser = _parser()
@@ -237,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args) or 0
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, DataError, ModelDirError, UnsupportedCheckpoint, FileNotFoundError, FileExistsError) as error:
         print(f"sleepscale {args.command}: {error}", file=sys.stderr)
         return 2
 

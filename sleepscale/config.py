@@ -40,21 +40,51 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RopeScalingConfig(Section):
+    """Llama 3's frequency-dependent RoPE scaling (transformers' rope_type 'llama3')."""
+
+    kind: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RopeScalingConfig:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise FieldError("high_freq_factor", f"{self.high_freq_factor} must exceed low_freq_factor {self.low_freq_factor}")
+        return self
+
+
 class AttentionConfig(Section):
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int | None = Field(None, ge=1, description="grouped-query attention; default: num_heads")
     head_dim: int | None = Field(None, ge=2, description="default: hidden_size // num_heads")
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScalingConfig | None = Field(None, description="Llama 3 RoPE scaling; default: none")
+    rotary_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of each head's dimensions that are rotated (partial rotary; Qwen3.5: 0.25)")
+    qkv_bias: bool = Field(False, description="biases on the q/k/v projections (Qwen2)")
+    output_bias: bool = Field(False, description="bias on the output projection (Llama with attention_bias)")
+    qk_norm: bool = Field(False, description="RMSNorm over each head's query and key before rotary (Qwen3, Qwen3.5)")
+    output_gate: bool = Field(
+        False, description="q_proj also yields a per-head gate; output * sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5)")
 
 
 class GDNConfig(Section):
     num_heads: int = Field(4, ge=1)
     head_dim: int | None = Field(None, ge=1, description="key dimension per head; default: hidden_size // num_heads")
     expand_v: float = Field(1.0, gt=0, description="value dimension per head = head_dim * expand_v")
+    num_v_heads: int | None = Field(
+        None, ge=1, description="grouped value heads: a multiple of num_heads, each key head serving "
+        "num_v_heads / num_heads consecutive value heads (Qwen3.5, OLMo-Hybrid); default: num_heads")
     conv_size: int = Field(4, ge=1)
 
 
 class ModelConfig(Section):
+    init_from: str | None = Field(
+        None, description="a model directory (`sleepscale convert`) whose weights a new run starts from; the rest of "
+        "this section is filled from it, and what is given must agree with it")
     vocab_size: int = Field(ge=2)
     hidden_size: int = Field(ge=2)
     pattern: str = Field(
@@ -68,6 +98,9 @@ class ModelConfig(Section):
     # norm's input has a mean square of ~1.7e-5 at initialisation, which 1e-5 would swamp; from width
     # 512 on either is < 10% of it (benchmarks/results/norm_defaults.md, with the training runs).
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of every RMSNorm (blocks, final, GDN gated output)")
+    zero_centered_norms: bool = Field(
+        False, description="RMSNorms scale by (1 + weight), weights stored around zero (Qwen3-Next, Qwen3.5); the "
+        "GDN gated output norm is not affected")
     init_std: float = Field(0.02, gt=0)
     seed: int = 0
     backend: Literal["auto", "torch", "fla"] = Field(
@@ -107,6 +140,12 @@ class ModelConfig(Section):
             )
         if self.attention_head_dim % 2:
             raise FieldError("attention.head_dim", f"{self.attention_head_dim} must be even (rotary embeddings)")
+        if self.gdn_v_heads % self.gdn.num_heads:
+            raise FieldError("gdn.num_v_heads", f"{self.gdn_v_heads} must be a multiple of gdn.num_heads {self.gdn.num_heads}")
+        rotary = self.attention_head_dim * self.attention.rotary_fraction
+        if rotary != int(rotary) or int(rotary) % 2:
+            raise FieldError("attention.rotary_fraction", f"head_dim {self.attention_head_dim} * {self.attention.rotary_fraction} "
+                             "must be an even integer (the rotated dimensions)")
         value_dim = self.gdn_head_dim * self.gdn.expand_v
         if value_dim != int(value_dim):
             raise FieldError("gdn.expand_v", f"head_dim {self.gdn_head_dim} * expand_v {self.gdn.expand_v} is not an integer")
@@ -154,6 +193,14 @@ class ModelConfig(Section):
     @property
     def attention_head_dim(self) -> int:
         return self.attention.head_dim or self.hidden_size // self.attention.num_heads
+
+    @property
+    def gdn_v_heads(self) -> int:
+        return self.gdn.num_v_heads or self.gdn.num_heads
+
+    @property
+    def attention_rotary_dim(self) -> int:
+        return int(self.attention_head_dim * self.attention.rotary_fraction)
 
     @property
     def gdn_head_dim(self) -> int:
@@ -456,15 +503,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            if isinstance(node, list):  # an item of a list of sections: `stages.0.steps=2`
+                child = node[_list_index(node, part, override)]
+            else:
+                child = node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
                 raise ConfigError(f"override {override!r}: {part} is a value, not a section")
             node = child
         try:
-            node[leaf] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as error:
             raise ConfigError(f"override {override!r}: value is not valid YAML ({error.problem})") from None
+        node[_list_index(node, leaf, override) if isinstance(node, list) else leaf] = value
     return data
+
+
+def _list_index(items: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"override {override!r}: {part} is not an index of a list of {len(items)} (0 to {len(items) - 1})")
+    return int(part)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -481,4 +538,49 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections model and sleep")
-    return validate(apply_overrides(data, list(overrides)))
+    return validate(with_init_source(apply_overrides(data, list(overrides))))
+
+
+# Model fields a run may set differently from its `model.init_from` source (they change no weight's meaning).
+FREE_OF_SOURCE = ("init_from", "seed", "backend", "loop", "init_std")
+
+
+def with_init_source(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its model section completed from `model.init_from`'s, after checking that every
+    architecture field the config gives agrees with the source (pipeline '|' marks may be added)."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("init_from"):
+        return data
+    from sleepscale.convert.model_dir import ModelDirError, read_description
+
+    try:
+        source = ModelConfig(**read_description(model["init_from"])["model"]).model_dump(mode="json")
+    except ModelDirError as error:
+        raise ConfigError(f"model.init_from: {error}") from None
+    for key, value in model.items():
+        if key in FREE_OF_SOURCE:
+            continue
+        if key == "pattern" and isinstance(value, str):
+            value = value.replace(STAGE_BOUNDARY, "")
+        found = _disagreement(key, value, source.get(key))
+        if found:
+            field, given, theirs = found
+            raise ConfigError(f"model.{field}: the config gives {given!r}, model.init_from {model['init_from']} has "
+                              f"{theirs!r}; remove it from the config (it is filled from the source) or make it agree")
+    # Given fields agree with the source's; take the source's (complete) section, the free fields and '|' marks as given.
+    free = {key: model[key] for key in (*FREE_OF_SOURCE, "pattern") if key in model}
+    return {**data, "model": {**source, **free}}
+
+
+def _disagreement(key: str, given: Any, source: Any) -> tuple[str, Any, Any] | None:
+    """(dotted field, given value, source value) of the first given model value that differs from
+    the source's, or None."""
+    if isinstance(given, dict) and isinstance(source, dict):
+        for sub, value in given.items():
+            found = _disagreement(f"{key}.{sub}", value, source.get(sub))
+            if found:
+                return found
+        return None
+    if isinstance(given, (list, tuple)) and isinstance(source, (list, tuple)):
+        given, source = list(given), list(source)
+    return None if given == source else (key, given, source)

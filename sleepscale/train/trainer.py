@@ -137,7 +137,14 @@ def run_training(config: Config) -> int:
     )
     _check_vocabulary(config, loader)
     stages = _plan_stages(config, loader)
+    checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
+    resume_from = checkpointer.latest()
     hybrid = build_model(config.model)
+    if config.model.init_from and resume_from is None:
+        from sleepscale.convert.model_dir import load_weights
+
+        load_weights(hybrid, config.model.init_from)
+        log.info("weights from %s", config.model.init_from)
     if config.parallel.tensor > 1:
         from sleepscale.parallel.tensor import parallelize_tensor
 
@@ -155,11 +162,10 @@ def run_training(config: Config) -> int:
     model = SleepingModel(hybrid)
     with torch.device("meta"):
         shapes = HybridLM(config.model)
-    checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
     tracker = Tracker(config, run_dir, enabled=ctx.is_main)
     stop = StopSignal()
 
-    progress, resume_from = Progress(), checkpointer.latest()
+    progress = Progress()
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer.json").read_text())
         _check_resumable(saved, config, ctx)

@@ -1,0 +1,227 @@
+"""`sleepscale convert`: tiny random transformers models, saved with save_pretrained, converted,
+against the transformers models themselves; round trips; insertion; refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from sleepscale.config import ConfigError, load_config, validate
+from sleepscale.convert import convert_from_hf, export_to_hf
+from sleepscale.convert.model_dir import SafetensorsFiles, load_weights, read_description
+from sleepscale.model import build_model
+from sleepscale.sleep import sleep_forward
+
+VOCAB, LENGTH = 64, 24
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _hf_config(family: str):
+    import transformers
+
+    if family == "llama":  # biases on all four projections, Llama 3 RoPE scaling
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        return transformers.LlamaConfig(**COMMON, attention_bias=True, rope_parameters=rope)
+    if family == "qwen2":  # q/k/v biases, tied embeddings
+        return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
+    if family == "qwen3":  # per-head q/k norms, head_dim not hidden / heads
+        return transformers.Qwen3Config(**COMMON, head_dim=16)
+    if family == "qwen3_5":  # GDN with grouped value heads, gated partial-rotary attention, zero-centred norms
+        return transformers.Qwen3_5TextConfig(
+            **COMMON, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+            linear_value_head_dim=12, layer_types=["linear_attention", "full_attention"] * 2)
+    raise ValueError(family)
+
+
+def _torch_gdn_path():
+    """transformers picks fla's Triton kernels when fla is importable; use its PyTorch reference."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
+        function = getattr(qwen3_5, name)
+        setattr(qwen3_5, name, getattr(function, "__wrapped__", function))
+
+
+def _hf_model(family: str):
+    import transformers
+
+    _torch_gdn_path()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).eval()
+    with torch.no_grad():  # values away from the initialisation everywhere, norms and biases included
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_5"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def converted(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    hf = _hf_model(family)
+    hf.save_pretrained(root / "hf", max_shard_size="40KB")  # several shards, read lazily
+    ours_dir = convert_from_hf(root / "hf", root / "ours")
+    description = read_description(ours_dir)
+    return family, hf, root, ours_dir, description
+
+
+def _ours(ours_dir, window: int, passes: int = 1, eviction: str = "hard"):
+    config = validate({"model": read_description(ours_dir)["model"],
+                       "sleep": {"window": window, "passes": passes, "eviction": eviction}, "train": {"steps": 1}})
+    model = build_model(config.model).eval()
+    load_weights(model, ours_dir)
+    return model, config
+
+
+def _ids():
+    return torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def test_converted_model_gives_the_transformers_logits(converted):
+    _, hf, _, ours_dir, _ = converted
+    model, config = _ours(ours_dir, window=LENGTH)
+    with torch.no_grad():
+        expected = hf(_ids()).logits
+        logits = sleep_forward(model, _ids(), config.sleep).logits
+    assert relative_error(logits, expected) < 1e-5
+
+
+def _hf_window_by_window(hf, ids, window: int):
+    """The transformers model over each window in turn: attention and convolutions start afresh in
+    every window, the GDN layers' recurrent state is carried (hard eviction, N=1)."""
+    from transformers import DynamicCache
+
+    logits, carried = [], {}
+    gdn_layers = [i for i, kind in enumerate(getattr(hf.config, "layer_types", None) or []) if kind == "linear_attention"]
+    for start in range(0, ids.shape[1], window):
+        cache = DynamicCache(config=hf.config) if gdn_layers else None
+        for layer, (conv, recurrent) in carried.items():  # a cache holds a recurrent state only beside a conv state
+            cache.update_conv_state(torch.zeros_like(conv), layer)
+            cache.update_recurrent_state(recurrent, layer)
+        logits.append(hf(ids[:, start : start + window], cache=cache, use_cache=cache is not None).logits)
+        carried = {layer: (cache.get_conv_state(layer).clone(), cache.get_recurrent_state(layer).clone()) for layer in gdn_layers}
+    return torch.cat(logits, dim=1)
+
+
+def test_windows_with_hard_eviction_match_transformers_window_by_window(converted):
+    _, hf, _, ours_dir, _ = converted
+    model, config = _ours(ours_dir, window=8)
+    with torch.no_grad():
+        expected = _hf_window_by_window(hf, _ids(), 8)
+        logits = sleep_forward(model, _ids(), config.sleep).logits
+    assert relative_error(logits, expected) < 1e-5
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_converted_model_sleeps(converted, eviction):
+    _, _, _, ours_dir, _ = converted
+    model, config = _ours(ours_dir, window=8, passes=3, eviction=eviction)
+    targets = _ids().roll(-1, dims=1)
+    out = sleep_forward(model, _ids(), config.sleep, targets=targets)
+    out.loss.backward()
+    assert torch.isfinite(out.logits).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_partial_loop_on_a_converted_model(converted):
+    _, _, _, ours_dir, description = converted
+    section = {**description["model"], "loop": [1, 3]}
+    config = validate({"model": section, "sleep": {"window": 8, "passes": 3}, "train": {"steps": 1}})
+    model = build_model(config.model)
+    load_weights(model, ours_dir)
+    with torch.no_grad():
+        assert torch.isfinite(sleep_forward(model, _ids(), config.sleep).logits).all()
+
+
+def test_export_round_trip_is_bit_exact(converted):
+    _, _, root, ours_dir, _ = converted
+    back = export_to_hf(ours_dir, root / "back")
+    original, exported = SafetensorsFiles(root / "hf"), SafetensorsFiles(back)
+    assert sorted(original.names()) == sorted(exported.names())
+    for name in original.names():
+        assert torch.equal(original.get(name), exported.get(name)), name
+    assert json.loads((back / "config.json").read_text()) == json.loads((root / "hf" / "config.json").read_text())
+
+
+def test_config_fills_the_model_section_from_init_from(converted, tmp_path):
+    _, _, _, ours_dir, description = converted
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"init_from": str(ours_dir), "pattern": description["model"]["pattern"],
+                                              "seed": 3}, "sleep": {"window": 8}, "train": {"steps": 1}}))
+    config = load_config(path)
+    assert config.model.hidden_size == 32 and config.model.seed == 3 and config.model.init_from == str(ours_dir)
+    with pytest.raises(ConfigError, match=r"model.hidden_size: the config gives 64, model.init_from .* has 32"):
+        load_config(path, ["model.hidden_size=64"])
+
+
+def test_insertion_keeps_the_logits_and_writes_the_two_stage_config(tmp_path):
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours", insert_gdn=2)
+    description = read_description(ours_dir)
+    assert description["model"]["pattern"] == "AAgAAg" and description["inserted_blocks"] == [2, 5]
+    model, config = _ours(ours_dir, window=LENGTH)
+    with torch.no_grad():
+        assert relative_error(sleep_forward(model, _ids(), config.sleep).logits, hf(_ids()).logits) < 1e-5
+    recipe = yaml.safe_load((ours_dir / "train.yaml").read_text())
+    first, second = recipe["stages"]
+    assert (first["eviction"], first["train"], second["eviction"], second["train"]) == (
+        "hard", ["layers.2.*", "layers.5.*"], "sliding", ["*"])
+    with pytest.raises(Exception, match="inserted"):
+        export_to_hf(ours_dir, tmp_path / "back")
+
+
+def test_insertion_recipe_trains_the_inserted_blocks_first(tmp_path):
+    from sleepscale.data.build import build_task_dataset
+    from sleepscale.data.rule110 import Rule110Task
+    from sleepscale.train.checkpoint import load_model_from_checkpoint
+    from train_helpers import train
+
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours", insert_gdn=2)
+    build_task_dataset(Rule110Task([0, 1], 8, 2), tmp_path / "data", 0, 64, 16, 32)
+    run = tmp_path / "run"
+    train(ours_dir / "train.yaml", f"data.path={tmp_path / 'data'}", f"train.run_dir={run}", "sleep.window=8",
+          "stages.0.steps=2", "stages.1.steps=2", "checkpoint.every=2", "checkpoint.keep=2", "train.micro_batch_size=4",
+          "optimizer.lr=0.01")
+    initial, _ = _ours(ours_dir, window=8)
+    initial = initial.state_dict()
+    after_first, _ = load_model_from_checkpoint(run / "checkpoints" / "step-000002")
+    after_both, _ = load_model_from_checkpoint(run / "checkpoints" / "step-000004")
+    for name, tensor in after_first.state_dict().items():
+        inserted = name.startswith(("layers.2.", "layers.5."))
+        assert torch.equal(tensor, initial[name]) != inserted, name
+    assert not torch.equal(after_both.state_dict()["layers.0.attn.q_proj.weight"], initial["layers.0.attn.q_proj.weight"])
+
+
+def _convert_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sleepscale.cli", "convert", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"model_type": "qwen3_moe", "num_experts": 8}, "config.json num_experts=8: mixture-of-experts is not supported"),
+    ({"model_type": "gpt2"}, "config.json model_type='gpt2' is not supported by sleepscale (supported: llama"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "config.json hidden_act='gelu'"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type='yarn'"),
+])
+def test_unsupported_checkpoints_are_one_line(tmp_path, config, message):
+    source = tmp_path / "hf"
+    source.mkdir()
+    base = json.loads(_hf_config("llama").to_json_string())
+    (source / "config.json").write_text(json.dumps({**base, **config}))
+    result = _convert_cli(source, tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
