@@ -4,9 +4,9 @@ The plan says, per window, which passes run over which block ranges, which carry
 is checkpointed; `plan_flops` walks it and adds up the matrix products of the forward, backward and
 recomputation over the whole batch, counted as `torch.utils.flop_counter.FlopCounterMode` counts
 them (2 FLOPs per multiply-add of every mm/bmm, its formulas for scaled dot-product attention).
-Elementwise work (norms, activations, rotary, short convolutions, gates, decays, the loss), the
-embedding and the triangular solves' own work are not counted (FlopCounterMode has no formula for
-them). `tests/test_flops.py` holds the count to FlopCounterMode on real CPU steps, where it is
+Elementwise work (norms, activations, rotary, short convolutions, gates, biases, decays, the loss),
+the embedding and the triangular solves' own work are not counted (FlopCounterMode has no formula
+for them). `tests/test_flops.py` holds the count to FlopCounterMode on real CPU steps, where it is
 exact; there attention runs as a CPU kernel FlopCounterMode has no formula for (it would count 0),
 so the tests give that kernel torch's own attention formulas.
 
@@ -18,10 +18,11 @@ window's sleep passes run for the whole batch even when only some sequences keep
   4 d per query, key and head (scores and weighted values). Keys: the window's own, plus under
   sliding eviction the retained tail (at most `window` - 1) the window started with, on every pass;
 - Gated DeltaNet, as the CPU delta rule computes it (`sleepscale.ops.delta_rule_torch`): the window
-  in n chunks of C = fitted_chunk_size(L) (zero-padded), per chunk and head 4 C^2 d_k + 2 C^2 d_v
-  + 6 C d_k d_v. On a GPU, fla's kernel computes the same products in chunks of 64 whatever the
-  window (and FlopCounterMode sees none of its Triton work): there this count is the CPU
-  algorithm's, a close estimate rather than a measurement.
+  in n chunks of C = fitted_chunk_size(L) (zero-padded), per chunk and value head (grouped value
+  heads repeat their key head's queries and keys) 4 C^2 d_k + 2 C^2 d_v + 6 C d_k d_v. On a GPU,
+  fla's kernel computes the same products in chunks of 64 whatever the window (and FlopCounterMode
+  sees none of its Triton work): there this count is the CPU algorithm's, a close estimate rather
+  than a measurement.
 
 Backward is what autograd runs: only passes that carry gradient (`PassPlan.grad`), and in them only
 what reaches the loss. A block's run has three outputs (`Live`): its hidden states (read by the next
@@ -122,7 +123,7 @@ def _attention(mixer: Attention, queries: int, keys: int, live: Live) -> tuple[f
 def _delta_rule(mixer: GatedDeltaNet, sequences: int, length: int, live: Live, state_grad: bool) -> tuple[float, float]:
     """(forward, backward) of the chunked delta rule over a window of `length` tokens for `sequences`
     sequences; `state_grad`: the fast weights it starts from require grad. Per chunk of C tokens
-    and head, with S the chunk's starting state and E its new values (see delta_rule_torch):
+    and value head, with S the chunk's starting state and E its new values (see delta_rule_torch):
     forward K_beta K^T and Q K^T (2 C^2 d_k each), W S, Q S and K^T E (2 C d_k d_v each), and
     (Q K^T * decay) E (2 C^2 d_v); backward the same per needed product and operand that requires
     grad, and the matmul in each solve's backward."""
@@ -136,7 +137,7 @@ def _delta_rule(mixer: GatedDeltaNet, sequences: int, length: int, live: Live, s
         backward += (chunks - 1 + live.memory) * 4 * c * k * v  # the state updates whose result is read
     if live.hidden:  # the output: Q K^T, A E and Q S
         backward += chunks * (4 * c * c * k + 4 * c * c * v + 2 * c * k * v) + starts_with_grad * 2 * c * k * v
-    scale = sequences * mixer.num_heads
+    scale = sequences * mixer.num_v_heads
     return float(scale * forward), float(scale * backward)
 
 

@@ -1,5 +1,6 @@
-"""Runs fla's own GatedDeltaNet layer and GatedDeltaNetForCausalLM (through its Triton kernels,
-interpreted on the CPU, float32) and saves weights, inputs and outputs for test_fla_parity.py.
+"""Runs fla's own GatedDeltaNet layer (plain and with grouped value heads) and GatedDeltaNetForCausalLM
+(through its Triton kernels, interpreted on the CPU, float32) and saves weights, inputs and outputs
+for test_fla_parity.py.
 
 A separate process because it patches Triton and imports fla (~10 s), which the rest of the test
 suite must not see. Usage: python tests/fla_outputs.py OUT.pt
@@ -25,8 +26,10 @@ def main(path):
     layer = GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=4, expand_v=1.5, conv_size=4, norm_eps=1e-5)
     randomize(layer, generator)
     layer_input = torch.randn(2, 70, 32, generator=generator)  # 70: not a multiple of fla's chunk of 64
+    grouped = GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1.5, conv_size=4, norm_eps=1e-5)
+    randomize(grouped, generator)
     with torch.no_grad():
-        layer_output = layer(layer_input)[0]
+        layer_output, grouped_output = layer(layer_input)[0], grouped(layer_input)[0]
 
     config = GatedDeltaNetConfig(
         hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=1.0, vocab_size=50,
@@ -40,6 +43,7 @@ def main(path):
     torch.save(
         {
             "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
+            "grouped_state": grouped.state_dict(), "grouped_output": grouped_output,
             "model_config": config.to_dict(), "model_state": model.state_dict(), "input_ids": input_ids, "logits": logits,
         },
         path,

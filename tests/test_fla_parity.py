@@ -42,6 +42,16 @@ def test_gdn_layer_with_fla_weights_matches_fla_layer(fla_outputs):
     assert relative_error(out, fla_outputs["layer_output"]) < 1e-5
 
 
+def test_gdn_layer_with_grouped_value_heads_matches_fla_layer(fla_outputs):
+    """Four value heads on two key heads: the weight layout and which key head each value head reads."""
+    layer = GatedDeltaNet(hidden_size=32, num_heads=2, head_dim=8, expand_v=1.5, conv_size=4, norm_eps=1e-5, num_v_heads=4)
+    layer.load_state_dict(fla_outputs["grouped_state"], strict=True)
+    x = fla_outputs["layer_input"]
+    with torch.no_grad():
+        out, _ = layer(x, layer.initial_state(x.shape[0]))
+    assert relative_error(out, fla_outputs["grouped_output"]) < 1e-5
+
+
 def test_fla_model_converts_and_matches(fla_outputs):
     model_section = model_config_from_fla(fla_outputs["model_config"])
     config = validate({"model": model_section, "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}})
@@ -60,7 +70,6 @@ def test_fla_model_converts_and_matches(fla_outputs):
     "override,message",
     [
         ({"use_gate": False}, "use_gate=False"),
-        ({"num_v_heads": 4}, "grouped value heads"),
         ({"attn": {"layers": [0], "num_heads": 2, "window_size": 64}}, "window_size"),
     ],
 )
@@ -78,3 +87,9 @@ def test_fla_hybrid_config_maps_attention_layers():
         }
     )
     assert section["pattern"] == "GAGA" and section["attention"] == {"num_heads": 4, "num_kv_heads": 2, "rope_theta": 10000.0}
+
+
+def test_fla_grouped_value_heads_map_to_gdn_num_v_heads():
+    fla_config = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50}
+    assert model_config_from_fla({**fla_config, "num_v_heads": 4})["gdn"]["num_v_heads"] == 4
+    assert model_config_from_fla({**fla_config, "num_v_heads": None})["gdn"]["num_v_heads"] == 2

@@ -55,6 +55,18 @@ def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes
     assert planned == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.parametrize("checkpoint", ["none", "pass"])
+def test_plan_flops_with_the_options_of_pretrained_checkpoints(checkpoint):
+    """q_proj's doubled rows (output gate) count through its weight; biases, q/k norms and partial
+    rotary add nothing; the delta rule runs per value head (two per key head)."""
+    model = {"attention": {"num_heads": 2, "num_kv_heads": 1, "rotary_fraction": 0.5, "qkv_bias": True, "output_bias": True,
+                           "qk_norm": True, "output_gate": True},
+             "gdn": {"num_heads": 2, "num_v_heads": 4, "expand_v": 1.5}, "zero_centered_norms": True}
+    config = make_config("AGAG", window=WINDOW, passes=3, checkpoint=checkpoint, eviction="sliding", model=model)
+    planned, counted = planned_and_counted(config, *batch())
+    assert planned == pytest.approx(counted, rel=0.02)
+
+
 def test_plan_flops_when_some_sequences_sleep():
     """sleep_on: context, the first window slept on by one sequence of two (the other keeps its wake
     states): the sleep passes still run for both."""

@@ -15,12 +15,13 @@ from train_helpers import free_port
 
 
 def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_passes(tmp_path):
+    """Also with every option of pretrained checkpoints on (case sliding-features-fp64)."""
     out = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     "tests/parallel_tensor_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
-    assert set(report) == {"hard", "sliding", "hard-tied", "sliding-fp64"}
+    assert set(report) == {"hard", "sliding", "hard-tied", "sliding-fp64", "sliding-features-fp64"}
     for case, result in report.items():
         assert result["grad_names_match"] and result["gdn_state_is_own_heads"], case
         tolerance = 1e-12 if case.endswith("fp64") else 1e-5

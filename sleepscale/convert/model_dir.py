@@ -140,11 +140,12 @@ class SafetensorsFiles:
     def shape(self, name: str) -> list[int]:
         return self._file(name).get_slice(name).get_shape()
 
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor, or only its rows [start, stop) (read without the rest)."""
-        if rows is None:
+    def get(self, name: str, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only its rows [start, stop) or columns (read without the rest)."""
+        if rows is None and columns is None:
             return self._file(name).get_tensor(name)
-        return self._file(name).get_slice(name)[rows[0] : rows[1]]
+        part = self._file(name).get_slice(name)
+        return part[rows[0] : rows[1]] if columns is None else part[:, columns[0] : columns[1]]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
@@ -152,19 +153,49 @@ class SafetensorsFiles:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, directory: str | Path) -> None:
-    """Copies the model directory's weights into `model` (unsharded, built from the directory's
-    model section), casting to the model's dtype. Every parameter must be present and every tensor
-    used: a partial load would train from a silently half-random model."""
+def load_weights(model: torch.nn.Module, directory: str | Path, tensor_group=None, device: torch.device | str = "cpu") -> None:
+    """Copies the model directory's weights into `model`, casting to each parameter's dtype.
+
+    `model` may be whole, or this rank's part of it: tensor-parallel shards (`parallelize_tensor`)
+    and a pipeline stage's blocks (the others replaced by `nn.Identity`). Parameters still on the
+    meta device are materialised on `device` first, and a tensor-parallel shard is read alone
+    (its rows or columns of the stored tensor), so no rank ever holds a whole model. Every
+    parameter must be found: a partial load would train a silently half-random model."""
     files = SafetensorsFiles(directory)
     parameters = dict(model.named_parameters())  # tied weights once, under their first name
     missing = [name for name in parameters if name not in files]
-    unused = [name for name in files.names() if name not in parameters]
-    if missing or unused:
-        raise ModelDirError(f"{directory}: weights do not match the model (missing {missing[:3]}, unexpected {unused[:3]}); "
-                            "was model.init_from's model section edited?")
+    if missing:
+        raise ModelDirError(f"{directory}: no weights for {missing[:3]}; was model.init_from's model section edited?")
+    modules = dict(model.named_modules())
     for name, parameter in parameters.items():
-        tensor = files.get(name)
-        if tuple(tensor.shape) != tuple(parameter.shape):
-            raise ModelDirError(f"{directory}: {name} has shape {tuple(tensor.shape)}, the model {tuple(parameter.shape)}")
-        parameter.copy_(tensor)
+        value = _read_part(files, name, parameter, tensor_group)
+        if tuple(value.shape) != tuple(parameter.shape):
+            raise ModelDirError(f"{directory}: {name} has shape {tuple(value.shape)}, the model {tuple(parameter.shape)}")
+        if parameter.is_meta:
+            module_name, _, attribute = name.rpartition(".")
+            real = torch.nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device=device),
+                                      requires_grad=parameter.requires_grad)
+            real.__dict__.update(parameter.__dict__)  # tensor-parallel marks
+            setattr(modules[module_name], attribute, real)
+            parameter = real
+        parameter.copy_(value)
+
+
+def _read_part(files: SafetensorsFiles, name: str, parameter: torch.nn.Parameter, tensor_group) -> torch.Tensor:
+    """The stored tensor, or only this rank's tensor-parallel shard of it."""
+    from sleepscale.parallel.tensor import shard_slice
+
+    part = shard_slice(parameter, tensor_group) if tensor_group is not None else None
+    if part is None:
+        return files.get(name)
+    dim, start, stop, stored_rows = part
+    shape = files.shape(name)
+    if dim == 0:
+        value = files.get(name, (start, min(stop, stored_rows))) if start < stored_rows else None
+    else:
+        value = files.get(name, columns=(start, stop))
+    if dim == 0 and (value is None or value.shape[0] < stop - start):  # vocabulary padding beyond the stored rows
+        padding = torch.zeros(stop - start - (0 if value is None else value.shape[0]), *shape[1:],
+                              dtype=parameter.dtype)
+        value = padding if value is None else torch.cat([value.to(parameter.dtype), padding])
+    return value

@@ -9,23 +9,34 @@ inside the window. Under sliding eviction the state retains the last `span - 1` 
 making the same code a sliding-window attention across windows. Keys are retained before rotation
 and rotated on use: rotary scores depend only on relative positions, so the tail's positions simply
 precede the window's.
+
+Options that pretrained Llama / Qwen2 / Qwen3 / Qwen3.5 checkpoints need, all off by default and
+laid out as transformers lays them out so that their weights load unchanged: biases on q/k/v
+(`qkv_bias`) and on o_proj (`output_bias`); `q_norm` and `k_norm`, an RMSNorm over each head's
+query and key before rotary (`qk_norm`; retained keys are normed, being the keys, but not rotated);
+partial rotary (only each head's first `rotary_dim` dimensions rotate); Llama 3's RoPE scaling; and
+Qwen3.5's output gate (`output_gate`): q_proj yields per head [query, gate], and the attention output
+is multiplied by sigmoid(gate) before o_proj.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sleepscale.config import RopeScalingConfig
+from sleepscale.model.norm import RMSNorm
 from sleepscale.model.state import MixerState
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionState(MixerState):
     span: int  # keys a query may see, itself included
-    keys: torch.Tensor | None = None  # [batch, kv_heads, tail, head_dim], before rotation
+    keys: torch.Tensor | None = None  # [batch, kv_heads, tail, head_dim], after k_norm, before rotation
     values: torch.Tensor | None = None
 
     def evicted(self) -> AttentionState:
@@ -35,41 +46,90 @@ class AttentionState(MixerState):
         return window_start
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form) of x [batch, heads, time, head_dim] at integer positions [time]."""
-    half = x.shape[-1] // 2
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=dtype) / half)
-    angles = positions.to(dtype)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.to(dtype)[..., :half], x.to(dtype)[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+def inverse_frequencies(
+    rotary_dim: int, theta: float, scaling: RopeScalingConfig | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """RoPE's rotary_dim / 2 inverse frequencies theta^(-2i / rotary_dim), Llama-3-scaled if asked."""
+    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, device=device, dtype=dtype) / rotary_dim)
+    return inv_freq if scaling is None else llama3_scaled(inv_freq, scaling)
+
+
+def llama3_scaled(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch.Tensor:
+    """Llama 3's RoPE scaling (transformers' rope_type 'llama3'), which stretches the context by
+    `factor` without touching what short-range attention relies on. With r the number of periods a
+    frequency completes over the original context: r >= high_freq_factor keeps the frequency,
+    r <= low_freq_factor divides it by `factor`, and in between the two mix linearly in r."""
+    wavelength = 2 * math.pi / inv_freq
+    periods = scaling.original_max_position_embeddings / wavelength
+    kept = ((periods - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - kept) * inv_freq / scaling.factor + kept * inv_freq
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form) of x [batch, heads, time, head_dim] with cos and sin
+    [time, rotary_dim / 2]: the first rotary_dim dimensions rotate, the rest pass unchanged."""
+    half = cos.shape[-1]
+    wide = x.to(cos.dtype)
+    x1, x2 = wide[..., :half], wide[..., half : 2 * half]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, wide[..., 2 * half :]], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rope_theta: float = 10000.0):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rope_theta: float = 10000.0,
+        *,
+        rotary_dim: int | None = None,
+        rope_scaling: RopeScalingConfig | None = None,
+        qkv_bias: bool = False,
+        output_bias: bool = False,
+        qk_norm: bool = False,
+        output_gate: bool = False,
+        norm_eps: float = 1e-6,
+        zero_centered_norms: bool = False,
+    ):
+        """`rotary_dim`: the rotated dimensions of each head (default: all); `norm_eps` and
+        `zero_centered_norms` configure q_norm and k_norm."""
         super().__init__()
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"the rotary dimensions must be even and at most head_dim {head_dim}, got {rotary_dim}")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.rope_theta = rope_theta
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.rotary_dim = rotary_dim
+        self.rope_scaling = rope_scaling
+        self.output_gate = output_gate
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=output_bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, norm_eps, zero_centered_norms)
+            self.k_norm = RMSNorm(head_dim, norm_eps, zero_centered_norms)
+        else:
+            self.q_norm = self.k_norm = None
 
     def initial_state(self, batch_size: int, span: int) -> AttentionState:
         return AttentionState(span)
 
     def forward(self, x: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
-        batch, length, _ = x.shape
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        length = x.shape[1]
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, -1))  # per head: the query, then the gate if any
+        if self.output_gate:
+            q, gate = q.chunk(2, dim=-1)
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if state.keys is not None:
             k = torch.cat([state.keys, k], dim=2)
             v = torch.cat([state.values, v], dim=2)
@@ -77,19 +137,26 @@ class Attention(nn.Module):
         key_positions = torch.arange(k.shape[2], device=x.device)
         query_positions = key_positions[tail:]
 
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        inv_freq = inverse_frequencies(self.rotary_dim, self.rope_theta, self.rope_scaling, dtype, x.device)
+        angles = key_positions.to(dtype)[:, None] * inv_freq[None, :]
+        cos, sin = angles.cos(), angles.sin()
+
         distance = query_positions[:, None] - key_positions[None, :]
         if tail == 0 and length <= state.span:
             mask, is_causal = None, True
         else:
             mask, is_causal = (distance >= 0) & (distance < state.span), False
         out = F.scaled_dot_product_attention(
-            rotate(q, query_positions, self.rope_theta),
-            rotate(k, key_positions, self.rope_theta),
+            rotate(q, cos[tail:], sin[tail:]),
+            rotate(k, cos, sin),
             v,
             attn_mask=mask,
             is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        ).transpose(1, 2).flatten(-2)
+        if self.output_gate:
+            out = out * torch.sigmoid(gate.flatten(-2))
         keep = state.span - 1
         new_state = AttentionState(state.span, k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :])
-        return self.o_proj(out.transpose(1, 2).flatten(-2)), new_state
+        return self.o_proj(out), new_state

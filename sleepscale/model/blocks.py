@@ -13,18 +13,21 @@ from torch import nn
 
 from sleepscale.model.attention import Attention
 from sleepscale.model.mlp import SwiGLU
+from sleepscale.model.norm import RMSNorm
 from sleepscale.model.state import MixerState
 
 
 class Block(nn.Module):
-    def __init__(self, mixer: nn.Module, hidden_size: int, intermediate_size: int | None, norm_eps: float):
+    def __init__(
+        self, mixer: nn.Module, hidden_size: int, intermediate_size: int | None, norm_eps: float, zero_centered_norms: bool = False
+    ):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
+        self.attn_norm = RMSNorm(hidden_size, norm_eps, zero_centered_norms)
         self.attn = mixer
         if intermediate_size is None:
             self.mlp_norm = self.mlp = None
         else:
-            self.mlp_norm = nn.RMSNorm(hidden_size, eps=norm_eps)
+            self.mlp_norm = RMSNorm(hidden_size, norm_eps, zero_centered_norms)
             self.mlp = SwiGLU(hidden_size, intermediate_size)
 
     def initial_state(self, batch_size: int, span: int, device: torch.device | None = None) -> MixerState:

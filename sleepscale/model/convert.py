@@ -44,7 +44,6 @@ def model_config_from_fla(fla_config: dict[str, Any]) -> dict[str, Any]:
         ("attnres_block_size", lambda v: v is not None, "attention residuals"),
         ("output_gate_activation", lambda v: v not in (None, "swish", "silu"), "an output gate other than swish"),
         ("hidden_act", lambda v: v not in (None, "swish"), "an MLP activation other than swish"),
-        ("num_v_heads", lambda v: v not in (None, fla_config.get("num_heads")), "grouped value heads"),
     ]
     for key, is_refused, feature in refused:
         if is_refused(fla_config.get(key)):
@@ -71,6 +70,7 @@ def model_config_from_fla(fla_config: dict[str, Any]) -> dict[str, Any]:
             "num_heads": fla_config["num_heads"],
             "head_dim": fla_config["head_dim"],
             "expand_v": fla_config.get("expand_v", 2.0),
+            "num_v_heads": fla_config.get("num_v_heads") or fla_config["num_heads"],
             "conv_size": fla_config.get("conv_size", 4),
         },
     }

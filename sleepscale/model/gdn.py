@@ -1,10 +1,15 @@
 """Gated DeltaNet token mixer with fla's `GatedDeltaNet` parameter layout.
 
 Same parameter names, shapes and maths as `fla.layers.GatedDeltaNet` (use_gate=True,
-use_short_conv=True, conv_bias=False, num_v_heads == num_heads), so weights move between the two
-unchanged (see `sleepscale.model.convert`). Differences, all needed by sleep: the recurrent state is
-an explicit input and output with gradient through both, and the short-convolution tails are part
-of the state so that sliding eviction can carry them across windows.
+use_short_conv=True, conv_bias=False), so weights move between the two unchanged (see
+`sleepscale.model.convert`). Differences, all needed by sleep: the recurrent state is an explicit
+input and output with gradient through both, and the short-convolution tails are part of the state
+so that sliding eviction can carry them across windows.
+
+Grouped value heads (fla's num_v_heads, Qwen3.5's linear_num_value_heads): there are `num_v_heads`
+value heads, a multiple of `num_heads`, each with its own value, output gate, decay, beta and
+fast-weight state; consecutive value heads share a query/key head (value head j reads head
+j // (num_v_heads // num_heads)), as in fla's kernels and transformers' Qwen3.5.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from sleepscale.ops import Backend, gated_delta_rule
 
 @dataclasses.dataclass(frozen=True)
 class GDNState(MixerState):
-    fast_weights: torch.Tensor  # [batch, heads, head_k_dim, head_v_dim], float32
+    fast_weights: torch.Tensor  # [batch, num_v_heads, head_k_dim, head_v_dim], float32
     conv_tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v: [batch, channels, conv_size - 1]
 
     def evicted(self) -> GDNState:
@@ -93,24 +98,30 @@ class GatedDeltaNet(nn.Module):
         conv_size: int = 4,
         norm_eps: float = 1e-5,
         backend: Backend = "auto",
+        num_v_heads: int | None = None,
     ):
+        """`num_v_heads`: grouped value heads, a multiple of num_heads (default: num_heads)."""
         super().__init__()
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads ({num_v_heads}) must be a multiple of num_heads ({num_heads})")
         self.num_heads = num_heads
+        self.num_v_heads = num_v_heads
         self.head_k_dim = head_dim
         self.head_v_dim = int(head_dim * expand_v)
         if self.head_v_dim != head_dim * expand_v:
             raise ValueError(f"head_dim * expand_v must be an integer, got {head_dim} * {expand_v}")
         self.key_dim = num_heads * self.head_k_dim
-        self.value_dim = num_heads * self.head_v_dim
+        self.value_dim = num_v_heads * self.head_v_dim
         self.backend = backend
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_heads))
-        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_v_heads))
         self.q_conv1d = ShortConvolution(self.key_dim, conv_size)
         self.k_conv1d = ShortConvolution(self.key_dim, conv_size)
         self.v_conv1d = ShortConvolution(self.value_dim, conv_size)
@@ -129,7 +140,7 @@ class GatedDeltaNet(nn.Module):
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> GDNState:
         dtype = torch.promote_types(self.q_proj.weight.dtype, torch.float32)
-        return GDNState(torch.zeros(batch_size, self.num_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype))
+        return GDNState(torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
         q_tail, k_tail, v_tail = state.conv_tails or (None, None, None)
@@ -138,7 +149,7 @@ class GatedDeltaNet(nn.Module):
         v, v_tail = self.v_conv1d(self.v_proj(x), v_tail)
         q = l2_normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
         k = l2_normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
-        v = v.unflatten(-1, (self.num_heads, self.head_v_dim))
+        v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
         gate_dtype = torch.promote_types(x.dtype, torch.float32)
         beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
         log_decay = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
@@ -146,6 +157,6 @@ class GatedDeltaNet(nn.Module):
         out, fast_weights = gated_delta_rule(
             q, k, v, log_decay, beta, initial_state=state.fast_weights, backend=self.backend
         )
-        gate = self.g_proj(x).unflatten(-1, (self.num_heads, self.head_v_dim))
+        gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim))
         out = self.o_norm(out, gate).flatten(-2)
         return self.o_proj(out), GDNState(fast_weights, (q_tail, k_tail, v_tail))

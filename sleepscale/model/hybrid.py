@@ -20,17 +20,27 @@ from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
+from sleepscale.model.norm import RMSNorm
 from sleepscale.model.state import MixerState
 
 
 def _make_block(letter: str, config: ModelConfig) -> Block:
     if letter in "Aa":
+        attention = config.attention
         mixer = Attention(
             config.hidden_size,
-            config.attention.num_heads,
+            attention.num_heads,
             config.attention_kv_heads,
             config.attention_head_dim,
-            config.attention.rope_theta,
+            attention.rope_theta,
+            rotary_dim=config.attention_rotary_dim,
+            rope_scaling=attention.rope_scaling,
+            qkv_bias=attention.qkv_bias,
+            output_bias=attention.output_bias,
+            qk_norm=attention.qk_norm,
+            output_gate=attention.output_gate,
+            norm_eps=config.norm_eps,
+            zero_centered_norms=config.zero_centered_norms,
         )
     else:
         mixer = GatedDeltaNet(
@@ -41,9 +51,10 @@ def _make_block(letter: str, config: ModelConfig) -> Block:
             config.gdn.conv_size,
             config.norm_eps,
             config.backend,
+            num_v_heads=config.gdn_v_heads,
         )
     intermediate = config.mlp_size if letter.isupper() else None
-    return Block(mixer, config.hidden_size, intermediate, config.norm_eps)
+    return Block(mixer, config.hidden_size, intermediate, config.norm_eps, config.zero_centered_norms)
 
 
 class CrossEntropy(nn.Module):
@@ -65,7 +76,7 @@ class HybridLM(nn.Module):
         self.config = config
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(_make_block(letter, config) for letter in config.blocks)
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.zero_centered_norms)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embeddings.weight
@@ -75,11 +86,15 @@ class HybridLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Deterministic given the global RNG: normal(0, init_std) for linear and embedding weights,
-        residual output projections scaled by 1/sqrt(2 * num_layers), fla's decay init for GDN."""
+        residual output projections scaled by 1/sqrt(2 * num_layers), zero biases (transformers'
+        default), fla's decay init for GDN. Norm weights keep their construction values:
+        ones, or zeros for zero-centred norms."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, GatedDeltaNet):
                 module.reset_decay_parameters()
         residual_std = std / math.sqrt(2 * len(self.layers))

@@ -1,6 +1,6 @@
 """Backend choice for the gated delta rule: fla's Triton kernel on CUDA, our PyTorch code on CPU.
 
-Both backends share one signature and one state layout ([B, H, d_k, d_v], fla's default), and both
+Both backends share one signature and one state layout ([B, HV, d_k, d_v], fla's default), and both
 are differentiable in every input including `initial_state`. fla is imported only when the fla
 backend is actually used: importing it costs ~10 s and needs a GPU driver for its kernels.
 """
@@ -54,10 +54,17 @@ def gated_delta_rule(
     scale: float | None = None,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay), beta: [B, T, H]; initial_state: [B, H, K, V].
-    Returns (output [B, T, H, V], final_state [B, H, K, V], float32)."""
+    """q, k: [B, T, H, K]; v: [B, T, HV, V]; g (log decay), beta: [B, T, HV]; initial_state: [B, HV, K, V].
+    HV, a multiple of H, is the number of value heads; value head j reads q and k head j // (HV // H).
+    Returns (output [B, T, HV, V], final_state [B, HV, K, V], float32)."""
+    groups, remainder = divmod(v.shape[2], q.shape[2])
+    if remainder:
+        raise ValueError(f"value heads ({v.shape[2]}) must be a multiple of query/key heads ({q.shape[2]})")
     if resolve_backend(backend, q.device) == "torch":
+        if groups > 1:
+            q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state, scale=scale)
+    # fla's kernel does grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in unrepeated.
     chunk_gated_delta_rule = _fla_chunk_gated_delta_rule()
     return chunk_gated_delta_rule(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True

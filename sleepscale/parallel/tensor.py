@@ -3,15 +3,20 @@ group)` swaps the model's linear layers, embedding, head and loss for megatron-c
 and keeps this rank's contiguous 1/T of every split weight. The sleep engine runs unchanged.
 
 What is split:
-- attention: query heads and key/value heads (q/k/v projections by output rows, o_proj by columns);
-- Gated DeltaNet: heads. q/k/v/g/a/b projections by rows, the short convolutions by channel, the
-  per-head decay parameters A_log and dt_bias by head, o_proj by columns. A rank's GDN state holds
-  only its own heads, so the recurrence, every sleep pass and every window, never communicates;
+- attention: query heads and key/value heads (q/k/v projections and their biases by output rows,
+  o_proj by columns, its bias added once after the reduction). With the output gate, q_proj's rows
+  hold each head's query and gate together, so splitting by head splits both;
+- Gated DeltaNet: key heads, each with its value heads (consecutive, so a rank's value heads are
+  contiguous rows too). q/k/v/g/a/b projections by rows, the short convolutions by channel, the
+  per-value-head decay parameters A_log and dt_bias by head, o_proj by columns. A rank's GDN state
+  holds only its own value heads, so the recurrence, every sleep pass and every window, never
+  communicates;
 - SwiGLU: gate/up by rows, down by columns;
 - embedding and LM head: by vocabulary, padded up to a multiple of T. Padded logits are masked out
   of megatron's vocab-parallel cross-entropy, so padding changes no value or gradient.
-Replicated: the RMSNorms. GDN's output-norm weight is replicated but each rank applies it to its own
-heads only, so its gradient is summed over the group.
+Replicated: the RMSNorms. The per-head norms (GDN's output norm, attention's q_norm and k_norm) are
+replicated but each rank applies them to its own heads only, so their gradients are summed over the
+group.
 
 Weights move between TP sizes through the unsharded form: `full_state_dict` gathers it (names as in
 the unsharded model) and `load_full_state_dict` takes this rank's shard of it.
@@ -60,15 +65,19 @@ def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
             shard.columns(mixer, "q_proj", "k_proj", "v_proj")
             mixer.num_heads //= size
             mixer.num_kv_heads //= size
+            head_norms = [mixer.q_norm, mixer.k_norm] if mixer.q_norm is not None else []
         else:
             shard.columns(mixer, "q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")
             for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
                 conv.weight = shard.split(conv.weight, dim=0)
             mixer.A_log, mixer.dt_bias = shard.split(mixer.A_log, dim=0), shard.split(mixer.dt_bias, dim=0)
             mixer.num_heads //= size
+            mixer.num_v_heads //= size
             mixer.key_dim //= size
             mixer.value_dim //= size
-            mixer.o_norm.weight.register_hook(lambda grad: _summed_over(grad, group))
+            head_norms = [mixer.o_norm]
+        for norm in head_norms:
+            norm.weight.register_hook(lambda grad: _summed_over(grad, group))
         mixer.o_proj = shard.row(mixer.o_proj)
         if block.mlp is not None:
             shard.columns(block.mlp, "gate_proj", "up_proj")
@@ -147,6 +156,18 @@ def load_unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optim
                                       else value for key, value in saved.items()}
 
 
+def shard_slice(parameter: nn.Parameter, group: dist.ProcessGroup) -> tuple[int, int, int, int] | None:
+    """Where this rank's shard lies in the unsharded tensor, for reading it alone (`load_weights`):
+    (dim, start, stop, stored rows), where rows from `stored rows` to `stop` are vocabulary padding;
+    None for a replicated parameter."""
+    if not getattr(parameter, "tensor_model_parallel", False):
+        return None
+    dim, size = parameter.partition_dim, parameter.shape[parameter.partition_dim]
+    start = group.rank() * size
+    stored = getattr(parameter, _PADDED_FROM, size * group.size()) if dim == 0 else size * group.size()
+    return dim, start, start + size, stored
+
+
 def _shaped_like(value, parameter: nn.Parameter) -> bool:
     return torch.is_tensor(value) and value.shape == parameter.shape
 
@@ -207,16 +228,22 @@ class _Sharder:
         out_features, in_features = linear.weight.shape
         if padded_rows is not None:
             out_features = padded_vocab_size(out_features, self.group.size())
-        layer = _ColumnParallelLinear(in_features, out_features, config=self.config, init_method=_no_init, bias=False,
-                                      gather_output=False, tp_group=self.group)
+        layer = _ColumnParallelLinear(in_features, out_features, config=self.config, init_method=_no_init,
+                                      bias=linear.bias is not None, gather_output=False, tp_group=self.group)
         self._take_shard(layer.weight, linear.weight, dim=0, padded_rows=padded_rows)
+        if linear.bias is not None:  # megatron splits the bias with the rows (and marks it so)
+            with torch.no_grad():
+                layer.bias.copy_(_shard_of(linear.bias.detach(), 0, self.group))
         return layer
 
     def row(self, linear: nn.Linear) -> nn.Module:
         out_features, in_features = linear.weight.shape
-        layer = _RowParallelLinear(in_features, out_features, config=self.config, init_method=_no_init, bias=False,
-                                   input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        layer = _RowParallelLinear(in_features, out_features, config=self.config, init_method=_no_init,
+                                   bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
         self._take_shard(layer.weight, linear.weight, dim=1)
+        if linear.bias is not None:  # megatron keeps the bias whole and adds it after the reduction
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
         return layer
 
     def embedding(self, embedding: nn.Embedding, vocab_size: int) -> nn.Module:
