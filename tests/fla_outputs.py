@@ -7,6 +7,7 @@ suite must not see. Usage: python tests/fla_outputs.py OUT.pt
 """
 
 import sys
+from pathlib import Path
 
 import triton_cpu_interpreter  # noqa: F401  (before fla)
 import torch
@@ -40,11 +41,12 @@ def main(path):
     input_ids = torch.randint(0, 50, (2, 40), generator=generator)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
+    model.save_pretrained(Path(path).parent / "fla_model")  # what `sleepscale convert` reads
     torch.save(
         {
             "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
             "grouped_state": grouped.state_dict(), "grouped_output": grouped_output,
-            "model_config": config.to_dict(), "model_state": model.state_dict(), "input_ids": input_ids, "logits": logits,
+            "input_ids": input_ids, "logits": logits,
         },
         path,
     )

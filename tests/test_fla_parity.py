@@ -1,6 +1,7 @@
 """Our GDN layer and model against fla's own, run through fla's Triton kernels (interpreted on the
 CPU, float32) in a subprocess; the weight mapping tested here is the checkpoint converter."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +11,9 @@ import torch
 
 from sleepscale.config import validate
 from sleepscale.model import build_model
-from sleepscale.model.convert import (
-    UnsupportedFlaConfig,
-    model_config_from_fla,
-    state_dict_from_fla,
-    state_dict_to_fla,
-)
+from sleepscale.convert import convert_from_hf, export_to_hf
+from sleepscale.convert.families import FlaGatedDeltaNet, UnsupportedCheckpoint
+from sleepscale.convert.model_dir import SafetensorsFiles, load_weights, read_description, write_model_dir
 from sleepscale.model.gdn import GatedDeltaNet
 from sleepscale.sleep import sleep_forward
 
@@ -26,7 +24,7 @@ TESTS = Path(__file__).parent
 def fla_outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("fla") / "outputs.pt"
     subprocess.run([sys.executable, str(TESTS / "fla_outputs.py"), str(path)], cwd=TESTS, check=True, capture_output=True, timeout=600)
-    return torch.load(path)
+    return {**torch.load(path), "model_dir": path.parent / "fla_model"}
 
 
 def relative_error(actual, expected):
@@ -52,18 +50,36 @@ def test_gdn_layer_with_grouped_value_heads_matches_fla_layer(fla_outputs):
     assert relative_error(out, fla_outputs["grouped_output"]) < 1e-5
 
 
-def test_fla_model_converts_and_matches(fla_outputs):
-    model_section = model_config_from_fla(fla_outputs["model_config"])
-    config = validate({"model": model_section, "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}})
+def test_fla_model_converts_and_matches(fla_outputs, tmp_path):
+    fla_dir = fla_outputs["model_dir"]
+    ours = convert_from_hf(fla_dir, tmp_path / "ours")
+    config = validate({"model": read_description(ours)["model"], "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}})
     model = build_model(config.model)
-    model.load_state_dict(state_dict_from_fla(fla_outputs["model_state"]), strict=True)
+    load_weights(model, ours)
     with torch.no_grad():
         logits = sleep_forward(model, fla_outputs["input_ids"], config.sleep).logits
     assert relative_error(logits, fla_outputs["logits"]) < 1e-5
 
-    back = state_dict_to_fla(model.state_dict())
-    assert back.keys() == fla_outputs["model_state"].keys()
-    assert all(torch.equal(back[name], tensor) for name, tensor in fla_outputs["model_state"].items())
+    back = export_to_hf(ours, tmp_path / "back")
+    original, exported = SafetensorsFiles(fla_dir), SafetensorsFiles(back)
+    assert sorted(original.names()) == sorted(exported.names())
+    assert all(torch.equal(original.get(name), exported.get(name)) for name in original.names())
+
+
+def test_a_model_trained_from_scratch_exports_as_an_fla_hybrid(tmp_path):
+    section = {"vocab_size": 50, "hidden_size": 32, "pattern": "AGAG", "intermediate_size": 48,
+               "attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 2, "num_v_heads": 4}}
+    model = build_model(validate({"model": section, "sleep": {"window": 8}, "train": {"steps": 1}}).model)
+    source = write_model_dir(tmp_path / "scratch", {"model": section, "source": None, "inserted_blocks": []},
+                             ((name, p.detach()) for name, p in model.named_parameters()))
+    exported = export_to_hf(source, tmp_path / "fla")
+    fla_config = json.loads((exported / "config.json").read_text())
+    assert fla_config["model_type"] == "gated_deltanet" and fla_config["attn"]["layers"] == [0, 2]
+    again = convert_from_hf(exported, tmp_path / "again")
+    reloaded = build_model(validate({"model": read_description(again)["model"], "sleep": {"window": 8},
+                                     "train": {"steps": 1}}).model)
+    load_weights(reloaded, again)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reloaded.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -75,21 +91,19 @@ def test_fla_model_converts_and_matches(fla_outputs):
 )
 def test_unsupported_fla_settings_are_refused(override, message):
     fla_config = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50, **override}
-    with pytest.raises(UnsupportedFlaConfig, match=message):
-        model_config_from_fla(fla_config)
+    with pytest.raises(UnsupportedCheckpoint, match=message):
+        FlaGatedDeltaNet().model_section(fla_config)
+
+
+FLA = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50}
 
 
 def test_fla_hybrid_config_maps_attention_layers():
-    section = model_config_from_fla(
-        {
-            "num_hidden_layers": 4, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50,
-            "attn": {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 2},
-        }
-    )
+    section = FlaGatedDeltaNet().model_section(
+        {**FLA, "num_hidden_layers": 4, "attn": {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 2}})
     assert section["pattern"] == "GAGA" and section["attention"] == {"num_heads": 4, "num_kv_heads": 2, "rope_theta": 10000.0}
 
 
 def test_fla_grouped_value_heads_map_to_gdn_num_v_heads():
-    fla_config = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50}
-    assert model_config_from_fla({**fla_config, "num_v_heads": 4})["gdn"]["num_v_heads"] == 4
-    assert model_config_from_fla({**fla_config, "num_v_heads": None})["gdn"]["num_v_heads"] == 2
+    assert FlaGatedDeltaNet().model_section({**FLA, "num_v_heads": 4})["gdn"]["num_v_heads"] == 4
+    assert "num_v_heads" not in FlaGatedDeltaNet().model_section({**FLA, "num_v_heads": None})["gdn"]

@@ -268,17 +268,15 @@ class FlaGatedDeltaNet:
 
     def hf_config(self, model: dict[str, Any]) -> dict[str, Any]:
         """The fla config of a model sleepscale trained from scratch (export without a source)."""
-        from sleepscale.config import ModelConfig
+        from sleepscale.config import AttentionConfig, ModelConfig
 
         config = ModelConfig(**model)
-        defaults = ModelConfig(vocab_size=2, hidden_size=2, pattern="G")
-        for name in ("zero_centered_norms",):
-            if getattr(config, name) != getattr(defaults, name):
-                raise UnsupportedCheckpoint(f"model.{name}: fla's GatedDeltaNet models have no such option; export needs the "
-                                            "model's source checkpoint family")
-        attention_extras = {"rope_scaling", "rotary_fraction", "qkv_bias", "output_bias", "qk_norm", "output_gate"}
-        for name in attention_extras:
-            if getattr(config.attention, name) != getattr(defaults.attention, name):
+        if config.zero_centered_norms:
+            raise UnsupportedCheckpoint("model.zero_centered_norms: fla's GatedDeltaNet models have no such option; export "
+                                        "needs the model's source checkpoint family")
+        plain = AttentionConfig()
+        for name in ("rope_scaling", "rotary_fraction", "qkv_bias", "output_bias", "qk_norm", "output_gate"):
+            if getattr(config.attention, name) != getattr(plain, name):
                 raise UnsupportedCheckpoint(f"model.attention.{name}: fla's attention layer has no such option")
         if set(config.blocks) - set("AG"):
             raise UnsupportedCheckpoint(f"model.pattern {config.pattern!r}: fla's models have an MLP in every block (A and G only)")

@@ -2,7 +2,7 @@
 
 Same parameter names, shapes and maths as `fla.layers.GatedDeltaNet` (use_gate=True,
 use_short_conv=True, conv_bias=False), so weights move between the two unchanged (see
-`sleepscale.model.convert`). Differences, all needed by sleep: the recurrent state is an explicit
+`sleepscale.convert.families`). Differences, all needed by sleep: the recurrent state is an explicit
 input and output with gradient through both, and the short-convolution tails are part of the state
 so that sliding eviction can carry them across windows.
 

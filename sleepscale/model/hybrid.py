@@ -3,7 +3,7 @@
 The model knows nothing about windows or passes; it offers the pieces the sleep engine
 (`sleepscale.sleep`) drives: `embed`, `run_blocks` over any block range with explicit states, and
 `head`, and `cross_entropy` for the loss. Module names follow fla's HF models (embeddings, layers, norm, lm_head) so that checkpoints
-convert by renaming (`sleepscale.model.convert`).
+convert by renaming (`sleepscale.convert.families`).
 """
 
 from __future__ import annotations
