@@ -2,8 +2,10 @@
 against the transformers models themselves; round trips; insertion; refusals."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from sleepscale.model import build_model
 from sleepscale.sleep import sleep_forward
 
 VOCAB, LENGTH = 64, 24
+TESTS = Path(__file__).parent
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)
 
@@ -225,3 +228,30 @@ def test_unsupported_checkpoints_are_one_line(tmp_path, config, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _large_model_dir(tmp_path):
+    """A model directory of ~70M float32 parameters (280 MB): large enough that a rank's share
+    stands out from the process's own memory."""
+    from sleepscale.convert.model_dir import write_model_dir
+
+    section = {"vocab_size": 8000, "hidden_size": 1024, "pattern": "AGAG", "intermediate_size": 2816,
+               "attention": {"num_heads": 8, "qk_norm": True}, "gdn": {"num_heads": 8, "num_v_heads": 16, "head_dim": 64}}
+    model = build_model(validate({"model": section, "sleep": {"window": 8}, "train": {"steps": 1}}).model)
+    return write_model_dir(tmp_path / "large", {"model": section, "source": None, "inserted_blocks": []},
+                           ((name, p.detach()) for name, p in model.named_parameters()), shard_bytes=64 * 2**20)
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_each_rank_loads_only_its_part(tmp_path, mode):
+    from train_helpers import free_port
+
+    model_dir = _large_model_dir(tmp_path)
+    out = tmp_path / "ranks.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    str(TESTS / "convert_ranks.py"), str(model_dir), mode, str(out)], check=True, cwd=TESTS, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for rank in json.loads(out.read_text()):
+        assert rank["equal_to_files"] and rank["equal_forward"] in (True, None), rank
+        assert rank["peak_bytes"] < 0.7 * rank["whole_bytes"], rank
+        assert rank["held_bytes"] < 0.6 * rank["whole_bytes"], rank

@@ -118,7 +118,6 @@ class SafetensorsFiles:
         else:
             raise ModelDirError(f"{self.directory}: no model.safetensors or {INDEX}; only safetensors checkpoints are read "
                                 "(save the model with save_pretrained(..., safe_serialization=True))")
-        self._open: dict[str, Any] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -127,25 +126,26 @@ class SafetensorsFiles:
         return name in self.weight_map
 
     def _file(self, name: str):
+        """The open file holding `name`. Opened per read and closed after it (a context manager), so
+        that a rank never keeps more than the tensor it reads mapped into memory."""
         if name not in self.weight_map:
             raise ModelDirError(f"{self.directory}: no tensor {name!r}; the checkpoint does not match its config")
-        file = self.weight_map[name]
-        if file not in self._open:
-            path = self.directory / file
-            if not path.is_file():
-                raise ModelDirError(f"{path}: missing (named by {INDEX}); copy the whole checkpoint directory")
-            self._open[file] = safe_open(path, framework="pt")
-        return self._open[file]
+        path = self.directory / self.weight_map[name]
+        if not path.is_file():
+            raise ModelDirError(f"{path}: missing (named by {INDEX}); copy the whole checkpoint directory")
+        return safe_open(path, framework="pt")
 
     def shape(self, name: str) -> list[int]:
-        return self._file(name).get_slice(name).get_shape()
+        with self._file(name) as file:
+            return file.get_slice(name).get_shape()
 
     def get(self, name: str, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or only its rows [start, stop) or columns (read without the rest)."""
-        if rows is None and columns is None:
-            return self._file(name).get_tensor(name)
-        part = self._file(name).get_slice(name)
-        return part[rows[0] : rows[1]] if columns is None else part[:, columns[0] : columns[1]]
+        with self._file(name) as file:
+            if rows is None and columns is None:
+                return file.get_tensor(name)
+            part = file.get_slice(name)
+            return part[rows[0] : rows[1]] if columns is None else part[:, columns[0] : columns[1]]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
@@ -166,19 +166,22 @@ def load_weights(model: torch.nn.Module, directory: str | Path, tensor_group=Non
     missing = [name for name in parameters if name not in files]
     if missing:
         raise ModelDirError(f"{directory}: no weights for {missing[:3]}; was model.init_from's model section edited?")
-    modules = dict(model.named_modules())
+    materialised = {}  # id of a meta parameter -> its replacement
     for name, parameter in parameters.items():
         value = _read_part(files, name, parameter, tensor_group)
         if tuple(value.shape) != tuple(parameter.shape):
             raise ModelDirError(f"{directory}: {name} has shape {tuple(value.shape)}, the model {tuple(parameter.shape)}")
         if parameter.is_meta:
-            module_name, _, attribute = name.rpartition(".")
             real = torch.nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device=device),
                                       requires_grad=parameter.requires_grad)
             real.__dict__.update(parameter.__dict__)  # tensor-parallel marks
-            setattr(modules[module_name], attribute, real)
-            parameter = real
+            real._backward_hooks = parameter._backward_hooks  # e.g. tensor parallelism's gradient sums
+            materialised[id(parameter)] = parameter = real
         parameter.copy_(value)
+    for module in model.modules():  # every reference, tied weights included
+        for attribute, parameter in module._parameters.items():
+            if parameter is not None and id(parameter) in materialised:
+                module._parameters[attribute] = materialised[id(parameter)]
 
 
 def _read_part(files: SafetensorsFiles, name: str, parameter: torch.nn.Parameter, tensor_group) -> torch.Tensor:

@@ -53,13 +53,18 @@ def padded_vocab_size(vocab_size: int, size: int) -> int:
 
 def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
     """In place. `group` must be megatron's tensor-parallel group (`sleepscale.parallel.groups`),
-    which its vocab-parallel cross-entropy uses implicitly."""
+    which its vocab-parallel cross-entropy uses implicitly. On a meta-device model (built under
+    `torch.device("meta")`, see `sleepscale.parallel.rank_model`) the shards stay on the meta device
+    for `load_weights` to materialise; blocks, embedding or head already dropped for a pipeline stage
+    (nn.Identity, None) are skipped."""
     size = group.size()
     problem = model.config.tensor_parallel_problem(size)
     if problem:
         raise ConfigError(f"parallel.tensor: {problem}")
-    shard = _Sharder(group, model.embeddings.weight.dtype)
+    shard = _Sharder(group, next(model.parameters()).dtype)
     for block in model.layers:
+        if isinstance(block, nn.Identity):
+            continue
         mixer = block.attn
         if isinstance(mixer, Attention):
             shard.columns(mixer, "q_proj", "k_proj", "v_proj")
@@ -84,8 +89,10 @@ def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
             block.mlp.down_proj = shard.row(block.mlp.down_proj)
 
     vocab = model.config.vocab_size
-    model.embeddings = shard.embedding(model.embeddings, vocab)
-    model.lm_head = shard.column(model.lm_head, padded_rows=vocab)
+    if model.embeddings is not None:
+        model.embeddings = shard.embedding(model.embeddings, vocab)
+    if model.lm_head is not None:
+        model.lm_head = shard.column(model.lm_head, padded_rows=vocab)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.embeddings.weight
     model.cross_entropy = VocabParallelCrossEntropy(vocab, group)

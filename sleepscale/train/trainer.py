@@ -34,7 +34,7 @@ from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, evaluations, format_table, plot, plot_history, write_csv
 from sleepscale.eval import metrics as eval_metrics
 from sleepscale.flops import peak_flops, plan_flops, training_flops_per_token
-from sleepscale.model import build_model
+from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.passes import draw_passes
@@ -139,17 +139,9 @@ def run_training(config: Config) -> int:
     stages = _plan_stages(config, loader)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
     resume_from = checkpointer.latest()
-    hybrid = build_model(config.model)
+    hybrid, pipeline = build_rank_model(config, ctx.groups, ctx.device), None
     if config.model.init_from and resume_from is None:
-        from sleepscale.convert.model_dir import load_weights
-
-        load_weights(hybrid, config.model.init_from)
         log.info("weights from %s", config.model.init_from)
-    if config.parallel.tensor > 1:
-        from sleepscale.parallel.tensor import parallelize_tensor
-
-        parallelize_tensor(hybrid, ctx.groups.tensor)
-    hybrid, pipeline = hybrid.to(ctx.device), None
     if config.parallel.pipeline > 1:
         from sleepscale.parallel.pipeline import PipelineStage, lane_groups
 

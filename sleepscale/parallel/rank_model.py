@@ -1,0 +1,57 @@
+"""This rank's part of the model, built without ever holding the whole model when it can be.
+
+- Started from a model directory (`model.init_from`, fresh or resumed): the model is built on the meta device (no
+  memory), cut to this rank's pipeline stage (the other stages' blocks, and the embedding or head
+  a stage does not hold, are dropped), tensor-parallelised on the meta device, and only then are
+  its remaining parameters materialised, each read from the directory's files as this rank's
+  shard alone (`load_weights`). A rank's peak is about its share of the weights.
+- Built from a seed (`model.seed`): the whole model is drawn on every rank, so that a model's
+  values do not depend on the parallel layout, and then sharded. Models that only fit sharded
+  should therefore start from a model directory (`sleepscale convert`, or one written from a
+  seed-initialised model on a large machine).
+
+The pipeline wrapper itself (`PipelineStage`) is applied by the trainer afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sleepscale.config import Config
+from sleepscale.model.hybrid import HybridLM, build_model
+
+
+def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
+    """`groups`: the ParallelGroups, or None without model parallelism. A resumed run reads
+    `model.init_from` again (its checkpoint then replaces the weights): the directory must stay."""
+    tensor_group = groups.tensor if groups is not None and config.parallel.tensor > 1 else None
+    from sleepscale.parallel.tensor import parallelize_tensor
+
+    if not config.model.init_from:
+        model = build_model(config.model)
+        if tensor_group is not None:
+            parallelize_tensor(model, tensor_group)
+        return model.to(device)
+
+    from sleepscale.convert.model_dir import load_weights
+
+    with torch.device("meta"):
+        model = HybridLM(config.model)
+        if config.parallel.pipeline > 1:
+            _keep_stage(model, config.model.stage_ranges, groups.pipeline.rank())
+        if tensor_group is not None:
+            parallelize_tensor(model, tensor_group)
+    load_weights(model, config.model.init_from, tensor_group, device)
+    return model
+
+
+def _keep_stage(model: HybridLM, stages: list[range], index: int) -> None:
+    """Drops what pipeline stage `index` does not hold (`PipelineStage` keeps the same parts)."""
+    for block in range(len(model.layers)):
+        if block not in stages[index]:
+            model.layers[block] = nn.Identity()
+    if index != 0:
+        model.embeddings = None
+    if index != len(stages) - 1:
+        model.norm = model.lm_head = None

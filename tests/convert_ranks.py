@@ -1,0 +1,91 @@
+"""Run under torchrun with 2 ranks: each builds its part of a model started from a model directory
+(`build_rank_model`: meta device, then only its own shard or stage read from the files) and
+reports its peak resident memory while doing so, and whether what it holds equals the stored
+weights; under tensor parallelism also whether it computes what the model built the ordinary way
+(whole, then sharded) computes, gradients included. Rank 0 writes the results as JSON.
+
+    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline OUT.json
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sleepscale.config import validate, with_init_source
+from sleepscale.convert.model_dir import SafetensorsFiles, load_weights
+from sleepscale.model import build_model
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.parallel.groups import init_parallel_groups
+from sleepscale.parallel.rank_model import build_rank_model
+from sleepscale.parallel.tensor import full_state_dict, parallelize_tensor
+from sleepscale.sleep import sleep_forward
+
+
+def resident_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def main(model_dir: str, mode: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    tensor, pipeline = (2, 1) if mode == "tensor" else (1, 2)
+    groups = init_parallel_groups(tensor, pipeline)
+    files = SafetensorsFiles(model_dir)
+    pattern = None
+    if mode == "pipeline":
+        from sleepscale.convert.model_dir import read_description
+
+        blocks = read_description(model_dir)["model"]["pattern"]
+        pattern = blocks[: len(blocks) // 2] + "|" + blocks[len(blocks) // 2 :]
+    model_section = {"init_from": model_dir, **({"pattern": pattern} if pattern else {})}
+    config = validate(with_init_source({"model": model_section, "sleep": {"window": 8, "passes": 3}, "train": {"steps": 1},
+                                        "parallel": {"tensor": tensor, "pipeline": pipeline}}))
+
+    with torch.device("meta"):
+        whole_bytes = sum(p.nbytes for p in HybridLM(config.model).parameters())  # read nothing before measuring
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from the current resident size
+    before = resident_bytes("VmRSS")
+    model = build_rank_model(config, groups, torch.device("cpu"))
+    peak = resident_bytes("VmHWM") - before
+
+    held = sum(p.nbytes for p in model.parameters())
+    if mode == "tensor":
+        whole = full_state_dict(model, groups.tensor)
+        equal_to_files = all(torch.equal(tensor, files.get(name)) for name, tensor in whole.items())
+        equal_forward = _same_as_ordinary_path(model, config, groups)
+    else:
+        equal_to_files = all(torch.equal(p, files.get(name)) for name, p in model.named_parameters())
+        equal_forward = None
+    result = {"rank": dist.get_rank(), "peak_bytes": peak, "held_bytes": held, "whole_bytes": whole_bytes,
+              "equal_to_files": equal_to_files, "equal_forward": equal_forward}
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def _same_as_ordinary_path(model, config, groups) -> bool:
+    """Logits and every gradient (the replicated norms' summed over the group) equal the model
+    built whole, loaded, then sharded."""
+    ordinary = build_model(config.model)
+    load_weights(ordinary, config.model.init_from)
+    parallelize_tensor(ordinary, groups.tensor)
+    ids = torch.randint(0, config.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for candidate in (model, ordinary):
+        out = sleep_forward(candidate, ids, config.sleep, targets=ids.roll(-1, 1))
+        out.loss.backward()
+        outputs.append((out.logits.detach(), {n: p.grad for n, p in candidate.named_parameters()}))
+    (logits, grads), (expected_logits, expected_grads) = outputs
+    return torch.equal(logits, expected_logits) and all(torch.equal(grads[n], expected_grads[n]) for n in expected_grads)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
