@@ -4,7 +4,7 @@ reports its peak resident memory while doing so, and whether what it holds equal
 weights; under tensor parallelism also whether it computes what the model built the ordinary way
 (whole, then sharded) computes, gradients included. Rank 0 writes the results as JSON.
 
-    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline OUT.json
+    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline|zero3 OUT.json
 """
 
 import json
@@ -33,8 +33,8 @@ def resident_bytes(field: str) -> int:
 
 def main(model_dir: str, mode: str, out: str) -> None:
     dist.init_process_group("gloo")
-    tensor, pipeline = (2, 1) if mode == "tensor" else (1, 2)
-    groups = init_parallel_groups(tensor, pipeline)
+    tensor, pipeline = {"tensor": (2, 1), "pipeline": (1, 2), "zero3": (1, 1)}[mode]
+    groups = init_parallel_groups(tensor, pipeline) if mode != "zero3" else None
     files = SafetensorsFiles(model_dir)
     pattern = None
     if mode == "pipeline":
@@ -43,9 +43,15 @@ def main(model_dir: str, mode: str, out: str) -> None:
         blocks = read_description(model_dir)["model"]["pattern"]
         pattern = blocks[: len(blocks) // 2] + "|" + blocks[len(blocks) // 2 :]
     model_section = {"init_from": model_dir, **({"pattern": pattern} if pattern else {})}
-    config = validate(with_init_source({"model": model_section, "sleep": {"window": 8, "passes": 3}, "train": {"steps": 1},
+    config = validate(with_init_source({"model": model_section, "sleep": {"window": 8, "passes": 3},
+                                        "train": {"steps": 1, "zero_stage": 3 if mode == "zero3" else 0},
                                         "parallel": {"tensor": tensor, "pipeline": pipeline}}))
 
+    if mode == "zero3":  # DeepSpeed's imports and set-up are not loading
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+            torch.nn.Linear(2, 2)
     with torch.device("meta"):
         whole_bytes = sum(p.nbytes for p in HybridLM(config.model).parameters())  # read nothing before measuring
     dist.barrier()
@@ -54,8 +60,16 @@ def main(model_dir: str, mode: str, out: str) -> None:
     model = build_rank_model(config, groups, torch.device("cpu"))
     peak = resident_bytes("VmHWM") - before
 
-    held = sum(p.nbytes for p in model.parameters())
-    if mode == "tensor":
+    held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in model.parameters())
+    if mode == "zero3":
+        import deepspeed
+
+        equal_to_files = True
+        for name, parameter in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([parameter]):
+                equal_to_files &= torch.equal(parameter, files.get(name))
+        equal_forward = None
+    elif mode == "tensor":
         whole = full_state_dict(model, groups.tensor)
         equal_to_files = all(torch.equal(tensor, files.get(name)) for name, tensor in whole.items())
         equal_forward = _same_as_ordinary_path(model, config, groups)

@@ -242,16 +242,49 @@ def _large_model_dir(tmp_path):
                            ((name, p.detach()) for name, p in model.named_parameters()), shard_bytes=64 * 2**20)
 
 
-@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+@pytest.mark.parametrize("mode", ["tensor", "pipeline", "zero3"])
 def test_each_rank_loads_only_its_part(tmp_path, mode):
     from train_helpers import free_port
 
     model_dir = _large_model_dir(tmp_path)
     out = tmp_path / "ranks.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if mode == "zero3":
+        # Gathering one whole parameter after another leaves glibc's heap holding freed buffers of
+        # every size (1.3-1.7x the model resident here); served by mmap, a freed buffer is returned,
+        # and the peak is what the ranks really hold at once.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(TESTS / "convert_ranks.py"), str(model_dir), mode, str(out)], check=True, cwd=TESTS, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                   env=env)
+    largest = 8000 * 1024 * 4  # the embedding's (and head's) bytes
     for rank in json.loads(out.read_text()):
         assert rank["equal_to_files"] and rank["equal_forward"] in (True, None), rank
-        assert rank["peak_bytes"] < 0.7 * rank["whole_bytes"], rank
         assert rank["held_bytes"] < 0.6 * rank["whole_bytes"], rank
+        if mode == "zero3":  # its partition, plus a whole parameter gathered and (rank 0) one read
+            assert rank["peak_bytes"] < rank["held_bytes"] + 3 * largest, rank
+        else:
+            assert rank["peak_bytes"] < 0.7 * rank["whole_bytes"], rank
+
+
+def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
+    """ZeRO-3 builds the model partitioned and fills it one gathered parameter at a time; its losses
+    equal ZeRO-0's from the same model directory."""
+    from sleepscale.data.build import build_task_dataset
+    from sleepscale.data.rule110 import Rule110Task
+    from train_helpers import losses, train
+
+    _hf_model("qwen3_5").save_pretrained(tmp_path / "hf")
+    ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
+    build_task_dataset(Rule110Task([1], 8, 2), tmp_path / "data", 0, 64, 16, 32)
+    recorded = {}
+    for stage in (0, 3):
+        config = tmp_path / f"zero{stage}.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": {"init_from": str(ours_dir)}, "sleep": {"window": 8, "passes": 2}, "data": {"path": str(tmp_path / "data")},
+            "optimizer": {"lr": 0.001}, "train": {"run_dir": str(tmp_path / f"run{stage}"), "steps": 3, "micro_batch_size": 4,
+                                                  "zero_stage": stage, "log_every": 1}}))
+        train(config, ranks=2, timeout=600)
+        recorded[stage] = [losses(tmp_path / f"run{stage}")[step] for step in (1, 2, 3)]
+    # ZeRO-3 reduces gradients in another order: agreement to float32 summation (~1e-5 relative by step 3).
+    torch.testing.assert_close(torch.tensor(recorded[3]), torch.tensor(recorded[0]), rtol=1e-4, atol=0)

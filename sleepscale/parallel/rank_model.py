@@ -34,6 +34,8 @@ def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
             parallelize_tensor(model, tensor_group)
         return model.to(device)
 
+    if config.train.zero_stage == 3:
+        return _zero3_model(config, device)
     from sleepscale.convert.model_dir import load_weights
 
     with torch.device("meta"):
@@ -55,3 +57,26 @@ def _keep_stage(model: HybridLM, stages: list[range], index: int) -> None:
         model.embeddings = None
     if index != len(stages) - 1:
         model.norm = model.lm_head = None
+
+
+def _zero3_model(config: Config, device: torch.device) -> HybridLM:
+    """Partitioned as it is built (DeepSpeed's `zero.Init`), then filled one parameter at a time:
+    each is gathered whole for a moment, rank 0 copies the stored tensor in, and DeepSpeed
+    repartitions it. A rank holds its partition plus one whole parameter. (ZeRO-3 excludes tensor
+    and pipeline parallelism, so every rank is a data-parallel rank.)"""
+    import deepspeed
+    import torch.distributed as dist
+
+    from sleepscale.convert.model_dir import SafetensorsFiles
+    from sleepscale.train.distributed import deepspeed_config
+
+    # Partitions go to DeepSpeed's accelerator device (this rank's GPU, which setup_distributed
+    # selects; the CPU without one), i.e. `device`.
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config)):
+        model = HybridLM(config.model)
+    files = SafetensorsFiles(config.model.init_from)
+    for name, parameter in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+            if dist.get_rank() == 0:
+                parameter.copy_(files.get(name))
+    return model

@@ -42,6 +42,25 @@ class Distributed:
         return None if self.groups is None else self.groups.data
 
 
+def deepspeed_config(config) -> dict:
+    """DeepSpeed's settings for a run (`sleepscale.config.Config`): the engine's, and ZeRO-3's
+    partitioned construction (`sleepscale.parallel.rank_model`) reads the same."""
+    # With pipelining, one DeepSpeed micro-step runs all micro-batches (they fill the pipeline together).
+    pipelined = config.parallel.pipeline > 1
+    settings = {
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": 1 if pipelined else config.train.grad_accumulation,
+        "gradient_clipping": config.train.grad_clip,
+        "zero_optimization": {"stage": config.train.zero_stage},
+        "bf16": {"enabled": config.train.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if config.train.zero_stage == 3:
+        settings["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return settings
+
+
 def setup_model_parallel(ctx: Distributed, tensor: int, pipeline: int = 1) -> Distributed:
     """Model-parallel process groups, when asked for (megatron-core's import costs ~6 s)."""
     if tensor == pipeline == 1:

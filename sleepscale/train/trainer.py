@@ -35,6 +35,7 @@ from sleepscale.eval import evaluate, evaluations, format_table, plot, plot_hist
 from sleepscale.eval import metrics as eval_metrics
 from sleepscale.flops import peak_flops, plan_flops, training_flops_per_token
 from sleepscale.parallel.rank_model import build_rank_model
+from sleepscale.train.distributed import deepspeed_config
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.passes import draw_passes
@@ -320,19 +321,7 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
         parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in patterns))
     optimizer = build_optimizer(model.model, config.optimizer, skips_on_overflow=config.train.zero_stage == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, stage.end - stage.start))
-    # With pipelining, one DeepSpeed micro-step runs all micro-batches (they fill the pipeline together).
-    pipelined = config.parallel.pipeline > 1
-    ds_config = {
-        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
-        "gradient_accumulation_steps": 1 if pipelined else config.train.grad_accumulation,
-        "gradient_clipping": config.train.grad_clip,
-        "zero_optimization": {"stage": config.train.zero_stage},
-        "bf16": {"enabled": config.train.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if config.train.zero_stage == 3:
-        ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_config = deepspeed_config(config)
     mpu = None
     if ctx.groups is not None:
         from sleepscale.parallel.groups import DeepSpeedMpu, mark_stage_parameters_for_deepspeed
