@@ -7,6 +7,7 @@
                                       "inserted_blocks": [block indices added by --insert-gdn]}
     model-00001-of-0000K.safetensors weights under our parameter names, in the source's dtype
     model.safetensors.index.json     which file holds which tensor (the Hugging Face index format)
+    train.yaml                       with GDN blocks inserted: the two-stage config of the recipe
 
 It is not a training checkpoint (`<run_dir>/checkpoints/step-*`, which also holds optimizer and data
 state): it holds weights only and never changes once written. Tensors are read lazily, file by file
