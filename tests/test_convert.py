@@ -288,3 +288,27 @@ def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
         recorded[stage] = [losses(tmp_path / f"run{stage}")[step] for step in (1, 2, 3)]
     # ZeRO-3 reduces gradients in another order: agreement to float32 summation (~1e-5 relative by step 3).
     torch.testing.assert_close(torch.tensor(recorded[3]), torch.tensor(recorded[0]), rtol=1e-4, atol=0)
+
+
+def test_the_text_model_of_a_multimodal_qwen3_5_checkpoint(tmp_path):
+    """A `qwen3_5` checkpoint nests the text model under model.language_model and its config under
+    text_config, beside a vision tower: the text model converts, and exports as Qwen3_5ForCausalLM."""
+    from safetensors.torch import save_file
+
+    hf, root = _hf_model("qwen3_5"), tmp_path
+    hf.save_pretrained(root / "hf")
+    text = SafetensorsFiles(root / "hf")
+    source = tmp_path / "multimodal"
+    source.mkdir()
+    tensors = {name.replace("model.", "model.language_model.", 1): text.get(name) for name in text.names()}
+    save_file({**tensors, "model.visual.patch_embed.weight": torch.zeros(4, 4)}, str(source / "model.safetensors"))
+    text_config = json.loads((root / "hf" / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text_config, "vision_config": {}}))
+    converted_dir = convert_from_hf(source, tmp_path / "ours")
+    model, config = _ours(converted_dir, window=LENGTH)
+    with torch.no_grad():
+        assert relative_error(sleep_forward(model, _ids(), config.sleep).logits, hf(_ids()).logits) < 1e-5
+    back = export_to_hf(converted_dir, tmp_path / "back")
+    exported = SafetensorsFiles(back)
+    assert sorted(exported.names()) == sorted(text.names())
+    assert json.loads((back / "config.json").read_text())["model_type"] == "qwen3_5_text"

@@ -79,6 +79,10 @@ def convert_from_hf(source: str | Path, out: str | Path, insert_gdn: int | None 
     files = SafetensorsFiles(source)
     pieces = family.pieces(hf, section, block_of)
     _check_coverage(pieces, files, family, model, inserted, source)
+    skipped = [name for name in files.names() if name.startswith(family.ignored)]
+    if skipped:
+        print(f"not converted: {len(skipped)} tensors under {', '.join(family.ignored)} (sleepscale's models are text-only "
+              "and predict one token ahead)")
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for piece in pieces:
@@ -189,9 +193,9 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
         family = FlaGatedDeltaNet()
         hf = family.hf_config(section)
     else:
-        hf = hf_source["config"]
-        family = family_of(hf)
-        _check_same_architecture(family.model_section(hf), section, source)
+        family = family_of(hf_source["config"])
+        _check_same_architecture(family.model_section(hf_source["config"]), section, source)
+        hf = family.export_config(hf_source["config"])
     pieces = family.pieces(hf, section, list(range(len(section["pattern"].replace("|", "")))))
     by_target: dict[str, list[Piece]] = defaultdict(list)
     for piece in pieces:

@@ -124,6 +124,10 @@ class Transformer:
     def prefix(self, hf: dict[str, Any]) -> str:
         return "model."
 
+    def export_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The config.json an export writes, from the source's."""
+        return hf
+
     def model_section(self, hf: dict[str, Any]) -> dict[str, Any]:
         _check_common(hf)
         kind = hf["model_type"]
@@ -150,10 +154,17 @@ class Qwen35:
     ignored = ("model.visual.", "mtp.")  # the vision tower and the multi-token-prediction head
 
     def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
-        return {**hf["text_config"], "model_type": "qwen3_5_text"} if hf["model_type"] == "qwen3_5" else hf
+        if hf["model_type"] != "qwen3_5":
+            return hf
+        tied = hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False))  # set on the outer config
+        return {**hf["text_config"], "model_type": "qwen3_5_text", "tie_word_embeddings": tied}
 
     def prefix(self, hf: dict[str, Any]) -> str:
         return "model.language_model." if hf["model_type"] == "qwen3_5" else "model."
+
+    def export_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        """The text model (Qwen3_5ForCausalLM): the vision tower of a multimodal source was not converted."""
+        return hf if hf["model_type"] == "qwen3_5_text" else {**self.text_config(hf), "architectures": ["Qwen3_5ForCausalLM"]}
 
     def model_section(self, hf: dict[str, Any]) -> dict[str, Any]:
         text = self.text_config(hf)
@@ -205,6 +216,9 @@ class FlaGatedDeltaNet:
 
     def prefix(self, hf: dict[str, Any]) -> str:
         return "model."
+
+    def export_config(self, hf: dict[str, Any]) -> dict[str, Any]:
+        return hf
 
     def model_section(self, hf: dict[str, Any]) -> dict[str, Any]:
         refused = [
