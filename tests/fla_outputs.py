@@ -22,6 +22,19 @@ def randomize(module, generator):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3 + (1.0 if parameter.dim() == 1 else 0.0))
 
 
+def windows_with_hard_eviction(model, input_ids, window: int):
+    """fla's model over one window after another, its cache carrying each layer's recurrent state and
+    its short-convolution states zeroed between windows: sleepscale's hard eviction at N = 1."""
+    logits, cache = [], None
+    for start in range(0, input_ids.shape[1], window):
+        out = model(input_ids=input_ids[:, start : start + window], past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        cache = out.past_key_values
+        for layer in range(len(cache)):
+            cache[layer]["conv_state"] = tuple(torch.zeros_like(state) for state in cache[layer]["conv_state"])
+    return torch.cat(logits, dim=1)
+
+
 def main(path):
     generator = torch.Generator().manual_seed(0)
     layer = GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=4, expand_v=1.5, conv_size=4, norm_eps=1e-5)
@@ -41,12 +54,13 @@ def main(path):
     input_ids = torch.randint(0, 50, (2, 40), generator=generator)
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
+        window_logits = windows_with_hard_eviction(model, input_ids, window=8)
     model.save_pretrained(Path(path).parent / "fla_model")  # what `sleepscale convert` reads
     torch.save(
         {
             "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
             "grouped_state": grouped.state_dict(), "grouped_output": grouped_output,
-            "input_ids": input_ids, "logits": logits,
+            "input_ids": input_ids, "logits": logits, "window_logits": window_logits,
         },
         path,
     )

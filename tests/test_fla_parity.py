@@ -60,6 +60,11 @@ def test_fla_model_converts_and_matches(fla_outputs, tmp_path):
         logits = sleep_forward(model, fla_outputs["input_ids"], config.sleep).logits
     assert relative_error(logits, fla_outputs["logits"]) < 1e-5
 
+    windowed = validate({"model": read_description(ours)["model"], "sleep": {"window": 8}, "train": {"steps": 1}})
+    with torch.no_grad():
+        window_logits = sleep_forward(model, fla_outputs["input_ids"], windowed.sleep).logits
+    assert relative_error(window_logits, fla_outputs["window_logits"]) < 1e-5
+
     back = export_to_hf(ours, tmp_path / "back")
     original, exported = SafetensorsFiles(fla_dir), SafetensorsFiles(back)
     assert sorted(original.names()) == sorted(exported.names())
