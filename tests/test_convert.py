@@ -289,6 +289,18 @@ def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
     # ZeRO-3 reduces gradients in another order: agreement to float32 summation (~1e-5 relative by step 3).
     torch.testing.assert_close(torch.tensor(recorded[3]), torch.tensor(recorded[0]), rtol=1e-4, atol=0)
 
+    # The trained run exports back to its family, and transformers computes what the run's model does.
+    import transformers
+
+    from sleepscale.train.checkpoint import load_model_from_checkpoint
+
+    trained, trained_config = load_model_from_checkpoint(tmp_path / "run3")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(export_to_hf(tmp_path / "run3", tmp_path / "back")).eval()
+    window = trained_config.sleep.model_copy(update={"window": LENGTH, "passes": 1})
+    ids = _ids() % 8
+    with torch.no_grad():
+        assert relative_error(sleep_forward(trained.eval(), ids, window).logits, exported(ids).logits) < 1e-5
+
 
 def test_the_text_model_of_a_multimodal_qwen3_5_checkpoint(tmp_path):
     """A `qwen3_5` checkpoint nests the text model under model.language_model and its config under
