@@ -11,6 +11,7 @@ trained from our initialisation, learns t = 2 in 150 steps, this one does not). 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,17 @@ def tiny_qwen3_5(out: Path) -> None:
         vocab_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
         linear_value_head_dim=16, layer_types=["full_attention", "linear_attention"] * 2, max_position_embeddings=256)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    # transformers draws a random Qwen3.5's GDN decays with dt_bias = 1 and A up to 16, a per-token
+    # decay down to e^-21: the state forgets within a token, so nothing crosses a window and N cannot
+    # matter (measured: N = 1 and N = 3 had identical losses, both at chance). A pretrained Qwen3.5 has
+    # learnt its decays; this stand-in gets fla's initialisation (dt log-uniform in [1e-3, 0.1]) instead.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                dt = torch.exp(torch.rand_like(layer.linear_attn.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+                layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    model.save_pretrained(out)
 
 
 def main() -> None:
