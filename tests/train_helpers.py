@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 TINY = {
@@ -65,3 +66,11 @@ def losses(run: Path) -> dict[int, float]:
 def metric(run: Path, name: str) -> dict[int, float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {line["step"]: line[name] for line in lines if name in line}
+
+
+def changed_parameters(run: Path, step: int, initial: dict) -> set[str]:
+    """The parameters whose values in the run's checkpoint at `step` differ from `initial` (a state dict)."""
+    from sleepscale.train.checkpoint import load_model_from_checkpoint
+
+    model, _ = load_model_from_checkpoint(run / "checkpoints" / f"step-{step:06d}")
+    return {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, initial[name])}
