@@ -130,9 +130,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if state.keys is not None:
-            k = torch.cat([state.keys, k], dim=2)
-            v = torch.cat([state.values, v], dim=2)
+        if state.keys is not None:  # kept in float32 between inference calls: back to the compute dtype
+            k = torch.cat([state.keys.to(k.dtype), k], dim=2)
+            v = torch.cat([state.values.to(v.dtype), v], dim=2)
         tail = k.shape[2] - length
         key_positions = torch.arange(k.shape[2], device=x.device)
         query_positions = key_positions[tail:]
@@ -157,6 +157,6 @@ class Attention(nn.Module):
         ).transpose(1, 2).flatten(-2)
         if self.output_gate:
             out = out * torch.sigmoid(gate.flatten(-2))
-        keep = state.span - 1
-        new_state = AttentionState(state.span, k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :])
+        first_kept = max(0, k.shape[2] - (state.span - 1))  # the last span - 1 keys, or all when there are fewer
+        new_state = AttentionState(state.span, k[:, :, first_kept:], v[:, :, first_kept:])
         return self.o_proj(out), new_state

@@ -41,11 +41,29 @@ class MixerState:
         """This state cut from the autograd graph (truncated backprop across windows)."""
         return type(self)(**{f.name: _detach(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
+    def at_least_float32(self: State) -> State:
+        """This state with its floating-point tensors in float32 or wider (how inference keeps states
+        between calls whatever the compute dtype; the mixers cast them back on use)."""
+        return self._mapped(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t)
+
+    def cloned(self: State) -> State:
+        """A copy that owns its tensors."""
+        return self._mapped(torch.Tensor.clone)
+
+    def _mapped(self: State, function) -> State:
+        return type(self)(**{f.name: _map(function, getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def where(self: State, mask: torch.Tensor, other: State) -> State:
         """Per sequence: this state where `mask` [batch] is True, else `other`."""
         return type(self)(
             **{f.name: _where(mask, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)}
         )
+
+
+def _map(function, value):
+    if isinstance(value, tuple):
+        return tuple(_map(function, v) for v in value)
+    return function(value) if isinstance(value, torch.Tensor) else value
 
 
 def _detach(value):

@@ -1,0 +1,124 @@
+"""Inference with sleep: the streaming session against the training engine, generation, the
+consolidated-state cache and `sleepscale generate`."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+from sleepscale.session import SleepingSession, sample
+from sleepscale.sleep import sleep_forward
+from sleepscale.state_cache import StateCache
+
+LENGTH = 37  # four full windows of 8 and a partial one
+
+
+def _chunks(length: int, seed: int) -> list[int]:
+    generator, sizes = torch.Generator().manual_seed(seed), []
+    while sum(sizes) < length:
+        sizes.append(min(int(torch.randint(1, 12, (1,), generator=generator)), length - sum(sizes)))
+    return sizes
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("passes", [1, 2, 4])
+@pytest.mark.parametrize("loop", [None, [1, 3]])
+def test_session_logits_over_random_chunks_equal_the_engine(eviction, passes, loop):
+    config = make_config(passes=passes, eviction=eviction, model={"loop": loop})
+    model = make_model(config)
+    tokens = torch.randint(0, 40, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    expected = sleep_forward(model, tokens, config.sleep).logits
+    session, logits, start = SleepingSession(model, config.sleep, batch_size=2), [], 0
+    for size in _chunks(LENGTH, seed=passes):
+        logits.append(session.feed(tokens[:, start : start + size]))
+        start += size
+    torch.testing.assert_close(torch.cat(logits, dim=1), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_greedy_generation_is_the_argmax_continuation_across_a_window_boundary(eviction):
+    config = make_config(passes=3, eviction=eviction)
+    model = make_model(config)
+    prompt = torch.randint(0, 40, (2, 13), generator=torch.Generator().manual_seed(2))
+    session = SleepingSession(model, config.sleep, batch_size=2)
+    session.feed(prompt)
+    generated = torch.stack(list(session.generate(max_new_tokens=10)), dim=1)  # positions 13..22: past 16
+    sequence = prompt
+    for i in range(10):
+        expected = sleep_forward(model, sequence, config.sleep).logits[:, -1].argmax(-1)
+        assert torch.equal(generated[:, i], expected), i
+        sequence = torch.cat([sequence, generated[:, i : i + 1]], dim=1)
+
+
+def test_states_are_float32_whatever_the_compute_dtype():
+    config = make_config(passes=2, eviction="sliding")
+    model = make_model(config, dtype=torch.bfloat16)
+    session = SleepingSession(model, config.sleep)
+    session.feed(torch.randint(0, 40, (1, 21)))
+    for state in (*session.state.states, *session.state.window_start):
+        for name in ("fast_weights", "keys", "values"):
+            value = getattr(state, name, None)
+            assert value is None or value.dtype == torch.float32, (type(state).__name__, name)
+        for tail in getattr(state, "conv_tails", None) or ():
+            assert tail.dtype == torch.float32
+    assert torch.isfinite(session.feed(torch.randint(0, 40, (1, 3)))).all()
+
+
+def test_a_cache_hit_continues_exactly_as_a_fresh_read_and_the_cache_keeps_its_limit(tmp_path):
+    config = make_config(passes=3)
+    model = make_model(config)
+    document = torch.randint(0, 40, (1, 29), generator=torch.Generator().manual_seed(3))
+    question = torch.tensor([[5, 6, 7]])
+
+    def answer(session):
+        session.feed(question)
+        return torch.stack(list(session.generate(max_new_tokens=12)), dim=1)
+
+    fresh = SleepingSession(model, config.sleep)
+    fresh.feed(document)
+    expected = answer(fresh)
+
+    cache = StateCache("tiny", directory=tmp_path / "states")
+    first, second = SleepingSession(model, config.sleep), SleepingSession(model, config.sleep)
+    assert cache.ingest(first, document) is False and cache.ingest(second, document) is True
+    assert torch.equal(answer(first), expected) and torch.equal(answer(second), expected)
+    from_disk = SleepingSession(model, config.sleep)
+    assert StateCache("tiny", directory=tmp_path / "states").ingest(from_disk, document) is True
+    assert torch.equal(answer(from_disk), expected)
+    assert StateCache("other weights", directory=tmp_path / "states").ingest(SleepingSession(model, config.sleep), document) is False
+
+    one_entry = cache.bytes
+    small = StateCache("tiny", max_bytes=int(one_entry * 2.5))
+    for seed in range(4):
+        small.ingest(SleepingSession(model, config.sleep), torch.randint(0, 40, (1, 29), generator=torch.Generator().manual_seed(seed)))
+        assert small.bytes <= small.max_bytes
+    assert len(small._entries) == 2
+
+
+def test_sampling_greedy_temperature_top_p_and_stop_tokens():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
+    assert sample(logits).tolist() == [1]
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample(logits, temperature=1.0, top_p=0.5, generator=generator).item() for _ in range(50)}
+    assert draws == {1}  # token 1 alone reaches half the mass
+    draws = {sample(logits, temperature=1.0, top_p=0.99, generator=generator).item() for _ in range(200)}
+    assert draws == {0, 1, 2}
+
+    config = make_config(passes=2)
+    model = make_model(config)
+    session = SleepingSession(model, config.sleep)
+    session.feed(torch.tensor([[1, 2, 3]]))
+    first = session.snapshot()
+    greedy = [t.item() for t in session.generate(max_new_tokens=6)]
+    session.restore(first)
+    stopped = [t.item() for t in session.generate(max_new_tokens=6, stop_tokens=[greedy[2]])]
+    assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+
+
+def test_feeding_ids_outside_the_vocabulary_is_refused():
+    config = make_config()
+    session = SleepingSession(make_model(config), config.sleep)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
+        session.feed(torch.tensor([[3, 40]]))
