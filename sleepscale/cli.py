@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--insert-gdn", type=int, metavar="K", help="import: insert a GDN-only block after every K-th "
                          "block (zero output projection: the outputs stay the source's) and write a two-stage train.yaml")
     convert.add_argument("--seed", type=int, default=0, help="import: model.seed (initialises inserted blocks)")
+    generate = commands.add_parser("generate", help="read a prompt (sleeping on each window it evicts) and stream a continuation")
+    generate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text (for symbol vocabularies: symbols separated by spaces)")
+    prompt.add_argument("--prompt-file", help="a file holding the prompt")
+    generate.add_argument("--passes", type=int, help="sleep passes N (default: the run's sleep.passes)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--data", help="dataset directory whose tokenizer to use (default: the run's data.path)")
     evaluate = commands.add_parser("eval", help="accuracy per difficulty and per N of a checkpoint")
     evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
@@ -166,6 +177,46 @@ def _convert(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from sleepscale.data.shards import read_manifest
+    from sleepscale.data.tokenizer import tokenizer_from_description
+    from sleepscale.session import SleepingSession
+    from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+
+    if args.passes is not None and args.passes < 1:
+        raise ConfigError(f"--passes {args.passes}: give N >= 1")
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+    model, config = load_model_from_checkpoint(resolve_checkpoint(args.checkpoint))
+    manifest, _ = read_manifest(args.data or config.data.path)
+    tokenizer = tokenizer_from_description(manifest["tokenizer"])
+    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ConfigError("the prompt is empty after tokenisation")
+    sleep = config.sleep.model_copy(update={"passes": args.passes or config.sleep.passes, "random_passes": None})
+    session = SleepingSession(model, sleep)
+    session.feed(torch.tensor([ids]))
+    eos = getattr(tokenizer, "eos_id", None)
+    generated, shown = [], ""
+    for token in session.generate(args.max_new_tokens, args.temperature, args.top_p, () if eos is None else (eos,),
+                                  torch.Generator().manual_seed(args.seed)):
+        if token.item() == eos:
+            break
+        generated.append(token.item())
+        decoded = tokenizer.decode(generated)  # the whole continuation, so that multi-byte characters print whole
+        print(decoded[len(shown):] if decoded.startswith(shown) else " " + decoded, end="", flush=True)
+        shown = decoded
+    print()
+    print(json.dumps({"prompt_tokens": len(ids), "generated_tokens": len(generated), "passes": sleep.passes}), file=sys.stderr)
+    return 0
+
+
 def _write_data(args) -> None:
     try:
         _build_data(args)
@@ -252,7 +303,7 @@ def _sweep_report(args) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+COMMANDS = {"generate": _generate, "convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,3 +122,36 @@ def test_feeding_ids_outside_the_vocabulary_is_refused():
     session = SleepingSession(make_model(config), config.sleep)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 40\)"):
         session.feed(torch.tensor([[3, 40]]))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from train_helpers import train, write_config
+
+    tmp = tmp_path_factory.mktemp("generate")
+    config = write_config(tmp, tmp / "data", tmp / "run", train={"steps": 2})
+    train(config)
+    return tmp / "run"
+
+
+def _generate(*args):
+    return subprocess.run([sys.executable, "-m", "sleepscale.cli", "generate", *map(str, args)], capture_output=True, text=True)
+
+
+def test_generate_streams_a_continuation_of_a_trained_run(trained_run):
+    result = _generate(trained_run, "--prompt", "0 1 1 0 1 0 0 1 ?1", "--max-new-tokens", "5", "--passes", "3")
+    assert result.returncode == 0, result.stderr
+    continuation = result.stdout.split()
+    assert len(continuation) == 5 and set(continuation) <= {"<pad>", "0", "1", "?1", "?2"}, result.stdout
+    assert '"generated_tokens": 5' in result.stderr and '"passes": 3' in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["/nonexistent/run", "--prompt", "0 1"], "not a sleepscale checkpoint or run directory"),
+    (["RUN", "--prompt", "0 1 x"], "symbol 'x' is not in the vocabulary"),
+    (["RUN", "--prompt", "0 1", "--passes", "0"], "--passes 0: give N >= 1"),
+])
+def test_bad_generate_arguments_are_one_line(trained_run, args, message):
+    result = _generate(*[trained_run if a == "RUN" else a for a in args])
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

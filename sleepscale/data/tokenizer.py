@@ -84,6 +84,14 @@ class SymbolVocabulary:
     def __getitem__(self, symbol: str) -> int:
         return self.ids[symbol]
 
+    def encode(self, text: str) -> list[int]:
+        """Whitespace-separated symbols, e.g. "0 1 1 ?1"."""
+        unknown = [symbol for symbol in text.split() if symbol not in self.ids]
+        if unknown:
+            raise DataError(f"symbol {unknown[0]!r} is not in the vocabulary ({' '.join(self.symbols)}); "
+                            "write the prompt as those symbols separated by spaces")
+        return [self.ids[symbol] for symbol in text.split()]
+
     def decode(self, ids) -> str:
         return " ".join(self.symbols[i] for i in ids)
 
@@ -93,3 +101,17 @@ class SymbolVocabulary:
 
 def load_tokenizer(path: str | Path | None, eos_token: str | None = None):
     return ByteTokenizer() if path is None else HuggingFaceTokenizer(path, eos_token)
+
+
+def tokenizer_from_description(description: dict[str, Any]):
+    """The tokenizer a dataset's manifest describes (its `tokenizer` entry, from `describe()`)."""
+    kind = description.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "symbols":
+        return SymbolVocabulary(description["symbols"])
+    if kind == "huggingface":
+        tokenizer = HuggingFaceTokenizer(description["path"])
+        tokenizer.eos_id = description.get("eos_id", tokenizer.eos_id)
+        return tokenizer
+    raise DataError(f"unknown tokenizer kind {kind!r} in the dataset's manifest")
