@@ -35,6 +35,18 @@ def windows_with_hard_eviction(model, input_ids, window: int):
     return torch.cat(logits, dim=1)
 
 
+def one_token_with_grouped_value_heads(generator):
+    """fla's chunk kernel (what our fla backend calls) on a single token, as in decoding, with two
+    value heads per key head and a carried state: inputs and outputs."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    q, k = (torch.nn.functional.normalize(torch.randn(2, 1, 2, 8, generator=generator), dim=-1) for _ in range(2))
+    inputs = {"q": q, "k": k, "v": torch.randn(2, 1, 4, 12, generator=generator), "g": -torch.rand(2, 1, 4, generator=generator),
+              "beta": torch.rand(2, 1, 4, generator=generator), "initial_state": torch.randn(2, 4, 8, 12, generator=generator)}
+    output, state = chunk_gated_delta_rule(**inputs, output_final_state=True)
+    return {"inputs": inputs, "output": output, "state": state}
+
+
 def main(path):
     generator = torch.Generator().manual_seed(0)
     layer = GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=4, expand_v=1.5, conv_size=4, norm_eps=1e-5)
@@ -56,11 +68,12 @@ def main(path):
         logits = model(input_ids=input_ids).logits
         window_logits = windows_with_hard_eviction(model, input_ids, window=8)
     model.save_pretrained(Path(path).parent / "fla_model")  # what `sleepscale convert` reads
+    decode_step = one_token_with_grouped_value_heads(generator)
     torch.save(
         {
             "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
             "grouped_state": grouped.state_dict(), "grouped_output": grouped_output,
-            "input_ids": input_ids, "logits": logits, "window_logits": window_logits,
+            "input_ids": input_ids, "logits": logits, "window_logits": window_logits, "decode_step": decode_step,
         },
         path,
     )

@@ -112,3 +112,13 @@ def test_fla_hybrid_config_maps_attention_layers():
 def test_fla_grouped_value_heads_map_to_gdn_num_v_heads():
     assert FlaGatedDeltaNet().model_section({**FLA, "num_v_heads": 4})["gdn"]["num_v_heads"] == 4
     assert "num_v_heads" not in FlaGatedDeltaNet().model_section({**FLA, "num_v_heads": None})["gdn"]
+
+
+def test_a_decoding_step_with_grouped_value_heads_matches_fla(fla_outputs):
+    """One token through our gated_delta_rule (torch backend: q and k repeated per value head) against
+    fla's chunk kernel, which takes grouped value heads natively."""
+    from sleepscale.ops import gated_delta_rule
+
+    step = fla_outputs["decode_step"]
+    output, state = gated_delta_rule(**step["inputs"], backend="torch")
+    assert relative_error(output, step["output"]) < 1e-5 and relative_error(state, step["state"]) < 1e-5
