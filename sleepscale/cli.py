@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run")
+    evaluate.add_argument("--generate", action="store_true", help="generate the answers (a streaming session per "
+                          "sample) instead of reading them off teacher-forced logits; exact matches agree")
     from sleepscale.launch import add_arguments
 
     add_arguments(commands.add_parser(
@@ -124,7 +126,7 @@ def _evaluate_checkpoint(args) -> None:
     data = args.data or config.data.path
     loader = ShardLoader(data, args.split, batch_size=args.batch_size, shuffle=False)
     batches = [batch for index, batch in enumerate(loader) if args.max_batches is None or index < args.max_batches]
-    rows = evaluate(model.eval(), batches, config.sleep, passes)
+    rows = evaluate(model.eval(), batches, config.sleep, passes, by_generation=args.generate)
     out = Path(args.out) if args.out else checkpoint / f"eval-{args.split}.csv"
     write_csv(rows, out)
     print(format_table(rows))

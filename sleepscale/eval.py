@@ -35,10 +35,13 @@ class _Counts:
 
 
 @torch.no_grad()
-def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None, group=None) -> list[dict]:
+def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None, group=None,
+             by_generation: bool = False) -> list[dict]:
     """Rows of COLUMNS for every (difficulty value, N). `batches` is a re-iterable of loader batches;
     `forward(input_ids, targets, sleep)` defaults to `sleep_forward` on `model`. Counts are summed
-    over `group` (default: all ranks), the ranks that read different batches."""
+    over `group` (default: all ranks), the ranks that read different batches. `by_generation`: the
+    answers are generated (`generated_answers`) instead of read off teacher-forced logits; an item's
+    exact match is the same either way."""
     forward = forward or (lambda ids, targets, s: sleep_forward(model, ids, s, targets=targets))
     counts: dict[tuple, _Counts] = defaultdict(_Counts)
     for n in passes:
@@ -46,7 +49,10 @@ def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None
         for batch in batches:
             device = next(model.parameters()).device
             input_ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
-            predictions = forward(input_ids, targets, setting).logits.argmax(-1)
+            if by_generation:
+                predictions = generated_answers(model, input_ids, targets, setting)
+            else:
+                predictions = forward(input_ids, targets, setting).logits.argmax(-1)
             for row, meta in enumerate(batch["meta"]):
                 supervised = (targets[row] != IGNORE_INDEX).nonzero().flatten()
                 right = (predictions[row, supervised] == targets[row, supervised]).tolist()
@@ -57,6 +63,44 @@ def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None
                     else:
                         _count(counts[(name, value, n)], right)
     return _rows(_sum_over_ranks(counts, group))
+
+
+def generated_answers(model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: SleepConfig) -> torch.Tensor:
+    """[batch, length] answers the model generates, greedily, at the supervised positions (the rest
+    IGNORE_INDEX): each sample is read in a `SleepingSession` up to the start of each answer run
+    (`_answer_runs`), the run is generated token by token, and the given tokens are read between
+    runs (the session rewound first). A run is generated right exactly when every teacher-forced
+    argmax in it is right, so exact matches agree with `evaluate`'s."""
+    from sleepscale.session import SleepingSession
+
+    answers = torch.full_like(targets, IGNORE_INDEX)
+    for row in range(input_ids.shape[0]):
+        session = SleepingSession(model, sleep)
+        read = 0  # tokens of the sample read so far
+        for start, end in _answer_runs(input_ids[row].tolist(), targets[row].tolist()):
+            session.feed(input_ids[row : row + 1, read : start + 1])
+            read = start + 1
+            rewind = session.snapshot()
+            generated = list(session.generate(end - start))
+            answers[row, start:end] = torch.cat(generated)
+            session.restore(rewind)
+    return answers
+
+
+def _answer_runs(input_ids: list[int], targets: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of supervised positions that a model answers by generating: a
+    position joins the run before it when its input is that run's last answer token (a math
+    answer's digits). Where the next input is something else (Rule 110's queries ?1 ?2 ...,
+    each answered at its own position) every position is a run of its own."""
+    runs = []
+    for position, target in enumerate(targets):
+        if target == IGNORE_INDEX:
+            continue
+        if runs and runs[-1][1] == position and input_ids[position] == targets[position - 1]:
+            runs[-1] = (runs[-1][0], position + 1)
+        else:
+            runs.append((position, position + 1))
+    return runs
 
 
 def _count(cell: _Counts, right: list[bool]) -> None:

@@ -155,3 +155,55 @@ def test_bad_generate_arguments_are_one_line(trained_run, args, message):
     result = _generate(*[trained_run if a == "RUN" else a for a in args])
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_evaluation_by_generation_agrees_with_teacher_forced_exact_match(trained_run):
+    from sleepscale.data.loader import ShardLoader
+    from sleepscale.eval import evaluate
+    from sleepscale.train.checkpoint import load_model_from_checkpoint
+
+    model, config = load_model_from_checkpoint(trained_run)
+    model = model.double()  # a barely trained model has near-ties, which float32 rounding could break differently
+    batches = [batch for batch in ShardLoader(config.data.path, "validation", batch_size=8, shuffle=False)][:2]
+    teacher_forced = evaluate(model.eval(), batches, config.sleep, [1, 2])
+    generated = evaluate(model.eval(), batches, config.sleep, [1, 2], by_generation=True)
+    assert [(r["value"], r["passes"], r["items"], r["accuracy"]) for r in generated] == \
+        [(r["value"], r["passes"], r["items"], r["accuracy"]) for r in teacher_forced]
+    # Token by token: a generated answer equals the teacher-forced argmax (Rule 110's answers are
+    # one token each; a multi-token answer would agree up to its first wrong token).
+    from sleepscale.eval import generated_answers
+    from sleepscale.sleep import IGNORE_INDEX
+
+    sleep = config.sleep.model_copy(update={"passes": 2})
+    compared = 0
+    for batch in batches:
+        answers = generated_answers(model, batch["input_ids"], batch["targets"], sleep)
+        argmax = sleep_forward(model, batch["input_ids"], sleep).logits.argmax(-1)
+        for row in range(answers.shape[0]):
+            for position in (batch["targets"][row] != IGNORE_INDEX).nonzero().flatten().tolist():
+                assert answers[row, position] == argmax[row, position], (row, position)
+                compared += 1
+    assert compared > 16
+
+
+def test_multi_token_answers_are_generated_and_judged_as_teacher_forcing_judges_them():
+    """Answers whose tokens are read back as inputs (a math answer's digits) are generated as one run."""
+    from sleepscale.eval import generated_answers
+    from sleepscale.sleep import IGNORE_INDEX
+
+    config = make_config(passes=2)
+    model = make_model(config)
+    prompt = torch.randint(0, 40, (1, 13), generator=torch.Generator().manual_seed(4))
+    session = SleepingSession(model, config.sleep)
+    session.feed(prompt)
+    answer = torch.stack(list(session.generate(4)), dim=1)  # the model's own answer: right by construction
+    wrong = answer.clone()
+    wrong[0, 2] = (wrong[0, 2] + 1) % 40  # its third token changed
+    for given, right in ((answer, True), (wrong, False)):
+        input_ids = torch.cat([prompt, given], dim=1)
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        targets[0, 12:16] = given[0]  # position i predicts input i + 1
+        generated = generated_answers(model, input_ids, targets, config.sleep)
+        teacher_forced = sleep_forward(model, input_ids, config.sleep).logits.argmax(-1)
+        assert torch.equal(generated[0, 12:16], answer[0])  # generation follows its own tokens
+        assert bool((teacher_forced[0, 12:16] == given[0]).all()) == right == torch.equal(generated[0, 12:16], given[0])
