@@ -4,7 +4,7 @@
 
 One model (AGAG, random weights, float32) and one prompt of `windows` full windows plus one token,
 so that the answer is decoded inside a window, with no eviction while answering. For N in 1, 2, 4, 8
-(all in one run, interleaved over `repeats` rounds, best round kept):
+(all in one run after a warm-up, interleaved over `repeats` rounds that each start at another N, best round kept):
 - decode: seconds per token over the answer's tokens (one wake pass each, whatever N);
 - decode across boundaries: seconds per token over 4 windows' worth of tokens, which sleeps on
   each window it fills (the sleep is paid while decoding there);
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--windows", type=int, default=15, help="full windows in the prompt")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     heads = max(1, args.width // 64)
     configs = {n: validate({"model": {"vocab_size": 256, "hidden_size": args.width, "pattern": "AGAG",
@@ -69,9 +69,10 @@ def main() -> None:
     model = build_model(configs[1].model).eval()
     prompt = torch.randint(0, 256, (1, args.windows * args.window + 1), generator=torch.Generator().manual_seed(0))
     answer_tokens = args.window - 1  # fills the prompt's last window, without evicting it
+    measure(model, configs[1], prompt, answer_tokens, 4 * args.window)  # warm-up, not recorded
     best: dict[int, dict[str, float]] = {}
-    for _ in range(args.repeats):
-        for n in PASSES:
+    for round_ in range(args.repeats):
+        for n in PASSES[round_ % len(PASSES):] + PASSES[: round_ % len(PASSES)]:  # a different N first each round
             result = measure(model, configs[n], prompt, answer_tokens, 4 * args.window)
             best[n] = {key: min(value, best.get(n, {}).get(key, float("inf"))) for key, value in result.items()}
 
