@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sleepscale.config import FREE_OF_SOURCE
 from sleepscale.convert.families import FlaGatedDeltaNet, Piece, UnsupportedCheckpoint, family_of
 from sleepscale.convert.model_dir import (
     SHARD_BYTES, ModelDirError, SafetensorsFiles, is_model_dir, read_description, write_model_dir, write_safetensors_dir,
@@ -209,13 +210,12 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
     return write_safetensors_dir(out, tensors(), {"config.json": json.dumps(hf, indent=2)}, shard_bytes)
 
 
-ARCHITECTURE_FREE = {"seed", "backend", "loop", "init_from", "init_std"}  # may differ from the source
 
 
 def _check_same_architecture(source_section: dict[str, Any], section: dict[str, Any], where: Path) -> None:
     source_model, model = _validated(source_section), _validated({**section, "init_from": None})
-    mine = model.model_dump(exclude=ARCHITECTURE_FREE)
-    theirs = source_model.model_dump(exclude=ARCHITECTURE_FREE)
+    mine = model.model_dump(exclude=set(FREE_OF_SOURCE))
+    theirs = source_model.model_dump(exclude=set(FREE_OF_SOURCE))
     mine["pattern"], theirs["pattern"] = model.blocks, source_model.blocks
     differing = [key for key in mine if mine[key] != theirs[key]]
     if differing:

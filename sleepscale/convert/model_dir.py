@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,6 @@ class SafetensorsFiles:
                 return file.get_tensor(name)
             part = file.get_slice(name)
             return part[rows[0] : rows[1]] if columns is None else part[:, columns[0] : columns[1]]
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.names():
-            yield name, self.get(name)
 
 
 @torch.no_grad()
