@@ -62,7 +62,8 @@ def _keep_stage(model: HybridLM, stages: list[range], index: int) -> None:
 def _zero3_model(config: Config, device: torch.device) -> HybridLM:
     """Partitioned as it is built (DeepSpeed's `zero.Init`), then filled one parameter at a time:
     each is gathered whole for a moment, rank 0 copies the stored tensor in, and DeepSpeed
-    repartitions it. A rank holds its partition plus one whole parameter. (ZeRO-3 excludes tensor
+    repartitions it. A rank holds its partition plus about two whole parameters (the gathered one and,
+    on rank 0, the one read). (ZeRO-3 excludes tensor
     and pipeline parallelism, so every rank is a data-parallel rank.)"""
     import deepspeed
     import torch.distributed as dist

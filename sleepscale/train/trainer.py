@@ -34,16 +34,15 @@ from sleepscale.data.shards import read_manifest
 from sleepscale.eval import evaluate, evaluations, format_table, plot, plot_history, write_csv
 from sleepscale.eval import metrics as eval_metrics
 from sleepscale.flops import peak_flops, plan_flops, training_flops_per_token
-from sleepscale.parallel.rank_model import build_rank_model
-from sleepscale.train.distributed import deepspeed_config
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
 from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_states, rng_states
-from sleepscale.train.distributed import Distributed, setup_distributed, setup_model_parallel
+from sleepscale.train.distributed import Distributed, deepspeed_config, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
 from sleepscale.train.step import UpdateGuard, get_forward_backward_func, loss_on_host, micro_batch
