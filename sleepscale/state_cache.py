@@ -45,7 +45,7 @@ class StateCache:
 
     def ingest(self, session: SleepingSession, tokens: torch.Tensor) -> bool:
         """Brings a fresh session to the state after reading `tokens` [batch, n]; True on a hit."""
-        if session.state.position:
+        if any(session.state.positions):
             raise ValueError("ingest starts from a fresh session (a cached prefix is the whole stream so far)")
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         key = self.key(session, tokens)

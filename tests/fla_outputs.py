@@ -36,15 +36,16 @@ def windows_with_hard_eviction(model, input_ids, window: int):
 
 
 def one_token_with_grouped_value_heads(generator):
-    """fla's chunk kernel (what our fla backend calls) on a single token, as in decoding, with two
-    value heads per key head and a carried state: inputs and outputs."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    """fla's chunk kernel and its fused recurrent kernel (what our fla backend calls to decode) on a
+    single token, with two value heads per key head and a carried state: inputs and outputs."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     q, k = (torch.nn.functional.normalize(torch.randn(2, 1, 2, 8, generator=generator), dim=-1) for _ in range(2))
     inputs = {"q": q, "k": k, "v": torch.randn(2, 1, 4, 12, generator=generator), "g": -torch.rand(2, 1, 4, generator=generator),
               "beta": torch.rand(2, 1, 4, generator=generator), "initial_state": torch.randn(2, 4, 8, 12, generator=generator)}
     output, state = chunk_gated_delta_rule(**inputs, output_final_state=True)
-    return {"inputs": inputs, "output": output, "state": state}
+    fused_output, fused_state = fused_recurrent_gated_delta_rule(**inputs, output_final_state=True)
+    return {"inputs": inputs, "output": output, "state": state, "fused_output": fused_output, "fused_state": fused_state}
 
 
 def main(path):

@@ -122,3 +122,14 @@ def test_a_decoding_step_with_grouped_value_heads_matches_fla(fla_outputs):
     step = fla_outputs["decode_step"]
     output, state = gated_delta_rule(**step["inputs"], backend="torch")
     assert relative_error(output, step["output"]) < 1e-5 and relative_error(state, step["state"]) < 1e-5
+    # fla's fused recurrent kernel, which the fla backend decodes with, agrees too
+    assert relative_error(output, step["fused_output"]) < 1e-5 and relative_error(state, step["fused_state"]) < 1e-5
+
+
+def test_the_fla_backend_decodes_with_the_fused_recurrent_kernel_and_trains_with_the_chunked_one():
+    from sleepscale.ops import fla_kernel_for
+
+    assert fla_kernel_for(1, needs_grad=False) == "fused_recurrent"  # decoding
+    assert fla_kernel_for(64, needs_grad=False) == "fused_recurrent"  # a short window read at inference
+    assert fla_kernel_for(65, needs_grad=False) == "chunk"
+    assert fla_kernel_for(1, needs_grad=True) == "chunk"  # the fused recurrent kernel has no backward

@@ -54,6 +54,62 @@ def test_greedy_generation_is_the_argmax_continuation_across_a_window_boundary(e
         sequence = torch.cat([sequence, generated[:, i : i + 1]], dim=1)
 
 
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+@pytest.mark.parametrize("passes", [1, 2, 4])
+@pytest.mark.parametrize("loop", [None, [1, 3]])
+def test_streams_of_different_lengths_read_together_as_each_alone(eviction, passes, loop):
+    """A batch whose streams read different numbers of tokens per call (some none) gives each
+    stream the logits of the engine over that stream alone."""
+    config = make_config(passes=passes, eviction=eviction, model={"loop": loop})
+    model = make_model(config, torch.float64)
+    lengths = [5, LENGTH, 17]
+    streams = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(10 + n)) for n in lengths]
+    session = SleepingSession(model, config.sleep, batch_size=3)
+    generator, read, logits = torch.Generator().manual_seed(passes), [0, 0, 0], [[], [], []]
+    while read != lengths:
+        sizes = [min(int(torch.randint(0, 12, (1,), generator=generator)), n - r) for n, r in zip(lengths, read)]
+        if not any(sizes):
+            continue
+        out = session.feed_each([s[r : r + k] for s, r, k in zip(streams, read, sizes)])
+        for i, k in enumerate(sizes):
+            assert out[i].shape == (k, 40)
+            logits[i].append(out[i])
+            read[i] += k
+    for stream, pieces in zip(streams, logits):
+        expected = sleep_forward(model, stream[None], config.sleep).logits[0]
+        torch.testing.assert_close(torch.cat(pieces), expected, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_streams_of_different_lengths_decode_together_as_each_alone(eviction):
+    """Prompts of 5, 13 and 16 tokens (windows of 8), then 12 greedy tokens decoded in one batch:
+    every stream crosses a window boundary at its own step, and each continuation is the argmax
+    continuation of that stream alone."""
+    config = make_config(passes=3, eviction=eviction)
+    model = make_model(config, torch.float64)
+    prompts = [torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 13, 16)]
+    session = SleepingSession(model, config.sleep, batch_size=3)
+    session.feed_each(prompts)
+    generated = torch.stack(list(session.generate(max_new_tokens=12)), dim=1)
+    for prompt, continuation in zip(prompts, generated):
+        sequence = prompt[None]
+        for token in continuation:
+            assert token == sleep_forward(model, sequence, config.sleep).logits[0, -1].argmax(), sequence.shape
+            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+
+
+def test_uneven_feeding_is_refused_in_one_line():
+    config = make_config(passes=2)
+    session = SleepingSession(make_model(config), config.sleep, batch_size=2)
+    with pytest.raises(ValueError, match="one token list per stream"):
+        session.feed_each([[1, 2]])
+    with pytest.raises(ValueError, match="at least one token"):
+        session.feed_each([[], []])
+    session.feed_each([[1, 2], []])
+    with pytest.raises(ValueError, match="a stream has read nothing yet"):
+        next(session.generate(3))
+
+
 def test_states_are_float32_whatever_the_compute_dtype():
     config = make_config(passes=2, eviction="sliding")
     model = make_model(config, dtype=torch.bfloat16)
@@ -209,3 +265,64 @@ def test_multi_token_answers_are_generated_and_judged_as_teacher_forcing_judges_
         teacher_forced = sleep_forward(model, input_ids, config.sleep).logits.argmax(-1)
         assert torch.equal(generated[0, 12:16], answer[0])  # generation follows its own tokens
         assert bool((teacher_forced[0, 12:16] == given[0]).all()) == right == torch.equal(generated[0, 12:16], given[0])
+
+
+@pytest.fixture(scope="module")
+def math_run(tmp_path_factory):
+    """A run on math word problems (byte tokens, multi-digit answers then <eos>), trained 2 steps."""
+    import yaml
+    from train_helpers import train, write_config
+
+    tmp = tmp_path_factory.mktemp("math")
+    config = write_config(tmp, tmp / "data", tmp / "run", model={"vocab_size": 264},
+                          sleep={"window": 64, "passes": 2, "checkpoint": "none"},
+                          train={"steps": 2}, checkpoint={"every": 2, "keep": 1})
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["generate"] = {"task": "math", "args": {"ops_values": [2, 4], "length": 320},
+                                    "train_samples": 32, "validation_samples": 8, "samples_per_shard": 16}
+    config.write_text(yaml.safe_dump(settings))
+    train(config)
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_math_evaluated_by_generation_end_to_end(math_run, tmp_path):
+    """`sleepscale eval --generate` on a math run reports the teacher-forced exact matches; and on
+    the same problems with each answer replaced by the model's own greedy answer (right by
+    construction), then with one digit of it changed, generation and teacher forcing both judge
+    every answer right, then wrong."""
+    from sleepscale.data.loader import ShardLoader
+    from sleepscale.eval import _answer_runs, evaluate
+    from sleepscale.train.checkpoint import load_model_from_checkpoint
+
+    tables = {}
+    for flags in ([], ["--generate"]):
+        out = tmp_path / f"eval{len(flags)}.csv"
+        result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(math_run), "--no-mlflow",
+                                 "--out", str(out), *flags], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        rows = [line.split(",") for line in out.read_text().splitlines()]
+        tables[len(flags)] = [row[:5] for row in rows]  # difficulty, value, passes, items, accuracy
+    assert tables[0] == tables[1] and len(tables[0]) == 5, tables  # header + ops 2, 4 at N = 1, 2
+
+    model, config = load_model_from_checkpoint(math_run)
+    model = model.double().eval()
+    batch = next(iter(ShardLoader(config.data.path, "validation", batch_size=8, shuffle=False)))
+    input_ids, targets, starts = batch["input_ids"].clone(), batch["targets"].clone(), []
+    for row in range(input_ids.shape[0]):
+        (start, end), = _answer_runs(input_ids[row].tolist(), targets[row].tolist())  # digits and <eos>: one run
+        assert end - start >= 2
+        session = SleepingSession(model, config.sleep)
+        session.feed(input_ids[row : row + 1, : start + 1])
+        answer = torch.cat(list(session.generate(end - start)))
+        targets[row, start:end], input_ids[row, start + 1 : end] = answer, answer[:-1]
+        starts.append(start)
+    for change in (False, True):
+        if change:  # each answer's first token changed: a wrong first digit
+            for row, start in enumerate(starts):
+                targets[row, start] = (targets[row, start] + 1) % 264
+        changed = {**batch, "input_ids": input_ids, "targets": targets}
+        by_generation = evaluate(model, [changed], config.sleep, [2], by_generation=True)
+        teacher_forced = evaluate(model, [changed], config.sleep, [2])
+        assert [r["accuracy"] for r in by_generation] == [r["accuracy"] for r in teacher_forced] == \
+            [0.0 if change else 1.0] * len(teacher_forced), (by_generation, teacher_forced)

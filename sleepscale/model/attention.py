@@ -38,12 +38,46 @@ class AttentionState(MixerState):
     span: int  # keys a query may see, itself included
     keys: torch.Tensor | None = None  # [batch, kv_heads, tail, head_dim], after k_norm, before rotation
     values: torch.Tensor | None = None
+    # [batch, tail] or None (all valid): which tail slots hold a key. Streams of a batch that have
+    # read different numbers of tokens (inference) keep their keys right-aligned, padded on the left,
+    # so the distance between a query and each real key is the same as without padding.
+    valid: torch.Tensor | None = None
 
     def evicted(self) -> AttentionState:
         return AttentionState(self.span)
 
     def next_pass(self, window_start: AttentionState) -> AttentionState:
         return window_start
+
+    @property
+    def tail(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def where(self, mask: torch.Tensor, other: AttentionState) -> AttentionState:
+        """Per sequence: this state where `mask` [batch] is True, else `other`; tails of different
+        lengths are left-padded to the longer (padding marked invalid)."""
+        length = max(self.tail, other.tail)
+        if length == 0:
+            return AttentionState(self.span)
+        if self.tail == other.tail and self.valid is None and other.valid is None:
+            return super().where(mask, other)  # the training path (partial sleep): no padding needed
+        like = self if self.tail else other
+        a, b = self._left_padded(length, like), other._left_padded(length, like)
+        selected = mask.view(-1, 1, 1, 1)
+        return AttentionState(self.span, torch.where(selected, a.keys, b.keys),
+                              torch.where(selected, a.values, b.values), torch.where(mask[:, None], a.valid, b.valid))
+
+    def _left_padded(self, length: int, like: AttentionState) -> AttentionState:
+        batch, heads, _, head_dim = like.keys.shape
+        pad = length - self.tail
+        keys = like.keys.new_zeros(batch, heads, pad, head_dim)
+        values = like.values.new_zeros(batch, heads, pad, like.values.shape[-1])
+        valid = torch.zeros(batch, pad, dtype=torch.bool, device=like.keys.device)
+        if self.tail:
+            own_valid = self.valid if self.valid is not None else valid.new_ones(batch, self.tail)
+            keys, values = torch.cat([keys, self.keys], dim=2), torch.cat([values, self.values], dim=2)
+            valid = torch.cat([valid, own_valid], dim=1)
+        return AttentionState(self.span, keys, values, valid)
 
 
 def inverse_frequencies(
@@ -134,6 +168,9 @@ class Attention(nn.Module):
             k = torch.cat([state.keys.to(k.dtype), k], dim=2)
             v = torch.cat([state.values.to(v.dtype), v], dim=2)
         tail = k.shape[2] - length
+        key_valid = None  # [batch, keys] when the tail holds padding (inference over uneven streams)
+        if state.valid is not None:
+            key_valid = torch.cat([state.valid, state.valid.new_ones(x.shape[0], length)], dim=1)
         key_positions = torch.arange(k.shape[2], device=x.device)
         query_positions = key_positions[tail:]
 
@@ -143,10 +180,12 @@ class Attention(nn.Module):
         cos, sin = angles.cos(), angles.sin()
 
         distance = query_positions[:, None] - key_positions[None, :]
-        if tail == 0 and length <= state.span:
+        if key_valid is None and tail == 0 and length <= state.span:
             mask, is_causal = None, True
         else:
             mask, is_causal = (distance >= 0) & (distance < state.span), False
+            if key_valid is not None:
+                mask = mask & key_valid[:, None, None, :]  # [batch, heads (broadcast), queries, keys]
         out = F.scaled_dot_product_attention(
             rotate(q, cos[tail:], sin[tail:]),
             rotate(k, cos, sin),
@@ -158,5 +197,6 @@ class Attention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate.flatten(-2))
         first_kept = max(0, k.shape[2] - (state.span - 1))  # the last span - 1 keys, or all when there are fewer
-        new_state = AttentionState(state.span, k[:, :, first_kept:], v[:, :, first_kept:])
+        new_state = AttentionState(state.span, k[:, :, first_kept:], v[:, :, first_kept:],
+                                   None if key_valid is None else key_valid[:, first_kept:])
         return self.o_proj(out), new_state

@@ -23,7 +23,8 @@ State = TypeVar("State", bound="MixerState")
 @dataclasses.dataclass(frozen=True)
 class MixerState:
     """Base for mixer states: a frozen dataclass of batch-first tensors (or None, or tuples of them)
-    and of settings that are the same for every sequence (plain Python values)."""
+    and of settings that are the same for every sequence (plain Python values). A None tensor field
+    stands for zeros (a convolution tail that has seen no input yet)."""
 
     def evicted(self: State) -> State:
         """The state after hard eviction: memory kept, context dropped."""
@@ -53,6 +54,10 @@ class MixerState:
     def _mapped(self: State, function) -> State:
         return type(self)(**{f.name: _map(function, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
+    def rows(self: State, index: torch.Tensor) -> State:
+        """The state of the sequences `index` [rows] (a long tensor on the state's device), in that order."""
+        return self._mapped(lambda t: t.index_select(0, index))
+
     def where(self: State, mask: torch.Tensor, other: State) -> State:
         """Per sequence: this state where `mask` [batch] is True, else `other`."""
         return type(self)(
@@ -73,8 +78,16 @@ def _detach(value):
 
 
 def _where(mask: torch.Tensor, a, b):
+    if isinstance(a, tuple) and b is None:
+        b = (None,) * len(a)
+    elif a is None and isinstance(b, tuple):
+        a = (None,) * len(b)
     if isinstance(a, tuple):
         return tuple(_where(mask, x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and b is None:
+        b = torch.zeros_like(a)
+    elif a is None and isinstance(b, torch.Tensor):
+        a = torch.zeros_like(b)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:

@@ -1,4 +1,4 @@
-"""Backend choice for the gated delta rule: fla's Triton kernel on CUDA, our PyTorch code on CPU.
+"""Backend choice for the gated delta rule: fla's Triton kernels on CUDA, our PyTorch code on CPU.
 
 Both backends share one signature and one state layout ([B, HV, d_k, d_v], fla's default), and both
 are differentiable in every input including `initial_state`. fla is imported only when the fla
@@ -33,15 +33,26 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", 
     return backend
 
 
-def _fla_chunk_gated_delta_rule():
+FUSED_RECURRENT_MAX_LENGTH = 64  # fla's own layer takes its fused recurrent kernel up to this length at inference
+
+
+def fla_kernel_for(length: int, needs_grad: bool) -> Literal["chunk", "fused_recurrent"]:
+    """Which fla kernel runs a call over `length` tokens: the fused recurrent kernel when nothing
+    needs a gradient (it has no backward) and the call is short (decoding one token; a short window
+    read at inference), where the chunked kernel would pad to a 64-token chunk and launch ~5 kernels;
+    the chunked kernel otherwise."""
+    return "fused_recurrent" if not needs_grad and length <= FUSED_RECURRENT_MAX_LENGTH else "chunk"
+
+
+def _fla_kernel(name: str):
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        from fla.ops import gated_delta_rule as kernels
     except ImportError as error:  # no silent fallback to the slow path on a GPU
         raise BackendUnavailable(
             f"delta-rule backend 'fla' could not import fla ({error}); install flash-linear-attention and triton, "
             "or set model.backend=torch"
         ) from error
-    return chunk_gated_delta_rule
+    return getattr(kernels, f"{name}_gated_delta_rule")
 
 
 def gated_delta_rule(
@@ -64,8 +75,8 @@ def gated_delta_rule(
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state, scale=scale)
-    # fla's kernel does grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in unrepeated.
-    chunk_gated_delta_rule = _fla_chunk_gated_delta_rule()
-    return chunk_gated_delta_rule(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True
-    )
+    # fla's kernels do grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in unrepeated.
+    tensors = (q, k, v, g, beta) if initial_state is None else (q, k, v, g, beta, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    kernel = _fla_kernel(fla_kernel_for(q.shape[1], needs_grad))
+    return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
