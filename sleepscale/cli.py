@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep directory (default: runs/sweep-<config name>); the same command resumes it")
     sweep.add_argument("--parallel", type=int, default=1, help="runs at once; they share the cores (default: 1)")
     sweep.add_argument("--equal-flops", action="store_true",
-                       help="add a run of every cheaper setting given the training FLOPs of the most expensive one")
+                       help="give every cheaper setting the training FLOPs of the most expensive one: extended "
+                       "in place under a constant learning rate (its evaluation at its own step count is the "
+                       "equal-token point), else as an added <name>-equal-flops run")
     sweep_report = commands.add_parser("sweep-report", help="write (again) the comparison report of a sweep directory")
     sweep_report.add_argument("directory", help="a sweep directory (of `sleepscale sweep` or slurm/sweep.sbatch)")
     sweep_report.add_argument("--tracking-uri", help="MLflow URI to log the report to (default: the sweep's, or "

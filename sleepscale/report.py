@@ -39,7 +39,7 @@ class RunResult:
     train_seconds: float | None
     wall_seconds: float | None  # from a local sweep's sweep.json
     steps: int
-    history: list[tuple[float, float, dict[tuple[str, str, int], float]]]  # (tokens, flops, accuracy by item)
+    history: list[tuple[float, float, dict[tuple[str, str, int], float], int]]  # (tokens, flops, accuracy by item, step)
 
     def accuracy(self, difficulty: str, value: str) -> float | None:
         """At the trained N if evaluated there, else at the first N evaluated."""
@@ -72,7 +72,8 @@ def read_run(directory: Path, state: dict) -> RunResult:
         budget = next((record for record in reversed(budgets) if "training_flops" in record), {})
         for record, rows in evaluations(metrics_file):
             accuracies = {(row["difficulty"], str(row["value"]), row["passes"]): row["accuracy"] for row in rows}
-            history.append((record.get("tokens", math.nan), record.get("training_flops", math.nan), accuracies))
+            history.append((record.get("tokens", math.nan), record.get("training_flops", math.nan), accuracies,
+                            record.get("step", 0)))
     recorded = state.get("runs", {}).get(directory.name)
     finished = recorded["finished"] if recorded is not None else bool(final)
     return RunResult(directory.name, config["sleep"]["passes"], finished, final, budget.get("tokens"),
@@ -118,35 +119,56 @@ def table(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _groups(runs: list[RunResult], quantity) -> list[list[RunResult]]:
-    """Finished runs whose `quantity` agrees to within one training step of either run, in groups of
-    two or more."""
-    groups: list[list[RunResult]] = []
-    for run in runs:
-        value = quantity(run)
-        if value is None or not run.finished:
-            continue
-        for group in groups:
-            first = quantity(group[0])
-            if abs(first - value) <= max(first / max(group[0].steps, 1), value / max(run.steps, 1)):
-                group.append(run)
-                break
-        else:
-            groups.append([run])
-    return [group for group in groups if len(group) > 1]
+def _matches(first: float, first_steps: int, value: float, steps: int) -> bool:
+    """Whether two budgets agree to within one training step of either run."""
+    return abs(first - value) <= max(first / max(first_steps, 1), value / max(steps, 1))
+
+
+def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, int | None]]]:
+    """Runs compared at one budget (training tokens: position 0, FLOPs: 1), in groups of two or
+    more: for every finished run's final budget, each finished run at its end (step None) or at a
+    periodic evaluation of that budget (its step). A run extended under a constant learning rate
+    (`sweep --equal-flops`) so meets a shorter run at the shorter run's end: with the same data
+    order and learning rate at every step, its model there is the shorter run's model."""
+    finished = [run for run in runs if run.finished and (run.tokens, run.flops)[position] is not None]
+    groups, seen = [], set()
+    for anchor in finished:
+        target, group = (anchor.tokens, anchor.flops)[position], []
+        for run in finished:
+            if _matches(target, anchor.steps, (run.tokens, run.flops)[position], run.steps):
+                group.append((run, None))
+                continue
+            for entry in run.history:
+                if entry[3] and _matches(target, anchor.steps, entry[position], entry[3]):
+                    group.append((run, entry[3]))
+                    break
+        key = tuple((run.name, step) for run, step in group)
+        if len(group) > 1 and key not in seen:
+            seen.add(key)
+            groups.append(group)
+    return groups
+
+
+def _accuracy_at(run: RunResult, step: int | None, difficulty: str, value: str) -> float | None:
+    if step is None:
+        return run.accuracy(difficulty, value)
+    entry = next(entry for entry in run.history if entry[3] == step)
+    return entry[2].get((difficulty, value, run.eval_passes))
 
 
 def comparisons(runs: list[RunResult]) -> list[str]:
     items = _items(runs)
     lines = []
-    for title, quantity, unit in (("equal training tokens", lambda r: r.tokens, "tokens"),
-                                  ("equal training FLOPs", lambda r: r.flops, "FLOPs")):
-        for group in _groups(runs, quantity):
+    for title, position, unit in (("equal training tokens", 0, "tokens"), ("equal training FLOPs", 1, "FLOPs")):
+        for group in _points(runs, position):
             parts = []
-            for run in group:
-                scores = ", ".join(f"{d}={v}: {_number(run.accuracy(d, v), '.3f')}" for d, v in items)
-                parts.append(f"{run.name} (N={run.passes}, eval N={run.eval_passes}): {scores}")
-            lines.append(f"- At {title} (~{quantity(group[0]):.3g} {unit}): " + "; ".join(parts))
+            for run, step in group:
+                scores = ", ".join(f"{d}={v}: {_number(_accuracy_at(run, step, d, v), '.3f')}" for d, v in items)
+                where = "" if step is None else f", at step {step} of {run.steps}"
+                parts.append(f"{run.name} (N={run.passes}, eval N={run.eval_passes}{where}): {scores}")
+            budget = (group[0][0].tokens, group[0][0].flops)[position] if group[0][1] is None else \
+                next(e for e in group[0][0].history if e[3] == group[0][1])[position]
+            lines.append(f"- At {title} (~{budget:.3g} {unit}): " + "; ".join(parts))
     return lines
 
 

@@ -7,9 +7,14 @@ their own run directories under one sweep directory, then the comparison report
 A `KEY=V1,V2,...` argument (commas outside brackets) is swept; a `key=value` with one value is a
 fixed override for every run. Run directories are named `<tag>-<value>` (tag: the key's last part,
 e.g. `passes-3`; several keys join with `_`), as `slurm/sweep.sbatch` names its elements, so the
-same report reads both. `--equal-flops` adds, for every run whose training FLOPs are below the
-largest, a run of the same settings given that many FLOPs (more steps on a schedule of that
-length; named `<name>-equal-flops`).
+same report reads both. `--equal-flops` gives every run whose training FLOPs are below the largest
+that many FLOPs (more steps) too. Under a constant learning rate (`schedule.kind: constant`) with
+an evaluation at the run's own step count (`eval.every` divides it), the run is extended in place:
+its model at the original step count is the model a run of that length would have (same data
+order, same learning rate at every step), so its evaluation there is the equal-token point and its
+end the equal-FLOPs point, for the cost of one run. Otherwise (a cosine would have decayed
+differently) a separate run of the same settings on a schedule of the longer length is added,
+named `<name>-equal-flops`.
 
 Runs go one after another, or `--parallel K` at a time, the cores split between them (threads
 per process = cores // K). They log to one MLflow store (default `<sweep dir>/mlflow.db`, or the
@@ -98,20 +103,37 @@ def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool) -> li
         raise ConfigError(f"values {names} give the same run directory twice; give keys whose last parts differ")
     configs = [load_config(config_path, fixed + run.overrides) for run in runs]  # every combination must be valid
     if equal_flops:
-        runs += _equal_flops_runs(runs, configs)
+        runs = _with_equal_flops(runs, configs)
     return runs
 
 
-def _equal_flops_runs(runs: list[SweepRun], configs: list[Config]) -> list[SweepRun]:
-    """For each run below the largest training FLOPs, the same settings with steps scaled up to them."""
+def _with_equal_flops(runs: list[SweepRun], configs: list[Config]) -> list[SweepRun]:
+    """Each run below the largest training FLOPs given steps up to them: extended in place when its
+    learning rate is constant and it evaluates at its own step count, else as an added run."""
     totals = [training_flops(config) for config in configs]
     target = max(totals)
-    extra = []
+    planned, extra = [], []
     for run, config, total in zip(runs, configs, totals):
-        if total < target * 0.99:
-            steps = round(config.train.steps * target / total)
-            extra.append(SweepRun(f"{run.name}-equal-flops", run.values, [*run.overrides, f"train.steps={steps}"]))
-    return extra
+        if total >= target * 0.99:
+            planned.append(run)
+            continue
+        steps = round(config.train.steps * target / total)
+        longer = [*run.overrides, f"train.steps={steps}"]
+        if extends_exactly(config):
+            planned.append(SweepRun(run.name, run.values, longer))
+        else:
+            planned.append(run)
+            extra.append(SweepRun(f"{run.name}-equal-flops", run.values, longer))
+    return planned + extra
+
+
+def extends_exactly(config: Config) -> bool:
+    """Whether a longer run of `config` passes through the model a run of `config` ends with and
+    evaluates it there: a constant learning rate after a warm-up shorter than the run, and an
+    evaluation every k steps with k dividing the run's steps."""
+    every, steps = config.eval.every, config.train.steps
+    return (config.schedule.kind == "constant" and config.schedule.warmup_steps <= steps
+            and every > 0 and steps % every == 0)
 
 
 def training_flops(config: Config) -> float:

@@ -68,6 +68,29 @@ def test_sweep_over_n_runs_nested_mlflow_runs_and_writes_the_report(tmp_path, co
     assert (out / "passes-2" / "eval_steps.png").exists()  # periodic evaluation: accuracy against step per N
 
 
+def test_under_a_constant_learning_rate_equal_flops_extends_the_shorter_run(tmp_path, config):
+    """With a constant learning rate the N=1 run is extended to N=2's FLOPs instead of repeated: its
+    first 6 steps are a 6-step run's (losses and evaluation), and the report compares it with N=2
+    at its step-6 evaluation (equal tokens) and at its end (equal FLOPs)."""
+    from train_helpers import train
+
+    out = tmp_path / "sweep"
+    sweep(config, "sleep.passes=1,2", "schedule.kind=constant", "--out", str(out), "--equal-flops")
+    assert sorted(path.name for path in out.iterdir() if (path / "config.yaml").exists()) == ["passes-1", "passes-2"]
+    extended, steps = losses(out / "passes-1"), max(losses(out / "passes-2"))
+    assert steps == 6 and max(extended) > 6
+    short = tmp_path / "short"
+    train(config, "sleep.passes=1", "schedule.kind=constant", f"train.run_dir={short}")
+    assert [extended[step] for step in (2, 4, 6)] == pytest.approx([losses(short)[step] for step in (2, 4, 6)], rel=1e-5)
+    accuracy = "eval_accuracy_t1_N1"
+    assert metric(out / "passes-1", accuracy)[6] == pytest.approx(metric(short, accuracy)[6], abs=1e-9)
+    lines = (out / "report.md").read_text().splitlines()
+    assert any(line.startswith("- At equal training tokens") and f"passes-1 (N=1, eval N=1, at step 6 of {max(extended)})"
+               in line and "passes-2 (N=2, eval N=2)" in line for line in lines), lines
+    assert any(line.startswith("- At equal training FLOPs") and "passes-1 (N=1, eval N=1)" in line
+               and "passes-2 (N=2, eval N=2)" in line for line in lines), lines
+
+
 def test_a_stopped_sweep_resumes_and_finishes_only_what_is_missing(tmp_path, config):
     out = tmp_path / "sweep"
     command = [sys.executable, "-m", "sleepscale.cli", "sweep", str(config), "sleep.passes=1,2", "--out", str(out),
