@@ -33,7 +33,7 @@ from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
-from sleepscale.plan import SleepPlan, WindowPlan, loss_windows, make_plan, window_bounds
+from sleepscale.plan import PassPlan, SleepPlan, WindowPlan, loss_windows, make_plan, window_bounds
 
 __all__ = ["IGNORE_INDEX", "SleepOutput", "sleep_forward", "plan_for", "window_bounds"]
 
@@ -99,10 +99,7 @@ def sleep_forward(
             window.checkpoint == "window", _run_window, model, window, input_ids[:, window.start : window.end],
             window_targets, states, return_logits,
         )
-        if window.evict:
-            states = [state.evicted() for state in states]
-        if window.detach:
-            states = [state.detached() for state in states]
+        states = after_window(window, states)
         if len(norms) > 1:
             pass_norms.append(norms)
         if window_loss is not None:
@@ -140,8 +137,7 @@ def _run_window(
         with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
             if planned.number == 1:
                 hidden = model.embed(window_ids)
-            if planned.next_pass:
-                states = [states[i].next_pass(window_start[i]) if i in loop else states[i] for i in range(len(states))]
+            states = before_pass(planned, states, window_start, loop)
             for blocks in planned.blocks:
                 hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=per_pass)
             if planned.readout is not None:  # the wake pass: coda and head on a branch, the loop output goes on
@@ -150,13 +146,46 @@ def _run_window(
                     readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
                 logits, loss = _head(model, readout, window_targets, want_logits)
                 woke = states
-            if planned.bound is not None:
-                states = [states[i].bounded(planned.bound) if i in loop else states[i] for i in range(len(states))]
+            states = after_pass(planned, states, loop)
         pass_norms.append(_loop_state_norm(states, loop))
-    if window.sleepers is not None:  # the others keep their wake states
-        sleepers = torch.tensor(window.sleepers, device=window_ids.device)
-        states = [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
+    states = after_sleep(window, states, woke, loop, window_ids.device)
     return logits, loss, states, torch.stack(pass_norms)
+
+
+# The state operations around passes and windows. Every interpreter of a plan applies them through
+# these functions (this engine, and a pipeline stage on the blocks it owns: `states` may then hold
+# placeholders for other stages' blocks, which these operations leave alone).
+
+def before_pass(planned: PassPlan, states: list[MixerState], window_start: list[MixerState], loop: range) -> list[MixerState]:
+    """A sleep pass's loop blocks restart from the context the window started with."""
+    if not planned.next_pass:
+        return states
+    return [states[i].next_pass(window_start[i]) if i in loop else states[i] for i in range(len(states))]
+
+
+def after_pass(planned: PassPlan, states: list[MixerState], loop: range) -> list[MixerState]:
+    """The loop blocks' GDN states rescaled to the pass's bound, if it has one."""
+    if planned.bound is None:
+        return states
+    return [states[i].bounded(planned.bound) if i in loop else states[i] for i in range(len(states))]
+
+
+def after_sleep(window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range,
+                device: torch.device) -> list[MixerState]:
+    """When only some sequences slept on the window, the others keep their states after the wake pass."""
+    if window.sleepers is None:
+        return states
+    sleepers = torch.tensor(window.sleepers, device=device)
+    return [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
+
+
+def after_window(window: WindowPlan, states: list[MixerState]) -> list[MixerState]:
+    """Hard eviction (only GDN fast weights go on) and the `detach_every` cut, as planned."""
+    if window.evict:
+        states = [state.evicted() for state in states]
+    if window.detach:
+        states = [state.detached() for state in states]
+    return states
 
 
 # Logits of at most this many elements are computed at once when only the loss is wanted (2^26: 256 MB
