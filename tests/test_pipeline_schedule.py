@@ -19,13 +19,13 @@ def _plan(passes=3, windows=3, loop=range(0, 4), grad_passes=None, blocks=4):
 
 def test_traversals_follow_the_sleep_plan():
     walks = traversals(_plan(passes=3, windows=3), [range(0, 2), range(2, 4)])
-    wake, first_sleep, second_sleep = Traversal(0, 1, None), Traversal(0, 1, (0, 1)), Traversal(0, 1, (1, 1))
-    # windows 1 and 2 are evicted and slept on (wake + 2 sleep passes); the last window only wakes
-    assert walks == [wake, first_sleep, second_sleep,
-                     wake, Traversal(0, 1, (3, 1)), Traversal(0, 1, (4, 1)), wake]
+    # windows 0 and 1 are evicted and slept on (wake + 2 sleep passes); the last window only wakes
+    assert walks == [Traversal(0, 1, None, True, 0, 1), Traversal(0, 1, (0, 1), True, 0, 2), Traversal(0, 1, (1, 1), True, 0, 3),
+                     Traversal(0, 1, None, True, 1, 1), Traversal(0, 1, (3, 1), True, 1, 2), Traversal(0, 1, (4, 1), True, 1, 3),
+                     Traversal(0, 1, None, True, 2, 1)]
     # a partial loop (blocks 2..3 on stages 1..2 of 3) sleeps on those stages only
     walks = traversals(_plan(passes=2, windows=2, loop=range(2, 4), blocks=6), [range(0, 2), range(2, 3), range(3, 6)])
-    assert walks == [Traversal(0, 2, None), Traversal(1, 2, (0, 2)), Traversal(0, 2, None)]
+    assert [(w.first, w.last, w.source) for w in walks] == [(0, 2, None), (1, 2, (0, 2)), (0, 2, None)]
     # truncated backprop: of N = 3 passes only the last carries gradient
     walks = traversals(_plan(passes=3, windows=2, grad_passes=1), [range(0, 2), range(2, 4)])
     assert [walk.grad for walk in walks] == [True, False, True, True]

@@ -45,18 +45,19 @@ class MixerState:
     def at_least_float32(self: State) -> State:
         """This state with its floating-point tensors in float32 or wider (how inference keeps states
         between calls whatever the compute dtype; the mixers cast them back on use)."""
-        return self._mapped(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t)
+        return self.mapped(lambda t: t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t)
 
     def cloned(self: State) -> State:
         """A copy that owns its tensors."""
-        return self._mapped(torch.Tensor.clone)
+        return self.mapped(torch.Tensor.clone)
 
-    def _mapped(self: State, function) -> State:
+    def mapped(self: State, function) -> State:
+        """This state with `function` applied to each of its tensors."""
         return type(self)(**{f.name: _map(function, getattr(self, f.name)) for f in dataclasses.fields(self)})
 
     def rows(self: State, index: torch.Tensor) -> State:
         """The state of the sequences `index` [rows] (a long tensor on the state's device), in that order."""
-        return self._mapped(lambda t: t.index_select(0, index))
+        return self.mapped(lambda t: t.index_select(0, index))
 
     def where(self: State, mask: torch.Tensor, other: State) -> State:
         """Per sequence: this state where `mask` [batch] is True, else `other`."""

@@ -39,6 +39,8 @@ class Traversal:
     last: int
     source: tuple[int, int] | None  # (traversal, stage) whose output is this one's input; None: the embedding
     grad: bool = True  # recorded by autograd (truncated backprop runs some sleep passes without it)
+    window: int = 0  # the plan's window and pass (1: the wake pass) this traversal runs
+    pass_number: int = 1
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -66,10 +68,10 @@ def traversals(plan: SleepPlan, stages: list[range]) -> list[Traversal]:
     loop_first, loop_last = stage_of[plan.loop.start], stage_of[plan.loop.stop - 1]
     found: list[Traversal] = []
     for window in plan.windows:
-        found.append(Traversal(0, len(stages) - 1, None, grad=True))
+        found.append(Traversal(0, len(stages) - 1, None, True, window.index, 1))
         previous = (len(found) - 1, loop_last)
         for sleep_pass in window.sleep_passes:
-            found.append(Traversal(loop_first, loop_last, previous, grad=sleep_pass.grad))
+            found.append(Traversal(loop_first, loop_last, previous, sleep_pass.grad, window.index, sleep_pass.number))
             previous = (len(found) - 1, loop_last)
     return found
 

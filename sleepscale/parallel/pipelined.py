@@ -1,0 +1,243 @@
+"""One pipelined step: the static schedule run on this rank's stage, with plain point-to-point
+transfers and a backward per traversal.
+
+Every rank of the pipeline group builds the same schedule from the micro-batches' sleep plans
+(`sleepscale.parallel.schedule`) and walks its own program: at each tick it posts that tick's
+transfers as one `batch_isend_irecv` group on the pipeline group and waits for it, then runs its op.
+No thread, no polling, no collective: the program alone decides what comes next, and both ends of
+every link post the same transfers in the same order.
+
+Backward per traversal. Each forward op runs on inputs cut from the autograd graph: the hidden it
+received is a fresh leaf, and every tensor it takes from what the micro-batch carries on the stage
+(states, the window's starting states, the loop output) becomes a leaf of its own. Its graph thus
+ends at its inputs, and its backward op, once the gradients of everything it produced are known
+(from the stages it sent hidden states to, from the later ops on this stage that used its states,
+and the loss), runs autograd over that graph alone, then sends the gradient of its received hidden
+back and hands its inputs' gradients to the ops that produced them. So the activations of a
+micro-batch are freed op by op, and the schedule bounds how many micro-batches hold any
+(`in_flight`), not M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.model.state import MixerState
+from sleepscale.parallel.schedule import Op, Schedule, Transfer, Traversal, build_schedule, traversals
+from sleepscale.parallel.stage import Carried, Stage, finish, forward_op
+from sleepscale.plan import SleepPlan
+
+Backward = Callable[[list[torch.Tensor], list[torch.Tensor]], None]
+
+
+@dataclasses.dataclass
+class PipelinedOutput:
+    loss: torch.Tensor | None  # mean over micro-batches of each one's mean token loss (last stage; zero elsewhere)
+    logits: list[torch.Tensor] | None  # per micro-batch [batch, length, vocab] (last stage, when asked for)
+    states: list[list[MixerState]]  # per micro-batch: this stage's states after its last window
+    transfers: list[tuple[str, int, Transfer]]  # every transfer this rank posted, in order ("send"/"recv", peer stage, what)
+
+
+@dataclasses.dataclass
+class _Record:
+    """A forward op's graph ends: what its backward op needs."""
+
+    leaves: list[tuple[torch.Tensor, torch.Tensor]]  # (input leaf, the carried tensor it was cut from)
+    received: torch.Tensor | None  # the received hidden, as a leaf
+    sends: dict[int, torch.Tensor]  # destination stage -> hidden sent there
+    produced: list[torch.Tensor]  # carried tensors it made, whose gradients later ops hand back
+    loss: torch.Tensor | None
+
+
+def run_step(stage: Stage, group: dist.ProcessGroup, plans: list[SleepPlan], input_ids: list[torch.Tensor],
+             targets: list[torch.Tensor | None], span: int, in_flight: int, backward: Backward | None = None,
+             want_logits: bool = False) -> PipelinedOutput:
+    """Runs the micro-batches (their plans, inputs and targets) through the pipeline: forward only
+    when autograd is off, else forward and backward (gradients accumulate into the stage's
+    parameters through `backward(tensors, grads)`, default `torch.autograd.backward`; the loss
+    differentiated is the mean over micro-batches). `span`: the attention window L."""
+    training = torch.is_grad_enabled()
+    backward = backward or (lambda tensors, grads: torch.autograd.backward(tensors, grads))
+    walks = [traversals(plan, stage.stages) for plan in plans]
+    schedule = build_schedule(walks, len(stage.stages), in_flight, backward=training)
+    device, dtype = _device_and_dtype(stage)
+    peers = [dist.get_global_rank(group, index) for index in range(len(stage.stages))]
+    micro_batches = len(plans)
+    carried = [None] * micro_batches
+    records: dict[tuple[int, int, int], _Record] = {}  # (micro-batch, traversal, stage) of a forward op
+    mailbox: dict[Transfer, torch.Tensor] = {}  # received, by transfer
+    outbox: dict[Transfer, torch.Tensor] = {}  # to send, by transfer
+    pending: dict[int, torch.Tensor] = {}  # id(carried tensor) -> gradient handed back by later ops
+    owners: dict[int, torch.Tensor] = {}  # id -> the carried tensor (kept alive while its gradient may come)
+    sends_of = _sends_by_op(schedule)
+    losses, logits, posted_all = [], [[] for _ in plans], []
+    scale = [None] * micro_batches
+    for m, target in enumerate(targets):
+        if target is not None:  # d(step loss) / d(window loss): 1 / (M * the micro-batch's target tokens)
+            scale[m] = 1.0 / (micro_batches * (target != IGNORE_INDEX).sum().clamp(min=1).to(torch.float64))
+    window_losses = [[] for _ in plans]
+
+    for posted, op in schedule.program(stage.index):
+        if posted:
+            _exchange(posted, outbox, mailbox, peers, group, walks, plans, stage, device, dtype)
+            posted_all += posted
+        if op is None:
+            continue
+        walk = walks[op.micro_batch][op.traversal]
+        if op.kind == "F":
+            m = op.micro_batch
+            if carried[m] is None:
+                start = stage.initial_states(plans[m].batch, span, device)
+                carried[m] = Carried(start, start, start)
+            received = mailbox.pop(_input_transfer(op, walk), None)
+            record = _Record([], None, {}, [], None)
+            if training and received is not None:
+                received = received.requires_grad_()
+                record.received = received
+            if training:
+                carried[m] = _cut(carried[m], record)
+            out = forward_op(stage, plans[m], walk, input_ids[m], targets[m], carried[m], received, want_logits)
+            if training:
+                carried[m] = _uncut(carried[m], record, owners)
+                record.sends, record.loss = out.sends, out.loss
+                if walk.grad:
+                    records[op.micro_batch, op.traversal, op.stage] = record
+            for transfer in sends_of.get(op, []):
+                outbox[transfer] = out.sends[transfer.destination].detach()
+            if out.loss is not None:
+                window_losses[m].append(out.loss.detach())
+            if out.logits is not None:
+                logits[m].append(stage.cross_entropy.full_logits(out.logits).detach())
+        else:
+            record = records.pop((op.micro_batch, op.traversal, op.stage))
+            tensors, grads = [], []
+            for destination, tensor in record.sends.items():
+                grad = mailbox.pop(_gradient_transfer(op, destination, walks), None)
+                if grad is not None and tensor.requires_grad:
+                    tensors.append(tensor)
+                    grads.append(grad)
+            for tensor in record.produced:
+                grad = pending.pop(id(tensor), None)
+                owners.pop(id(tensor), None)
+                if grad is not None:
+                    tensors.append(tensor)
+                    grads.append(grad)
+            if record.loss is not None and record.loss.requires_grad:
+                tensors.append(record.loss)
+                grads.append(scale[op.micro_batch].to(record.loss.dtype))
+            if tensors:
+                backward(tensors, grads)
+            for leaf, source in record.leaves:
+                if leaf.grad is not None:
+                    key = id(source)
+                    pending[key] = leaf.grad if key not in pending else pending[key] + leaf.grad
+            for transfer in sends_of.get(op, []):  # the received hidden's gradient goes back
+                grad = record.received.grad if record.received is not None else None
+                outbox[transfer] = grad if grad is not None else torch.zeros_like(record.received)
+
+    loss = None
+    if stage.is_last and targets[0] is not None:
+        per_batch = [torch.stack(parts).sum() * (micro_batches * s).to(parts[0].dtype) for parts, s in zip(window_losses, scale)]
+        loss = torch.stack(per_batch).mean()
+    elif targets[0] is not None:
+        loss = torch.zeros((), device=device)
+    states = [finish(stage, plan, c) for plan, c in zip(plans, carried)]
+    return PipelinedOutput(loss, [torch.cat(parts, dim=1) for parts in logits] if want_logits and stage.is_last else None,
+                           states, posted_all)
+
+
+def _device_and_dtype(stage: Stage) -> tuple[torch.device, torch.dtype]:
+    parameter = next(stage.layers[stage.owned.start].parameters())
+    return parameter.device, parameter.dtype
+
+
+def _sends_by_op(schedule: Schedule) -> dict[Op, list[Transfer]]:
+    found = defaultdict(list)
+    for posted in schedule.transfers:
+        for transfer in posted:
+            found[transfer.produced_by].append(transfer)
+    return found
+
+
+def _input_transfer(op: Op, walk: Traversal) -> Transfer | None:
+    """The transfer that brings forward op `op` its input hidden (None: embedding, or kept on the stage)."""
+    if op.stage > walk.first:
+        return Transfer(Op("F", op.micro_batch, op.traversal, op.stage - 1), op.stage - 1, op.stage)
+    if walk.source is not None and walk.source[1] != op.stage:
+        return Transfer(Op("F", op.micro_batch, *walk.source), walk.source[1], op.stage)
+    return None
+
+
+def _gradient_transfer(op: Op, destination: int, walks: list[list[Traversal]]) -> Transfer:
+    """The transfer that brings backward op `op` the gradient of the hidden its forward sent to `destination`."""
+    m, t, s = op.micro_batch, op.traversal, op.stage
+    walk = walks[m][t]
+    if destination == s + 1 and s < walk.last:
+        return Transfer(Op("B", m, t, destination), destination, s)
+    consumer = next(c for c, other in enumerate(walks[m]) if other.source == (t, s) and other.first == destination)
+    return Transfer(Op("B", m, consumer, destination), destination, s)
+
+
+def _exchange(posted, outbox, mailbox, peers, group, walks, plans, stage, device, dtype) -> None:
+    """Posts one tick's transfers as one group, in the program's order, and waits for them."""
+    operations, buffers = [], []
+    for kind, peer, transfer in posted:
+        if kind == "send":
+            operations.append(dist.P2POp(dist.isend, outbox.pop(transfer).contiguous(), peers[peer], group))
+        else:
+            producer = transfer.produced_by
+            plan = plans[producer.micro_batch]
+            window = plan.windows[walks[producer.micro_batch][producer.traversal].window]
+            buffer = torch.empty(plan.batch, window.length, stage.config.hidden_size, device=device, dtype=dtype)
+            operations.append(dist.P2POp(dist.irecv, buffer, peers[peer], group))
+            buffers.append((transfer, buffer))
+    for work in dist.batch_isend_irecv(operations):
+        work.wait()
+    for transfer, buffer in buffers:
+        mailbox[transfer] = buffer
+
+
+def _cut(carried: Carried, record: _Record) -> Carried:
+    """`carried` with every tensor that needs a gradient replaced by a leaf of its own (one per
+    tensor, however often it appears), remembered in `record`."""
+    leaves: dict[int, torch.Tensor] = {}
+
+    def leaf(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.requires_grad:
+            return tensor
+        if id(tensor) not in leaves:
+            leaves[id(tensor)] = tensor.detach().requires_grad_()
+            record.leaves.append((leaves[id(tensor)], tensor))
+        return leaves[id(tensor)]
+
+    return _mapped(carried, leaf)
+
+
+def _uncut(carried: Carried, record: _Record, owners: dict[int, torch.Tensor]) -> Carried:
+    """After the op: leaves it passed through unchanged go back to the tensors they were cut from;
+    the tensors it made are remembered as its products (their gradients come back to it)."""
+    originals = {id(leaf): source for leaf, source in record.leaves}
+
+    def restore(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) in originals:
+            return originals[id(tensor)]
+        if tensor.requires_grad and id(tensor) not in owners:
+            owners[id(tensor)] = tensor
+            record.produced.append(tensor)
+        return tensor
+
+    return _mapped(carried, restore)
+
+
+def _mapped(carried: Carried, function) -> Carried:
+    def states(values: list[MixerState]) -> list[MixerState]:
+        return [state.mapped(function) for state in values]
+
+    return Carried(states(carried.states), states(carried.window_start), states(carried.woke),
+                   None if carried.loop_output is None else function(carried.loop_output))

@@ -1,0 +1,33 @@
+"""The statically scheduled pipeline (`sleepscale.parallel.pipelined`) on gloo ranks against the
+single-process engine (float64): loss, logits and gradients; transfers pairing up rank by rank; no
+thread but the main one during a step; saved-for-backward bytes bounded as M grows."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train_helpers import free_port
+
+CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sleep-on-context"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("ranks", "tensor"), [(2, 1), (4, 1), (4, 2)], ids=["pp2", "pp4", "tp2xpp2"])
+def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks, tensor):
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                    str(free_port()), "tests/pipelined_ranks.py", str(out), "--tensor", str(tensor)],
+                   check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    saved = report.pop("saved_bytes")
+    assert set(report) == CASES
+    # float64 throughout, but the vocab-parallel cross-entropy of tensor parallelism computes in float32
+    tolerance = 1e-12 if tensor == 1 else 1e-6
+    for case, result in report.items():
+        assert result["stages_cover_the_model"] and result["transfers_pair_up"], (case, result)
+        assert result["threads"] == 1, (case, result)
+        assert max(result["logits"], result["loss"], result["grads"]) < tolerance, (case, result)
+    assert saved["many"] <= 2 * saved["few"], saved  # M = 8 against M = P micro-batches
