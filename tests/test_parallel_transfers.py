@@ -10,7 +10,7 @@ import pytest
 from train_helpers import free_port
 
 
-@pytest.mark.parametrize(("layout", "carrier"), [(["--tensor", "2"], "all_reduce"), (["--pipeline", "2"], "isend")],
+@pytest.mark.parametrize(("layout", "carrier"), [(["--tensor", "2"], "all_reduce"), (["--pipeline", "2"], "batch_isend_irecv")],
                          ids=["tp2", "pp2"])
 def test_a_training_step_transfers_no_logits_while_an_evaluation_forward_does(tmp_path, layout, carrier):
     out = tmp_path / "report.json"

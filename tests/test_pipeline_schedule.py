@@ -1,4 +1,4 @@
-"""The static pipeline schedule (`sleepscale.parallel.schedule`): traversals from the sleep plan,
+"""The static pipeline schedule (`sleepscale.parallel.pipeline_schedule`): traversals from the sleep plan,
 and for random configurations a schedule that runs every op once after its inputs, keeps at most
 `in_flight` micro-batches alive, and whose per-stage programs pair up on every link without
 deadlock."""
@@ -8,7 +8,7 @@ import random
 import pytest
 
 from sleepscale.config import SleepConfig
-from sleepscale.parallel.schedule import Op, Traversal, build_schedule, check_programs, traversals
+from sleepscale.parallel.pipeline_schedule import Op, Traversal, build_schedule, check_programs, traversals
 from sleepscale.plan import make_plan
 
 

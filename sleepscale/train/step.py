@@ -3,9 +3,10 @@
 The train loop calls `forward_backward(engine, micro_batches, sleep, guard)`, a function chosen once
 for the run by `get_forward_backward_func` (as megatron-core's `get_forward_backward_func`): without
 pipelining each micro-batch runs forward then backward, freeing its activations before the next;
-with pipelining all micro-batches go through the stages together and one backward follows. Either
-way DeepSpeed sees one accumulation boundary, on the last backward, and the loop then calls
-`guard.decide` and `engine.step()` once.
+with pipelining the micro-batches go through the stages on the static schedule
+(`sleepscale.parallel.pipeline`), one backward per traversal of a stage. Either way DeepSpeed sees
+one accumulation boundary, on the last backward, and the loop then calls `guard.decide` and
+`engine.step()` once.
 
 Nothing here reads a device value on the host: the loss stays a device tensor, the plan of each
 micro-batch was made on the host from its CPU targets (`sleepscale.plan`), and tokens are counted
@@ -32,7 +33,7 @@ from sleepscale.train.distributed import Distributed
 from sleepscale.train.spikes import SpikeGuard
 
 if TYPE_CHECKING:
-    from sleepscale.parallel.pipeline import PipelineStage
+    from sleepscale.parallel.pipeline_stage import PipelineStage
 
 
 @dataclasses.dataclass
@@ -57,10 +58,11 @@ class StepResult:
     last: SleepOutput  # the last micro-batch's output (states and per-pass norms, for metrics)
 
 
-def get_forward_backward_func(pipeline: PipelineStage | None) -> Callable[..., StepResult]:
+def get_forward_backward_func(pipeline: PipelineStage | None, group: dist.ProcessGroup | None = None) -> Callable[..., StepResult]:
+    """`pipeline`: this rank's stage with pipeline parallelism, `group` the pipeline group."""
     if pipeline is None:
         return forward_backward_no_pipelining
-    return functools.partial(forward_backward_pipelining, pipeline)
+    return functools.partial(forward_backward_pipelining, pipeline, group)
 
 
 def forward_backward_no_pipelining(engine, micro_batches: list[MicroBatch], sleep: SleepConfig, guard: UpdateGuard) -> StepResult:
@@ -73,17 +75,28 @@ def forward_backward_no_pipelining(engine, micro_batches: list[MicroBatch], slee
     return StepResult(loss_sum / len(micro_batches), out)
 
 
-def forward_backward_pipelining(pipeline: PipelineStage, engine, micro_batches: list[MicroBatch], sleep: SleepConfig,
-                                guard: UpdateGuard) -> StepResult:
-    """All micro-batches fill the stages together (DeepSpeed runs with one accumulation step)."""
+def forward_backward_pipelining(stage: PipelineStage, group: dist.ProcessGroup, engine, micro_batches: list[MicroBatch],
+                                sleep: SleepConfig, guard: UpdateGuard) -> StepResult:
+    """The micro-batches on the static pipeline schedule (at most P of them holding activations at
+    once). Each backward op goes through DeepSpeed as the surrogate sum(output * its gradient), whose
+    gradient is that op's vector-Jacobian product; DeepSpeed runs with one accumulation step and
+    sees its boundary on a last, zero backward after the step's loss is known, which the update
+    guard turns into NaN gradients on a loss spike (how DeepSpeed's own optimizers are made to skip)."""
+    from sleepscale.parallel.pipeline import run_step
+
+    engine.set_gradient_accumulation_boundary(False)
+
+    def backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        engine.backward(sum((tensor * grad).sum() for tensor, grad in zip(tensors, grads)))
+
+    out = run_step(stage, group, [b.plan for b in micro_batches], [b.input_ids for b in micro_batches],
+                   [b.targets for b in micro_batches], sleep.window, in_flight=group.size(), backward=backward)
+    poison = guard.before_backward(out.loss) * 0 + 1  # 1, or NaN to make the step skip
     engine.set_gradient_accumulation_boundary(True)
-    # DeepSpeed's forward keeps per-call bookkeeping; at ZeRO-0/1 in fp32 it is the module's forward.
-    outs = pipeline.run_micro_batches([functools.partial(engine.module, b.input_ids, b.targets, sleep, b.plan)
-                                       for b in micro_batches])
-    loss = sum(out.loss for out in outs) / len(outs)
-    engine.backward(pipeline.backward_root(guard.before_backward(loss)))
-    pipeline.wait_for_sends()
-    return StepResult(loss.detach(), outs[-1])
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    engine.backward(sum((p * 0).sum() for p in trainable) * poison)
+    last = SleepOutput(logits=None, loss=out.loss, passes=micro_batches[-1].plan.passes_run(), states=out.states[-1])
+    return StepResult(out.loss, last)
 
 
 def loss_on_host(ctx: Distributed, loss: torch.Tensor) -> float:

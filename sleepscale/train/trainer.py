@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.passes import draw_passes
-from sleepscale.sleep import sleep_forward
+from sleepscale.sleep import plan_for, sleep_forward
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
 from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_states, rng_states
@@ -48,7 +47,7 @@ from sleepscale.train.spikes import SpikeGuard
 from sleepscale.train.step import UpdateGuard, get_forward_backward_func, loss_on_host, micro_batch
 
 if TYPE_CHECKING:
-    from sleepscale.parallel.pipeline import PipelineStage
+    from sleepscale.parallel.pipeline_stage import PipelineStage
 
 log = logging.getLogger("sleepscale.train")
 
@@ -143,14 +142,13 @@ def run_training(config: Config) -> int:
     if config.model.init_from and resume_from is None:
         log.info("weights from %s", config.model.init_from)
     if config.parallel.pipeline > 1:
-        from sleepscale.parallel.pipeline import PipelineStage, lane_groups
+        from sleepscale.parallel.pipeline_stage import PipelineStage
 
         if config.train.grad_accumulation < config.parallel.pipeline:
             log.warning("parallel.pipeline %d with train.grad_accumulation %d: fewer micro-batches than stages leave "
                         "stages idle; set grad_accumulation >= %d", config.parallel.pipeline, config.train.grad_accumulation,
                         config.parallel.pipeline)
-        lanes = lane_groups(ctx.groups.pipeline, config.train.grad_accumulation)
-        hybrid = pipeline = PipelineStage(hybrid, config.model.stage_ranges, ctx.groups.pipeline, lanes, ctx.groups.tensor)
+        hybrid = pipeline = PipelineStage(hybrid, config.model.stage_ranges, ctx.groups.pipeline.rank())
     model = SleepingModel(hybrid)
     with torch.device("meta"):
         shapes = HybridLM(config.model)
@@ -216,7 +214,7 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     if progress.step == stage.start:
         spikes.restart()
     guard = UpdateGuard(config.train, engine, ctx, spikes)
-    forward_backward = get_forward_backward_func(run.pipeline)
+    forward_backward = get_forward_backward_func(run.pipeline, ctx.groups.pipeline if run.pipeline is not None else None)
     while progress.step < stage.end:
         step = progress.step
         step_start = time.perf_counter()
@@ -440,7 +438,10 @@ def _evaluate(run: Run, engine, stage_sleep) -> list[dict]:
             return engine(ids, targets, sleep, return_logits=True)
     else:
         def forward(ids, targets, sleep):
-            return run.pipeline.run_micro_batches([functools.partial(engine.module, ids, targets, sleep, return_logits=True)])[0]
+            from sleepscale.parallel.pipeline import evaluate_step
+
+            return evaluate_step(run.pipeline, run.ctx.groups.pipeline, plan_for(run.shapes, ids, sleep, targets), ids, targets,
+                                 sleep.window)
     rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes, forward=forward, group=run.ctx.data_group)
     engine.module.train(was_training)
     return rows

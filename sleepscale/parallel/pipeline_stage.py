@@ -1,10 +1,10 @@
 """A pipeline stage: the part of the model one rank holds, and what it runs for one traversal.
 
-`Stage(model, stages, index)` keeps the blocks of `stages[index]` (the others become `nn.Identity`
+`PipelineStage(model, stages, index)` keeps the blocks of `stages[index]` (the others become `nn.Identity`
 placeholders, so parameter names are the whole model's: the stages' state dicts together are the
 model's), the embedding on the first stage and the final norm and head on the last.
 
-`forward_op` runs one traversal (one pass over one window, `sleepscale.parallel.schedule`) of a
+`forward_op` runs one traversal (one pass over one window, `sleepscale.parallel.pipeline_schedule`) of a
 micro-batch on the stage, as the sleep engine runs that pass on the whole model: the same plan,
 and the same state operations (`sleepscale.sleep.before_pass` and the others), applied to the
 blocks this stage owns. What a micro-batch leaves on the stage between its traversals (its blocks'
@@ -22,7 +22,7 @@ from torch import nn
 
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
-from sleepscale.parallel.schedule import Traversal
+from sleepscale.parallel.pipeline_schedule import Traversal
 from sleepscale.plan import SleepPlan
 from sleepscale.sleep import _head, after_pass, after_sleep, after_window, before_pass
 
@@ -58,7 +58,7 @@ class OpOutput:
     logits: torch.Tensor | None  # the window's logits (the last stage's wake pass, when asked for)
 
 
-class Stage(nn.Module):
+class PipelineStage(nn.Module):
     """Pipeline stage `index` of `model`, whose blocks `stages` (ranges, in order) split."""
 
     def __init__(self, model: HybridLM, stages: list[range], index: int):
@@ -93,7 +93,7 @@ class Stage(nn.Module):
         return f"stage {self.index} of {len(self.stages)}: blocks {self.owned.start}..{self.owned.stop - 1}"
 
 
-def forward_op(stage: Stage, plan: SleepPlan, walk: Traversal, input_ids: torch.Tensor | None,
+def forward_op(stage: PipelineStage, plan: SleepPlan, walk: Traversal, input_ids: torch.Tensor | None,
                targets: torch.Tensor | None, carried: Carried, received: torch.Tensor | None,
                want_logits: bool = False) -> OpOutput:
     """Runs traversal `walk` of a micro-batch on `stage`, updating `carried`. `input_ids` (the first
@@ -144,14 +144,14 @@ def forward_op(stage: Stage, plan: SleepPlan, walk: Traversal, input_ids: torch.
     return OpOutput(sends, loss, logits)
 
 
-def finish(stage: Stage, plan: SleepPlan, carried: Carried) -> list[MixerState]:
+def finish(stage: PipelineStage, plan: SleepPlan, carried: Carried) -> list[MixerState]:
     """The states after the micro-batch's last window, as the engine returns them."""
     last = plan.windows[-1]
     device = next(iter(stage.parameters())).device
     return after_window(last, after_sleep(last, carried.states, carried.woke, stage.loop_range, device))
 
 
-def _hand_on(loop_output: torch.Tensor, stage: Stage, carried: Carried, sends: dict[int, torch.Tensor]) -> None:
+def _hand_on(loop_output: torch.Tensor, stage: PipelineStage, carried: Carried, sends: dict[int, torch.Tensor]) -> None:
     """The loop output goes to the next sleep pass: kept here when the loop starts on this stage."""
     if stage.loop_first == stage.index:
         carried.loop_output = loop_output

@@ -1,7 +1,7 @@
-"""Run under torchrun: the statically scheduled pipeline (`sleepscale.parallel.pipelined`) against the
+"""Run under torchrun: the statically scheduled pipeline (`sleepscale.parallel.pipeline`) against the
 single-process engine, same weights, several micro-batches; rank 0 writes a JSON report.
 
-    torchrun --nproc_per_node P tests/pipelined_ranks.py OUT.json [--tensor 2]
+    torchrun --nproc_per_node P tests/pipeline_ranks.py OUT.json [--tensor 2]
 
 Per case: the largest relative differences of loss, logits (forward only) and gradients; whether
 every parameter of the model has its gradient on exactly one stage; whether the transfers every
@@ -19,8 +19,8 @@ import torch.distributed as dist
 from conftest import make_config
 from sleepscale.model import build_model
 from sleepscale.parallel.groups import init_parallel_groups
-from sleepscale.parallel.pipelined import run_step
-from sleepscale.parallel.stage import Stage
+from sleepscale.parallel.pipeline import run_step
+from sleepscale.parallel.pipeline_stage import PipelineStage
 from sleepscale.parallel.tensor import full_state_dict, parallelize_tensor
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
 
@@ -49,7 +49,7 @@ def build(case: dict, groups):
     model = build_model(config.model).double()
     if groups.tensor.size() > 1:
         parallelize_tensor(model, groups.tensor)
-    return config, Stage(model, config.model.stage_ranges, groups.pipeline.rank())
+    return config, PipelineStage(model, config.model.stage_ranges, groups.pipeline.rank())
 
 
 def saved_bytes_peak(function) -> int:

@@ -1,4 +1,4 @@
-"""The statically scheduled pipeline (`sleepscale.parallel.pipelined`) on gloo ranks against the
+"""The statically scheduled pipeline (`sleepscale.parallel.pipeline`) on gloo ranks against the
 single-process engine (float64): loss, logits and gradients; transfers pairing up rank by rank; no
 thread but the main one during a step; saved-for-backward bytes bounded as M grows."""
 
@@ -19,7 +19,7 @@ CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sle
 def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks, tensor):
     out = tmp_path / "report.json"
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                    str(free_port()), "tests/pipelined_ranks.py", str(out), "--tensor", str(tensor)],
+                    str(free_port()), "tests/pipeline_ranks.py", str(out), "--tensor", str(tensor)],
                    check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
     saved = report.pop("saved_bytes")
