@@ -433,11 +433,9 @@ class Config(Section):
 
     def _check_pipeline(self) -> None:
         pipeline = f"parallel.pipeline {self.parallel.pipeline}"
-        if self.train.zero_stage > 1:
-            raise FieldError("train.zero_stage", f"{self.train.zero_stage} with {pipeline}: pipeline stages run their "
-                             "backward outside DeepSpeed's gradient hooks; use zero_stage 0 or 1")
-        if self.train.precision != "fp32":
-            raise FieldError("train.precision", f"{self.train.precision} with {pipeline} is not supported yet; use fp32")
+        if self.train.zero_stage == 3:
+            raise FieldError("train.zero_stage", f"3 with {pipeline}: ZeRO-3 partitions every parameter over all ranks "
+                             "and gathers it around each module call, which excludes model parallelism; use 0, 1 or 2")
         if self.sleep.checkpoint == "window":
             raise FieldError("sleep.checkpoint", f"window with {pipeline}: a window spans stages and recomputing it would "
                              "re-communicate; use pass")

@@ -14,8 +14,7 @@ from sleepscale.parallel.groups import check_layout
     ({"model": {"pattern": "AGAG"}}, "model.pattern: parallel.pipeline 2 needs 1 stage boundaries '|' in model.pattern, found 0"),
     ({"model": {"pattern": "A|G|AG"}}, "model.pattern: parallel.pipeline 2 needs 1 stage boundaries '|' in model.pattern, found 2"),
     ({"model": {"pattern": "AG||AG"}}, "model.pattern: 'AG||AG' has a pipeline stage without blocks"),
-    ({"train": {"zero_stage": 2}}, "train.zero_stage: 2 with parallel.pipeline 2: pipeline stages run their backward outside"),
-    ({"train": {"precision": "bf16"}}, "train.precision: bf16 with parallel.pipeline 2 is not supported yet; use fp32"),
+    ({"train": {"zero_stage": 3}}, "train.zero_stage: 3 with parallel.pipeline 2: ZeRO-3 partitions every parameter"),
     ({"sleep": {"checkpoint": "window"}}, "sleep.checkpoint: window with parallel.pipeline 2: a window spans stages"),
     ({"model": {"tie_embeddings": True}}, "model.tie_embeddings: true with parallel.pipeline 2: the embedding and the head"),
 ])

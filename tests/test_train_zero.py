@@ -64,12 +64,15 @@ SLEEP = {"window": 8, "passes": 2, "checkpoint": "pass"}
     # each step's two micro-batches per data rank fill the two stages
     ("pp2-zero1", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2}},
      "tensor 1 x pipeline 2 x data 2"),
-], ids=["tp2xdp2", "pp2xdp2"])
+    # a backward per traversal goes through ZeRO-2's gradient hooks, which reduce-scatter as gradients arrive
+    ("pp2-zero2", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2, "zero_stage": 2}},
+     "tensor 1 x pipeline 2 x data 2"),
+], ids=["tp2xdp2", "pp2xdp2", "pp2xdp2-zero2"])
 def test_model_parallel_2_x_data_2_matches_one_process_with_the_same_global_batch(setup, name, sections, layout):
     """ZeRO-1 over the data group (model parallelism at ZeRO-0 is checked by the resume tests below)."""
     tmp, data = setup
     run = tmp / name
-    train_section = {"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, **sections.get("train", {})}
+    train_section = {"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, **sections.get("train", {})}  # ZeRO-1 unless said
     config = write_config(tmp, data, run, sleep=SLEEP, **{**sections, "train": train_section})
     result = train(config, ranks=4, timeout=600)
     assert layout in result.stderr
@@ -101,3 +104,19 @@ def test_a_run_stopped_at_step_4_resumes_with_the_same_losses(setup, name, secti
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference_losses(config, data, world_size=1)), rtol=1e-5, atol=0)
     model, _ = load_model_from_checkpoint(run)  # strict: every block's weights (from every stage)
     assert len(model.layers) == 4
+
+
+def test_a_bf16_pipeline_follows_the_single_process_in_bf16(setup):
+    """bf16 with P = 2 (hidden states and their gradients travel in bf16, DeepSpeed's bf16 optimizer
+    keeps float32 master weights) against one process in bf16 on the same batches: rounding apart,
+    the same losses."""
+    tmp, data = setup
+    sections = {"sleep": SLEEP, "model": {"pattern": "AG|AG"},
+                "train": {"steps": STEPS, "grad_clip": 0.5, "precision": "bf16", "zero_stage": 1, "grad_accumulation": 2}}
+    single = write_config(tmp, data, tmp / "bf16-single", **sections)
+    piped = write_config(tmp, data, tmp / "bf16-pp2", **sections, parallel={"pipeline": 2})
+    train(single, timeout=600)
+    train(piped, ranks=2, timeout=600)
+    expected = [losses(tmp / "bf16-single")[step] for step in range(1, STEPS + 1)]
+    got = [losses(tmp / "bf16-pp2")[step] for step in range(1, STEPS + 1)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-2, atol=0)

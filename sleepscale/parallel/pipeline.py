@@ -21,6 +21,7 @@ micro-batch are freed op by op, and the schedule bounds how many micro-batches h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections import defaultdict
 from typing import Callable
@@ -69,7 +70,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
     training = torch.is_grad_enabled()
     backward = backward or (lambda tensors, grads: torch.autograd.backward(tensors, grads))
     walks = [traversals(plan, stage.stages) for plan in plans]
-    schedule = build_schedule(walks, len(stage.stages), in_flight, backward=training)
+    schedule = _schedule(tuple(tuple(w) for w in walks), len(stage.stages), in_flight, training)
     device, dtype = _device_and_dtype(stage)
     peers = [dist.get_global_rank(group, index) for index in range(len(stage.stages))]
     micro_batches = len(plans)
@@ -172,6 +173,12 @@ def evaluate_step(stage: PipelineStage, group: dist.ProcessGroup, plan: SleepPla
         loss = out.loss.to(torch.float32).reshape(()) if stage.is_last else torch.zeros((), device=device)
         dist.broadcast(loss, last, group=group)
     return SleepOutput(logits=logits, loss=loss, passes=plan.passes_run(), states=out.states[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: int, backward: bool) -> Schedule:
+    """The step's schedule; steps of the same shape (the usual case) reuse it."""
+    return build_schedule([list(w) for w in walks], stages, in_flight, backward=backward)
 
 
 def _device_and_dtype(stage: PipelineStage) -> tuple[torch.device, torch.dtype]:

@@ -550,14 +550,26 @@ def _over_stages(ctx: Distributed, norms: dict[int, float], pass_norms: torch.Te
 
 
 def _merged_over_stages(state: dict, group: dist.ProcessGroup) -> dict:
-    """The whole model's unsharded training state from each stage's part (names are the whole model's)."""
+    """The whole model's unsharded training state from each stage's part (names are the whole
+    model's), gathered through CPU memory: a pickled CUDA tensor would unpickle onto the sender's
+    device index."""
     parts = [None] * group.size()
-    dist.all_gather_object(parts, state, group=group)
+    dist.all_gather_object(parts, _on_cpu(state), group=group)
     merged = {"weights": {name: value for part in parts for name, value in part["weights"].items()}}
     if state["optimizer"] is None:
         return {**merged, "optimizer": None}
     return {**merged, "optimizer": {name: value for part in parts for name, value in part["optimizer"].items()},
             "param_groups": state["param_groups"]}
+
+
+def _on_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(item) for item in value)
+    return value
 
 
 def _state_norms(states) -> dict[int, float]:
