@@ -81,6 +81,7 @@ def measure(args, groups, micro_batches: int, passes: int) -> dict:
         "parallel": {"pipeline": stages},
     })
     stage = PipelineStage(build_model(config.model), config.model.stage_ranges, groups.pipeline.rank())
+    in_flight = args.in_flight or stages
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (args.batch, args.window * args.windows), generator=generator) for _ in range(micro_batches)]
     plan = make_plan(config.sleep, args.batch, args.window * args.windows, len(config.model.blocks), range(*config.model.loop_range))
@@ -88,10 +89,10 @@ def measure(args, groups, micro_batches: int, passes: int) -> dict:
     def step(saved: SavedBytes | None = None):
         start = time.perf_counter()
         if saved is None:
-            out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=stages)
+            out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight)
         else:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=stages)
+                out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight)
         return time.perf_counter() - start, out.wait_seconds, out.sent_bytes
 
     step()  # warm-up
@@ -105,14 +106,14 @@ def measure(args, groups, micro_batches: int, passes: int) -> dict:
     per_stage = [None] * stages
     dist.all_gather_object(per_stage, (waited / seconds, sent / args.steps, seconds / args.steps, saved.peak), group=groups.pipeline)
     slices = (args.windows - 1) * passes + 1
-    schedule = build_schedule([traversals(plan, config.model.stage_ranges)] * micro_batches, stages, stages)
+    schedule = build_schedule([traversals(plan, config.model.stage_ranges)] * micro_batches, stages, in_flight)
     return {
         "P": stages, "M": micro_batches, "N": passes, "S": slices,
         "idle": statistics.mean(r[0] for r in per_stage), "idle_max": max(r[0] for r in per_stage),
         "schedule": schedule.idle_fraction(), "ideal": (stages - 1) / (micro_batches * slices + stages - 1),
         "bytes": sum(r[1] for r in per_stage), "step_ms": 1e3 * max(r[2] for r in per_stage),
         "bytes_formula": analytic_bytes(stages, micro_batches, passes, args.windows, args.batch, args.window, args.hidden),
-        "saved_mb": max(r[3] for r in per_stage) / 1e6,
+        "saved_mb": max(r[3] for r in per_stage) / 1e6, "in_flight": in_flight,
     }
 
 
@@ -125,6 +126,7 @@ def main():
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=None, help="micro-batches holding activations at once (default P)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -132,7 +134,8 @@ def main():
     rows = [measure(args, groups, m, n) for m in args.micro_batches for n in args.passes]
     if dist.get_rank() == 0:
         print(f"{groups.pipeline.size()} stages x 2 GDN blocks, hidden {args.hidden}; micro-batch {args.batch} x {args.windows} "
-              f"windows of {args.window}; {args.steps} steps; idle = waiting for transfers / step time")
+              f"windows of {args.window}; {args.steps} steps; at most {rows[0]['in_flight']} micro-batches in flight; "
+              "idle = waiting for transfers / step time")
         print("\n| P | M | N | S | step ms | idle (mean) | idle (max stage) | schedule | ideal | MB sent | formula | saved MB (max stage) |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:

@@ -355,6 +355,10 @@ class ParallelConfig(Section):
     pipeline: int = Field(
         1, ge=1, description="pipeline stages, as model.pattern's '|' marks them; train.grad_accumulation micro-batches fill them"
     )
+    pipeline_in_flight: int | None = Field(
+        None, ge=1, description="most micro-batches holding activations on a stage at once (default: pipeline); "
+        "2 x pipeline leaves smaller bubbles for twice the activation memory (benchmarks/results/pipeline.md)"
+    )
 
 
 class CheckpointConfig(Section):

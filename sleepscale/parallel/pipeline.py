@@ -2,10 +2,11 @@
 transfers and a backward per traversal.
 
 Every rank of the pipeline group builds the same schedule from the micro-batches' sleep plans
-(`sleepscale.parallel.pipeline_schedule`) and walks its own program: at each tick it posts that tick's
-transfers as one `batch_isend_irecv` group on the pipeline group and waits for it, then runs its op.
-No thread, no polling, no collective: the program alone decides what comes next, and both ends of
-every link post the same transfers in the same order.
+(`sleepscale.parallel.pipeline_schedule`) and walks its own program: at each tick it posts that
+tick's transfers as one `batch_isend_irecv` group on the pipeline group, then runs its op, first
+waiting for any tensor the op needs that has not arrived. No thread, no polling, no collective: the
+program alone decides what comes next, and both ends of every link post the same transfers in the
+same order.
 
 Backward per traversal. Each forward op runs on inputs cut from the autograd graph: the hidden it
 received is a fresh leaf, and every tensor it takes from what the micro-batch carries on the stage
@@ -76,7 +77,8 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
     micro_batches = len(plans)
     carried = [None] * micro_batches
     records: dict[tuple[int, int, int], _Record] = {}  # (micro-batch, traversal, stage) of a forward op
-    mailbox: dict[Transfer, torch.Tensor] = {}  # received, by transfer
+    arriving: dict[Transfer, tuple[_Posted, torch.Tensor]] = {}  # posted receives: their group and buffer
+    posted_groups: list[_Posted] = []
     outbox: dict[Transfer, torch.Tensor] = {}  # to send, by transfer
     pending: dict[int, torch.Tensor] = {}  # id(carried tensor) -> gradient handed back by later ops
     owners: dict[int, torch.Tensor] = {}  # id -> the carried tensor (kept alive while its gradient may come)
@@ -90,7 +92,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
 
     for posted, op in schedule.program(stage.index):
         if posted:
-            _exchange(posted, outbox, mailbox, peers, group, walks, plans, stage, device, dtype, traffic)
+            posted_groups.append(_post(posted, outbox, arriving, peers, group, walks, plans, stage, device, dtype, traffic))
             posted_all += posted
         if op is None:
             continue
@@ -100,7 +102,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
             if carried[m] is None:
                 start = stage.initial_states(plans[m].batch, span, device)
                 carried[m] = Carried(start, start, start)
-            received = mailbox.pop(_input_transfer(op, walk), None)
+            received = _take(arriving, _input_transfer(op, walk), traffic)
             record = _Record([], None, {}, [], None)
             if training and received is not None:
                 received = received.requires_grad_()
@@ -123,7 +125,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
             record = records.pop((op.micro_batch, op.traversal, op.stage))
             tensors, grads = [], []
             for destination, tensor in record.sends.items():
-                grad = mailbox.pop(_gradient_transfer(op, destination, walks), None)
+                grad = _take(arriving, _gradient_transfer(op, destination, walks), traffic)
                 if grad is not None and tensor.requires_grad:
                     tensors.append(tensor)
                     grads.append(grad)
@@ -146,6 +148,8 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
                 grad = record.received.grad if record.received is not None else None
                 outbox[transfer] = grad if grad is not None else torch.zeros_like(record.received)
 
+    for posted_group in posted_groups:  # the last sends
+        posted_group.wait(traffic)
     loss = None
     if stage.is_last and targets[0] is not None:
         per_batch = [torch.stack(parts).sum() * (micro_batches * s).to(parts[0].dtype) for parts, s in zip(window_losses, scale)]
@@ -219,8 +223,27 @@ class _Traffic:
     wait_seconds: float = 0.0
 
 
-def _exchange(posted, outbox, mailbox, peers, group, walks, plans, stage, device, dtype, traffic: _Traffic) -> None:
-    """Posts one tick's transfers as one group, in the program's order, and waits for them."""
+class _Posted:
+    """One tick's transfers, posted together; waited for when an op needs one of its receives (a
+    coalescing backend such as NCCL completes the group as one), or at the end of the step."""
+
+    def __init__(self, works):
+        self.works, self.done = works, False
+
+    def wait(self, traffic: _Traffic) -> None:
+        if not self.done:
+            started = time.perf_counter()
+            for work in self.works:
+                work.wait()
+            traffic.wait_seconds += time.perf_counter() - started
+            self.done = True
+
+
+def _post(posted, outbox, arriving, peers, group, walks, plans, stage, device, dtype, traffic: _Traffic) -> _Posted:
+    """Posts one tick's transfers as one group, in the program's order, without waiting: a rank
+    blocks only when its next op needs a tensor that has not arrived. Every rank posts its groups in
+    tick order and each tick's transfers in an order both ends share, so the transfers on every link
+    pair up in order (what NCCL needs), and an op waits only for transfers of earlier ticks."""
     operations, buffers = [], []
     for kind, peer, transfer in posted:
         if kind == "send":
@@ -234,12 +257,19 @@ def _exchange(posted, outbox, mailbox, peers, group, walks, plans, stage, device
             buffer = torch.empty(plan.batch, window.length, stage.config.hidden_size, device=device, dtype=dtype)
             operations.append(dist.P2POp(dist.irecv, buffer, peers[peer], group))
             buffers.append((transfer, buffer))
-    started = time.perf_counter()
-    for work in dist.batch_isend_irecv(operations):
-        work.wait()
-    traffic.wait_seconds += time.perf_counter() - started
+    handle = _Posted(dist.batch_isend_irecv(operations) or [])
     for transfer, buffer in buffers:
-        mailbox[transfer] = buffer
+        arriving[transfer] = (handle, buffer)
+    return handle
+
+
+def _take(arriving, transfer: Transfer | None, traffic: _Traffic) -> torch.Tensor | None:
+    """The received tensor of `transfer` once it has arrived (None: no such transfer)."""
+    if transfer not in arriving:
+        return None
+    handle, buffer = arriving.pop(transfer)
+    handle.wait(traffic)
+    return buffer
 
 
 def _cut(carried: Carried, record: _Record) -> Carried:

@@ -58,11 +58,13 @@ class StepResult:
     last: SleepOutput  # the last micro-batch's output (states and per-pass norms, for metrics)
 
 
-def get_forward_backward_func(pipeline: PipelineStage | None, group: dist.ProcessGroup | None = None) -> Callable[..., StepResult]:
-    """`pipeline`: this rank's stage with pipeline parallelism, `group` the pipeline group."""
+def get_forward_backward_func(pipeline: PipelineStage | None, group: dist.ProcessGroup | None = None,
+                              in_flight: int | None = None) -> Callable[..., StepResult]:
+    """`pipeline`: this rank's stage with pipeline parallelism, `group` the pipeline group, and
+    `in_flight` the most micro-batches holding activations at once (default: the number of stages)."""
     if pipeline is None:
         return forward_backward_no_pipelining
-    return functools.partial(forward_backward_pipelining, pipeline, group)
+    return functools.partial(forward_backward_pipelining, pipeline, group, in_flight or group.size())
 
 
 def forward_backward_no_pipelining(engine, micro_batches: list[MicroBatch], sleep: SleepConfig, guard: UpdateGuard) -> StepResult:
@@ -75,10 +77,10 @@ def forward_backward_no_pipelining(engine, micro_batches: list[MicroBatch], slee
     return StepResult(loss_sum / len(micro_batches), out)
 
 
-def forward_backward_pipelining(stage: PipelineStage, group: dist.ProcessGroup, engine, micro_batches: list[MicroBatch],
-                                sleep: SleepConfig, guard: UpdateGuard) -> StepResult:
-    """The micro-batches on the static pipeline schedule (at most P of them holding activations at
-    once). Each backward op goes through DeepSpeed as the surrogate sum(output * its gradient), whose
+def forward_backward_pipelining(stage: PipelineStage, group: dist.ProcessGroup, in_flight: int, engine,
+                                micro_batches: list[MicroBatch], sleep: SleepConfig, guard: UpdateGuard) -> StepResult:
+    """The micro-batches on the static pipeline schedule (at most `in_flight` of them holding
+    activations at once). Each backward op goes through DeepSpeed as the surrogate sum(output * its gradient), whose
     gradient is that op's vector-Jacobian product; DeepSpeed runs with one accumulation step and
     sees its boundary on a last, zero backward after the step's loss is known, which the update
     guard turns into NaN gradients on a loss spike (how DeepSpeed's own optimizers are made to skip)."""
@@ -90,7 +92,7 @@ def forward_backward_pipelining(stage: PipelineStage, group: dist.ProcessGroup, 
         engine.backward(sum((tensor * grad).sum() for tensor, grad in zip(tensors, grads)))
 
     out = run_step(stage, group, [b.plan for b in micro_batches], [b.input_ids for b in micro_batches],
-                   [b.targets for b in micro_batches], sleep.window, in_flight=group.size(), backward=backward)
+                   [b.targets for b in micro_batches], sleep.window, in_flight=in_flight, backward=backward)
     poison = guard.before_backward(out.loss) * 0 + 1  # 1, or NaN to make the step skip
     engine.set_gradient_accumulation_boundary(True)
     trainable = [p for p in stage.parameters() if p.requires_grad]

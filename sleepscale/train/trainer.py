@@ -214,7 +214,8 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
     if progress.step == stage.start:
         spikes.restart()
     guard = UpdateGuard(config.train, engine, ctx, spikes)
-    forward_backward = get_forward_backward_func(run.pipeline, ctx.groups.pipeline if run.pipeline is not None else None)
+    forward_backward = get_forward_backward_func(run.pipeline, ctx.groups.pipeline if run.pipeline is not None else None,
+                                                 config.parallel.pipeline_in_flight)
     while progress.step < stage.end:
         step = progress.step
         step_start = time.perf_counter()
