@@ -16,7 +16,7 @@ operations between them. It is the one place that decides
   then hard eviction and `detach_every` apply.
 
 The sleep engine (`sleepscale.sleep.sleep_forward`) interprets a plan, `sleepscale.flops` counts a
-plan's FLOPs, and the pipeline benchmark derives its ideal schedule from a plan. Everything here is
+plan's FLOPs, and the pipeline schedule (`sleepscale.parallel.pipeline_schedule`) derives its traversals from a plan. Everything here is
 decided on the host from host data, so running a plan needs no device-to-host synchronisation.
 """
 

@@ -144,7 +144,7 @@ def _run_window(
                 readout = hidden
                 if planned.readout:
                     readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
-                logits, loss = _head(model, readout, window_targets, want_logits)
+                logits, loss = head_and_loss(model, readout, window_targets, want_logits)
                 woke = states
             states = after_pass(planned, states, loop)
         pass_norms.append(_loop_state_norm(states, loop))
@@ -193,7 +193,7 @@ def after_window(window: WindowPlan, states: list[MixerState]) -> list[MixerStat
 LOSS_CHUNK_ELEMENTS = 2**26
 
 
-def _head(model: HybridLM, hidden, targets: torch.Tensor | None, want_logits: bool):
+def head_and_loss(model: HybridLM, hidden, targets: torch.Tensor | None, want_logits: bool):
     """(logits or None, summed loss or None) of the head over `hidden`. When only the loss is wanted
     and the window's logits would be large (long windows, large vocabularies), the loss is computed
     over chunks of tokens, each chunk's head and cross-entropy checkpointed: only one chunk's logits

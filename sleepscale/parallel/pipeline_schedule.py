@@ -20,6 +20,11 @@ transfers a stage posts (sends and receives, in one canonical order that both en
 and then the op it runs. Posting each tick's transfers as one group and waiting for it before the
 op cannot deadlock: a group waits only for peers' groups of the same tick, which wait only for
 groups of earlier ticks (`check_programs` replays the programs to prove it for a given schedule).
+
+Why our own schedule and not `torch.distributed.pipelining` or Megatron's or DeepSpeed's: they run
+each micro-batch once through a fixed chain of stages, carrying one activation and no state. Sleep
+re-enters the same stages N times per window, with recurrent state that must stay on its stage, and
+N may change per step; unrolling passes into virtual stages would duplicate the state threading.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
 from sleepscale.parallel.pipeline_schedule import Traversal
 from sleepscale.plan import SleepPlan
-from sleepscale.sleep import _head, after_pass, after_sleep, after_window, before_pass
+from sleepscale.sleep import after_pass, after_sleep, after_window, before_pass, head_and_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ def forward_op(stage: PipelineStage, plan: SleepPlan, walk: Traversal, input_ids
                 readout, states = stage.run_blocks(readout, states, planned.readout, per_pass)
             if stage.is_last:
                 window_targets = None if targets is None else targets[:, window.start : window.end]
-                logits, loss = _head(stage, readout, window_targets, want_logits)
+                logits, loss = head_and_loss(stage, readout, window_targets, want_logits)
             elif here >= stage.loop_last:
                 sends[here + 1] = readout
             else:
