@@ -209,7 +209,7 @@ def _generate(args) -> int:
     eos = getattr(tokenizer, "eos_id", None)
     generated, shown = [], ""
     for token in session.generate(args.max_new_tokens, args.temperature, args.top_p, () if eos is None else (eos,),
-                                  torch.Generator().manual_seed(args.seed)):
+                                  torch.Generator().manual_seed(args.seed), vocabulary=tokenizer.vocab_size):
         if token.item() == eos:
             break
         generated.append(token.item())

@@ -103,8 +103,9 @@ class ModelConfig(Section):
         "GDN gated output norm is not affected")
     init_std: float = Field(0.02, gt=0)
     seed: int = 0
-    backend: Literal["auto", "torch", "fla"] = Field(
-        "auto", description="gated delta rule kernels: auto = fla on CUDA, torch on CPU"
+    backend: Literal["auto", "torch", "fla", "window"] = Field(
+        "auto", description="gated delta rule kernels: auto = on CUDA our window kernel for trained calls of at most "
+        "64 tokens and fla's otherwise, torch on CPU; fla = fla's only; window = ours only (windows <= 64 tokens)"
     )
     attention: AttentionConfig = AttentionConfig()
     gdn: GDNConfig = GDNConfig()
@@ -149,7 +150,21 @@ class ModelConfig(Section):
         value_dim = self.gdn_head_dim * self.gdn.expand_v
         if value_dim != int(value_dim):
             raise FieldError("gdn.expand_v", f"head_dim {self.gdn_head_dim} * expand_v {self.gdn.expand_v} is not an integer")
+        if any(letter in "Gg" for letter in self.blocks):
+            self._gdn_kernels_take(int(value_dim))
         return self
+
+    def _gdn_kernels_take(self, value_dim: int) -> None:
+        """The GDN head dimensions against the kernels `backend` can resolve to (on a GPU)."""
+        from sleepscale.kernels.limits import FLA_MAX_KEY_DIM, WINDOW_MAX_HEAD_DIM
+
+        if self.backend in ("auto", "fla") and self.gdn_head_dim > FLA_MAX_KEY_DIM:
+            raise FieldError("gdn.head_dim", f"{self.gdn_head_dim} is above {FLA_MAX_KEY_DIM}, the largest key head "
+                             f"dimension fla's kernels take (model.backend {self.backend} uses them on CUDA); use at most "
+                             f"{FLA_MAX_KEY_DIM}, or model.backend=torch (CPU)")
+        if self.backend == "window" and max(self.gdn_head_dim, value_dim) > WINDOW_MAX_HEAD_DIM:
+            raise FieldError("backend", f"window takes GDN head dimensions up to {WINDOW_MAX_HEAD_DIM}, got key "
+                             f"{self.gdn_head_dim} and value {value_dim}; use model.backend=auto (fla's kernels)")
 
     def tensor_parallel_problem(self, size: int) -> str | None:
         """Why `size` tensor-parallel ranks cannot split this model's heads, or None."""
@@ -324,7 +339,15 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
     grad_accumulation: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
+    tf32: bool = Field(True, description="fp32 runs on CUDA multiply in TF32 (10-bit mantissa, ~8x faster on Ampere and later)")
     zero_stage: Literal[0, 1, 2, 3] = 0
+    zero3_reuse_distance: int | None = Field(
+        None, ge=0,
+        description="ZeRO-3: a gathered parameter stays gathered while its next use is at most this many parameter "
+        "elements ahead (DeepSpeed's stage3_max_reuse_distance; it bounds the parameters gathered at once); default: "
+        "twice the loop blocks, coda and head, at most 1e9, so a window's N passes gather the loop once; lower it when "
+        "that does not fit on a device (the loop is then gathered once per pass)",
+    )
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
     seed: int = 0
     log_every: int = Field(1, ge=1)
@@ -433,6 +456,11 @@ class Config(Section):
             self._check_pipeline()
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
+        from sleepscale.kernels.limits import WINDOW_MAX_LENGTH
+
+        if self.model.backend == "window" and self.sleep.window > WINDOW_MAX_LENGTH:
+            raise FieldError("model.backend", f"window runs windows of at most {WINDOW_MAX_LENGTH} tokens, sleep.window is "
+                             f"{self.sleep.window}; use model.backend=auto (fla's chunked kernel beyond)")
         return self
 
     def _check_pipeline(self) -> None:

@@ -190,10 +190,12 @@ class SleepingSession:
 
     @torch.no_grad()
     def generate(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                 stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
+                 vocabulary: int | None = None) -> Iterator[torch.Tensor]:
         """Yields the next token of every stream [batch], up to `max_new_tokens` or until every
         stream has produced a stop token (a finished stream keeps yielding its stop token). Starts
-        from the logits of the last token read: feed a prompt first."""
+        from the logits of the last token read: feed a prompt first. `vocabulary`: only ids below
+        it are generated (a tokenizer smaller than the model's embedding table)."""
         if 0 in self.state.positions:
             raise ValueError("a stream has read nothing yet: feed every stream a prompt before generating")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -201,7 +203,11 @@ class SleepingSession:
         stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=self.device)
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
-            token = sample(self.state.last_logits, temperature, top_p, generator)
+            logits = self.state.last_logits
+            if vocabulary is not None and vocabulary < logits.shape[-1]:
+                logits = logits.clone()
+                logits[:, vocabulary:] = float("-inf")
+            token = sample(logits, temperature, top_p, generator)
             if stops.numel():
                 token = torch.where(finished, stops[0], token)
                 finished |= torch.isin(token, stops)
@@ -219,7 +225,7 @@ class SleepingSession:
     def restore(self, snapshot: SessionState) -> None:
         if snapshot.window_tokens.shape[0] != self.batch_size:
             raise ValueError(f"the snapshot holds {snapshot.window_tokens.shape[0]} streams, this session {self.batch_size}")
-        self.state = _copy(snapshot)
+        self.state = _copy(snapshot, self.device)  # a snapshot read from disk is on the CPU
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -241,7 +247,11 @@ def _at_least_float32(states: list[MixerState]) -> list[MixerState]:
     return [state.at_least_float32() for state in states]
 
 
-def _copy(state: SessionState) -> SessionState:
-    return SessionState([s.cloned() for s in state.window_start], [s.cloned() for s in state.states],
-                        state.window_tokens.clone(), list(state.filled), list(state.positions),
-                        None if state.last_logits is None else state.last_logits.clone())
+def _copy(state: SessionState, device: torch.device | None = None) -> SessionState:
+    """A copy that owns its tensors, on `device` (default: where they are)."""
+    def copy(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone() if device is None or tensor.device == device else tensor.to(device)
+
+    return SessionState([s.mapped(copy) for s in state.window_start], [s.mapped(copy) for s in state.states],
+                        copy(state.window_tokens), list(state.filled), list(state.positions),
+                        None if state.last_logits is None else copy(state.last_logits))

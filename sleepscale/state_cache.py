@@ -64,7 +64,7 @@ class StateCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         if self.directory is not None and (self.directory / f"{key}.pt").exists():
-            entry = torch.load(self.directory / f"{key}.pt", weights_only=False)
+            entry = torch.load(self.directory / f"{key}.pt", map_location="cpu", weights_only=False)
             self._remember(key, entry)
             return entry
         return None

@@ -1,14 +1,17 @@
 """Run under torchrun with 2 ranks: each builds its part of a model started from a model directory
-(`build_rank_model`: meta device, then only its own shard or stage read from the files) and
-reports its peak resident memory while doing so, and whether what it holds equals the stored
-weights; under tensor parallelism also whether it computes what the model built the ordinary way
-(whole, then sharded) computes, gradients included. Rank 0 writes the results as JSON.
+(`build_rank_model`: meta device, then only its own shard or stage read from the files), or with
+`-seed` from the directory's model section drawn from `model.seed` instead, and reports its peak
+resident memory while doing so, and whether what it holds equals the stored weights (the
+single-process model built from the seed); under tensor parallelism from a directory also whether
+it computes what the model built the ordinary way (whole, then sharded) computes, gradients
+included. Rank 0 writes the results as JSON.
 
-    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline|zero3 OUT.json
+    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline|zero3[-seed] OUT.json
 """
 
 import json
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -32,17 +35,18 @@ def resident_bytes(field: str) -> int:
 
 
 def main(model_dir: str, mode: str, out: str) -> None:
+    from sleepscale.convert.model_dir import read_description
+
     dist.init_process_group("gloo")
+    mode, seeded = mode.removesuffix("-seed"), mode.endswith("-seed")
     tensor, pipeline = {"tensor": (2, 1), "pipeline": (1, 2), "zero3": (1, 1)}[mode]
     groups = init_parallel_groups(tensor, pipeline) if mode != "zero3" else None
-    files = SafetensorsFiles(model_dir)
     pattern = None
     if mode == "pipeline":
-        from sleepscale.convert.model_dir import read_description
-
         blocks = read_description(model_dir)["model"]["pattern"]
         pattern = blocks[: len(blocks) // 2] + "|" + blocks[len(blocks) // 2 :]
-    model_section = {"init_from": model_dir, **({"pattern": pattern} if pattern else {})}
+    model_section = {**(read_description(model_dir)["model"] if seeded else {"init_from": model_dir}),
+                     **({"pattern": pattern} if pattern else {})}
     config = validate(with_init_source({"model": model_section, "sleep": {"window": 8, "passes": 3},
                                         "train": {"steps": 1, "zero_stage": 3 if mode == "zero3" else 0},
                                         "parallel": {"tensor": tensor, "pipeline": pipeline}}))
@@ -60,6 +64,11 @@ def main(model_dir: str, mode: str, out: str) -> None:
     model = build_rank_model(config, groups, torch.device("cpu"))
     peak = resident_bytes("VmHWM") - before
 
+    if seeded:  # the single-process model, built after the measurement
+        files = build_model(config.model).state_dict()
+        files = types.SimpleNamespace(get=files.__getitem__)
+    else:
+        files = SafetensorsFiles(model_dir)
     held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in model.parameters())
     if mode == "zero3":
         import deepspeed
@@ -72,7 +81,7 @@ def main(model_dir: str, mode: str, out: str) -> None:
     elif mode == "tensor":
         whole = full_state_dict(model, groups.tensor)
         equal_to_files = all(torch.equal(tensor, files.get(name)) for name, tensor in whole.items())
-        equal_forward = _same_as_ordinary_path(model, config, groups)
+        equal_forward = None if seeded else _same_as_ordinary_path(model, config, groups)
     else:
         equal_to_files = all(torch.equal(p, files.get(name)) for name, p in model.named_parameters())
         equal_forward = None

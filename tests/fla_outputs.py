@@ -37,15 +37,46 @@ def windows_with_hard_eviction(model, input_ids, window: int):
 
 def one_token_with_grouped_value_heads(generator):
     """fla's chunk kernel and its fused recurrent kernel (what our fla backend calls to decode) on a
-    single token, with two value heads per key head and a carried state: inputs and outputs."""
+    single token, with two value heads per key head and a carried state, from raw q, k and gate
+    inputs with fla's in-kernel L2 norm, gate and beta options (as our fla backend calls them)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    q, k = (torch.nn.functional.normalize(torch.randn(2, 1, 2, 8, generator=generator), dim=-1) for _ in range(2))
-    inputs = {"q": q, "k": k, "v": torch.randn(2, 1, 4, 12, generator=generator), "g": -torch.rand(2, 1, 4, generator=generator),
-              "beta": torch.rand(2, 1, 4, generator=generator), "initial_state": torch.randn(2, 4, 8, 12, generator=generator)}
-    output, state = chunk_gated_delta_rule(**inputs, output_final_state=True)
-    fused_output, fused_state = fused_recurrent_gated_delta_rule(**inputs, output_final_state=True)
+    inputs = {"q": torch.randn(2, 1, 2, 8, generator=generator), "k": torch.randn(2, 1, 2, 8, generator=generator),
+              "v": torch.randn(2, 1, 4, 12, generator=generator), "a": torch.randn(2, 1, 4, generator=generator),
+              "b": torch.randn(2, 1, 4, generator=generator), "A_log": torch.rand(4, generator=generator) * 2,
+              "dt_bias": torch.randn(4, generator=generator), "initial_state": torch.randn(2, 4, 8, 12, generator=generator)}
+    options = {"output_final_state": True, "use_qk_l2norm_in_kernel": True, "use_gate_in_kernel": True,
+               "use_beta_sigmoid_in_kernel": True, "A_log": inputs["A_log"], "dt_bias": inputs["dt_bias"]}
+    raw = [inputs[name] for name in ("q", "k", "v", "a", "b")]
+    output, state = chunk_gated_delta_rule(*raw, initial_state=inputs["initial_state"], **options)
+    fused_output, fused_state = fused_recurrent_gated_delta_rule(*raw[:3], g=raw[3], beta=raw[4],
+                                                                 initial_state=inputs["initial_state"], **options)
     return {"inputs": inputs, "output": output, "state": state, "fused_output": fused_output, "fused_state": fused_state}
+
+
+def our_layer_on_each_backend(generator):
+    """Our GatedDeltaNet layer over one 24-token window from a carried state, on each delta-rule
+    backend (the Triton ones interpreted): output, final state, and the gradients of the input, the
+    initial state and every parameter, for random output gradients."""
+    from sleepscale.model.gdn import GatedDeltaNet as OurGatedDeltaNet
+    from sleepscale.model.gdn import GDNState
+
+    layer = OurGatedDeltaNet(hidden_size=32, num_heads=2, head_dim=8, expand_v=1.5, num_v_heads=4)
+    randomize(layer, generator)
+    x = torch.randn(2, 24, 32, generator=generator)
+    fast_weights = torch.randn(2, 4, 8, 12, generator=generator) * 0.3
+    d_out, d_state = torch.randn(2, 24, 32, generator=generator), torch.randn(2, 4, 8, 12, generator=generator)
+    results = {}
+    for backend in ("torch", "window", "fla"):
+        layer.backend = backend
+        layer.zero_grad()
+        inputs = [x.clone().requires_grad_(), fast_weights.clone().requires_grad_()]
+        out, state = layer(inputs[0], GDNState(inputs[1]))
+        torch.autograd.backward([out, state.fast_weights], [d_out, d_state])
+        results[backend] = {"output": out.detach(), "state": state.fast_weights.detach(), "d_x": inputs[0].grad,
+                            "d_initial_state": inputs[1].grad,
+                            **{f"d_{name}": p.grad.clone() for name, p in layer.named_parameters()}}
+    return results
 
 
 def main(path):
@@ -70,11 +101,13 @@ def main(path):
         window_logits = windows_with_hard_eviction(model, input_ids, window=8)
     model.save_pretrained(Path(path).parent / "fla_model")  # what `sleepscale convert` reads
     decode_step = one_token_with_grouped_value_heads(generator)
+    backends = our_layer_on_each_backend(generator)
     torch.save(
         {
             "layer_state": layer.state_dict(), "layer_input": layer_input, "layer_output": layer_output,
             "grouped_state": grouped.state_dict(), "grouped_output": grouped_output,
             "input_ids": input_ids, "logits": logits, "window_logits": window_logits, "decode_step": decode_step,
+            "backends": backends,
         },
         path,
     )

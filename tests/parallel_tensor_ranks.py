@@ -81,6 +81,36 @@ def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, featu
     }
 
 
+def collectives_per_block_pass(tp) -> dict:
+    """Per block of an AGag model (attention and GDN, with and without MLP), one pass over a window
+    and its backward: the all-reduces in forward and in backward, as element counts."""
+    config = make_config(pattern="AGag", passes=1, vocab_size=VOCAB,
+                         model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}})
+    model = parallelize_tensor(build_model(config.model), tp)
+    recorded, original = [], dist.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        recorded.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    counts = {}
+    dist.all_reduce = all_reduce
+    try:
+        for index, block in enumerate(model.layers):
+            x = torch.randn(2, 8, config.model.hidden_size, requires_grad=True)
+            state = model.initial_states(2, config.sleep.window)[index]
+            recorded.clear()
+            out, _ = block(x, state)
+            forward = list(recorded)
+            recorded.clear()
+            out.sum().backward()
+            counts[config.model.blocks[index]] = {"forward": forward, "backward": sorted(recorded, reverse=True),
+                                                  "head_v_dim": getattr(block.attn, "head_v_dim", None)}
+    finally:
+        dist.all_reduce = original
+    return counts
+
+
 def main():
     dist.init_process_group("gloo")
     groups = init_parallel_groups(tensor=dist.get_world_size())
@@ -90,6 +120,7 @@ def main():
              "hard-tied": ("hard", True, torch.float32, 0.02, False), "sliding-fp64": ("sliding", False, torch.float64, 0.2, False),
              "sliding-features-fp64": ("sliding", False, torch.float64, 0.2, True)}
     report = {name: compare(*case, groups.tensor) for name, case in cases.items()}
+    report["collectives"] = collectives_per_block_pass(groups.tensor)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as out:
             json.dump(report, out, indent=1)

@@ -236,18 +236,19 @@ def _large_model_dir(tmp_path):
                            ((name, p.detach()) for name, p in model.named_parameters()), shard_bytes=64 * 2**20)
 
 
-@pytest.mark.parametrize("mode", ["tensor", "pipeline", "zero3"])
+@pytest.mark.parametrize("mode", ["tensor", "pipeline", "zero3", "tensor-seed", "pipeline-seed"])
 def test_each_rank_loads_only_its_part(tmp_path, mode):
+    """From a model directory, or drawn from a seed (`-seed`): each rank holds only its part, peaks
+    below 0.7x the whole model while building it, and its values equal the whole model's."""
     from train_helpers import free_port
 
     model_dir = _large_model_dir(tmp_path)
     out = tmp_path / "ranks.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if mode == "zero3":
-        # Gathering one whole parameter after another leaves glibc's heap holding freed buffers of
-        # every size (1.3-1.7x the model resident here); served by mmap, a freed buffer is returned,
-        # and the peak is what the ranks really hold at once.
-        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    # Reading or drawing one whole parameter after another (a ZeRO-3 gather, a tensor-parallel shard
+    # cut from its seeded parameter) leaves glibc's heap holding freed buffers of every size
+    # (1.3-1.7x the model resident here); served by mmap, a freed buffer is returned, and the peak is
+    # what the ranks really hold at once.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                     str(TESTS / "convert_ranks.py"), str(model_dir), mode, str(out)], check=True, cwd=TESTS, timeout=600,
                    env=env)

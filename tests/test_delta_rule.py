@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sleepscale.ops import BackendUnavailable, gated_delta_rule
+from sleepscale.ops import BackendUnavailable, delta_rule_kernel, gated_delta_rule
 from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch, fitted_chunk_size
 from sleepscale.ops.references import chunk_reference, recurrent_reference
 
@@ -95,14 +95,47 @@ def test_state_threading_equals_one_call(pieces):
     assert_close_relative(many, one, 1e-12, NAMES)
 
 
+def raw_inputs(batch, length, heads, key_dim, value_dim, dtype):
+    """A Gated DeltaNet's raw inputs to `gated_delta_rule`: q, k before their norms, a, b before the gates."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(batch, length, heads, key_dim, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(batch, length, heads, value_dim, generator=gen).to(dtype)
+    a, b = (torch.randn(batch, length, heads, generator=gen).to(dtype) for _ in range(2))
+    return q, k, v, a, b, torch.rand(heads, generator=gen), torch.randn(heads, generator=gen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_output_keeps_the_input_dtype_and_the_state_is_float32(dtype):
-    q, k, v, g, beta, state = make_inputs(1, 70, 2, 8, 8, with_state=True, dtype=dtype)
-    out, final = gated_delta_rule(q, k, v, g, beta, state.float())
+    inputs = raw_inputs(1, 70, 2, 8, 8, dtype)
+    out, final = gated_delta_rule(*inputs, torch.randn(1, 2, 8, 8))
     assert out.dtype == dtype and final.dtype == torch.float32
 
 
-def test_fla_backend_refuses_cpu_tensors():
-    q, k, v, g, beta = make_inputs(1, 4, 1, 4, 4, with_state=False)
+def test_the_op_computes_the_norms_and_gates_it_is_given_raw():
+    """gated_delta_rule on raw inputs equals the chunked rule on L2-normalised q, k and the gates
+    -exp(A_log) * softplus(a + dt_bias) and sigmoid(b)."""
+    q, k, v, a, b, A_log, dt_bias = raw_inputs(2, 10, 2, 4, 6, torch.float64)
+    out, final = gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
+    g = -A_log.exp() * F.softplus(a + dt_bias)
+    expected = chunk_gated_delta_rule_torch(F.normalize(q, dim=-1, eps=0), F.normalize(k, dim=-1, eps=0), v, g, torch.sigmoid(b))
+    torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)  # fla's norm adds eps 1e-6 under the root
+    torch.testing.assert_close(final, expected[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fla", "window"])
+def test_triton_backends_refuse_cpu_tensors(backend):
     with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
-        gated_delta_rule(q, k, v, g, beta, backend="fla")
+        gated_delta_rule(*raw_inputs(1, 4, 1, 4, 4, torch.float32), backend=backend)
+
+
+def test_the_dispatcher_picks_our_window_kernel_for_short_trained_calls_and_fla_otherwise():
+    cuda = torch.device("cuda")
+    assert delta_rule_kernel("auto", torch.device("cpu"), 24, 128, 128, needs_grad=True) == "torch"
+    assert delta_rule_kernel("auto", cuda, 24, 128, 128, needs_grad=True) == "window"
+    assert delta_rule_kernel("auto", cuda, 65, 128, 128, needs_grad=True) == "fla_chunk"
+    assert delta_rule_kernel("auto", cuda, 24, 256, 128, needs_grad=True) == "fla_chunk"  # wider than our kernel
+    assert delta_rule_kernel("auto", cuda, 1, 128, 128, needs_grad=False) == "fla_fused_recurrent"  # decoding
+    assert delta_rule_kernel("fla", cuda, 24, 128, 128, needs_grad=True) == "fla_chunk"  # fla forbids ours
+    assert delta_rule_kernel("window", cuda, 1, 128, 128, needs_grad=False) == "window"
+    with pytest.raises(BackendUnavailable, match="model.backend=window runs calls of at most 64 tokens"):
+        delta_rule_kernel("window", cuda, 75, 128, 128, needs_grad=True)

@@ -115,8 +115,9 @@ def test_fla_grouped_value_heads_map_to_gdn_num_v_heads():
 
 
 def test_a_decoding_step_with_grouped_value_heads_matches_fla(fla_outputs):
-    """One token through our gated_delta_rule (torch backend: q and k repeated per value head) against
-    fla's chunk kernel, which takes grouped value heads natively."""
+    """One token through our gated_delta_rule (torch backend: norms and gates in PyTorch, q and k
+    repeated per value head) against fla's kernels given the raw inputs with their in-kernel L2
+    norm, gate and beta options, as our fla backend calls them."""
     from sleepscale.ops import gated_delta_rule
 
     step = fla_outputs["decode_step"]
@@ -124,6 +125,18 @@ def test_a_decoding_step_with_grouped_value_heads_matches_fla(fla_outputs):
     assert relative_error(output, step["output"]) < 1e-5 and relative_error(state, step["state"]) < 1e-5
     # fla's fused recurrent kernel, which the fla backend decodes with, agrees too
     assert relative_error(output, step["fused_output"]) < 1e-5 and relative_error(state, step["fused_state"]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["window", "fla"])
+def test_our_layer_computes_the_same_on_every_delta_rule_backend(fla_outputs, backend):
+    """Our GatedDeltaNet over a 24-token window from a carried state, through the dispatcher, on our
+    window kernel and on fla's kernels (both interpreted) against the PyTorch backend: output, state,
+    and the gradients of the input, the state and every parameter (fla computes the decay in base 2:
+    A_log's and dt_bias's gradients agree to 4e-5)."""
+    results = fla_outputs["backends"]
+    for name, expected in results["torch"].items():
+        tolerance = 1e-4 if backend == "fla" and name in ("d_A_log", "d_dt_bias", "d_a_proj.weight") else 1e-5
+        assert relative_error(results[backend][name], expected) < tolerance, name
 
 
 def test_the_fla_backend_decodes_with_the_fused_recurrent_kernel_and_trains_with_the_chunked_one():

@@ -21,6 +21,7 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
                     "tests/parallel_tensor_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.loads(out.read_text())
+    collectives = report.pop("collectives")
     assert set(report) == {"hard", "sliding", "hard-tied", "sliding-fp64", "sliding-features-fp64"}
     for case, result in report.items():
         assert result["grad_names_match"] and result["gdn_state_is_own_heads"], case
@@ -28,6 +29,16 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
         assert result["logits"] < tolerance, (case, result)
         # megatron's vocab-parallel cross-entropy computes in fp32 whatever the model's dtype
         assert max(result["loss"], result["grads"], result["tp_to_unsharded_loss"], result["unsharded_to_tp_loss"]) < 1e-5, (case, result)
+    # One block pass over a window of 2 x 8 tokens at hidden size 16: in forward, one all-reduce of the
+    # activations after each row-parallel layer (the mixer's o_proj, the MLP's down_proj); in backward,
+    # one of the input gradient per mixer and per MLP (not one per column-parallel projection: six for
+    # a GDN mixer), and for a GDN mixer the sum of its per-head output norm's weight gradient.
+    activations = 2 * 8 * 16
+    for letter, counted in collectives.items():
+        parts = 2 if letter in "AG" else 1  # mixer, and MLP (capital letters)
+        norm = [counted["head_v_dim"]] if letter in "Gg" else []
+        assert counted["forward"] == [activations] * parts, (letter, counted)
+        assert counted["backward"] == [activations] * parts + norm, (letter, counted)
 
 
 @pytest.mark.parametrize(("sections", "message"), [

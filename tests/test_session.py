@@ -326,3 +326,16 @@ def test_math_evaluated_by_generation_end_to_end(math_run, tmp_path):
         teacher_forced = evaluate(model, [changed], config.sleep, [2])
         assert [r["accuracy"] for r in by_generation] == [r["accuracy"] for r in teacher_forced] == \
             [0.0 if change else 1.0] * len(teacher_forced), (by_generation, teacher_forced)
+
+
+def test_generation_keeps_to_the_tokenizers_vocabulary():
+    """A tokenizer smaller than the model's embedding table: `vocabulary` keeps every id below it
+    (the CLI passes its tokenizer's size), greedy or sampled."""
+    config = make_config()
+    session = SleepingSession(make_model(config), config.sleep, batch_size=2)
+    session.feed(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    start = session.snapshot()
+    for temperature in (0.0, 1.0):
+        session.restore(start)
+        tokens = torch.stack(list(session.generate(12, temperature, generator=torch.Generator().manual_seed(0), vocabulary=3)))
+        assert int(tokens.max()) < 3

@@ -6,6 +6,7 @@ import torch
 from sleepscale.config import load_config
 from sleepscale.data.loader import ShardLoader
 from sleepscale.model import build_model
+from sleepscale.passes import draw_passes
 from sleepscale.sleep import sleep_forward
 from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.optim import build_optimizer, lr_factor
@@ -33,9 +34,12 @@ def reference_losses(config_path, data, world_size=2) -> list[float]:
     streams = [iter(ShardLoader(str(data), batch_size=config.train.micro_batch_size, seed=config.train.seed, rank=r,
                                 world_size=world_size)) for r in range(world_size)]
     recorded = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         batches = [next(stream) for stream in streams for _ in range(config.train.grad_accumulation)]
-        loss = sum(sleep_forward(model, b["input_ids"], config.sleep, targets=b["targets"]).loss for b in batches) / len(batches)
+        sleep = config.sleep
+        if sleep.random_passes is not None:
+            sleep = sleep.model_copy(update={"passes": draw_passes(sleep.random_passes, config.train.seed, step)})
+        loss = sum(sleep_forward(model, b["input_ids"], sleep, targets=b["targets"]).loss for b in batches) / len(batches)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
@@ -43,6 +47,28 @@ def reference_losses(config_path, data, world_size=2) -> list[float]:
         schedule.step()
         recorded.append(loss.item())
     return recorded
+
+
+def test_zero3_keeps_the_loop_gathered_over_a_windows_passes():
+    """ZeRO-3's reuse distance: twice the loop, coda and head (what lies between two uses of a loop
+    parameter, recomputation included: benchmarks/results/zero3_gather.md), capped at DeepSpeed's
+    default; `train.zero3_reuse_distance` replaces it."""
+    from conftest import make_config
+    from sleepscale.model.hybrid import HybridLM
+    from sleepscale.train.distributed import deepspeed_config
+
+    config = make_config(pattern="AGAGAG", model={"loop": [2, 4]})
+    config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": 3})})
+    model = HybridLM(config.model)
+    after_prelude = sum(p.numel() for layer in model.layers[2:] for p in layer.parameters())
+    head = sum(p.numel() for p in model.norm.parameters()) + model.lm_head.weight.numel()
+    assert deepspeed_config(config)["zero_optimization"]["stage3_max_reuse_distance"] == 2 * (after_prelude + head)
+    set_to = config.model_copy(update={"train": config.train.model_copy(update={"zero3_reuse_distance": 0})})
+    assert deepspeed_config(set_to)["zero_optimization"]["stage3_max_reuse_distance"] == 0
+    huge = config.model_copy(update={"model": config.model.model_copy(update={"hidden_size": 8192, "intermediate_size": 32768})})
+    assert deepspeed_config(huge)["zero_optimization"]["stage3_max_reuse_distance"] == 10**9
+    assert "stage3_max_reuse_distance" not in deepspeed_config(config.model_copy(update={
+        "train": config.train.model_copy(update={"zero_stage": 2})}))["zero_optimization"]
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
@@ -61,19 +87,21 @@ SLEEP = {"window": 8, "passes": 2, "checkpoint": "pass"}
 
 @pytest.mark.parametrize(("name", "sections", "layout"), [
     ("tp2-zero1", {"parallel": {"tensor": 2}}, "tensor 2 x pipeline 1 x data 2"),
-    # each step's two micro-batches per data rank fill the two stages
-    ("pp2-zero1", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2}},
+    # each step's two micro-batches per data rank fill the two stages; N drawn per step (1 to 3), so
+    # that every step's pipeline schedule is built from that step's plans
+    ("pp2-zero1", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2},
+                   "sleep": {"random_passes": {"kind": "uniform", "low": 1, "high": 3}}},
      "tensor 1 x pipeline 2 x data 2"),
     # a backward per traversal goes through ZeRO-2's gradient hooks, which reduce-scatter as gradients arrive
     ("pp2-zero2", {"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}, "train": {"grad_accumulation": 2, "zero_stage": 2}},
      "tensor 1 x pipeline 2 x data 2"),
-], ids=["tp2xdp2", "pp2xdp2", "pp2xdp2-zero2"])
+], ids=["tp2xdp2", "pp2xdp2-random-n", "pp2xdp2-zero2"])
 def test_model_parallel_2_x_data_2_matches_one_process_with_the_same_global_batch(setup, name, sections, layout):
     """ZeRO-1 over the data group (model parallelism at ZeRO-0 is checked by the resume tests below)."""
     tmp, data = setup
     run = tmp / name
     train_section = {"steps": STEPS, "grad_clip": 0.5, "zero_stage": 1, **sections.get("train", {})}  # ZeRO-1 unless said
-    config = write_config(tmp, data, run, sleep=SLEEP, **{**sections, "train": train_section})
+    config = write_config(tmp, data, run, **{**sections, "train": train_section, "sleep": {**SLEEP, **sections.get("sleep", {})}})
     result = train(config, ranks=4, timeout=600)
     assert layout in result.stderr
     distributed = [losses(run)[step] for step in range(1, STEPS + 1)]

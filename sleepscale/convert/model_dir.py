@@ -150,15 +150,18 @@ class SafetensorsFiles:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, directory: str | Path, tensor_group=None, device: torch.device | str = "cpu") -> None:
-    """Copies the model directory's weights into `model`, casting to each parameter's dtype.
+def load_weights(model: torch.nn.Module, source, tensor_group=None, device: torch.device | str = "cpu") -> None:
+    """Copies the weights of `source` into `model`, casting to each parameter's dtype. `source`: a model
+    directory's path, or any object read like its `SafetensorsFiles` (`SeededWeights`: a model drawn
+    from its seed).
 
     `model` may be whole, or this rank's part of it: tensor-parallel shards (`parallelize_tensor`)
     and a pipeline stage's blocks (the others replaced by `nn.Identity`). Parameters still on the
     meta device are materialised on `device` first, and a tensor-parallel shard is read alone
     (its rows or columns of the stored tensor), so no rank ever holds a whole model. Every
     parameter must be found: a partial load would train a silently half-random model."""
-    files = SafetensorsFiles(directory)
+    files = source if hasattr(source, "get") else SafetensorsFiles(source)
+    directory = files.directory  # what errors name
     parameters = dict(model.named_parameters())  # tied weights once, under their first name
     missing = [name for name in parameters if name not in files]
     if missing:
@@ -183,9 +186,11 @@ def load_weights(model: torch.nn.Module, directory: str | Path, tensor_group=Non
 
 def _read_part(files: SafetensorsFiles, name: str, parameter: torch.nn.Parameter, tensor_group) -> torch.Tensor:
     """The stored tensor, or only this rank's tensor-parallel shard of it."""
-    from sleepscale.parallel.tensor import shard_slice
+    if tensor_group is None:
+        return files.get(name)
+    from sleepscale.parallel.tensor import shard_slice  # imports megatron-core (~10 s): only under tensor parallelism
 
-    part = shard_slice(parameter, tensor_group) if tensor_group is not None else None
+    part = shard_slice(parameter, tensor_group)
     if part is None:
         return files.get(name)
     dim, start, stop, stored_rows = part

@@ -83,9 +83,12 @@ class GatedRMSNorm(nn.Module):
         return (normed * F.silu(gate.to(dtype))).to(x.dtype)
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's l2norm: x / sqrt(sum(x^2) + eps)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+def initial_decay_parameters(num_heads: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Mamba-2 style decay init, as fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1] (float32, CPU)."""
+    A = torch.empty(num_heads, device="cpu").uniform_(0, 16, generator=generator)
+    dt = torch.exp(torch.rand(num_heads, generator=generator, device="cpu") * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    dt = dt.clamp(min=1e-4)
+    return {"A_log": A.log(), "dt_bias": dt + torch.log(-torch.expm1(-dt))}  # dt_bias: inverse softplus
 
 
 class GatedDeltaNet(nn.Module):
@@ -128,15 +131,14 @@ class GatedDeltaNet(nn.Module):
         self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
-        self.reset_decay_parameters()
+        if not self.A_log.is_meta:  # a model built on meta is filled by its source (`load_weights`)
+            self.reset_decay_parameters()
 
     @torch.no_grad()
-    def reset_decay_parameters(self) -> None:
-        """Mamba-2 style decay init, as fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1]."""
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
-        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
-        dt = dt.clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+    def reset_decay_parameters(self, generator: torch.Generator | None = None) -> None:
+        initial = initial_decay_parameters(self.num_v_heads, generator)
+        self.A_log.copy_(initial["A_log"])
+        self.dt_bias.copy_(initial["dt_bias"])
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> GDNState:
         dtype = torch.promote_types(self.q_proj.weight.dtype, torch.float32)
@@ -147,15 +149,12 @@ class GatedDeltaNet(nn.Module):
         q, q_tail = self.q_conv1d(self.q_proj(x), q_tail)
         k, k_tail = self.k_conv1d(self.k_proj(x), k_tail)
         v, v_tail = self.v_conv1d(self.v_proj(x), v_tail)
-        q = l2_normalize(q.unflatten(-1, (self.num_heads, self.head_k_dim)))
-        k = l2_normalize(k.unflatten(-1, (self.num_heads, self.head_k_dim)))
+        q = q.unflatten(-1, (self.num_heads, self.head_k_dim))  # normalised, and the gates computed, in the op
+        k = k.unflatten(-1, (self.num_heads, self.head_k_dim))
         v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
-        gate_dtype = torch.promote_types(x.dtype, torch.float32)
-        beta = torch.sigmoid(self.b_proj(x).to(gate_dtype))
-        log_decay = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
-
         out, fast_weights = gated_delta_rule(
-            q, k, v, log_decay, beta, initial_state=state.fast_weights, backend=self.backend
+            q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias, initial_state=state.fast_weights,
+            backend=self.backend,
         )
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim))
         out = self.o_norm(out, gate).flatten(-2)

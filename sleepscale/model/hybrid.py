@@ -8,7 +8,6 @@ convert by renaming (`sleepscale.convert.families`).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -83,26 +82,6 @@ class HybridLM(nn.Module):
         self.cross_entropy = CrossEntropy()
         self.loop_range = range(*config.loop_range)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Deterministic given the global RNG: normal(0, init_std) for linear and embedding weights,
-        residual output projections scaled by 1/sqrt(2 * num_layers), zero biases (transformers'
-        default), fla's decay init for GDN. Norm weights keep their construction values:
-        ones, or zeros for zero-centred norms."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, GatedDeltaNet):
-                module.reset_decay_parameters()
-        residual_std = std / math.sqrt(2 * len(self.layers))
-        for block in self.layers:
-            nn.init.normal_(block.attn.o_proj.weight, std=residual_std)
-            if block.mlp is not None:
-                nn.init.normal_(block.mlp.down_proj.weight, std=residual_std)
-
     def initial_states(self, batch_size: int, span: int, device: torch.device | None = None) -> list[MixerState]:
         """Fresh per-block states for a batch of new sequences; `span` is the attention window L."""
         return [block.initial_state(batch_size, span, device) for block in self.layers]
@@ -128,9 +107,13 @@ class HybridLM(nn.Module):
 
 
 def build_model(config: ModelConfig, device: torch.device | str | None = None) -> HybridLM:
-    """The model with weights drawn from `config.seed` alone, leaving the caller's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    """The whole model with weights drawn from `config.seed` (`sleepscale.model.seeded_weights`: one RNG
+    stream per parameter, so a rank holding a part of the model draws the same values for it);
+    the caller's RNG is untouched."""
+    from sleepscale.convert.model_dir import load_weights
+    from sleepscale.model.seeded_weights import SeededWeights
+
+    with torch.device("meta"):
         model = HybridLM(config)
-        model.reset_parameters()
-    return model.to(device) if device is not None else model
+    load_weights(model, SeededWeights(config), device=device if device is not None else "cpu")
+    return model

@@ -63,15 +63,16 @@ class _Record:
 
 def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPlan], input_ids: list[torch.Tensor],
              targets: list[torch.Tensor | None], span: int, in_flight: int, backward: Backward | None = None,
-             want_logits: bool = False) -> PipelinedOutput:
+             want_logits: bool = False, op_costs: tuple[float, float] = (1.0, 2.0)) -> PipelinedOutput:
     """Runs the micro-batches (their plans, inputs and targets) through the pipeline: forward only
     when autograd is off, else forward and backward (gradients accumulate into the stage's
     parameters through `backward(tensors, grads)`, default `torch.autograd.backward`; the loss
-    differentiated is the mean over micro-batches). `span`: the attention window L."""
+    differentiated is the mean over micro-batches). `span`: the attention window L. `op_costs`:
+    the times of a forward and a backward op that the schedule is ordered for (`build_schedule`)."""
     training = torch.is_grad_enabled()
     backward = backward or (lambda tensors, grads: torch.autograd.backward(tensors, grads))
     walks = [traversals(plan, stage.stages) for plan in plans]
-    schedule = _schedule(tuple(tuple(w) for w in walks), len(stage.stages), in_flight, training)
+    schedule = _schedule(tuple(tuple(w) for w in walks), len(stage.stages), in_flight, training, tuple(op_costs))
     device, dtype = _device_and_dtype(stage)
     peers = [dist.get_global_rank(group, index) for index in range(len(stage.stages))]
     micro_batches = len(plans)
@@ -180,9 +181,11 @@ def evaluate_step(stage: PipelineStage, group: dist.ProcessGroup, plan: SleepPla
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: int, backward: bool) -> Schedule:
+def _schedule(walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: int, backward: bool,
+              op_costs: tuple[float, float]) -> Schedule:
     """The step's schedule; steps of the same shape (the usual case) reuse it."""
-    return build_schedule([list(w) for w in walks], stages, in_flight, backward=backward)
+    return build_schedule([list(w) for w in walks], stages, in_flight, backward=backward,
+                          forward_cost=op_costs[0], backward_cost=op_costs[1])
 
 
 def _device_and_dtype(stage: PipelineStage) -> tuple[torch.device, torch.dtype]:

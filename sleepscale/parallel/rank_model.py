@@ -1,14 +1,16 @@
-"""This rank's part of the model, built without ever holding the whole model when it can be.
+"""This rank's part of the model, built without ever holding the whole model.
 
-- Started from a model directory (`model.init_from`, fresh or resumed): the model is built on the meta device (no
-  memory), cut to this rank's pipeline stage (the other stages' blocks, and the embedding or head
-  a stage does not hold, are dropped), tensor-parallelised on the meta device, and only then are
-  its remaining parameters materialised, each read from the directory's files as this rank's
-  shard alone (`load_weights`). A rank's peak is about its share of the weights.
-- Built from a seed (`model.seed`): the whole model is drawn on every rank, so that a model's
-  values do not depend on the parallel layout, and then sharded. Models that only fit sharded
-  should therefore start from a model directory (`sleepscale convert`, or one written from a
-  seed-initialised model on a large machine).
+The model is built on the meta device (no memory), cut to this rank's pipeline stage (the other
+stages' blocks, and the embedding or head a stage does not hold, are dropped), tensor-parallelised
+on the meta device, and only then are its remaining parameters materialised one at a time, each
+filled with this rank's shard alone (`load_weights`) from its source:
+
+- a model directory (`model.init_from`, fresh or resumed): read from the directory's files;
+- a seed (`model.seed`): drawn from the parameter's own RNG stream (`SeededWeights`), so the values
+  do not depend on the layout: a stage equals the same blocks of the single-process model.
+
+A rank's peak is about its share of the weights plus one whole parameter. Under ZeRO-3 the model is
+partitioned as it is built (`_zero3_model`).
 
 The pipeline wrapper itself (`PipelineStage`) is applied by the trainer afterwards.
 """
@@ -19,7 +21,8 @@ import torch
 from torch import nn
 
 from sleepscale.config import Config
-from sleepscale.model.hybrid import HybridLM, build_model
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.seeded_weights import SeededWeights
 
 
 def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
@@ -28,14 +31,9 @@ def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
     tensor_group = groups.tensor if groups is not None and config.parallel.tensor > 1 else None
     from sleepscale.parallel.tensor import parallelize_tensor
 
-    if not config.model.init_from:
-        model = build_model(config.model)
-        if tensor_group is not None:
-            parallelize_tensor(model, tensor_group)
-        return model.to(device)
-
+    source = config.model.init_from or SeededWeights(config.model)
     if config.train.zero_stage == 3:
-        return _zero3_model(config, device)
+        return _zero3_model(config, source, device)
     from sleepscale.convert.model_dir import load_weights
 
     with torch.device("meta"):
@@ -44,7 +42,7 @@ def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
             _keep_stage(model, config.model.stage_ranges, groups.pipeline.rank())
         if tensor_group is not None:
             parallelize_tensor(model, tensor_group)
-    load_weights(model, config.model.init_from, tensor_group, device)
+    load_weights(model, source, tensor_group, device)
     return model
 
 
@@ -59,9 +57,9 @@ def _keep_stage(model: HybridLM, stages: list[range], index: int) -> None:
         model.norm = model.lm_head = None
 
 
-def _zero3_model(config: Config, device: torch.device) -> HybridLM:
+def _zero3_model(config: Config, source, device: torch.device) -> HybridLM:
     """Partitioned as it is built (DeepSpeed's `zero.Init`), then filled one parameter at a time:
-    each is gathered whole for a moment, rank 0 copies the stored tensor in, and DeepSpeed
+    each is gathered whole for a moment, rank 0 copies the stored (or seeded) tensor in, and DeepSpeed
     repartitions it. A rank holds its partition plus about two whole parameters (the gathered one and,
     on rank 0, the one read). (ZeRO-3 excludes tensor
     and pipeline parallelism, so every rank is a data-parallel rank.)"""
@@ -75,7 +73,7 @@ def _zero3_model(config: Config, device: torch.device) -> HybridLM:
     # selects; the CPU without one), i.e. `device`.
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(config)):
         model = HybridLM(config.model)
-    files = SafetensorsFiles(config.model.init_from)
+    files = SafetensorsFiles(source) if isinstance(source, str) else source
     for name, parameter in model.named_parameters():
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
             if dist.get_rank() == 0:

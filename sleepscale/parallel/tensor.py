@@ -14,6 +14,14 @@ What is split:
 - SwiGLU: gate/up by rows, down by columns;
 - embedding and LM head: by vocabulary, padded up to a multiple of T. Padded logits are masked out
   of megatron's vocab-parallel cross-entropy, so padding changes no value or gradient.
+Communication per block pass: in forward, one all-reduce after each row-parallel layer (the mixer's
+o_proj, the MLP's down_proj); in backward, one all-reduce of the input gradient per mixer and per
+MLP. Megatron's column-parallel layers each all-reduce their own input's gradient (six for a GDN
+mixer, whose q/k/v/g/a/b projections read the same input); here they are built with
+`disable_grad_reduce` and the mixer's and MLP's input passes once through
+`copy_to_tensor_model_parallel_region` (a forward pre-hook), so the partial gradients of all its
+projections add up locally and are reduced once. (The projections stay separate layers, with fla's
+and transformers' parameter names, so that checkpoints convert by renaming.)
 Replicated: the RMSNorms. The per-head norms (GDN's output norm, attention's q_norm and k_norm) are
 replicated but each rank applies them to its own heads only, so their gradients are summed over the
 group.
@@ -31,6 +39,7 @@ import torch.distributed as dist
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
+    copy_to_tensor_model_parallel_region,
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_from_tensor_model_parallel_region,
@@ -66,6 +75,7 @@ def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
         if isinstance(block, nn.Identity):
             continue
         mixer = block.attn
+        shard.reduce_input_gradient_once(mixer)
         if isinstance(mixer, Attention):
             shard.columns(mixer, "q_proj", "k_proj", "v_proj")
             mixer.num_heads //= size
@@ -85,6 +95,7 @@ def parallelize_tensor(model: HybridLM, group: dist.ProcessGroup) -> HybridLM:
             norm.weight.register_hook(lambda grad: _summed_over(grad, group))
         mixer.o_proj = shard.row(mixer.o_proj)
         if block.mlp is not None:
+            shard.reduce_input_gradient_once(block.mlp)
             shard.columns(block.mlp, "gate_proj", "up_proj")
             block.mlp.down_proj = shard.row(block.mlp.down_proj)
 
@@ -227,16 +238,24 @@ class _Sharder:
             params_dtype=dtype, gradient_accumulation_fusion=False,
         )
 
-    def columns(self, module: nn.Module, *names: str) -> None:
-        for name in names:
-            setattr(module, name, self.column(getattr(module, name)))
+    def reduce_input_gradient_once(self, module: nn.Module) -> None:
+        """The gradient of `module`'s input (its first argument) is all-reduced once, in backward; its
+        column-parallel layers (`columns`) then leave theirs partial."""
+        group = self.group
+        module.register_forward_pre_hook(lambda _, args: (copy_to_tensor_model_parallel_region(args[0], group), *args[1:]))
 
-    def column(self, linear: nn.Linear, padded_rows: int | None = None) -> nn.Module:
+    def columns(self, module: nn.Module, *names: str) -> None:
+        """Column-parallel layers reading `module`'s input, whose gradient `reduce_input_gradient_once` reduces."""
+        for name in names:
+            setattr(module, name, self.column(getattr(module, name), reduces_input_gradient=False))
+
+    def column(self, linear: nn.Linear, padded_rows: int | None = None, reduces_input_gradient: bool = True) -> nn.Module:
         out_features, in_features = linear.weight.shape
         if padded_rows is not None:
             out_features = padded_vocab_size(out_features, self.group.size())
         layer = _ColumnParallelLinear(in_features, out_features, config=self.config, init_method=_no_init,
-                                      bias=linear.bias is not None, gather_output=False, tp_group=self.group)
+                                      bias=linear.bias is not None, gather_output=False, tp_group=self.group,
+                                      disable_grad_reduce=not reduces_input_gradient)
         self._take_shard(layer.weight, linear.weight, dim=0, padded_rows=padded_rows)
         if linear.bias is not None:  # megatron splits the bias with the rows (and marks it so)
             with torch.no_grad():

@@ -34,9 +34,11 @@ UNSHARDED = "unsharded.pt"  # the training state in tensor-parallel-independent 
 
 
 def rng_states() -> dict[str, Any]:
+    """This rank's RNG states: its own GPU's only (a rank uses one), so that a run resumes with
+    another number of GPUs per node."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return states
 
 
@@ -45,7 +47,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -113,7 +115,7 @@ class Checkpointer:
         rank_file = path / f"trainer-rank{rank:05d}.pt"
         if not rank_file.exists():
             raise RuntimeError(f"{path} has no state for rank {rank}: it was written by a different world size")
-        return torch.load(rank_file, weights_only=False)
+        return torch.load(rank_file, map_location="cpu", weights_only=False)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

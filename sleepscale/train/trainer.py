@@ -44,7 +44,7 @@ from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_sta
 from sleepscale.train.distributed import Distributed, deepspeed_config, setup_distributed, setup_model_parallel
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
-from sleepscale.train.step import UpdateGuard, get_forward_backward_func, loss_on_host, micro_batch
+from sleepscale.train.step import UpdateGuard, get_forward_backward_func, loss_on_host, micro_batch, precision_context
 
 if TYPE_CHECKING:
     from sleepscale.parallel.pipeline_stage import PipelineStage
@@ -121,6 +121,8 @@ class Run:
 def run_training(config: Config) -> int:
     ctx = setup_model_parallel(setup_distributed(), config.parallel.tensor, config.parallel.pipeline)
     torch.manual_seed(config.train.seed)
+    if ctx.device.type == "cuda" and config.train.precision == "fp32" and config.train.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 storage, TF32 matmuls
     run_dir = Path(config.train.run_dir)
     data_path = _ensure_dataset(config, ctx)
     if ctx.is_main:
@@ -239,7 +241,8 @@ def _run_steps(run: Run, engine, stage: Stage, stage_sleep, bar) -> int:
                 padding_epoch = run.loader.epoch
             continue
         skipped_before = engine.skipped_steps
-        result = forward_backward(engine, micro_batches, step_sleep, guard)
+        with precision_context(config.train.precision, ctx.device):
+            result = forward_backward(engine, micro_batches, step_sleep, guard)
         decision = guard.decide()
         engine.step()  # applies the update, or skips it as `decision` arranged
         bad = engine.skipped_steps > skipped_before
@@ -331,7 +334,8 @@ def _build_engine(model: SleepingModel, config: Config, stage: Stage, ctx: Distr
         "eviction": stage.config.eviction or config.sleep.eviction,
         "passes": stage.config.passes or config.sleep.passes,
     })
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a ZeRO-3 partitioned parameter is empty here; ds_numel is its whole size
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     log.info("stage %d %r: steps %d-%d, N=%d, eviction %s, %s trainable parameters",
              stage.index, stage.config.name, stage.start + 1, stage.end, stage_sleep.passes, stage_sleep.eviction, f"{trainable:,}")
     return engine, stage_sleep
@@ -371,7 +375,7 @@ def _restore(run: Run, engine, path: Path, saved: dict) -> None:
         from sleepscale.parallel.tensor import load_unsharded_training_state
 
         written = path / UNSHARDED  # by model-parallel runs
-        state = torch.load(written, weights_only=False) if written.exists() else _unsharded_from_deepspeed(run, engine, path)
+        state = torch.load(written, map_location="cpu", weights_only=False) if written.exists() else _unsharded_from_deepspeed(run, engine, path)
         load_unsharded_training_state(engine.module.model, engine.optimizer, state, ctx.groups.tensor if ctx.groups else None)
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
@@ -526,11 +530,10 @@ def _check_resumable(saved: dict, config: Config, ctx: Distributed) -> None:
             f"train.run_dir: the checkpoint was written by {saved_data_size} data-parallel rank(s) with {saved['num_workers']} "
             f"data worker(s); resume with the same (now {ctx.data_size} and {config.data.num_workers})"
         )
-    if saved_tensor != config.parallel.tensor and (config.train.zero_stage != 0 or config.train.precision != "fp32"):
+    if saved_tensor != config.parallel.tensor and config.train.zero_stage != 0:
         raise ConfigError(
             f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor} with DeepSpeed's own "
-            f"optimizer state (ZeRO-{config.train.zero_stage}, {config.train.precision}); resume at that size (fp32 runs at "
-            "train.zero_stage 0 resume at any size)"
+            f"optimizer state (ZeRO-{config.train.zero_stage}); resume at that size (train.zero_stage 0 runs resume at any size)"
         )
 
 

@@ -1,0 +1,187 @@
+"""The GPU check: run by `bash benchmarks/gpu/check.sh` on one CUDA GPU; writes benchmarks/results/gpu.md.
+
+1. Parity: our window kernel and fla's kernels (through `sleepscale.ops.gated_delta_rule`) against
+   the PyTorch op on the CPU in float64, same inputs: output, final state and all input gradients,
+   fp32 and bf16 inputs, windows of 24 and 64 tokens with a carried state.
+2. Kernel time: ours against fla's chunked kernel, forward and forward+backward with a state, at
+   window lengths 24, 64, 75 and 256 (ours takes at most 64).
+3. A ~380M-parameter AGAG... hybrid (bf16 autocast, fused AdamW): tokens/s, peak memory and MFU at
+   N in {1, 2, 4}, with per-pass checkpointing and with `grad_passes: 1`, on each backend; and the
+   host synchronisations in one step (torch.cuda.set_sync_debug_mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from sleepscale.config import validate
+from sleepscale.flops import peak_flops, plan_flops
+from sleepscale.model import HybridLM, build_model
+from sleepscale.ops import gated_delta_rule
+from sleepscale.sleep import plan_for, sleep_forward
+
+NAMES = ("output", "state", "q", "k", "v", "a", "b", "A_log", "dt_bias", "initial_state")
+
+
+def op_inputs(batch, length, heads, value_heads, key_dim, value_dim, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+    return [randn(batch, length, heads, key_dim), randn(batch, length, heads, key_dim),
+            randn(batch, length, value_heads, value_dim), randn(batch, length, value_heads), randn(batch, length, value_heads),
+            torch.rand(value_heads, generator=generator, dtype=torch.float64) * 2, randn(value_heads),
+            randn(batch, value_heads, key_dim, value_dim, scale=0.3)]
+
+
+def run_op(backend, inputs, d_output, d_state):
+    """Outputs and the gradients of every input for the given output gradients."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    output, state = gated_delta_rule(*leaves, backend=backend)
+    torch.autograd.backward([output, state], [d_output.to(output.dtype), d_state.to(state.dtype)])
+    return [output.detach(), state.detach()] + [x.grad for x in leaves]
+
+
+def parity(device) -> list[str]:
+    rows = []
+    for length in (24, 64):
+        inputs = op_inputs(2, length, 4, 8, 128, 128)
+        generator = torch.Generator().manual_seed(1)
+        d_output = torch.randn(2, length, 8, 128, generator=generator, dtype=torch.float64)
+        d_state = torch.randn(2, 8, 128, 128, generator=generator, dtype=torch.float64)
+        expected = run_op("torch", inputs, d_output, d_state)
+        for dtype in (torch.float32, torch.bfloat16):
+            cast = [x.to(device, dtype if i < 5 else torch.float32) for i, x in enumerate(inputs)]
+            for backend in ("window", "fla"):
+                got = run_op(backend, cast, d_output.to(device), d_state.to(device))
+                errors = {name: ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
+                          for name, g, e in zip(NAMES, got, expected)}
+                worst = max(errors, key=errors.get)
+                rows.append(f"| {length} | {str(dtype).removeprefix('torch.')} | {backend} | {errors['output']:.1e} | "
+                            f"{errors['state']:.1e} | {max(v for k, v in errors.items() if k not in ('output', 'state')):.1e} "
+                            f"({worst}) |")
+    return rows
+
+
+def kernel_times(device) -> list[str]:
+    from triton.testing import do_bench
+
+    rows = []
+    batch, heads, dim = 16, 8, 128  # the 380M model's GDN: 8 heads of 128, 16 sequences
+    for length in (24, 64, 75, 256):
+        inputs = [x.to(device, torch.bfloat16 if i < 5 else torch.float32)
+                  for i, x in enumerate(op_inputs(batch, length, heads, heads, dim, dim))]
+        leaves = [x.requires_grad_() for x in inputs]
+        times = {}
+        for backend in ("window", "fla"):
+            if backend == "window" and length > 64:
+                times[backend] = (None, None)
+                continue
+
+            def forward():
+                return gated_delta_rule(*leaves, backend=backend)
+
+            def forward_backward():
+                output, state = forward()
+                torch.autograd.backward([output, state], [torch.ones_like(output), torch.ones_like(state)])
+
+            times[backend] = (do_bench(forward), do_bench(forward_backward))
+        ours, theirs = times["window"], times["fla"]
+        cell = (lambda t: "—" if t is None else f"{t * 1e3:.0f}")
+        ratio = (lambda a, b: "—" if a is None else f"{b / a:.2f}x")
+        rows.append(f"| {length} | {cell(ours[0])} | {cell(theirs[0])} | {ratio(ours[0], theirs[0])} | {cell(ours[1])} | "
+                    f"{cell(theirs[1])} | {ratio(ours[1], theirs[1])} |")
+    return rows
+
+
+MODEL = {"vocab_size": 32000, "hidden_size": 1024, "pattern": "AGAG" * 6, "intermediate_size": 2816,
+         "attention": {"num_heads": 16, "num_kv_heads": 4}, "gdn": {"num_heads": 8, "head_dim": 128}}
+
+
+def model_rows(device, steps: int) -> list[str]:
+    rows = []
+    settings = [(1, "none", None, "auto")] + [(n, "pass", None, "auto") for n in (1, 2, 4)] + \
+        [(n, "none", 1, "auto") for n in (2, 4)] + [(4, "pass", None, "fla")]
+    for passes, checkpoint, grad_passes, backend in settings:
+        config = validate({"model": {**MODEL, "backend": backend},
+                           "sleep": {"window": 64, "passes": passes, "checkpoint": checkpoint, "grad_passes": grad_passes},
+                           "train": {"steps": 1}})
+        torch.manual_seed(0)
+        model = build_model(config.model, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, MODEL["vocab_size"], (8, 1024), device=device)
+        targets = ids.roll(-1, 1)
+        plan = plan_for(model, ids, config.sleep)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=False, plan=plan).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(2):  # compile and warm up
+            step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        flops = plan_flops(plan, model, config.sleep.window)
+        peak = peak_flops(device)
+        mfu = f"{flops / seconds / peak:.3f}" if peak else "—"
+        rows.append(f"| {passes} | {checkpoint} | {grad_passes or 'all'} | {backend} | {ids.numel() / seconds:,.0f} | "
+                    f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {mfu} | {syncs} |")
+        print(rows[-1], flush=True)
+        model = optimizer = None  # freed before the next setting is built
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
+    parser.add_argument("--out", default="benchmarks/results/gpu.md")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with torch.device("meta"):
+        shapes = HybridLM(validate({"model": MODEL, "sleep": {"window": 64}, "train": {"steps": 1}}).model)
+    parameters = sum(p.numel() for p in shapes.parameters())
+    name = torch.cuda.get_device_name(device)
+    lines = [f"# GPU check: {name}", "",
+             f"`bash benchmarks/gpu/check.sh` on {datetime.date.today()}, torch {torch.__version__}, one {name}.", "",
+             "## Parity against the PyTorch op in float64 (max |error| / max |truth|; B=2, H=4, HV=8, K=V=128, with state)", "",
+             "| T | inputs | backend | output | state | worst gradient |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += parity(device)
+    print("\n".join(lines), flush=True)
+    kernel = ["", "## Kernel time, microseconds (bf16 inputs, B=16, H=HV=8, K=V=128, with state; triton.testing.do_bench)", "",
+              "| T | ours fwd | fla chunk fwd | fla / ours | ours fwd+bwd | fla chunk fwd+bwd | fla / ours |",
+              "| --- | --- | --- | --- | --- | --- | --- |"] + kernel_times(device)
+    print("\n".join(kernel), flush=True)
+    model = ["", f"## Training a {parameters / 1e6:.0f}M-parameter AGAG x6 hybrid (hidden 1024, window 64, 8 x 1024 tokens, "
+             f"bf16 autocast, fused AdamW; mean of {args.steps} steps)", "",
+             "| N | checkpoint | grad_passes | backend | tokens/s | peak GiB | MFU | host syncs in a step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"] + model_rows(device, args.steps)
+    Path(args.out).write_text("\n".join(lines + kernel + model) + "\n")
+    print("\n".join(model[:5]), f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
