@@ -23,8 +23,8 @@ def test_the_gpu_check_runs_and_writes_its_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = out.read_text()
     print(table)
-    parity = [line for line in table.splitlines() if re.match(r"\| (24|64) \| (float32|bfloat16) \|", line)]
-    assert len(parity) == 6, table  # 2 lengths x (2 dtypes of ours, fp32 of fla's: the interpreter garbles bf16 dots)
+    parity = [line for line in table.splitlines() if re.match(r"\| 24 \| (float32|bfloat16) \|", line)]
+    assert len(parity) == 3, table  # 2 dtypes of ours, fp32 of fla's (the interpreter garbles bf16 dots)
     for line in parity:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         errors = [float(cells[3]), float(cells[4]), float(cells[5].split()[0])]
