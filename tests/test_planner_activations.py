@@ -1,0 +1,69 @@
+"""The planner's activation memory (`sleepscale.planner.activations`) against what the engine saves."""
+
+import pytest
+import torch
+
+from conftest import make_config
+from sleepscale.model import build_model
+from sleepscale.planner.activations import micro_batch_activations, saved_bytes, tensor_parallel_shapes
+
+# A grid over N, checkpointing, grad_passes, window length and micro-batch size, plus eviction, a loop
+# with prelude and coda, repeated block letters (the depth reduction), long sequences (the length
+# reduction), bf16 autocast and the state-norm bound. (pattern, N, checkpoint, grad_passes, window, batch, length, extra)
+GRID = [
+    ("AGag", 1, "none", None, 8, 2, 30, {}),
+    ("AGag", 3, "none", None, 8, 2, 30, {}),
+    ("AGag", 3, "pass", None, 8, 2, 30, {}),
+    ("AGag", 3, "window", None, 8, 2, 30, {}),
+    ("AGag", 4, "none", 1, 8, 1, 30, {}),
+    ("AGag", 4, "pass", 2, 16, 3, 40, {}),
+    ("AGag", 2, "none", None, 16, 1, 64, {"eviction": "sliding"}),
+    ("AGag", 3, "pass", None, 8, 2, 44, {"eviction": "sliding"}),
+    ("GGGAGGGA", 3, "none", None, 8, 2, 45, {"model": {"loop": [1, 7]}}),
+    ("GGGAGGGA", 4, "pass", 2, 8, 1, 45, {"model": {"loop": [2, 6]}}),
+    ("GGGAGGGA", 2, "window", None, 4, 3, 21, {}),
+    ("GgGA", 3, "none", None, 8, 2, 30, {"state_norm_bound": 1.0}),
+    ("AGag", 3, "none", None, 8, 2, 30, {"precision": "bf16"}),
+    ("AGag", 3, "pass", 1, 8, 2, 30, {"precision": "bf16"}),
+]
+
+
+@pytest.mark.parametrize(("pattern", "passes", "checkpoint", "grad_passes", "window", "batch", "length", "extra"), GRID)
+def test_predicted_saved_bytes_match_the_engine(pattern, passes, checkpoint, grad_passes, window, batch, length, extra):
+    extra = dict(extra)
+    precision = extra.pop("precision", "fp32")
+    config = make_config(pattern=pattern, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes, window=window,
+                         hidden_size=32, vocab_size=64, **extra)
+    ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(0))
+    measured = saved_bytes(build_model(config.model), ids, ids.roll(-1, 1), config.sleep, precision)
+    predicted = micro_batch_activations(config.model, config.sleep, batch, length, precision=precision)
+    # The issue asks for 10%; the trace is exact up to a few scalars, so hold it to 1% (per-window checkpointing
+    # saves only the windows' token ids: there a few scalars are more than 1%).
+    assert abs(predicted.saved[0] - measured) <= max(0.01 * measured, 64), (predicted.saved[0], measured)
+
+
+def test_pipeline_stages_split_the_same_bytes():
+    config = make_config(pattern="GGGAGGGA", passes=3, checkpoint="none", window=8, hidden_size=32, vocab_size=64,
+                         model={"loop": [1, 7]})
+    whole = micro_batch_activations(config.model, config.sleep, 2, 30)
+    split = micro_batch_activations(config.model, config.sleep, 2, 30, stages=[range(0, 3), range(3, 8)])
+    assert sum(split.saved) == whole.saved[0] and all(split.saved)
+    assert split.saved[1] > split.saved[0]  # more blocks, and the head's logits
+
+
+def test_per_pass_checkpointing_holds_the_states_each_pass_starts_from():
+    """What the checkpoints keep besides saved tensors: per checkpointed unit, its blocks' GDN fast
+    weights (batch x value heads x K x V, float32) as the unit started them."""
+    config = make_config(pattern="GG", passes=3, checkpoint="pass", window=8, hidden_size=32, vocab_size=64)
+    found = micro_batch_activations(config.model, config.sleep, 2, 24)
+    fast_weights = 2 * 2 * 16 * 24 * 4  # batch, value heads, K = 32 / 2, V = 1.5 K
+    assert found.held[0] > 0 and found.held[0] % fast_weights == 0
+    assert micro_batch_activations(config.model, config.sleep.model_copy(update={"checkpoint": "none"}), 2, 24).held == [0]
+
+
+def test_tensor_parallel_shapes_hold_one_shard_of_each_split_dimension():
+    config = make_config(model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4}}, vocab_size=39)
+    shard = tensor_parallel_shapes(config.model, 2)
+    assert (shard.attention.num_heads, shard.attention_kv_heads, shard.gdn.num_heads) == (2, 1, 2)
+    assert (shard.attention_head_dim, shard.gdn_head_dim) == (config.model.attention_head_dim, config.model.gdn_head_dim)
+    assert shard.vocab_size == 20 and shard.mlp_size == config.model.mlp_size // 2
