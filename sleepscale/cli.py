@@ -101,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run")
     evaluate.add_argument("--generate", action="store_true", help="generate the answers (a streaming session per "
                           "sample) instead of reading them off teacher-forced logits; exact matches agree")
+    plan = commands.add_parser("plan", help="predict memory, communication and time per GPU of a config's training layout "
+                               "(or of every layout, --search) before asking for GPUs")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sleep.passes=8")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs of the run")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU in GB (1e9 bytes), e.g. 80")
+    plan.add_argument("--sequence-length", type=int, required=True, help="tokens per training sequence")
+    plan.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: H100's 989 for bf16, 495 for fp32 as TF32)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    plan.add_argument("--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first")
+    plan.add_argument("--largest-n", action="store_true", help="also the largest N whose step fits the layout")
+    plan.add_argument("--smallest-gpus", action="store_true", help="also the smallest GPU count (power of two) with a layout that fits")
     from sleepscale.launch import add_arguments
 
     add_arguments(commands.add_parser(
@@ -282,6 +294,47 @@ def _launch(args) -> int:
     return launch(args)
 
 
+def _plan(args) -> int:
+    """Exit status 0 when the layout (or, with --search, some layout) fits, 1 when none does."""
+    from sleepscale.planner import estimate as planner
+    from sleepscale.planner.report import breakdown, table
+
+    for flag in ("gpus", "sequence_length"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive integer")
+    if args.gpu_memory <= 0 or not 0 < args.mfu <= 1:
+        raise ConfigError(f"--gpu-memory {args.gpu_memory} / --mfu {args.mfu}: need memory > 0 and 0 < mfu <= 1")
+    config = load_config(args.config, args.overrides)
+    memory = args.gpu_memory * planner.GB
+    peak = (args.peak_tflops or (989 if config.train.precision == "bf16" else 495)) * 1e12
+    options = (args.sequence_length, memory, peak, args.mfu)
+    if args.search:
+        found = planner.search(config, args.gpus, *options)
+        if not found:
+            raise ConfigError(f"--gpus {args.gpus}: no layout keeps the config's global batch and divides the heads; "
+                              "change --gpus or train.grad_accumulation")
+        print(table(found))
+        best = found[0]
+    else:
+        try:
+            layout = planner.config_layout(config, args.gpus)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        best = planner.estimate(config, layout, *options)
+    print(breakdown(best))
+    if args.largest_n:
+        largest = planner.largest_passes(config, best.layout, *options)
+        print(f"largest N that fits this layout: {largest}" if largest else "largest N that fits this layout: none (not even N=1)")
+    if args.smallest_gpus:
+        smallest = planner.smallest_gpus(config, *options)
+        print(f"smallest GPU count that fits: {smallest.layout.gpus} ({smallest.layout.describe()}, {smallest.total / planner.GB:.1f} GB)"
+              if smallest else "smallest GPU count that fits: none up to 4096")
+    if not best.fits:
+        print(f"sleepscale plan: {planner.advice(config, best, *options)}")
+        return 1
+    return 0
+
+
 def _sweep(args) -> int:
     from sleepscale.sweep import run_sweep
 
@@ -307,7 +360,7 @@ def _sweep_report(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+COMMANDS = {"plan": _plan, "generate": _generate, "convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,7 +154,7 @@ def _block(block: nn.Module, sequences: int, length: int, keys: int, live: Live,
     return forward + mixer[0], backward + mixer[1]
 
 
-def _liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool) -> dict[tuple[int, int], Live]:
+def liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool) -> dict[tuple[int, int], Live]:
     """Live outputs of each (pass number, block) run over `window`, walked from its last pass back.
     `carried`: the states after the window reach the loss (a next window reads them, no detach)."""
     partial = window.sleepers is not None  # then the window's states are the wake pass's or the last pass's, per sequence
@@ -191,7 +191,7 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int, ca
     """FLOPs of one window: forward, backward and recomputation. `keys`: keys each attention query
     sees; `state_grad`: the fast weights the window starts from require grad."""
     sequences, length = plan.batch, window.length
-    live = _liveness(plan, window, model, carried)
+    live = liveness(plan, window, model, carried)
     head = 2.0 * model.lm_head.weight.numel() * sequences * length
     forward = backward = recompute = 0.0
     previous: PassPlan | None = None

@@ -27,10 +27,13 @@ Python arguments of each unit for its recomputation, among them the recurrent st
 weights, convolution tails, attention caches) the unit started from. They are memory as much as
 saved tensors are, but `saved_tensors_hooks` do not see them.
 
-Kernels: the trace runs the PyTorch delta rule (`sleepscale.ops.delta_rule_torch`), which is what
-the CPU runs. fla's and our window kernel save less inside a GDN layer (inputs, gates and one
-[chunk x chunk] matrix per chunk instead of per-chunk states); on a GPU this model over-estimates
-the GDN layers' share.
+Kernels (`kernels`): "cuda" traces what a GPU runs. The delta rule's kernel is chosen as on CUDA
+(`sleepscale.ops.delta_rule_kernel`: our window kernel or fla's chunked one), and that kernel's own
+Python code runs on the fake tensors, allocating and saving what it does on a GPU, with its Triton
+launches skipped (there is no data to compute on). "cpu" traces the PyTorch delta rule
+(`sleepscale.ops.delta_rule_torch`), which saves per-chunk states and so more: what a CPU run saves,
+and what the tests measure. `tests/test_planner_activations.py` holds "cuda" to the kernels run under
+Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -80,6 +83,34 @@ class SavedStorages:
 
 def _storage_id(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
+
+
+KERNELS = ("cuda", "cpu")
+
+
+@contextlib.contextmanager
+def _kernels_as_on(kernels: str):
+    """Under "cuda": the delta rule dispatched as on CUDA, Triton launches skipped (see the module docstring)."""
+    if kernels == "cpu":
+        yield
+        return
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.jit as jit
+
+    import sleepscale.kernels.window_delta_rule as window_kernel
+    import sleepscale.ops as ops
+
+    skip = lambda *args, **kwargs: None  # noqa: E731
+    patches = [(jit.JITFunction, "run", skip), (autotuner.Autotuner, "run", skip), (autotuner.Heuristics, "run", skip),
+               (ops, "triton_runs_on", lambda device: True), (window_kernel, "_INTERPRETED", True)]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
 
 
 def saved_bytes(model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: SleepConfig, precision: str = "fp32") -> int:
@@ -133,23 +164,25 @@ def _reduced(config: ModelConfig) -> _Reduced:
 
 def micro_batch_activations(
     model: ModelConfig, sleep: SleepConfig, batch: int, length: int, stages: list[range] | None = None,
-    precision: str = "fp32",
+    precision: str = "fp32", kernels: str = "cuda",
 ) -> MicroBatchActivations:
     """The activation bytes of one micro-batch of `batch` sequences of `length` tokens at N =
     `sleep.passes` (the random-N maximum is the caller's to put there), every evicted window slept
     on (`sleep_on: context` sleeps on fewer: this is its worst case). `model`: the shapes one rank
     holds (under tensor parallelism, `tensor_parallel_shapes`); `stages`: the full model's block
-    ranges per pipeline stage (default: one stage)."""
+    ranges per pipeline stage (default: one stage); `kernels`: "cuda" or "cpu" (the module docstring)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels {kernels!r}: use one of {', '.join(KERNELS)}")
     stages = stages or [range(len(model.blocks))]
-    trace = _Trace(model, sleep, batch, length, precision)
+    trace = _Trace(model, sleep, batch, length, precision, kernels)
     return MicroBatchActivations(trace.per_stage(trace.saved, stages), trace.per_stage(trace.held, stages),
-                                 _largest_unit(model, sleep, batch, length, precision))
+                                 _largest_unit(model, sleep, batch, length, precision, kernels))
 
 
 class _Trace:
     """One fake-tensor run of the engine on the reduced model; bytes per (traced window, what ran)."""
 
-    def __init__(self, model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str):
+    def __init__(self, model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         from sleepscale.model.hybrid import HybridLM
@@ -165,7 +198,8 @@ class _Trace:
             traced = HybridLM(self.reduced.config)
             counter.excluded = {_storage_id(p) for p in traced.parameters()}
             ids, targets = (torch.zeros(batch, traced_length, dtype=torch.long) for _ in range(2))
-            with _attributed(traced, counter) as held, counter.counting(), precision_context(precision, ids.device):
+            with (_attributed(traced, counter) as held, counter.counting(), precision_context(precision, ids.device),
+                  _kernels_as_on(kernels)):
                 sleep_forward(traced, ids, sleep, targets=targets, return_logits=False)
         self.saved = defaultdict(int, counter.bytes)
         # The embedding and the loss save their window's slice of the micro-batch's ids and targets: a view of the
@@ -291,7 +325,7 @@ def _tensors(state) -> Iterator[torch.Tensor]:
                 yield item
 
 
-def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str) -> int:
+def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str) -> int:
     """The most bytes a checkpointed unit saves when backward recomputes it: under `pass`, the
     largest part (prelude, loop or coda) run once over a window; under `window`, a whole window
     with its passes (a middle one, when there are several)."""
@@ -299,11 +333,11 @@ def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: in
     if mode == "none":
         return 0
     if mode == "window":
-        trace = _Trace(model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision)
+        trace = _Trace(model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision, kernels)
         middle = {key: size for key, size in trace.saved.items() if key[0] == min(1, trace.traced_windows - 1)}
         return sum(trace.per_stage(middle, [range(len(model.blocks))])) // trace.window_weight(min(1, trace.traced_windows - 1))
     one_pass = sleep.model_copy(update={"checkpoint": "none", "passes": 1, "random_passes": None, "grad_passes": None})
-    trace = _Trace(model, one_pass, batch, window, precision)
+    trace = _Trace(model, one_pass, batch, window, precision, kernels)
     blocks = {key: size for key, size in trace.saved.items() if key[1] not in (EMBEDDING, HEAD)}
     return max(trace.per_stage(blocks, _parts(model)))
 

@@ -1,0 +1,205 @@
+"""Communication of a training step, per rank, counted from its sleep plans (`sleepscale.plan`).
+
+Bytes here are payload: the bytes of the tensors this rank hands to a collective or sends, once per
+call (an all-reduce's tensor; an all-gather's or reduce-scatter's input, this rank's contribution;
+a point-to-point send's tensor). They are not the bytes a ring algorithm puts on the wire: per rank
+that is 2 (T-1)/T times the payload for an all-reduce over T ranks (`all_reduce_wire_factor`),
+(T-1)/T for a reduce-scatter (of its input), T-1 for an all-gather (of its input), 1 for a send.
+
+Tensor parallelism (`sleepscale.parallel.tensor`), T > 1: all-reduces only, over the tensor-parallel
+group, whose payloads do not depend on T. With A = B L H elements of one [batch, window, hidden]
+activation and L the window's length:
+
+- forward: per window, the vocab-parallel embedding's all-reduce (A) and the vocab-parallel
+  cross-entropy's three [B, L] all-reduces (maximum, target logit, sum of exponentials); per block
+  run, one all-reduce (A) after each row-parallel layer (the mixer's o_proj, the MLP's down_proj);
+- backward, only where autograd runs (`sleepscale.flops.liveness`: passes with gradient, and in
+  them the runs with an output that reaches the loss): per block run, one all-reduce (A) of the
+  mixer's input gradient, and one of the MLP's when the block's hidden output is live; per window
+  one of the head's input gradient (A); per backward call (one per micro-batch, as the trainer runs
+  them without pipelining; `run_step` makes one per op) one sum of each per-head norm's weight
+  gradient (GDN's o_norm, attention's q_norm and k_norm; a hook on the parameter, which fires once
+  per call): every block's wake pass reaches the loss, so each gets one;
+- recomputation re-runs forward all-reduces: non-reentrant checkpointing re-runs a unit (flops.py's
+  units) up to the last tensor its forward saved for backward. Megatron's row-parallel matmul (an
+  autograd Function) saves its inputs as it returns and the all-reduce after it saves nothing, so a
+  unit ending on a block's last row-parallel layer re-runs that matmul but not its all-reduce
+  (measured): under `pass`, every unit of a pass with gradient and a live
+  output re-runs its all-reduces but the last; under `window`, the whole window (embedding, passes
+  without gradient, the cross-entropy) is re-run, and the last all-reduce too unless the window ends
+  on it (it has sleep passes, no bound after the last and no per-sequence choice of sleepers);
+- a window whose logits exceed `sleepscale.sleep.LOSS_CHUNK_ELEMENTS` gets its loss in checkpointed
+  token chunks: each chunk's cross-entropy (and its three all-reduces) is re-run in backward, and
+  under `window` checkpointing once more, in the window's recomputation (nested checkpoints), but
+  for the last chunk of a window without sleep passes: that recomputation stops before it, the
+  chunk's checkpoint saving only its inputs. Chunking changes no other byte: chunks split the
+  head's and cross-entropy's tensors by tokens.
+
+Element sizes: parameters, gradients and what is not a matmul's output are float32 (4 bytes); under
+`train.precision: bf16` (autocast over float32 parameters, `sleepscale.train.step.precision_context`)
+the matmul outputs are bf16, and so are two kinds of reduced tensor: the row-parallel outputs
+reduced in forward, and the head's input gradient, which megatron's column-parallel layer
+all-reduces inside its backward, straight from its bf16 matmul (`activation_bytes`). The mixer's and
+MLP's input gradients are reduced after autograd has summed their projections' gradients into the
+float32 input (the copy-to-tensor-parallel region's backward), the embedding's output is float32
+(a lookup), and the cross-entropy computes in float32: those stay 4 bytes.
+Assumed: a training step (`return_logits=False`, so no vocabulary gather) from fresh states.
+
+Pipeline parallelism (`sleepscale.parallel.pipeline.run_step`): each traversal
+(`sleepscale.parallel.pipeline_schedule.traversals`) sends its hidden states [B, L, H] forward at
+every stage boundary it crosses, and from the stage where its source traversal ended when that is
+not its first stage (a sleep pass looping back); a traversal with gradient sends a gradient back
+over each boundary it crossed, and over the loop-back too when its source traversal has gradient.
+
+Data parallelism over D ranks, P parameters (`data_parallel_bytes`), from DeepSpeed's ZeRO.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sleepscale import sleep as engine
+from sleepscale.flops import Live, liveness
+from sleepscale.model.attention import Attention
+from sleepscale.parallel.pipeline_schedule import traversals
+from sleepscale.plan import PassPlan, SleepPlan, WindowPlan
+
+FLOAT32 = 4
+
+
+def all_reduce_wire_factor(size: int) -> float:
+    """Bytes a ring all-reduce over `size` ranks puts on the wire per rank, per payload byte."""
+    return 2 * (size - 1) / size
+
+
+def tensor_parallel_bytes(plans: list[SleepPlan], model: nn.Module, tensor: int, activation_bytes: int = 4) -> int:
+    """Payload bytes this rank passes to all-reduce (and other collectives) over the tensor-parallel
+    group in one training step's forward, backward and recomputation of these micro-batches' sleep
+    plans. `model`: the unsharded model (meta device is fine: only shapes are read; `HybridLM(config.model)`
+    under `torch.device('meta')`); `activation_bytes`: element size of the reduced matmul outputs
+    (4 fp32; 2 under bf16 autocast, see the module docstring)."""
+    return sum(tensor_parallel_phases(plans, model, tensor, activation_bytes))
+
+
+def tensor_parallel_phases(plans: list[SleepPlan], model: nn.Module, tensor: int, activation_bytes: int = 4) -> tuple[int, int]:
+    """`tensor_parallel_bytes` split into (forward, backward with its recomputation)."""
+    if tensor == 1:
+        return 0, 0
+    forward = backward = 0
+    for plan in plans:
+        backward += FLOAT32 * sum(norm.weight.numel() for block in model.layers for norm in _head_norms(block.attn))
+        for index, window in enumerate(plan.windows):
+            carried = index < len(plan.windows) - 1 and not window.detach
+            window_forward, window_backward = _window(plan, window, model, carried, activation_bytes)
+            forward, backward = forward + window_forward, backward + window_backward
+    return forward, backward
+
+
+def _head_norms(mixer: nn.Module) -> list[nn.Module]:
+    """Replicated norms applied per head, whose weight gradients are summed over the group."""
+    if isinstance(mixer, Attention):
+        return [mixer.q_norm, mixer.k_norm] if mixer.q_norm is not None else []
+    return [mixer.o_norm]
+
+
+def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool, activation_bytes: int) -> tuple[int, int]:
+    """(forward, backward with recomputation) bytes of one window."""
+    tokens = plan.batch * window.length
+    activation = tokens * model.config.hidden_size
+    reduced = activation_bytes * activation  # one row-parallel all-reduce, or the head's input gradient
+    loss = 3 * FLOAT32 * tokens
+    live = liveness(plan, window, model, carried)
+    forward, backward, recompute = FLOAT32 * activation + loss, reduced, 0
+    for planned in window.passes:
+        for unit in _units(planned):
+            unit_forward = reduced * sum(_row_parallel(model.layers[i]) for i in unit)
+            forward += unit_forward
+            if planned.grad:
+                backward += FLOAT32 * activation * sum(_input_gradients(model.layers[i], live[planned.number, i]) for i in unit)
+            if window.checkpoint == "pass" and planned.grad and any(live[planned.number, i] for i in unit):
+                recompute += unit_forward - reduced
+    last_chunk = _last_loss_chunk(plan, window, model)
+    if window.checkpoint == "window":
+        recompute += forward - _not_recomputed(window, reduced, 3 * FLOAT32 * plan.batch * last_chunk)
+    recompute += loss if last_chunk else 0  # each chunk's own recomputation
+    return forward, backward + recompute
+
+
+def _units(planned: PassPlan) -> list[range]:
+    """The pass's block ranges in order, the coda last: each one checkpoint unit under `pass`."""
+    return [*planned.blocks, *([planned.readout] if planned.readout else [])]
+
+
+def _row_parallel(block: nn.Module) -> int:
+    return 1 + (block.mlp is not None)
+
+
+def _input_gradients(block: nn.Module, live: Live) -> int:
+    """Input-gradient all-reduces of one block run's backward: the mixer's when any output is live,
+    the MLP's when the hidden output is."""
+    return bool(live) + (live.hidden and block.mlp is not None)
+
+
+def _last_loss_chunk(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> int:
+    """Tokens of the last of the checkpointed token chunks the window's loss is computed in
+    (`sleepscale.sleep.head_and_loss`); 0 when it is computed at once."""
+    chunk = max(1, engine.LOSS_CHUNK_ELEMENTS // (plan.batch * model.config.vocab_size))
+    return 0 if chunk >= window.length else (window.length - 1) % chunk + 1
+
+
+def _not_recomputed(window: WindowPlan, reduced: int, last_chunk_loss: int) -> int:
+    """Bytes at the end of a window's forward that its recomputation stops before, nothing after
+    them saving a tensor for backward: the last sleep pass's final row-parallel all-reduce (without
+    a bound or a per-sequence choice of sleepers after it; as in `sleepscale.flops`), or without
+    sleep passes the last loss chunk, a checkpoint of its own (`last_chunk_loss`: its cross-entropy's
+    bytes, 0 when the loss is not chunked; unchunked, the loss saves tensors to its end)."""
+    if len(window.passes) == 1:
+        return last_chunk_loss
+    return reduced if window.passes[-1].bound is None and window.sleepers is None else 0
+
+
+def pipeline_bytes(plans: list[SleepPlan], stages: list[range], hidden_size: int, activation_bytes: int = 4) -> list[int]:
+    """Bytes each pipeline stage sends (hidden states forward, their gradients backward) in one
+    training step of these micro-batches' plans, with blocks split into `stages`."""
+    sent = [0] * len(stages)
+    for plan in plans:
+        walks = traversals(plan, stages)
+        for walk in walks:
+            size = activation_bytes * plan.batch * plan.windows[walk.window].length * hidden_size
+            for stage in range(walk.first, walk.last):
+                sent[stage] += size  # forward to stage + 1
+                sent[stage + 1] += size if walk.grad else 0  # and its gradient back
+            if walk.source is not None and walk.source[1] != walk.first:  # a sleep pass loops back
+                sent[walk.source[1]] += size
+                sent[walk.first] += size if walk.grad and walks[walk.source[0]].grad else 0
+    return sent
+
+
+def data_parallel_bytes(parameters: int, zero_stage: int, data_parallel: int, gradient_bytes: int = 4) -> int:
+    """Payload per rank per step of data parallelism over `data_parallel` ranks, for `parameters`
+    trainable elements with gradients (and parameters) of `gradient_bytes` each, as DeepSpeed runs it:
+
+    - ZeRO-0: an all-reduce of every gradient: P;
+    - ZeRO-1/2: a reduce of every gradient to the rank owning its partition (P), and after the
+      optimizer step an all-gather of the updated partitions (this rank's P/D): P + P/D;
+    - ZeRO-3: a reduce-scatter of the gradients (P) and parameter all-gathers (this rank's P/D
+      each), assumed one in forward and one again in backward: P + 2 P/D. The forward's one
+      assumes DeepSpeed's module trace is in use (from the second step on) and that
+      `stage3_max_reuse_distance` covers a window's passes (`loop_reuse_distance`, the trainer's
+      default; see `sleepscale.train.distributed.deepspeed_config`), so the loop blocks stay
+      gathered across passes and windows. The backward's one assumes each parameter was released
+      between its last forward use and its first backward use (at scale, more than the distance
+      apart for all but the last blocks) and stays gathered through the backward, its
+      recomputation included. Both bound what is measured in benchmarks/results/zero3_gather.md from
+      different sides: there, on a toy model whose whole step lies within the distance, backward
+      re-gathers almost nothing (this over-counts by P/D); in the first step (no trace yet), after a
+      change of N, or with a distance shorter than the loop, the loop is gathered once per pass
+      (this under-counts).
+
+    On the wire (ring) that is 2 (D-1)/D P for ZeRO-0 to 2 and 3 (D-1)/D P for ZeRO-3. Collectives
+    of scalars (gradient norm, overflow checks) are not counted."""
+    if data_parallel == 1:
+        return 0
+    shard = -(-parameters // data_parallel)  # DeepSpeed pads the flat partitions to equal sizes
+    gathers = {0: 0, 1: 1, 2: 1, 3: 2}[zero_stage]
+    return gradient_bytes * (parameters + gathers * shard)

@@ -1,0 +1,314 @@
+"""What one training layout of a config costs per GPU: memory, communication, FLOPs and time.
+
+A *layout* is how a run spreads over its GPUs (tensor x pipeline x data ranks, ZeRO stage,
+activation checkpointing, micro-batch size and accumulation). `estimate` predicts, for the most
+loaded pipeline stage, the bytes a GPU holds at the peak of a step:
+
+- model states (`model_states`): weights, gradients, optimizer state and DeepSpeed's buffers of the
+  parameters this rank holds (its tensor-parallel shard of its stage's blocks);
+- activations (`activations`): what one micro-batch's forward saves for backward and the states its
+  checkpoints hold, times the micro-batches in flight on the stage (1 without pipelining, where
+  each micro-batch's backward ends before the next forward; `parallel.pipeline_in_flight` with it),
+  plus, under checkpointing, one unit's recomputed activations during backward;
+- a fixed reserve for what neither counts (the CUDA context, the allocator's fragmentation,
+  communication buffers of NCCL, temporaries of a single op), `RESERVE_BYTES`.
+
+Communication per step (`communication`): the tensor-parallel all-reduces, the pipeline's sends and
+the data-parallel gradient reduction. FLOPs per step are the trainer's own count
+(`sleepscale.flops.plan_flops`); time is FLOPs over (MFU x peak) per GPU, stretched by the pipeline's
+idle fraction (`sleepscale.parallel.pipeline_schedule.simulate` on the step's schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from sleepscale.config import Config, ModelConfig, SleepConfig
+from sleepscale.planner.activations import micro_batch_activations, tensor_parallel_shapes
+
+GB = 1e9
+RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GB), allocator fragmentation, NCCL buffers, one op's temporaries
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+    checkpoint: str  # none | pass | window
+    micro_batch: int
+    grad_accumulation: int
+    in_flight: int  # micro-batches holding activations on a stage at once (pipelining)
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    def describe(self) -> str:
+        return (f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, ZeRO-{self.zero_stage}, checkpoint {self.checkpoint}, "
+                f"micro-batch {self.micro_batch} x {self.grad_accumulation}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    passes: int  # N the memory is for (the random-N maximum)
+    stage: int  # the pipeline stage the memory is for (the most loaded)
+    weights: int
+    gradients: int
+    optimizer: int
+    buffers: int  # DeepSpeed's
+    activations: int  # saved for backward, all micro-batches in flight
+    held_states: int  # recurrent states kept by checkpoints, all micro-batches in flight
+    recompute: int  # one checkpointed unit's activations while backward recomputes it
+    reserve: int
+    tensor_bytes: int  # communication per GPU per step
+    pipeline_bytes: int
+    data_bytes: int
+    flops: float  # per step, the whole run (all GPUs)
+    pipeline_idle: float
+    step_seconds: float
+    tokens_per_second: float
+    gpu_memory: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer + self.buffers + self.activations + self.held_states
+                + self.recompute + self.reserve)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("DeepSpeed buffers", self.buffers), ("activations saved for backward", self.activations),
+                ("states held by checkpoints", self.held_states), ("recomputed unit in backward", self.recompute),
+                ("reserve (context, fragmentation, NCCL)", self.reserve)]
+
+
+def passes_for_memory(sleep: SleepConfig) -> int:
+    """The N whose activations a step may need: `sleep.passes`, or the random-N distribution's maximum."""
+    distribution = sleep.random_passes
+    if distribution is None:
+        return sleep.passes
+    return distribution.high if distribution.kind == "uniform" else distribution.max
+
+
+def config_layout(config: Config, gpus: int) -> Layout:
+    """The layout `config` asks for on `gpus` GPUs."""
+    model_parallel = config.parallel.tensor * config.parallel.pipeline
+    if gpus % model_parallel:
+        raise ValueError(f"--gpus {gpus} is not a multiple of parallel.tensor x parallel.pipeline = {model_parallel}")
+    return Layout(config.parallel.tensor, config.parallel.pipeline, gpus // model_parallel, config.train.zero_stage,
+                  config.sleep.checkpointing, config.train.micro_batch_size, config.train.grad_accumulation,
+                  config.parallel.pipeline_in_flight or config.parallel.pipeline)
+
+
+def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
+    """The pattern's stages when its '|' marks make `pipeline` of them, else blocks split evenly."""
+    if model.pattern.count("|") == pipeline - 1:
+        return model.stage_ranges
+    depth = len(model.blocks)
+    bounds = [round(depth * i / pipeline) for i in range(pipeline + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(pipeline)]
+
+
+def estimate(config: Config, layout: Layout, length: int, gpu_memory: float, peak_flops: float, mfu: float,
+             passes: int | None = None) -> Estimate:
+    """The estimate for `config` under `layout`, sequences of `length` tokens, at N = `passes`
+    (default: `passes_for_memory`), on GPUs of `gpu_memory` bytes and `peak_flops` FLOP/s."""
+    from sleepscale.planner.communication import data_parallel_bytes, pipeline_bytes, tensor_parallel_bytes
+    from sleepscale.planner.model_states import model_state_bytes
+    from sleepscale.train.distributed import deepspeed_config
+
+    passes = passes or passes_for_memory(config.sleep)
+    sleep = config.sleep.model_copy(update={"passes": passes, "random_passes": None, "checkpoint": layout.checkpoint,
+                                            "grad_passes": None if config.sleep.grad_passes is None else min(config.sleep.grad_passes, passes)})
+    stages = stage_ranges(config.model, layout.pipeline)
+    precision = config.train.precision
+    activation_bytes = 2 if precision == "bf16" else 4
+    activations = _activations(tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch, length,
+                               tuple(stages), precision)
+    in_flight = min(layout.in_flight, layout.grad_accumulation) if layout.pipeline > 1 else 1
+    run_config = config.model_copy(update={
+        "train": config.train.model_copy(update={"zero_stage": layout.zero_stage, "micro_batch_size": layout.micro_batch,
+                                                 "grad_accumulation": layout.grad_accumulation}),
+        "parallel": config.parallel.model_copy(update={"tensor": layout.tensor, "pipeline": layout.pipeline})})
+    settings = deepspeed_config(run_config)
+    per_stage = []
+    for index in range(layout.pipeline):
+        states = model_state_bytes(list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
+                                   layout.zero_stage, layout.data, settings)
+        memory = (states, in_flight * activations.saved[index], in_flight * activations.held[index])
+        per_stage.append((states.total + memory[1] + memory[2], index, memory))
+    _, stage, (states, saved, held) = max(per_stage)
+
+    from sleepscale.plan import make_plan
+
+    model = _meta_model(config.model)
+    plan = make_plan(sleep, layout.micro_batch, length, len(config.model.blocks), range(*config.model.loop_range))
+    plans = [plan] * layout.grad_accumulation
+    tensor = tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) if layout.tensor > 1 else 0
+    pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
+    parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
+    data = data_parallel_bytes(parameters, layout.zero_stage, layout.data) if layout.data > 1 else 0
+
+    from sleepscale.flops import plan_flops
+
+    flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
+    idle = _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
+    seconds = flops / layout.gpus / (mfu * peak_flops) / (1 - idle)
+    tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
+    return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
+                    activations.largest_unit, RESERVE_BYTES, tensor, pipeline, data, flops, idle, seconds, tokens / seconds,
+                    int(gpu_memory))
+
+
+@functools.lru_cache(maxsize=256)
+def _activations(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, stages: tuple[range, ...], precision: str):
+    return micro_batch_activations(model, sleep, batch, length, list(stages), precision)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(model: ModelConfig):
+    from sleepscale.model.hybrid import HybridLM
+
+    with torch.device("meta"):
+        return HybridLM(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_parameters(model: ModelConfig, tensor: int, stages: tuple[range, ...], index: int) -> tuple[int, ...]:
+    """Elements of each parameter the ranks of pipeline stage `index` hold, one tensor-parallel shard each."""
+    shard = _meta_model(tensor_parallel_shapes(model, tensor))
+    modules = [shard.layers[i] for i in stages[index]]
+    if index == 0:
+        modules.insert(0, shard.embeddings)
+    if index == len(stages) - 1:
+        modules += [shard.norm] + ([] if model.tie_embeddings and index == 0 else [shard.lm_head])
+    return tuple(p.numel() for module in modules for p in module.parameters())
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_idle(plan, stages: tuple[range, ...], micro_batches: int, in_flight: int) -> float:
+    from sleepscale.parallel.pipeline_schedule import build_schedule, simulate, traversals
+
+    walks = traversals(plan, list(stages))
+    schedule = build_schedule([walks] * micro_batches, len(stages), in_flight)
+    return simulate(schedule).idle_fraction()
+
+
+def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
+    """Every layout of `gpus` GPUs that keeps the config's global batch (micro-batch x accumulation x
+    data ranks, the data ranks being those of the config's own layout on `gpus`): tensor ranks that
+    divide the heads (at most 8, one node), pipeline stages up to the depth, ZeRO 0-3 (3 without
+    model parallelism), each checkpointing mode the layout allows."""
+    model_parallel = config.parallel.tensor * config.parallel.pipeline
+    global_batch = config.train.micro_batch_size * config.train.grad_accumulation * max(gpus // model_parallel, 1)
+    found = []
+    for tensor in _divisors(gpus):
+        if tensor > 8 or config.model.tensor_parallel_problem(tensor):
+            continue
+        for pipeline in _divisors(gpus // tensor):
+            if pipeline > len(config.model.blocks) or (pipeline > 1 and config.model.tie_embeddings):
+                continue
+            data = gpus // (tensor * pipeline)
+            per_rank = global_batch // data
+            if per_rank * data != global_batch or per_rank == 0:
+                continue
+            micro = min(config.train.micro_batch_size, per_rank)
+            if per_rank % micro:
+                continue
+            for zero in (0, 1, 2, 3):
+                if zero == 3 and (tensor > 1 or pipeline > 1):
+                    continue
+                for checkpoint in ("none", "pass", "window"):
+                    if checkpoint == "window" and pipeline > 1:
+                        continue
+                    found.append(Layout(tensor, pipeline, data, zero, checkpoint, micro, per_rank // micro,
+                                        config.parallel.pipeline_in_flight or pipeline))
+    return found
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(config: Config, gpus: int, length: int, gpu_memory: float, peak_flops: float, mfu: float) -> list[Estimate]:
+    """Every candidate layout's estimate, those that fit first, fastest first, then least memory."""
+    found = [estimate(config, layout, length, gpu_memory, peak_flops, mfu) for layout in candidate_layouts(config, gpus)]
+    return sorted(found, key=lambda e: (not e.fits, -e.tokens_per_second, e.total))
+
+
+def largest_passes(config: Config, layout: Layout, length: int, gpu_memory: float, peak_flops: float, mfu: float,
+                   limit: int = 1024) -> int:
+    """The largest N whose step fits under `layout` (0: not even N = 1; `limit` if that fits)."""
+    fits = lambda n: estimate(config, layout, length, gpu_memory, peak_flops, mfu, passes=n).fits  # noqa: E731
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    if high > limit:
+        return limit if fits(limit) else _bisect(fits, low, limit)
+    return _bisect(fits, low, high)
+
+
+def _bisect(fits, low: int, high: int) -> int:
+    """The largest n in [low, high) that fits, given fits(low) and not fits(high)."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def smallest_gpus(config: Config, length: int, gpu_memory: float, peak_flops: float, mfu: float,
+                  limit: int = 4096) -> Estimate | None:
+    """The fastest fitting layout at the smallest GPU count (powers of two) that has one."""
+    gpus = 1
+    while gpus <= limit:
+        found = search(config, gpus, length, gpu_memory, peak_flops, mfu)
+        if found and found[0].fits:
+            return found[0]
+        gpus *= 2
+    return None
+
+
+def advice(config: Config, best: Estimate, length: int, gpu_memory: float, peak_flops: float, mfu: float) -> str:
+    """One line for a layout that does not fit: by how much, and which single change makes it fit."""
+    over = best.total - best.gpu_memory
+    layout = best.layout
+    levers = []
+    if layout.checkpoint == "none":
+        levers.append(("sleep.checkpoint=pass", dataclasses.replace(layout, checkpoint="pass"), config))
+    if best.passes > 1 and config.sleep.grad_passes is None:
+        levers.append(("sleep.grad_passes=1", layout, config.model_copy(update={"sleep": config.sleep.model_copy(update={"grad_passes": 1})})))
+    if layout.micro_batch > 1:
+        half = layout.micro_batch // 2
+        levers.append((f"train.micro_batch_size={half} (grad_accumulation={layout.grad_accumulation * layout.micro_batch // half})",
+                       dataclasses.replace(layout, micro_batch=half, grad_accumulation=layout.grad_accumulation * layout.micro_batch // half), config))
+    if layout.data > 1:
+        for zero in range(layout.zero_stage + 1, 3 if layout.tensor * layout.pipeline > 1 else 4):
+            levers.append((f"train.zero_stage={zero}", dataclasses.replace(layout, zero_stage=zero), config))
+    tried = []
+    for name, candidate, changed in levers:
+        found = estimate(changed, candidate, length, gpu_memory, peak_flops, mfu)
+        tried.append((not found.fits, -found.tokens_per_second, found.total, name))
+    fitting = sorted(t for t in tried if not t[0])
+    where = f" (pipeline stage {best.stage})" if layout.pipeline > 1 else ""
+    head = (f"does not fit: {layout.describe()} at N={best.passes} needs {best.total / GB:.1f} GB per GPU{where}, "
+            f"{over / GB:.1f} GB more than {best.gpu_memory / GB:.0f} GB")
+    if fitting:
+        _, speed, total, name = fitting[0]
+        return f"{head}; {name} makes it fit ({total / GB:.1f} GB, {-speed:,.0f} tokens/s)"
+    if tried:
+        _, _, total, name = min(tried, key=lambda t: t[2])
+        return (f"{head}; no single setting makes it fit (the most memory is saved by {name}: {total / GB:.1f} GB); "
+                f"add GPUs for more tensor, pipeline or ZeRO sharding (sleepscale plan --search, --smallest-gpus)")
+    return f"{head}; add GPUs for more tensor, pipeline or ZeRO sharding (sleepscale plan --search, --smallest-gpus)"

@@ -1,0 +1,217 @@
+"""Run under torchrun: for ZeRO 0, 1, 2 and 3 over the data-parallel ranks, the bytes of model
+states a rank holds, counted by a census of live tensors, next to `model_state_bytes`' prediction;
+rank 0 writes them as JSON.
+
+    torchrun --nproc_per_node 2 tests/planner_model_states_ranks.py OUT.json
+
+Each stage builds the model and engine the way the trainer does (`build_rank_model`, then
+`_build_engine`: the stage's optimizer and `deepspeed_config`) and runs two training steps. The
+second is measured (optimizer states exist, and ZeRO-3 has recorded its module trace): a census is
+taken between the calls of the step and on entry to and return from the methods where a category
+peaks (the ZeRO optimizer's in `PROBES` and `HOOK`, ZeRO-0's `allreduce_bucket`, the base
+optimizer's `step`). Each category's largest value over those points is reported, and the largest
+sum of the four at one point, for every rank (partitions differ between ranks); and the census
+after the step, when no activation is left.
+
+A census is every live tensor that Python can see (`gc.get_objects()`, plus the `.grad` a leaf
+holds on the C++ side), deduplicated by storage. A storage goes to the first category in
+`CLAIM_ORDER` that claims it:
+
+- weights: the module parameters' storages (ZeRO-1/2: the flat buffer they view), under ZeRO-3
+  their partitions (`ds_tensor`);
+- optimizer: the base optimizer's state tensors and the tensors it updates, and ZeRO's float32
+  master partitions;
+- buffers: DeepSpeed's reduce buckets (`ipg_buckets`; gradients waiting there are buffers), the
+  flattened gradients ZeRO-0's `allreduce_bucket` returns, and under ZeRO-3 the gathered
+  parameters;
+- gradients: `.grad` of the parameters and of the tensors the optimizer updates, and DeepSpeed's
+  gradient holders (`averaged_gradients`, ZeRO-1/2's `grads_in_partition`, ZeRO-3's
+  `grad_partitions_flat_buffer`);
+- the rest, less what was live before the model was built, is "other" (activations, the batch, the
+  loss): not a model state.
+"""
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from conftest import make_config
+from sleepscale.parallel.rank_model import build_rank_model
+from sleepscale.planner.model_states import model_state_bytes
+from sleepscale.train.distributed import deepspeed_config, setup_distributed
+from sleepscale.train.trainer import SleepingModel, Stage, _build_engine
+
+CATEGORIES = ("weights", "gradients", "optimizer", "buffers")
+CLAIM_ORDER = ("weights", "optimizer", "buffers", "gradients")  # gradients wait in the reduce bucket: buffers
+# Methods of the ZeRO optimizers (where present) around which a census is taken: where gradients
+# are reduced, flattened into this rank's partition and freed, and where the optimizer steps.
+# The gradient hook runs once a parameter: probed at its first call only.
+PROBES = ("reduce_gradients", "reduce_ipg_grads", "independent_gradient_partition_epilogue", "free_grad_in_param_list",
+          "_optimizer_step", "step")
+HOOK = "reduce_ready_partitions_and_remove_grads"
+
+
+def storages(tensors) -> dict[int, int]:
+    """Bytes by storage address, for the tensors with a non-empty storage."""
+    found = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr():
+                found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def live_tensors() -> list[torch.Tensor]:
+    tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+    return tensors + [t.grad for t in tensors if t.is_leaf and t.grad is not None]
+
+
+def bucket_tensors(zero) -> list[torch.Tensor]:
+    found = []
+    for bucket in getattr(zero, "ipg_buckets", {}).values():
+        found += bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+    return found
+
+
+def gradient_holders(zero) -> list[torch.Tensor]:
+    found = [getattr(zero, name, None) for name in ("grads_in_partition", "grad_partitions_flat_buffer")]
+    for group in getattr(zero, "averaged_gradients", {}).values():
+        found += list(group or [])
+    return found
+
+
+class Census:
+    """Takes censuses of one engine's tensors and keeps each category's largest value."""
+
+    def __init__(self, engine, zero_stage: int, baseline: dict[int, int]):
+        self.engine, self.zero_stage, self.baseline = engine, zero_stage, baseline
+        self.peaks = dict.fromkeys(CATEGORIES, 0)
+        self.peak_total = 0
+        self.where = {}
+        self.flat_copies = []  # what a probed method returned that is a DeepSpeed buffer
+
+    def take(self, where: str) -> None:
+        engine, basic = self.engine, self.engine.basic_optimizer
+        zero = engine.optimizer if engine.optimizer is not basic else None
+        parameters = list(engine.module.parameters())
+        optimized = [p for group in basic.param_groups for p in group["params"]]
+        # ZeRO's float32 master partitions (ZeRO-3 takes them out of the param groups between steps)
+        masters = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+                   for t in getattr(zero, name, [])]
+        if self.zero_stage == 3:
+            weights, gathered = [p.ds_tensor for p in parameters], [p.data for p in parameters]
+        else:
+            weights, gathered = [p.data for p in parameters], []
+        claims = {
+            "weights": weights,
+            "optimizer": [t for state in basic.state.values() for t in state.values()] + optimized + masters,
+            "gradients": [p.grad for p in parameters + optimized] + (gradient_holders(zero) if zero else []),
+            "buffers": (bucket_tensors(zero) if zero else []) + gathered + self.flat_copies,
+        }
+        seen, measured = set(), {}
+        for category in CLAIM_ORDER:
+            found = {ptr: size for ptr, size in storages(claims[category]).items() if ptr not in seen}
+            seen |= found.keys()
+            measured[category] = sum(found.values())
+        everything = storages(live_tensors())
+        measured["other"] = sum(size for ptr, size in everything.items() if ptr not in seen and ptr not in self.baseline)
+        measured["claimed_not_in_gc"] = len(seen - everything.keys())  # 0 unless the census misses tensors
+        for category in CATEGORIES:
+            if measured[category] > self.peaks[category]:
+                self.peaks[category], self.where[category] = measured[category], where
+        total = sum(measured[c] for c in CATEGORIES)
+        if total > self.peak_total:
+            self.peak_total, self.where["total"] = total, where
+        self.last = measured
+
+    def probe(self, owner, name: str, first_only: bool = False, returns_buffer: bool = False) -> None:
+        """Takes a census when `owner.name` is entered and when it returns (`first_only`: at its
+        first call only). `returns_buffer`: what it returns is a DeepSpeed buffer."""
+        method = getattr(owner, name)
+        calls = []
+
+        def probed(*args, **kwargs):
+            calls.append(name)
+            if first_only and len(calls) > 1:
+                return method(*args, **kwargs)
+            self.take(f"{name} (entry)")
+            result = method(*args, **kwargs)
+            if returns_buffer:
+                self.flat_copies.append(result)
+            self.take(f"{name} (exit)")
+            self.flat_copies.clear()
+            return result
+
+        setattr(owner, name, probed)
+
+
+def run_stage(zero_stage: int, ctx) -> dict:
+    """A model of ~0.9 M parameters (hidden size 128, four blocks): its states are megabytes,
+    beside DeepSpeed's fixed-size buffers."""
+    config = make_config(pattern="AGAG", vocab_size=64, hidden_size=128, window=8, passes=2, model={
+        "intermediate_size": 384, "attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.0},
+        "init_std": 0.02})
+    config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": zero_stage})})
+    gc.collect()
+    baseline = storages(live_tensors())
+    model = SleepingModel(build_rank_model(config, None, ctx.device))
+    engine, sleep = _build_engine(model, config, Stage(0, config.stage_list()[0], 0, 2), ctx)
+    sizes = [getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad]
+    census = Census(engine, zero_stage, baseline)
+    generator = torch.Generator().manual_seed(ctx.rank)
+    for step in range(2):
+        if step == 1:  # the measured step
+            zero = engine.optimizer if engine.optimizer is not engine.basic_optimizer else None
+            if zero is None:  # ZeRO-0: the engine's flattened copy of the gradients it all-reduces
+                census.probe(engine, "allreduce_bucket", returns_buffer=True)
+            else:
+                for name in PROBES:
+                    if hasattr(zero, name):
+                        census.probe(zero, name)
+                census.probe(zero, HOOK, first_only=True)
+            census.probe(engine.basic_optimizer, "step")
+        ids = torch.randint(0, 64, (2, 24), generator=generator)
+        loss = engine(ids, ids.roll(-1, dims=1), sleep).loss
+        if step == 1:
+            census.take("after forward")
+        engine.backward(loss)
+        if step == 1:
+            census.take("after backward")
+        engine.step()
+        del loss
+        gc.collect()
+    census.take("after step")
+    after_step = dict(census.last)
+    predicted = model_state_bytes(sizes, zero_stage, ctx.world_size, deepspeed_config(config))
+    result = {
+        "parameters": sum(sizes),
+        "measured": {**census.peaks, "total": census.peak_total},
+        "where": census.where,
+        "after_step": after_step,
+        "predicted": {**{c: getattr(predicted, c) for c in CATEGORIES}, "total": predicted.total},
+    }
+    engine.destroy()
+    return result
+
+
+def main(out: str) -> None:
+    ctx = setup_distributed()
+    report = {}
+    for zero_stage in (0, 1, 2, 3):
+        ranks = [None] * ctx.world_size
+        dist.all_gather_object(ranks, run_stage(zero_stage, ctx))
+        report[f"zero{zero_stage}"] = ranks
+        gc.collect()
+    if ctx.rank == 0:
+        with open(out, "w") as file:
+            json.dump(report, file, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,103 @@
+"""Communication per training step (`sleepscale.planner.communication`): predicted against measured
+on two gloo ranks (tensor parallelism: every collective's payload; pipeline: `run_step`'s sent
+bytes), and the formulas on small cases by hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import make_config
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.plan import make_plan
+from sleepscale.planner.communication import (
+    all_reduce_wire_factor, data_parallel_bytes, pipeline_bytes, tensor_parallel_bytes, tensor_parallel_phases)
+from train_helpers import free_port
+
+
+def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "tests/planner_communication_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads(out.read_text())
+    for case, result in report["tensor"].items():
+        assert result["measured"] == result["predicted"], (case, result)  # [forward, backward with recomputation]
+        # training gathers no logits: every collective is an all-reduce
+        assert all(call.startswith("all_reduce ") for call in result["calls"]), (case, result["calls"])
+    for case, result in report["pipeline"].items():
+        assert result["measured"] == result["predicted"], (case, result)  # per stage
+    tensor = report["tensor"]
+    # bf16 autocast halves the row-parallel outputs' all-reduces, not the float32 ones
+    assert tensor["bf16-pass-sliding"]["calls"].keys() == {"all_reduce torch.float32", "all_reduce torch.bfloat16"}
+    assert tensor["bf16-pass-sliding"]["measured"][0] < tensor["N3-pass-sliding"]["measured"][0]
+    # window checkpointing re-runs the whole forward in backward but for each slept window's last all-reduce
+    # (windows of 2 x 8 tokens twice, of 3 x 8 once; hidden 16, float32); tying the embedding changes nothing
+    forward, backward = tensor["N3-tied"]["measured"]
+    assert tensor["N3-window"]["measured"][1] - backward == forward - 4 * 16 * (2 * 8 * 2 + 3 * 8)
+
+
+def shapes(config) -> HybridLM:
+    with torch.device("meta"):
+        return HybridLM(config.model)
+
+
+def plan_of(config, batch: int, length: int):
+    return make_plan(config.sleep, batch, length, len(config.model.blocks), range(*config.model.loop_range))
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "pass"])
+def test_tensor_parallel_bytes_of_one_window_by_hand(checkpoint):
+    """An attention block and a GDN block, both with MLP, one window of 2 x 8 tokens at hidden 16."""
+    config = make_config(pattern="AG", passes=1, checkpoint=checkpoint)
+    model = shapes(config)
+    activation = 4 * 2 * 8 * 16  # float32 [batch, window, hidden]
+    # embedding, cross-entropy's three [B, L] reductions, two row-parallel layers per block
+    forward = activation + 3 * 4 * 2 * 8 + 4 * activation
+    # the head's input gradient, mixer and MLP input gradients per block, GDN's output-norm weight gradient
+    backward = activation + 4 * activation + 4 * model.layers[1].attn.head_v_dim
+    if checkpoint == "pass":  # the pass is re-run but for its last all-reduce
+        backward += 3 * activation
+    assert tensor_parallel_phases([plan_of(config, 2, 8)], model, tensor=2) == (forward, backward)
+    assert tensor_parallel_bytes([plan_of(config, 2, 8)], model, tensor=1) == 0
+
+
+def test_sleep_adds_the_loop_blocks_per_pass_without_checkpointing():
+    """N = 3 over 3 windows, 2 slept on: each sleep pass adds the loop's forward all-reduces and, but
+    for the last pass's output-only MLP of the last block, its input-gradient ones."""
+    one, three = (make_config(pattern="GG", passes=n) for n in (1, 3))
+    model, activation = shapes(one), 4 * 2 * 8 * 16
+    plans = {n: [plan_of(config, 2, 24)] for n, config in ((1, one), (3, three))}
+    forward_1, backward_1 = tensor_parallel_phases(plans[1], model, tensor=2)
+    forward_3, backward_3 = tensor_parallel_phases(plans[3], model, tensor=2)
+    slept = 2 * 2  # windows slept on x sleep passes
+    assert forward_3 - forward_1 == slept * 4 * activation
+    assert backward_3 - backward_1 == slept * 4 * activation - 2 * activation  # the final pass's last MLP, per slept window
+
+
+def test_pipeline_bytes_match_the_ring_formula_when_the_loop_is_the_whole_stack():
+    """benchmarks/pipeline.py's special case: 2 M [W (P-1) + (W-1)(N-1) P] B L H x 4 bytes per step."""
+    config = make_config(pattern="GG|GG", passes=3)
+    plans = [plan_of(config, 2, 24)] * 3  # M = 3 micro-batches of 3 windows of 8
+    sent = pipeline_bytes(plans, config.model.stage_ranges, hidden_size=16)
+    assert sent[0] == sent[1] and sum(sent) == 2 * 3 * (3 * 1 + 2 * 2 * 2) * 2 * 8 * 16 * 4
+
+
+def test_truncated_backprop_sends_no_gradient_into_passes_without_it():
+    config = make_config(pattern="GG|GG", passes=3, grad_passes=1)
+    block = 2 * 8 * 16 * 4
+    # the slept window: the wake pass 0 -> 1 and its gradient back; pass 2 (no gradient) loops back
+    # 1 -> 0 and goes 0 -> 1; pass 3 the same and its gradient back 1 -> 0, but none back over the loop
+    # into pass 2; the last window: its wake pass
+    assert pipeline_bytes([plan_of(config, 2, 16)], config.model.stage_ranges, hidden_size=16) == [4 * block, 5 * block]
+
+
+def test_data_parallel_bytes_per_zero_stage():
+    assert data_parallel_bytes(1000, zero_stage=0, data_parallel=4) == 4000
+    assert data_parallel_bytes(1000, zero_stage=2, data_parallel=4) == 4000 + 1000
+    assert data_parallel_bytes(1000, zero_stage=3, data_parallel=4, gradient_bytes=2) == 2000 + 1000
+    assert data_parallel_bytes(1000, zero_stage=3, data_parallel=1) == 0
+    assert all_reduce_wire_factor(2) == 1.0 and all_reduce_wire_factor(8) == 1.75
