@@ -10,6 +10,10 @@ import yaml
 from sleepscale.config import ConfigError, load_config
 
 
+def planner_reserve_gb() -> float:
+    return 2 * 2**30 / 1e9  # sleepscale.planner.estimate.RESERVE_BYTES, without importing torch for --help
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="write a task or text corpus as webdataset shards with a manifest")
     tasks = data.add_subparsers(dest="task", required=True)
@@ -110,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--sequence-length", type=int, required=True, help="tokens per training sequence")
     plan.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: H100's 989 for bf16, 495 for fp32 as TF32)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    plan.add_argument("--reserve-gb", type=float, default=planner_reserve_gb(),
+                      help="memory kept per GPU for what the model does not count: CUDA context, fragmentation, NCCL (default %(default).2f)")
     plan.add_argument("--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first")
     plan.add_argument("--largest-n", action="store_true", help="also the largest N whose step fits the layout")
     plan.add_argument("--smallest-gpus", action="store_true", help="also the smallest GPU count (power of two) with a layout that fits")
@@ -302,14 +308,14 @@ def _plan(args) -> int:
     for flag in ("gpus", "sequence_length"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive integer")
-    if args.gpu_memory <= 0 or not 0 < args.mfu <= 1:
-        raise ConfigError(f"--gpu-memory {args.gpu_memory} / --mfu {args.mfu}: need memory > 0 and 0 < mfu <= 1")
+    if args.gpu_memory <= 0 or not 0 < args.mfu <= 1 or args.reserve_gb < 0:
+        raise ConfigError(f"--gpu-memory {args.gpu_memory} / --mfu {args.mfu} / --reserve-gb {args.reserve_gb}: need "
+                          "memory > 0, 0 < mfu <= 1 and reserve >= 0")
     config = load_config(args.config, args.overrides)
-    memory = args.gpu_memory * planner.GB
     peak = (args.peak_tflops or (989 if config.train.precision == "bf16" else 495)) * 1e12
-    options = (args.sequence_length, memory, peak, args.mfu)
+    assumed = planner.Assumptions(args.sequence_length, args.gpu_memory * planner.GB, peak, args.mfu, int(args.reserve_gb * planner.GB))
     if args.search:
-        found = planner.search(config, args.gpus, *options)
+        found = planner.search(config, args.gpus, assumed)
         if not found:
             raise ConfigError(f"--gpus {args.gpus}: no layout keeps the config's global batch and divides the heads; "
                               "change --gpus or train.grad_accumulation")
@@ -320,17 +326,18 @@ def _plan(args) -> int:
             layout = planner.config_layout(config, args.gpus)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        best = planner.estimate(config, layout, *options)
+        best = planner.estimate(config, layout, assumed)
     print(breakdown(best))
     if args.largest_n:
-        largest = planner.largest_passes(config, best.layout, *options)
-        print(f"largest N that fits this layout: {largest}" if largest else "largest N that fits this layout: none (not even N=1)")
+        largest = planner.largest_passes(config, best.layout, assumed)
+        text = {0: "none (not even N=1)", planner.LARGEST_PASSES: f"{planner.LARGEST_PASSES} or more (looked up to it)"}
+        print(f"largest N that fits this layout: {text.get(largest, largest)}")
     if args.smallest_gpus:
-        smallest = planner.smallest_gpus(config, *options)
+        smallest = planner.smallest_gpus(config, assumed)
         print(f"smallest GPU count that fits: {smallest.layout.gpus} ({smallest.layout.describe()}, {smallest.total / planner.GB:.1f} GB)"
               if smallest else "smallest GPU count that fits: none up to 4096")
     if not best.fits:
-        print(f"sleepscale plan: {planner.advice(config, best, *options)}")
+        print(f"sleepscale plan: {planner.advice(config, best, assumed)}")
         return 1
     return 0
 

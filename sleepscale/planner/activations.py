@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -174,9 +175,15 @@ def micro_batch_activations(
     if kernels not in KERNELS:
         raise ValueError(f"kernels {kernels!r}: use one of {', '.join(KERNELS)}")
     stages = stages or [range(len(model.blocks))]
-    trace = _Trace(model, sleep, batch, length, precision, kernels)
+    trace = _traced(model, sleep, batch, length, precision, kernels)
     return MicroBatchActivations(trace.per_stage(trace.saved, stages), trace.per_stage(trace.held, stages),
-                                 _largest_unit(model, sleep, batch, length, precision, kernels))
+                                 _largest_unit(model, sleep, batch, length, precision, kernels, stages))
+
+
+@functools.lru_cache(maxsize=64)
+def _traced(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str) -> _Trace:
+    """The trace for these settings; a search over layouts asks for the same ones again."""
+    return _Trace(model, sleep, batch, length, precision, kernels)
 
 
 class _Trace:
@@ -325,21 +332,24 @@ def _tensors(state) -> Iterator[torch.Tensor]:
                 yield item
 
 
-def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str) -> int:
+def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str,
+                  stages: list[range]) -> int:
     """The most bytes a checkpointed unit saves when backward recomputes it: under `pass`, the
-    largest part (prelude, loop or coda) run once over a window; under `window`, a whole window
-    with its passes (a middle one, when there are several)."""
+    largest part (prelude, loop or coda; a pipeline stage runs its share of each as a unit) run
+    once over a window; under `window`, a whole window with its passes (a middle one, when there
+    are several)."""
     mode, window = sleep.checkpointing, min(sleep.window, length)
     if mode == "none":
         return 0
     if mode == "window":
-        trace = _Trace(model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision, kernels)
+        trace = _traced(model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision, kernels)
         middle = {key: size for key, size in trace.saved.items() if key[0] == min(1, trace.traced_windows - 1)}
         return sum(trace.per_stage(middle, [range(len(model.blocks))])) // trace.window_weight(min(1, trace.traced_windows - 1))
     one_pass = sleep.model_copy(update={"checkpoint": "none", "passes": 1, "random_passes": None, "grad_passes": None})
-    trace = _Trace(model, one_pass, batch, window, precision, kernels)
+    trace = _traced(model, one_pass, batch, window, precision, kernels)
     blocks = {key: size for key, size in trace.saved.items() if key[1] not in (EMBEDDING, HEAD)}
-    return max(trace.per_stage(blocks, _parts(model)))
+    units = [range(max(part.start, stage.start), min(part.stop, stage.stop)) for part in _parts(model) for stage in stages]
+    return max(trace.per_stage(blocks, [unit for unit in units if len(unit)]))
 
 
 def tensor_parallel_shapes(model: ModelConfig, tensor: int) -> ModelConfig:

@@ -35,6 +35,17 @@ RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GB), allocator fragmentation, NC
 
 
 @dataclasses.dataclass(frozen=True)
+class Assumptions:
+    """What an estimate assumes besides the config and the layout."""
+
+    length: int  # tokens per training sequence
+    gpu_memory: float  # bytes per GPU
+    peak_flops: float  # dense peak per GPU, FLOP/s
+    mfu: float  # the share of it a step reaches
+    reserve: int = RESERVE_BYTES  # bytes kept for what the model does not count
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
     tensor: int
     pipeline: int
@@ -119,15 +130,14 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(pipeline)]
 
 
-def estimate(config: Config, layout: Layout, length: int, gpu_memory: float, peak_flops: float, mfu: float,
-             passes: int | None = None) -> Estimate:
-    """The estimate for `config` under `layout`, sequences of `length` tokens, at N = `passes`
-    (default: `passes_for_memory`), on GPUs of `gpu_memory` bytes and `peak_flops` FLOP/s."""
+def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None) -> Estimate:
+    """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`)."""
     from sleepscale.planner.communication import data_parallel_bytes, pipeline_bytes, tensor_parallel_bytes
     from sleepscale.planner.model_states import model_state_bytes
     from sleepscale.train.distributed import deepspeed_config
 
     passes = passes or passes_for_memory(config.sleep)
+    length = assumed.length
     sleep = config.sleep.model_copy(update={"passes": passes, "random_passes": None, "checkpoint": layout.checkpoint,
                                             "grad_passes": None if config.sleep.grad_passes is None else min(config.sleep.grad_passes, passes)})
     stages = stage_ranges(config.model, layout.pipeline)
@@ -163,11 +173,11 @@ def estimate(config: Config, layout: Layout, length: int, gpu_memory: float, pea
 
     flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
     idle = _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
-    seconds = flops / layout.gpus / (mfu * peak_flops) / (1 - idle)
+    seconds = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
     tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
     return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
-                    activations.largest_unit, RESERVE_BYTES, tensor, pipeline, data, flops, idle, seconds, tokens / seconds,
-                    int(gpu_memory))
+                    activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, seconds,
+                    tokens / seconds, int(assumed.gpu_memory))
 
 
 @functools.lru_cache(maxsize=256)
@@ -240,16 +250,18 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(config: Config, gpus: int, length: int, gpu_memory: float, peak_flops: float, mfu: float) -> list[Estimate]:
+def search(config: Config, gpus: int, assumed: Assumptions) -> list[Estimate]:
     """Every candidate layout's estimate, those that fit first, fastest first, then least memory."""
-    found = [estimate(config, layout, length, gpu_memory, peak_flops, mfu) for layout in candidate_layouts(config, gpus)]
+    found = [estimate(config, layout, assumed) for layout in candidate_layouts(config, gpus)]
     return sorted(found, key=lambda e: (not e.fits, -e.tokens_per_second, e.total))
 
 
-def largest_passes(config: Config, layout: Layout, length: int, gpu_memory: float, peak_flops: float, mfu: float,
-                   limit: int = 1024) -> int:
+LARGEST_PASSES = 64  # how far `largest_passes` looks (each N is a trace of N passes)
+
+
+def largest_passes(config: Config, layout: Layout, assumed: Assumptions, limit: int = LARGEST_PASSES) -> int:
     """The largest N whose step fits under `layout` (0: not even N = 1; `limit` if that fits)."""
-    fits = lambda n: estimate(config, layout, length, gpu_memory, peak_flops, mfu, passes=n).fits  # noqa: E731
+    fits = lambda n: estimate(config, layout, assumed, passes=n).fits  # noqa: E731
     if not fits(1):
         return 0
     low, high = 1, 2
@@ -268,19 +280,18 @@ def _bisect(fits, low: int, high: int) -> int:
     return low
 
 
-def smallest_gpus(config: Config, length: int, gpu_memory: float, peak_flops: float, mfu: float,
-                  limit: int = 4096) -> Estimate | None:
+def smallest_gpus(config: Config, assumed: Assumptions, limit: int = 4096) -> Estimate | None:
     """The fastest fitting layout at the smallest GPU count (powers of two) that has one."""
     gpus = 1
     while gpus <= limit:
-        found = search(config, gpus, length, gpu_memory, peak_flops, mfu)
+        found = search(config, gpus, assumed)
         if found and found[0].fits:
             return found[0]
         gpus *= 2
     return None
 
 
-def advice(config: Config, best: Estimate, length: int, gpu_memory: float, peak_flops: float, mfu: float) -> str:
+def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
     """One line for a layout that does not fit: by how much, and which single change makes it fit."""
     over = best.total - best.gpu_memory
     layout = best.layout
@@ -298,7 +309,7 @@ def advice(config: Config, best: Estimate, length: int, gpu_memory: float, peak_
             levers.append((f"train.zero_stage={zero}", dataclasses.replace(layout, zero_stage=zero), config))
     tried = []
     for name, candidate, changed in levers:
-        found = estimate(changed, candidate, length, gpu_memory, peak_flops, mfu)
+        found = estimate(changed, candidate, assumed)
         tried.append((not found.fits, -found.tokens_per_second, found.total, name))
     fitting = sorted(t for t in tried if not t[0])
     where = f" (pipeline stage {best.stage})" if layout.pipeline > 1 else ""
