@@ -8,22 +8,12 @@ puts on the wire (about 2 (T-1)/T times that for an all-reduce), including colle
 calls through its own module-level references (its `dist_all_gather_func`, e.g. the vocabulary
 gather of full logits). The step is a training step: the loss only, no logits asked for
 (`return_logits=False`, as `SleepingModel` runs it), so no vocabulary-sized gather appears and none
-is in the formula. The formula, per step, with
-A = bytes of one [batch, window, hidden] activation, W windows of which W-1 sleep, per block r row-
-parallel all-reduces in forward (mixer out, MLP down) and c column-parallel gradient all-reduces in
-backward (q/k/v for attention, q/k/v/g/a/b for GDN, gate/up for the MLP):
-
-    forward  = W (A (1 + sum r) + 3 L_ce) + (W-1)(N-1) A sum_loop r        (1: embedding; L_ce: the
-    backward = W A (1 + sum c) + (W-1)(N-1) A sum_loop c + G              cross-entropy's three
-             - [N > 1] (W-1) A u                                           [B, L] reductions)
-             + [checkpoint=pass] (the block part of forward) - S A
-
-where the backward's 1 is the LM head's input gradient, G the GDN output-norm gradients (one
-all-reduce of head_v_dim floats per GDN block), u the output-only projections of the last loop
-block (its last sleep pass's output is dropped, so they get no gradient: q and g of a GDN block,
-gate and up of its MLP), and S the checkpointed segments recomputed (torch's non-reentrant
-checkpoint stops before each segment's final all-reduce, whose result backward does not need). Sleep adds (N-1) times the loop blocks' share, per
-slept window: linear in N, and nothing for the recurrent state, which never leaves its rank.
+is in the formula. The formula is the planner's (`sleepscale.planner.communication.tensor_parallel_phases`,
+whose docstring derives it): per window an all-reduce per row-parallel layer of every block run in
+forward, one per mixer and MLP input gradient where backward runs, the embedding, head and
+cross-entropy's, the per-head norms' gradient sums, and the recomputation's repeats. Sleep adds
+(N-1) times the loop blocks' share per slept window: linear in N, and nothing for the recurrent
+state, which never leaves its rank.
 """
 
 from __future__ import annotations
@@ -38,10 +28,11 @@ import torch.distributed as dist
 
 from sleepscale.config import load_config
 from sleepscale.model import build_model
-from sleepscale.model.attention import Attention
+from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.tensor import parallelize_tensor
-from sleepscale.sleep import sleep_forward
+from sleepscale.planner.communication import tensor_parallel_phases
+from sleepscale.sleep import plan_for, sleep_forward
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "_all_gather_base")
 
@@ -86,36 +77,6 @@ class ByteCounter:
                 setattr(module, attribute, value)
 
 
-def formula(model, sleep, batch: int, windows: int) -> tuple[int, int]:
-    hidden, window, passes = model.config.hidden_size, sleep.window, sleep.passes
-    activation = 4 * batch * window * hidden
-    row = [1 + (block.mlp is not None) for block in model.layers]
-    column = [(3 if isinstance(block.attn, Attention) else 6) + 2 * (block.mlp is not None) for block in model.layers]
-    loop = model.loop_range
-    slept = (windows - 1) * (passes - 1)
-    block_forward = windows * activation * sum(row) + slept * activation * sum(row[i] for i in loop)
-    forward = windows * (activation + 3 * 4 * batch * window) + block_forward
-    gdn_norms = sum(4 * block.attn.head_v_dim for block in model.layers if not isinstance(block.attn, Attention))
-    backward = windows * activation * (1 + sum(column)) + slept * activation * sum(column[i] for i in loop) + gdn_norms
-    if passes > 1:  # the last sleep pass's output is dropped: its last block's output-only projections get no gradient
-        backward -= (windows - 1) * activation * _output_only_projections(model.layers[loop[-1]], sleep.eviction)
-    if sleep.checkpointing == "pass":
-        # Recomputation repeats the blocks' forward all-reduces, except each segment's last one:
-        # torch's non-reentrant checkpoint stops once the tensors backward needs are back.
-        segments = windows * sum(1 for part in (range(0, loop.start), loop, range(loop.stop, len(model.layers))) if part) + slept
-        backward += block_forward - segments * activation
-    return forward, backward
-
-
-def _output_only_projections(block, eviction: str) -> int:
-    """Column-parallel layers whose results reach only the block's output, not the carried state."""
-    if isinstance(block.attn, Attention):
-        mixer = 3 if eviction == "hard" else 1  # sliding keeps k and v for the next window
-    else:
-        mixer = 2  # q and the output gate g; k, v, a, b shape the fast weights
-    return mixer + 2 * (block.mlp is not None)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -131,6 +92,8 @@ def main():
     window = config.sleep.window
     tokens = torch.randint(0, config.model.vocab_size, (args.batch, window * args.windows), generator=torch.Generator().manual_seed(0))
     counter = ByteCounter(tp)
+    with torch.device("meta"):
+        shapes = HybridLM(config.model)
     rows = []
     for checkpoint in ("none", "pass"):
         for n in args.passes:
@@ -142,7 +105,8 @@ def main():
                 loss.backward()
                 backward = counter.bytes - forward
             model.zero_grad(set_to_none=True)
-            rows.append((checkpoint, n, forward, backward, *formula(model, sleep, args.batch, args.windows)))
+            plan = plan_for(model, tokens, sleep)
+            rows.append((checkpoint, n, forward, backward, *tensor_parallel_phases([plan], shapes, tp.size())))
 
     if dist.get_rank() == 0:
         print(f"command: torchrun --nproc_per_node {dist.get_world_size()} benchmarks/tp_communication.py "

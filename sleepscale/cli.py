@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--sequence-length", type=int, required=True, help="tokens per training sequence")
     plan.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: H100's 989 for bf16, 495 for fp32 as TF32)")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    plan.add_argument("--tensor-bandwidth", type=float, default=450, metavar="GB/s",
+                      help="per GPU between tensor-parallel ranks (default 450: NVLink in an H100 node)")
+    plan.add_argument("--data-bandwidth", type=float, default=50, metavar="GB/s",
+                      help="per GPU between data-parallel ranks (default 50: 400 Gb/s InfiniBand)")
     plan.add_argument("--reserve-gb", type=float, default=planner_reserve_gb(),
                       help="memory kept per GPU for what the model does not count: CUDA context, fragmentation, NCCL (default %(default).2f)")
     plan.add_argument("--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first")
@@ -308,12 +312,14 @@ def _plan(args) -> int:
     for flag in ("gpus", "sequence_length"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive integer")
-    if args.gpu_memory <= 0 or not 0 < args.mfu <= 1 or args.reserve_gb < 0:
-        raise ConfigError(f"--gpu-memory {args.gpu_memory} / --mfu {args.mfu} / --reserve-gb {args.reserve_gb}: need "
-                          "memory > 0, 0 < mfu <= 1 and reserve >= 0")
+    if min(args.gpu_memory, args.tensor_bandwidth, args.data_bandwidth) <= 0 or not 0 < args.mfu <= 1 or args.reserve_gb < 0:
+        raise ConfigError(f"--gpu-memory {args.gpu_memory}, --mfu {args.mfu}, --reserve-gb {args.reserve_gb}, --tensor-bandwidth "
+                          f"{args.tensor_bandwidth}, --data-bandwidth {args.data_bandwidth}: need memory and bandwidths > 0, "
+                          "0 < mfu <= 1 and reserve >= 0")
     config = load_config(args.config, args.overrides)
     peak = (args.peak_tflops or (989 if config.train.precision == "bf16" else 495)) * 1e12
-    assumed = planner.Assumptions(args.sequence_length, args.gpu_memory * planner.GB, peak, args.mfu, int(args.reserve_gb * planner.GB))
+    assumed = planner.Assumptions(args.sequence_length, args.gpu_memory * planner.GB, peak, args.mfu, int(args.reserve_gb * planner.GB),
+                                  args.tensor_bandwidth * planner.GB, args.data_bandwidth * planner.GB)
     if args.search:
         found = planner.search(config, args.gpus, assumed)
         if not found:

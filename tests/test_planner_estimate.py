@@ -40,6 +40,7 @@ def test_model_parallel_ranks_hold_their_share_and_communicate():
     assert split.layout == Layout(2, 2, 2, 0, "pass", 8, 1, 2)
     assert split.weights < 0.4 * whole.weights
     assert split.tensor_bytes > 0 and split.pipeline_bytes > 0 and split.data_bytes > 0
+    assert split.communication_seconds > 0 and split.step_seconds == split.compute_seconds + split.communication_seconds
     assert stage_ranges(config.model, 2) == [range(0, 4), range(4, 8)]
     assert stage_ranges(config.model, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]  # split evenly
 
@@ -108,7 +109,7 @@ def test_a_config_that_fits_exits_0_with_the_breakdown(tmp_path, capsys):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--gpus", "3"], "--gpus 3 is not a multiple of parallel.tensor x parallel.pipeline = 4"),
-    (["--gpus", "4", "--mfu", "2"], "need memory > 0, 0 < mfu <= 1"),
+    (["--gpus", "4", "--mfu", "2"], "need memory and bandwidths > 0, 0 < mfu <= 1"),
     (["--gpus", "0"], "--gpus 0: give a positive integer"),
 ])
 def test_bad_arguments_get_one_line(tmp_path, capsys, arguments, message):

@@ -203,3 +203,13 @@ def data_parallel_bytes(parameters: int, zero_stage: int, data_parallel: int, gr
     shard = -(-parameters // data_parallel)  # DeepSpeed pads the flat partitions to equal sizes
     gathers = {0: 0, 1: 1, 2: 1, 3: 2}[zero_stage]
     return gradient_bytes * (parameters + gathers * shard)
+
+
+def data_parallel_wire_bytes(parameters: int, zero_stage: int, data_parallel: int, gradient_bytes: int = 4) -> float:
+    """Bytes a ring puts on the wire per rank for `data_parallel_bytes`' collectives: a reduce-scatter
+    and an all-gather of every parameter's size per step, 2 (D-1)/D P at ZeRO 0-2 (an all-reduce is
+    both), plus the second all-gather at ZeRO-3, 3 (D-1)/D P."""
+    if data_parallel == 1:
+        return 0.0
+    passes = 3 if zero_stage == 3 else 2
+    return passes * (data_parallel - 1) / data_parallel * gradient_bytes * parameters

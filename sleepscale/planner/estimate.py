@@ -15,8 +15,11 @@ loaded pipeline stage, the bytes a GPU holds at the peak of a step:
 
 Communication per step (`communication`): the tensor-parallel all-reduces, the pipeline's sends and
 the data-parallel gradient reduction. FLOPs per step are the trainer's own count
-(`sleepscale.flops.plan_flops`); time is FLOPs over (MFU x peak) per GPU, stretched by the pipeline's
-idle fraction (`sleepscale.parallel.pipeline_schedule.simulate` on the step's schedule).
+(`sleepscale.flops.plan_flops`); compute time is FLOPs over (MFU x peak) per GPU, stretched by the
+pipeline's idle fraction (`sleepscale.parallel.pipeline_schedule.simulate` on the step's schedule).
+The tensor-parallel all-reduces run inside the forward and backward, and DeepSpeed reduces gradients
+after the backward (`overlap_comm` is off): both add their ring's wire bytes over the link's
+bandwidth to the step. Pipeline transfers overlap with compute (`run_step` posts them ahead).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Assumptions:
     peak_flops: float  # dense peak per GPU, FLOP/s
     mfu: float  # the share of it a step reaches
     reserve: int = RESERVE_BYTES  # bytes kept for what the model does not count
+    tensor_bandwidth: float = 450e9  # bytes/s per GPU between tensor-parallel ranks (NVLink of an H100 node, one way)
+    data_bandwidth: float = 50e9  # bytes/s per GPU between data-parallel ranks (400 Gb/s InfiniBand)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,8 @@ class Estimate:
     data_bytes: int
     flops: float  # per step, the whole run (all GPUs)
     pipeline_idle: float
+    compute_seconds: float  # FLOPs at the assumed MFU, stretched by the pipeline's idle time
+    communication_seconds: float  # tensor- and data-parallel collectives on the wire, not overlapped
     step_seconds: float
     tokens_per_second: float
     gpu_memory: int
@@ -132,7 +139,9 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
 
 def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None) -> Estimate:
     """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`)."""
-    from sleepscale.planner.communication import data_parallel_bytes, pipeline_bytes, tensor_parallel_bytes
+    from sleepscale.planner.communication import (
+        all_reduce_wire_factor, data_parallel_bytes, data_parallel_wire_bytes, pipeline_bytes, tensor_parallel_bytes,
+    )
     from sleepscale.planner.model_states import model_state_bytes
     from sleepscale.train.distributed import deepspeed_config
 
@@ -173,10 +182,13 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
 
     flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
     idle = _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
-    seconds = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
+    compute = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
+    communication = (tensor * all_reduce_wire_factor(layout.tensor) / assumed.tensor_bandwidth
+                     + data_parallel_wire_bytes(parameters, layout.zero_stage, layout.data) / assumed.data_bandwidth)
+    seconds = compute + communication
     tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
     return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
-                    activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, seconds,
+                    activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, compute, communication, seconds,
                     tokens / seconds, int(assumed.gpu_memory))
 
 

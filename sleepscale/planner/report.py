@@ -15,7 +15,8 @@ def breakdown(found: Estimate) -> str:
     lines.append(f"communication per GPU per step: tensor {found.tensor_bytes / GB:.3f} GB, pipeline {found.pipeline_bytes / GB:.3f} GB, "
                  f"data {found.data_bytes / GB:.3f} GB")
     idle = f", pipeline idle {found.pipeline_idle:.0%}" if layout.pipeline > 1 else ""
-    lines.append(f"FLOPs per step {found.flops:.3e} (all GPUs); step {found.step_seconds:.2f} s{idle}; "
+    lines.append(f"FLOPs per step {found.flops:.3e} (all GPUs); step {found.step_seconds:.2f} s = compute "
+                 f"{found.compute_seconds:.2f} s{idle} + communication {found.communication_seconds:.2f} s; "
                  f"{found.tokens_per_second:,.0f} tokens/s")
     return "\n".join(lines)
 
