@@ -43,7 +43,10 @@ matmul's inputs before computing it, so the unit's last matmul (the last block's
 o_proj without MLP) is not re-run when nothing after it saves a tensor. Units (`WindowPlan.checkpoint`):
 `pass`, every block range of a pass that carries gradient (the coda too, not the head); `window`,
 the whole window with the head, passes without gradient included (there a bound or a per-sequence
-choice of sleepers after the last pass saves tensors, so the last matmul is re-run too).
+choice of sleepers after the last pass saves tensors, so the last matmul is re-run too). A window
+whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`: large
+vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes under
+`window` then ends on its last chunk, which saved only its input: its recomputation stops before it.
 
 Assumed: a training step (targets, so a loss on every window's wake pass) from fresh states (no
 `states=` carried in), training every parameter (a stage that freezes some skips their weight
@@ -62,6 +65,7 @@ from sleepscale.model.attention import Attention
 from sleepscale.model.gdn import GatedDeltaNet
 from sleepscale.ops.delta_rule_torch import fitted_chunk_size
 from sleepscale.plan import PassPlan, SleepPlan, WindowPlan
+from sleepscale.sleep import loss_chunk_length
 
 # Dense bf16 tensor-core peak of the accelerators MFU is reported for (FLOP/s).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -210,10 +214,15 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int, ca
         if planned.readout is not None:
             forward, backward = forward + head, backward + 2 * head
         previous = planned
+    chunk = loss_chunk_length(sequences, length, model.config.vocab_size)
+    if chunk is not None:  # each checkpointed chunk of the loss re-runs its head in backward
+        recompute += head
     if window.checkpoint == "window":
         last = window.passes[-1]
         ends_on_matmul = len(window.passes) > 1 and last.bound is None and window.sleepers is None
         recompute += forward - (2.0 * _last_matmul(model.layers[last.blocks[-1][-1]]) * sequences * length if ends_on_matmul else 0.0)
+        if chunk is not None and len(window.passes) == 1:  # the window ends on the last chunk, which saved only its input
+            recompute -= head * ((length - 1) % chunk + 1) / length
     return forward + backward + recompute
 
 

@@ -193,6 +193,12 @@ def after_window(window: WindowPlan, states: list[MixerState]) -> list[MixerStat
 LOSS_CHUNK_ELEMENTS = 2**26
 
 
+def loss_chunk_length(batch: int, length: int, vocab_size: int) -> int | None:
+    """Tokens per chunk when a training window's loss is computed in chunks (`head_and_loss`), or None."""
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // (batch * vocab_size))
+    return None if chunk >= length else chunk
+
+
 def head_and_loss(model: HybridLM, hidden, targets: torch.Tensor | None, want_logits: bool):
     """(logits or None, summed loss or None) of the head over `hidden`. When only the loss is wanted
     and the window's logits would be large (long windows, large vocabularies), the loss is computed
@@ -202,8 +208,8 @@ def head_and_loss(model: HybridLM, hidden, targets: torch.Tensor | None, want_lo
         logits = model.head(hidden)
         return logits, None if targets is None else model.cross_entropy(logits, targets)
     batch, length = targets.shape
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // (batch * model.config.vocab_size))
-    if chunk >= length:
+    chunk = loss_chunk_length(batch, length, model.config.vocab_size)
+    if chunk is None:
         return None, model.cross_entropy(model.head(hidden), targets)
     loss = None
     for start in range(0, length, chunk):

@@ -67,6 +67,18 @@ def test_plan_flops_with_the_options_of_pretrained_checkpoints(checkpoint):
     assert planned == pytest.approx(counted, rel=0.02)
 
 
+@pytest.mark.parametrize(("passes", "checkpoint"), [(1, "none"), (3, "pass"), (1, "window"), (3, "window")])
+def test_plan_flops_with_the_loss_in_chunks(monkeypatch, passes, checkpoint):
+    """A large vocabulary's loss is computed in checkpointed chunks of tokens (here 3 per chunk, so
+    a window of 8 has a short last chunk), whose head backward recomputes."""
+    import sleepscale.sleep
+
+    monkeypatch.setattr(sleepscale.sleep, "LOSS_CHUNK_ELEMENTS", 3 * 2 * 400)
+    config = make_config("AGAG", window=WINDOW, passes=passes, checkpoint=checkpoint, vocab_size=400)
+    planned, counted = planned_and_counted(config, *batch())
+    assert planned == pytest.approx(counted, rel=0.005)
+
+
 def test_plan_flops_when_some_sequences_sleep():
     """sleep_on: context, the first window slept on by one sequence of two (the other keeps its wake
     states): the sleep passes still run for both."""

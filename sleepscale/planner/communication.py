@@ -143,8 +143,8 @@ def _input_gradients(block: nn.Module, live: Live) -> int:
 def _last_loss_chunk(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> int:
     """Tokens of the last of the checkpointed token chunks the window's loss is computed in
     (`sleepscale.sleep.head_and_loss`); 0 when it is computed at once."""
-    chunk = max(1, engine.LOSS_CHUNK_ELEMENTS // (plan.batch * model.config.vocab_size))
-    return 0 if chunk >= window.length else (window.length - 1) % chunk + 1
+    chunk = engine.loss_chunk_length(plan.batch, window.length, model.config.vocab_size)
+    return 0 if chunk is None else (window.length - 1) % chunk + 1
 
 
 def _not_recomputed(window: WindowPlan, reduced: int, last_chunk_loss: int) -> int:
