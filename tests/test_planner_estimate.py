@@ -8,7 +8,7 @@ from conftest import make_config
 from sleepscale.cli import main
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.planner.estimate import (
-    GB, Assumptions, Layout, candidate_layouts, config_layout, estimate, largest_passes, search, stage_ranges,
+    GB, Assumptions, Layout, candidate_layouts, config_layout, estimate, largest_passes, search, smallest_gpus, stage_ranges,
 )
 
 TINY = Assumptions(length=40, gpu_memory=1 * GB, peak_flops=1e12, mfu=0.5, reserve=0)
@@ -117,3 +117,13 @@ def test_bad_arguments_get_one_line(tmp_path, capsys, arguments, message):
     status = main(["plan", path, "--gpu-memory", "80", "--sequence-length", "64", *arguments])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_smallest_gpu_count_is_the_first_with_a_layout_that_fits():
+    config = tiny()
+    one = min(e.total for e in search(config, 1, TINY))
+    two = min(e.total for e in search(config, 2, TINY))
+    assert two < one  # tensor or pipeline ranks split the model
+    assumed = Assumptions(40, (one + two) / 2, 1e12, 0.5, reserve=0)
+    found = smallest_gpus(config, assumed)
+    assert found.layout.gpus == 2 and found.fits
