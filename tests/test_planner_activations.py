@@ -65,6 +65,8 @@ def test_per_pass_checkpointing_holds_the_states_each_pass_starts_from():
     found = micro_batch_activations(config.model, config.sleep, 2, 24)
     fast_weights = 2 * 2 * 16 * 24 * 4  # batch, value heads, K = 32 / 2, V = 1.5 K
     assert found.held[0] > 0 and found.held[0] % fast_weights == 0
+    # the states the sequence ends with: each block's fast weights and its convolutions' tails (q, k, v: 3 taps of 32 + 32 + 48)
+    assert found.states == [2 * (fast_weights + 2 * 3 * (32 + 32 + 48) * 4)]
     assert micro_batch_activations(config.model, config.sleep.model_copy(update={"checkpoint": "none"}), 2, 24).held == [0]
 
 

@@ -197,6 +197,7 @@ class Attention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate.flatten(-2))
         first_kept = max(0, k.shape[2] - (state.span - 1))  # the last span - 1 keys, or all when there are fewer
-        new_state = AttentionState(state.span, k[:, :, first_kept:], v[:, :, first_kept:],
+        # copies: views would keep every key and value of the call alive as long as the state lives
+        new_state = AttentionState(state.span, k[:, :, first_kept:].clone(), v[:, :, first_kept:].clone(),
                                    None if key_valid is None else key_valid[:, first_kept:])
         return self.o_proj(out), new_state

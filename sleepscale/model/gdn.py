@@ -65,7 +65,8 @@ class ShortConvolution(nn.Module):
         y = padded[:, :length] * weight[:, 0]
         for shift in range(1, kernel_size):
             y = y + padded[:, shift : shift + length] * weight[:, shift]
-        return F.silu(y), padded[:, padded.shape[1] - history :].transpose(1, 2)
+        # the tail is copied: a view would keep the whole padded window alive as long as the state lives
+        return F.silu(y), padded[:, padded.shape[1] - history :].clone().transpose(1, 2)
 
 
 class GatedRMSNorm(nn.Module):

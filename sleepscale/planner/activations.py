@@ -132,11 +132,12 @@ class MicroBatchActivations:
 
     saved: list[int]  # saved for backward (saved_tensors_hooks), per stage
     held: list[int]  # recurrent states kept by checkpointed units outside autograd, per stage
+    states: list[int]  # the recurrent states the sequence ends with (GDN fast weights, attention and convolution caches)
     largest_unit: int  # the most bytes one checkpointed unit saves when backward recomputes it (0: none)
 
     @property
     def total(self) -> list[int]:
-        return [s + h for s, h in zip(self.saved, self.held)]
+        return [sum(parts) for parts in zip(self.saved, self.held, self.states)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,7 @@ def micro_batch_activations(
     stages = stages or [range(len(model.blocks))]
     trace = _traced(model, sleep, batch, length, precision, kernels)
     return MicroBatchActivations(trace.per_stage(trace.saved, stages), trace.per_stage(trace.held, stages),
-                                 _largest_unit(model, sleep, batch, length, precision, kernels, stages))
+                                 trace.per_stage(trace.states, stages), _largest_unit(model, sleep, batch, length, precision, kernels, stages))
 
 
 @functools.lru_cache(maxsize=64)
@@ -207,7 +208,10 @@ class _Trace:
             ids, targets = (torch.zeros(batch, traced_length, dtype=torch.long) for _ in range(2))
             with (_attributed(traced, counter) as held, counter.counting(), precision_context(precision, ids.device),
                   _kernels_as_on(kernels)):
-                sleep_forward(traced, ids, sleep, targets=targets, return_logits=False)
+                out = sleep_forward(traced, ids, sleep, targets=targets, return_logits=False)
+            # the recurrent states the sequence ends with, per block (GDN fast weights; caches under sliding eviction)
+            self.states = {(0, ("block", i)): sum(t.untyped_storage().nbytes() for t in _tensors(state))
+                           for i, state in enumerate(out.states)}
         self.saved = defaultdict(int, counter.bytes)
         # The embedding and the loss save their window's slice of the micro-batch's ids and targets: a view of the
         # whole [batch, length] tensor, so its storage counts once, at the full length.

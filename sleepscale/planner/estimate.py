@@ -81,6 +81,7 @@ class Estimate:
     buffers: int  # DeepSpeed's
     activations: int  # saved for backward, all micro-batches in flight
     held_states: int  # recurrent states kept by checkpoints, all micro-batches in flight
+    final_states: int  # the recurrent states each micro-batch in flight ends its sequence with
     recompute: int  # one checkpointed unit's activations while backward recomputes it
     reserve: int
     tensor_bytes: int  # communication per GPU per step
@@ -97,7 +98,7 @@ class Estimate:
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer + self.buffers + self.activations + self.held_states
-                + self.recompute + self.reserve)
+                + self.final_states + self.recompute + self.reserve)
 
     @property
     def fits(self) -> bool:
@@ -106,7 +107,8 @@ class Estimate:
     def rows(self) -> list[tuple[str, int]]:
         return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
                 ("DeepSpeed buffers", self.buffers), ("activations saved for backward", self.activations),
-                ("states held by checkpoints", self.held_states), ("recomputed unit in backward", self.recompute),
+                ("states held by checkpoints", self.held_states),
+                ("recurrent states at the sequence's end", self.final_states), ("recomputed unit in backward", self.recompute),
                 ("reserve (context, fragmentation, NCCL)", self.reserve)]
 
 
@@ -164,9 +166,9 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     for index in range(layout.pipeline):
         states = model_state_bytes(list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
                                    layout.zero_stage, layout.data, settings)
-        memory = (states, in_flight * activations.saved[index], in_flight * activations.held[index])
-        per_stage.append((states.total + memory[1] + memory[2], index, memory))
-    _, stage, (states, saved, held) = max(per_stage)
+        memory = (states, *(in_flight * part[index] for part in (activations.saved, activations.held, activations.states)))
+        per_stage.append((states.total + sum(memory[1:]), index, memory))
+    _, stage, (states, saved, held, final) = max(per_stage)
 
     from sleepscale.plan import make_plan
 
@@ -188,7 +190,7 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     seconds = compute + communication
     tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
     return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
-                    activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, compute, communication, seconds,
+                    final, activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, compute, communication, seconds,
                     tokens / seconds, int(assumed.gpu_memory))
 
 
