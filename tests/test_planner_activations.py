@@ -93,3 +93,9 @@ def test_gpu_kernels_save_what_the_trace_predicts(tmp_path):
         assert abs(predicted.saved[0] - size) <= 0.01 * size, (case, predicted.saved[0], size)
         if checkpoint == "none":  # the kernels save less than the PyTorch op (which the other tests measure)
             assert micro_batch_activations(config.model, config.sleep, 2, 2 * window + 5, kernels="cpu").saved[0] > 1.3 * size
+
+
+def test_sleeping_on_context_only_is_planned_at_its_worst_case():
+    config = make_config(pattern="GA", passes=3, window=8, hidden_size=32, vocab_size=64)
+    context = config.sleep.model_copy(update={"sleep_on": "context"})
+    assert micro_batch_activations(config.model, context, 2, 24).saved == micro_batch_activations(config.model, config.sleep, 2, 24).saved

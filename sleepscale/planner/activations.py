@@ -198,6 +198,7 @@ class _Trace:
         from sleepscale.train.step import precision_context
 
         self.model, self.reduced = model, _reduced(model)
+        sleep = sleep.model_copy(update={"sleep_on": "evicted"})  # the worst case; which windows carry loss is data
         self.windows = math.ceil(length / sleep.window)
         traced_length = length if self.windows <= 3 else 2 * sleep.window + length - (self.windows - 1) * sleep.window
         self.traced_windows = math.ceil(traced_length / sleep.window)
