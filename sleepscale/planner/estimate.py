@@ -174,7 +174,9 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     model = _meta_model(config.model)
     plan = make_plan(sleep, layout.micro_batch, length, len(config.model.blocks), range(*config.model.loop_range))
     plans = [plan] * layout.grad_accumulation
-    tensor = tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) if layout.tensor > 1 else 0
+    # A stage's tensor-parallel ranks reduce only for its own blocks: the whole model's bytes over the stages (the
+    # splits hold about equal blocks; the embedding's and head's reductions, a small part, fall on the end stages).
+    tensor = tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) // layout.pipeline if layout.tensor > 1 else 0
     pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
     parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
     data = data_parallel_bytes(parameters, layout.zero_stage, layout.data) if layout.data > 1 else 0
