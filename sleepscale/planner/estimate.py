@@ -153,8 +153,8 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     stages = stage_ranges(config.model, layout.pipeline)
     precision = config.train.precision
     activation_bytes = 2 if precision == "bf16" else 4
-    activations = _activations(tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch, length,
-                               tuple(stages), precision)
+    activations = micro_batch_activations(tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch,
+                                          length, stages, precision)  # traces are cached in `activations`
     in_flight = min(layout.in_flight, layout.grad_accumulation) if layout.pipeline > 1 else 1
     run_config = config.model_copy(update={
         "train": config.train.model_copy(update={"zero_stage": layout.zero_stage, "micro_batch_size": layout.micro_batch,
@@ -193,11 +193,6 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
                     final, activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, compute, communication, seconds,
                     tokens / seconds, int(assumed.gpu_memory))
-
-
-@functools.lru_cache(maxsize=256)
-def _activations(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, stages: tuple[range, ...], precision: str):
-    return micro_batch_activations(model, sleep, batch, length, list(stages), precision)
 
 
 @functools.lru_cache(maxsize=16)
