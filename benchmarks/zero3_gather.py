@@ -4,8 +4,8 @@
 
 For each (checkpoint, N) the script builds the model and engine as the trainer does
 (`build_rank_model`, which partitions the model under `deepspeed.zero.Init`, then `SleepingModel`
-and `_build_engine`, whose DeepSpeed settings are `deepspeed_config`), and runs `--steps` training
-steps as `_run_steps` runs them (`micro_batch`, `get_forward_backward_func`, the update guard,
+and `build_stage_engine`, whose DeepSpeed settings are `deepspeed_config`), and runs `--steps` training
+steps as `_run_steps` runs them (`micro_batch`, the parallelism's `forward_backward`, the update guard,
 `engine.step()`), on fixed random batches.
 
 Counted: every all-gather DeepSpeed issues (its communication backend's `all_gather_into_tensor`,
@@ -42,12 +42,12 @@ from sleepscale.config import validate
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.sleep import IGNORE_INDEX
-from sleepscale.train import distributed as distributed_module
-from sleepscale.train import trainer as trainer_module
-from sleepscale.train.distributed import setup_distributed
+from sleepscale.parallel import zero as zero_module
+from sleepscale.parallel.distributed import setup_distributed
+from sleepscale.parallel.parallelism import Parallelism, micro_batch
 from sleepscale.train.spikes import SpikeGuard
-from sleepscale.train.step import UpdateGuard, get_forward_backward_func, micro_batch
-from sleepscale.train.trainer import SleepingModel, Stage, _build_engine
+from sleepscale.train.step import UpdateGuard
+from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
 GATHERS = ("all_gather_into_tensor", "all_gather", "all_gather_base", "all_gather_coalesced")
 
@@ -117,8 +117,8 @@ def build_config(args, passes: int, checkpoint: str):
 
 def overridden(settings: list[str]):
     """`deepspeed_config` with `--zero` overrides applied (for the trainer and the partitioned build)."""
-    original = distributed_module.deepspeed_config.__wrapped__ if hasattr(distributed_module.deepspeed_config, "__wrapped__") \
-        else distributed_module.deepspeed_config
+    original = zero_module.deepspeed_config.__wrapped__ if hasattr(zero_module.deepspeed_config, "__wrapped__") \
+        else zero_module.deepspeed_config
 
     def config_with_overrides(config):
         result = original(config)
@@ -144,12 +144,11 @@ def measure(args, ctx, passes: int, checkpoint: str) -> dict:
     loop = shapes.loop_range
     loop_numel = sum(p.numel() for i in loop for p in shapes.layers[i].parameters())
     deepspeed_config = overridden(args.zero)
-    distributed_module.deepspeed_config = trainer_module.deepspeed_config = deepspeed_config
+    zero_module.deepspeed_config = deepspeed_config  # read by the engine and by the partitioned build
     torch.manual_seed(config.train.seed)
-    model = SleepingModel(build_rank_model(config, None, ctx.device))
-    engine, sleep = _build_engine(model, config, Stage(0, config.stage_list()[0], 0, args.steps), ctx)
-    guard = UpdateGuard(config.train, engine, ctx, SpikeGuard(config.train, [], []))
-    forward_backward = get_forward_backward_func(None)
+    parallelism = Parallelism(config, ctx, build_rank_model(config, None, ctx.device))
+    engine, sleep = build_stage_engine(parallelism, config, TrainingStage(0, config.stage_list()[0], 0, args.steps))
+    guard = UpdateGuard(config.train, engine, parallelism, SpikeGuard(config.train, [], []))
     coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
 
     counter = GatherCounter()
@@ -191,7 +190,7 @@ def measure(args, ctx, passes: int, checkpoint: str) -> dict:
             targets = ids.roll(-1, dims=1)
             targets[:, -1] = IGNORE_INDEX
             batches = [micro_batch({"input_ids": ids, "targets": targets, "num_samples": args.batch}, shapes, sleep, ctx.device)]
-            result = forward_backward(engine, batches, sleep, guard)
+            result = parallelism.forward_backward(engine, batches, sleep, guard.before_backward)
             guard.decide()
             with counter.phase("step"):
                 engine.step()

@@ -130,31 +130,71 @@ def _run_window(
     """The passes of one window, as planned. Returns (logits, or None when not wanted and not
     needed; summed loss, or None without targets; states after it; the loop blocks' mean GDN state
     norm after each pass)."""
-    loop, per_pass = model.loop_range, window.checkpoint == "pass"
-    window_start = states
-    pass_norms = []
+    window_start, hidden, pass_norms = states, None, []
     for planned in window.passes:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
-            if planned.number == 1:
-                hidden = model.embed(window_ids)
-            states = before_pass(planned, states, window_start, loop)
-            for blocks in planned.blocks:
-                hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=per_pass)
-            if planned.readout is not None:  # the wake pass: coda and head on a branch, the loop output goes on
-                readout = hidden
-                if planned.readout:
-                    readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
-                logits, loss = head_and_loss(model, readout, window_targets, want_logits)
-                woke = states
-            states = after_pass(planned, states, loop)
-        pass_norms.append(_loop_state_norm(states, loop))
-    states = after_sleep(window, states, woke, loop, window_ids.device)
+        out = run_pass(model, window, planned, hidden, states, window_start, window_ids, window_targets, want_logits)
+        hidden, states = out.hidden, out.states
+        if out.woke is not None:
+            logits, loss, woke = out.logits, out.loss, out.woke
+        pass_norms.append(_loop_state_norm(states, model.loop_range))
+    states = after_sleep(window, states, woke, model.loop_range, window_ids.device)
     return logits, loss, states, torch.stack(pass_norms)
 
 
+@dataclasses.dataclass
+class PassOutput:
+    hidden: torch.Tensor | None  # the pass's output on the main line of blocks (the loop output once the loop has run)
+    states: list[MixerState]  # after the pass, bounded as planned
+    readout: torch.Tensor | None = None  # wake pass: the coda's output on a branch of the loop output (the head's input)
+    woke: list[MixerState] | None = None  # wake pass: the states after it, before any bound
+    logits: torch.Tensor | None = None  # wake pass on the blocks that end with the head
+    loss: torch.Tensor | None = None
+
+
+def run_pass(
+    model: HybridLM,
+    window: WindowPlan,
+    planned: PassPlan,
+    hidden: torch.Tensor | None,
+    states: list[MixerState],
+    window_start: list[MixerState],
+    window_ids: torch.Tensor | None = None,
+    window_targets: torch.Tensor | None = None,
+    want_logits: bool = True,
+) -> PassOutput:
+    """One pass over one window, on the blocks `model` holds, with the state operations around it:
+    the one place a pass is written. `model` is the whole model (`sleep_forward`) or a pipeline
+    stage's (`sleepscale.parallel.pipeline_stage`): blocks it does not hold pass `hidden` through
+    untouched, and their states are `NotHeld` placeholders that the state operations leave alone.
+
+    `hidden` is the pass's input: the previous pass's loop output for a sleep pass, or the hidden
+    states another stage handed on (None where this model embeds `window_ids`). On the wake pass
+    the coda runs on a branch of the loop output, then the head where this model holds it; a
+    stage after the loop receives the branch itself as `hidden`, which its (empty) part of the main
+    line passes on to its part of the coda. `window_start`: the states the window started from
+    (each sleep pass restarts the loop blocks' context from them)."""
+    loop, per_pass = model.loop_range, window.checkpoint == "pass"
+    out = PassOutput(hidden, states)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
+        if planned.number == 1 and model.holds_embedding:
+            hidden = model.embed(window_ids)
+        states = before_pass(planned, states, window_start, loop)
+        for blocks in planned.blocks:
+            hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=per_pass)
+        if planned.readout is not None:  # the wake pass: coda and head on a branch, the loop output goes on
+            out.readout = hidden
+            if planned.readout:
+                out.readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
+            if model.holds_head:
+                out.logits, out.loss = head_and_loss(model, out.readout, window_targets, want_logits)
+            out.woke = states
+        out.hidden, out.states = hidden, after_pass(planned, states, loop)
+    return out
+
+
 # The state operations around passes and windows. Every interpreter of a plan applies them through
-# these functions (this engine, and a pipeline stage on the blocks it owns: `states` may then hold
-# placeholders for other stages' blocks, which these operations leave alone).
+# these functions (`run_pass`, and what ends a window here and on a pipeline stage: `states` may then
+# hold `NotHeld` placeholders for other stages' blocks, which these operations leave alone).
 
 def before_pass(planned: PassPlan, states: list[MixerState], window_start: list[MixerState], loop: range) -> list[MixerState]:
     """A sleep pass's loop blocks restart from the context the window started with."""
@@ -177,6 +217,12 @@ def after_sleep(window: WindowPlan, states: list[MixerState], woke: list[MixerSt
         return states
     sleepers = torch.tensor(window.sleepers, device=device)
     return [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
+
+
+def end_window(window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range,
+               device: torch.device) -> list[MixerState]:
+    """The states the next window starts from: `after_sleep`, then `after_window`."""
+    return after_window(window, after_sleep(window, states, woke, loop, device))
 
 
 def after_window(window: WindowPlan, states: list[MixerState]) -> list[MixerState]:

@@ -1,5 +1,5 @@
 """Run under torchrun: one real training step (DeepSpeed engine over `SleepingModel`, micro-batches,
-`get_forward_backward_func`, the update guard, `engine.step()`, as the trainer runs them) under
+the parallelism's `forward_backward`, the update guard, `engine.step()`, as the trainer runs them) under
 tensor or pipeline parallelism, recording every tensor handed to torch.distributed; then, as a
 control, one evaluation-style forward with `return_logits=True`. Rank 0 writes, per rank, what
 was transferred and which transfers were shaped like logits, as JSON.
@@ -31,13 +31,13 @@ import torch.distributed as dist
 
 from conftest import make_config
 from sleepscale.config import validate
-from sleepscale.model import build_model
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.parallel.distributed import setup_processes
+from sleepscale.parallel.parallelism import micro_batch, parallelize
 from sleepscale.sleep import IGNORE_INDEX
-from sleepscale.train.distributed import setup_distributed, setup_model_parallel
 from sleepscale.train.spikes import SpikeGuard
-from sleepscale.train.step import UpdateGuard, get_forward_backward_func, micro_batch
-from sleepscale.train.trainer import SleepingModel, Stage, _build_engine
+from sleepscale.train.step import UpdateGuard
+from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
 VOCAB = 97  # prime: no other dimension here equals it, its padding (98 at T=2) or a shard of it (49)
 BATCH, WINDOW, LENGTH, HIDDEN = 3, 8, 20, 16  # windows of 8, 8 and 4 tokens
@@ -213,31 +213,21 @@ def main():
     torch.set_num_threads(1)
     config = build_config(args.tensor, args.pipeline)
     # As `run_training` sets up processes and the model.
-    ctx = setup_model_parallel(setup_distributed(), args.tensor, args.pipeline)
+    ctx = setup_processes(config.parallel)
     torch.manual_seed(config.train.seed)
-    hybrid, pipeline = build_model(config.model), None
-    if args.tensor > 1:
-        from sleepscale.parallel.tensor import parallelize_tensor
-
-        parallelize_tensor(hybrid, ctx.groups.tensor)
-    hybrid = hybrid.to(ctx.device)
-    if args.pipeline > 1:
-        from sleepscale.parallel.pipeline_stage import PipelineStage
-
-        hybrid = pipeline = PipelineStage(hybrid, config.model.stage_ranges, ctx.groups.pipeline.rank())
-    model = SleepingModel(hybrid)
+    parallelism = parallelize(config, ctx)
+    model = parallelism.model
     with torch.device("meta"):
         shapes = HybridLM(config.model)
-    engine, sleep = _build_engine(model, config, Stage(0, config.stage_list()[0], 0, 1), ctx)
-    guard = UpdateGuard(config.train, engine, ctx, SpikeGuard(config.train, [], []))
-    forward_backward = get_forward_backward_func(pipeline, ctx.groups.pipeline if pipeline is not None else None)
+    engine, sleep = build_stage_engine(parallelism, config, TrainingStage(0, config.stage_list()[0], 0, 1))
+    guard = UpdateGuard(config.train, engine, parallelism, SpikeGuard(config.train, [], []))
     batches = loader_batches()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     transfers = Transfers()
     with transfers.recording():  # one training step, as `_run_steps` runs it
         micro_batches = [micro_batch(batch, shapes, sleep, ctx.device) for batch in batches]
-        result = forward_backward(engine, micro_batches, sleep, guard)
+        result = parallelism.forward_backward(engine, micro_batches, sleep, guard.before_backward)
         decision = guard.decide()
         engine.step()
     step_calls = transfers.calls
@@ -247,12 +237,7 @@ def main():
     ids, targets = micro_batches[0].input_ids, micro_batches[0].targets
     engine.module.eval()
     with transfers.recording(), torch.no_grad():
-        if pipeline is None:
-            engine(ids, targets, sleep, return_logits=True)
-        else:
-            from sleepscale.parallel.pipeline import evaluate_step
-
-            evaluate_step(pipeline, ctx.groups.pipeline, micro_batches[0].plan, ids, targets, sleep.window)
+        parallelism.evaluation_forward(engine, ids, targets, sleep)
     control_calls = transfers.calls
 
     mine = {

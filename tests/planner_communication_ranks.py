@@ -34,7 +34,7 @@ from sleepscale.parallel.pipeline_stage import PipelineStage
 from sleepscale.parallel.tensor import parallelize_tensor
 from sleepscale.planner.communication import pipeline_bytes, tensor_parallel_phases
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
-from sleepscale.train.step import precision_context
+from sleepscale.model.precision import precision_context
 
 VOCAB = 39
 # Each collective and the argument holding the payload this rank hands in.

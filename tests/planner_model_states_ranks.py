@@ -41,8 +41,10 @@ import torch.distributed as dist
 from conftest import make_config
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.planner.model_states import model_state_bytes
-from sleepscale.train.distributed import deepspeed_config, setup_distributed
-from sleepscale.train.trainer import SleepingModel, Stage, _build_engine
+from sleepscale.parallel.distributed import setup_distributed
+from sleepscale.parallel.parallelism import Parallelism
+from sleepscale.parallel.zero import deepspeed_config
+from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
 CATEGORIES = ("weights", "gradients", "optimizer", "buffers")
 CLAIM_ORDER = ("weights", "optimizer", "buffers", "gradients")  # gradients wait in the reduce bucket: buffers
@@ -158,8 +160,9 @@ def run_stage(zero_stage: int, ctx) -> dict:
     config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": zero_stage})})
     gc.collect()
     baseline = storages(live_tensors())
-    model = SleepingModel(build_rank_model(config, None, ctx.device))
-    engine, sleep = _build_engine(model, config, Stage(0, config.stage_list()[0], 0, 2), ctx)
+    parallelism = Parallelism(config, ctx, build_rank_model(config, None, ctx.device))
+    model = parallelism.model
+    engine, sleep = build_stage_engine(parallelism, config, TrainingStage(0, config.stage_list()[0], 0, 2))
     sizes = [getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad]
     census = Census(engine, zero_stage, baseline)
     generator = torch.Generator().manual_seed(ctx.rank)

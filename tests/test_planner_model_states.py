@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_config
 from sleepscale.planner.model_states import REDUCE_BUCKET_SIZE, model_state_bytes
-from sleepscale.train.distributed import deepspeed_config
+from sleepscale.parallel.zero import deepspeed_config
 from train_helpers import free_port
 
 CATEGORIES = ("weights", "gradients", "optimizer", "buffers")

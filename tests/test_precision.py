@@ -6,7 +6,7 @@ from conftest import make_config
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.sleep import sleep_forward
-from sleepscale.train.step import precision_context
+from sleepscale.model.precision import precision_context
 
 
 def accumulated_gradients(precision: str, config, batches, model_dtype=torch.float32) -> tuple[dict, list, torch.nn.Module]:

@@ -55,7 +55,7 @@ def test_zero3_keeps_the_loop_gathered_over_a_windows_passes():
     default; `train.zero3_reuse_distance` replaces it."""
     from conftest import make_config
     from sleepscale.model.hybrid import HybridLM
-    from sleepscale.train.distributed import deepspeed_config
+    from sleepscale.parallel.zero import deepspeed_config
 
     config = make_config(pattern="AGAGAG", model={"loop": [2, 4]})
     config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": 3})})

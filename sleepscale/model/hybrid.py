@@ -20,7 +20,7 @@ from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
 from sleepscale.model.norm import RMSNorm
-from sleepscale.model.state import MixerState
+from sleepscale.model.state import MixerState, NotHeld
 
 
 def _make_block(letter: str, config: ModelConfig) -> Block:
@@ -81,10 +81,13 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embeddings.weight
         self.cross_entropy = CrossEntropy()
         self.loop_range = range(*config.loop_range)
+        self.held = range(len(self.layers))  # the blocks this rank holds: all, or a pipeline stage's (`cut_to_blocks`)
 
     def initial_states(self, batch_size: int, span: int, device: torch.device | None = None) -> list[MixerState]:
-        """Fresh per-block states for a batch of new sequences; `span` is the attention window L."""
-        return [block.initial_state(batch_size, span, device) for block in self.layers]
+        """Fresh per-block states for a batch of new sequences; `span` is the attention window L.
+        Blocks this rank does not hold get `NotHeld` placeholders."""
+        return [block.initial_state(batch_size, span, device) if i in self.held else NotHeld()
+                for i, block in enumerate(self.layers)]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
@@ -92,9 +95,13 @@ class HybridLM(nn.Module):
     def run_blocks(
         self, hidden: torch.Tensor, states: list[MixerState], blocks: range, checkpoint: bool = False
     ) -> tuple[torch.Tensor, list[MixerState]]:
-        """Runs blocks[i] for i in `blocks`, reading and replacing states[i]; other states are untouched.
-        `checkpoint`: keep only the inputs and recompute the blocks' activations in backward
-        (non-reentrant, so that blocks reused N times work under ZeRO-2/3)."""
+        """Runs blocks[i] for i in `blocks` that this rank holds (`held`; a contiguous part of them,
+        possibly none), reading and replacing states[i]; other states are untouched. `checkpoint`:
+        keep only the inputs and recompute the blocks' activations in backward (non-reentrant, so
+        that blocks reused N times work under ZeRO-2/3)."""
+        blocks = range(max(blocks.start, self.held.start), min(blocks.stop, self.held.stop))
+        if not blocks:
+            return hidden, states
         if checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(HybridLM.run_blocks, self, hidden, states, blocks, use_reentrant=False)
         states = list(states)
@@ -104,6 +111,30 @@ class HybridLM(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))
+
+    @property
+    def holds_embedding(self) -> bool:
+        return self.embeddings is not None
+
+    @property
+    def holds_head(self) -> bool:
+        return self.lm_head is not None
+
+
+def cut_to_blocks(model: HybridLM, blocks: range) -> HybridLM:
+    """`model` cut, in place, to the blocks `blocks` (a pipeline stage's): the other blocks become
+    `nn.Identity` placeholders, so parameter names stay the whole model's (the stages' state dicts
+    together are the model's); the embedding stays only when `blocks` start the stack, the final norm
+    and head only when they end it. Works on the meta device, before any weight exists."""
+    for index in range(len(model.layers)):
+        if index not in blocks:
+            model.layers[index] = nn.Identity()
+    if blocks.start != 0:
+        model.embeddings = None
+    if blocks.stop != len(model.layers):
+        model.norm = model.lm_head = None
+    model.held = blocks
+    return model
 
 
 def build_model(config: ModelConfig, device: torch.device | str | None = None) -> HybridLM:

@@ -94,3 +94,18 @@ def _where(mask: torch.Tensor, a, b):
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or a != b:
         raise ValueError(f"cannot select per sequence between {type(a).__name__} and {type(b).__name__} state fields")
     return a
+
+
+@dataclasses.dataclass(frozen=True)
+class NotHeld(MixerState):
+    """The state of a block this rank does not hold (another pipeline stage's): every state operation
+    leaves it as it is, so the engine's state operations run unchanged over a stage's states."""
+
+    def evicted(self) -> NotHeld:
+        return self
+
+    def next_pass(self, window_start: NotHeld) -> NotHeld:
+        return self
+
+    def where(self, mask: torch.Tensor, other: NotHeld) -> NotHeld:
+        return self

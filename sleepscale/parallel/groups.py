@@ -2,7 +2,7 @@
 
 Ranks are laid out as megatron does (tensor fastest, then data, then pipeline), so the processes of
 one tensor-parallel group sit on one node. Gloo on CPU, NCCL on GPU: the groups inherit the backend
-of the default process group, which `sleepscale.train.distributed` picks.
+of the default process group, which `sleepscale.parallel.distributed` picks.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
         if op.kind == "F":
             m = op.micro_batch
             if carried[m] is None:
-                start = stage.initial_states(plans[m].batch, span, device)
+                start = stage.model.initial_states(plans[m].batch, span, device)
                 carried[m] = Carried(start, start, start)
             received = _take(arriving, _input_transfer(op, walk), traffic)
             record = _Record([], None, {}, [], None)
@@ -121,7 +121,7 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
             if out.loss is not None:
                 window_losses[m].append(out.loss.detach())
             if out.logits is not None:
-                logits[m].append(stage.cross_entropy.full_logits(out.logits).detach())
+                logits[m].append(stage.model.cross_entropy.full_logits(out.logits).detach())
         else:
             record = records.pop((op.micro_batch, op.traversal, op.stage))
             tensors, grads = [], []
@@ -170,7 +170,7 @@ def evaluate_step(stage: PipelineStage, group: dist.ProcessGroup, plan: SleepPla
     out = run_step(stage, group, [plan], [input_ids], [targets], span, in_flight=1, want_logits=True)
     device, dtype = _device_and_dtype(stage)
     logits = out.logits[0].contiguous() if stage.is_last else \
-        torch.empty(*input_ids.shape, stage.config.vocab_size, device=device, dtype=dtype)
+        torch.empty(*input_ids.shape, stage.model.config.vocab_size, device=device, dtype=dtype)
     last = dist.get_global_rank(group, len(stage.stages) - 1)
     dist.broadcast(logits, last, group=group)
     loss = None
@@ -189,7 +189,7 @@ def _schedule(walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: 
 
 
 def _device_and_dtype(stage: PipelineStage) -> tuple[torch.device, torch.dtype]:
-    parameter = next(stage.layers[stage.owned.start].parameters())
+    parameter = next(stage.model.layers[stage.held.start].parameters())
     return parameter.device, parameter.dtype
 
 
@@ -257,7 +257,7 @@ def _post(posted, outbox, arriving, peers, group, walks, plans, stage, device, d
             producer = transfer.produced_by
             plan = plans[producer.micro_batch]
             window = plan.windows[walks[producer.micro_batch][producer.traversal].window]
-            buffer = torch.empty(plan.batch, window.length, stage.config.hidden_size, device=device, dtype=dtype)
+            buffer = torch.empty(plan.batch, window.length, stage.model.config.hidden_size, device=device, dtype=dtype)
             operations.append(dist.P2POp(dist.irecv, buffer, peers[peer], group))
             buffers.append((transfer, buffer))
     handle = _Posted(dist.batch_isend_irecv(operations) or [])

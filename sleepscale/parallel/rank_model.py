@@ -12,16 +12,15 @@ filled with this rank's shard alone (`load_weights`) from its source:
 A rank's peak is about its share of the weights plus one whole parameter. Under ZeRO-3 the model is
 partitioned as it is built (`_zero3_model`).
 
-The pipeline wrapper itself (`PipelineStage`) is applied by the trainer afterwards.
+The rank's place in the pipeline (`PipelineStage`) is added by `sleepscale.parallel.parallelize`.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from sleepscale.config import Config
-from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.hybrid import HybridLM, cut_to_blocks
 from sleepscale.model.seeded_weights import SeededWeights
 
 
@@ -39,22 +38,11 @@ def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
     with torch.device("meta"):
         model = HybridLM(config.model)
         if config.parallel.pipeline > 1:
-            _keep_stage(model, config.model.stage_ranges, groups.pipeline.rank())
+            cut_to_blocks(model, config.model.stage_ranges[groups.pipeline.rank()])
         if tensor_group is not None:
             parallelize_tensor(model, tensor_group)
     load_weights(model, source, tensor_group, device)
     return model
-
-
-def _keep_stage(model: HybridLM, stages: list[range], index: int) -> None:
-    """Drops what pipeline stage `index` does not hold (`PipelineStage` keeps the same parts)."""
-    for block in range(len(model.layers)):
-        if block not in stages[index]:
-            model.layers[block] = nn.Identity()
-    if index != 0:
-        model.embeddings = None
-    if index != len(stages) - 1:
-        model.norm = model.lm_head = None
 
 
 def _zero3_model(config: Config, source, device: torch.device) -> HybridLM:
@@ -67,7 +55,7 @@ def _zero3_model(config: Config, source, device: torch.device) -> HybridLM:
     import torch.distributed as dist
 
     from sleepscale.convert.model_dir import SafetensorsFiles
-    from sleepscale.train.distributed import deepspeed_config
+    from sleepscale.parallel.zero import deepspeed_config
 
     # Partitions go to DeepSpeed's accelerator device (this rank's GPU, which setup_distributed
     # selects; the CPU without one), i.e. `device`.

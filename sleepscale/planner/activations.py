@@ -20,7 +20,7 @@ and loss, the input of a checkpointed unit (`run_blocks` under per-pass or per-w
 checkpointing), or a state operation between passes; so a pipeline stage's share is the sum over
 what it runs. A storage counts once (views share it), and parameters count not at all (they are
 model state, not activations); under bf16 autocast the bf16 copies of weights a matmul saves do
-count (`sleepscale.train.step.precision_context` casts afresh per use).
+count (`sleepscale.model.precision.precision_context` casts afresh per use).
 
 `held` is what checkpointed units keep outside autograd: non-reentrant checkpointing keeps the
 Python arguments of each unit for its recomputation, among them the recurrent states (GDN fast
@@ -118,7 +118,7 @@ def saved_bytes(model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: Sl
     """Measured: the distinct non-parameter bytes `sleep_forward` saves for backward on these inputs
     (what `MicroBatchActivations.saved` predicts)."""
     from sleepscale.sleep import sleep_forward
-    from sleepscale.train.step import precision_context
+    from sleepscale.model.precision import precision_context
 
     counter = SavedStorages(model.parameters())
     with counter.counting(), precision_context(precision, input_ids.device):
@@ -195,7 +195,7 @@ class _Trace:
 
         from sleepscale.model.hybrid import HybridLM
         from sleepscale.sleep import sleep_forward
-        from sleepscale.train.step import precision_context
+        from sleepscale.model.precision import precision_context
 
         self.model, self.reduced = model, _reduced(model)
         sleep = sleep.model_copy(update={"sleep_on": "evicted"})  # the worst case; which windows carry loss is data

@@ -36,7 +36,7 @@ activation and L the window's length:
   head's and cross-entropy's tensors by tokens.
 
 Element sizes: parameters, gradients and what is not a matmul's output are float32 (4 bytes); under
-`train.precision: bf16` (autocast over float32 parameters, `sleepscale.train.step.precision_context`)
+`train.precision: bf16` (autocast over float32 parameters, `sleepscale.model.precision.precision_context`)
 the matmul outputs are bf16, and so are two kinds of reduced tensor: the row-parallel outputs
 reduced in forward, and the head's input gradient, which megatron's column-parallel layer
 all-reduces inside its backward, straight from its bf16 matmul (`activation_bytes`). The mixer's and
@@ -186,7 +186,7 @@ def data_parallel_bytes(parameters: int, zero_stage: int, data_parallel: int, gr
       each), assumed one in forward and one again in backward: P + 2 P/D. The forward's one
       assumes DeepSpeed's module trace is in use (from the second step on) and that
       `stage3_max_reuse_distance` covers a window's passes (`loop_reuse_distance`, the trainer's
-      default; see `sleepscale.train.distributed.deepspeed_config`), so the loop blocks stay
+      default; see `sleepscale.parallel.zero.deepspeed_config`), so the loop blocks stay
       gathered across passes and windows. The backward's one assumes each parameter was released
       between its last forward use and its first backward use (at scale, more than the distance
       apart for all but the last blocks) and stays gathered through the backward, its

@@ -144,7 +144,7 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         all_reduce_wire_factor, data_parallel_bytes, data_parallel_wire_bytes, pipeline_bytes, tensor_parallel_bytes,
     )
     from sleepscale.planner.model_states import model_state_bytes
-    from sleepscale.train.distributed import deepspeed_config
+    from sleepscale.parallel.zero import deepspeed_config
 
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length

@@ -1,6 +1,6 @@
 """Model-state memory of one rank under DeepSpeed: weights, gradients, optimizer states and
 DeepSpeed's own buffers, at ZeRO stage 0, 1, 2 or 3, from the parameter sizes and the run's
-DeepSpeed settings (`sleepscale.train.distributed.deepspeed_config`).
+DeepSpeed settings (`sleepscale.parallel.zero.deepspeed_config`).
 
 Every tensor is float32 (4 bytes an element): the project trains float32 weights, gradients and
 AdamW state whatever `train.precision` (bf16 is autocast over a float32 engine; DeepSpeed's bf16 is

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from sleepscale.train import faults
-from sleepscale.train.distributed import Distributed
+from sleepscale.parallel.distributed import Distributed
 
 LATEST = "latest"
 PARTIAL = ".partial"
