@@ -40,10 +40,11 @@ plus the matmul in the backward of each triangular solve, 2 C^2 (d_k + d_v) per 
 Recomputation (non-reentrant checkpointing with torch's default early stop) re-runs a checkpointed
 unit whose backward runs, up to the last tensor its forward saved for backward. Autograd saves a
 matmul's inputs before computing it, so the unit's last matmul (the last block's down_proj, or its
-o_proj without MLP) is not re-run when nothing after it saves a tensor. Units (`WindowPlan.checkpoint`):
-`pass`, every block range of a pass that carries gradient (the coda too, not the head); `window`,
-the whole window with the head, passes without gradient included (there a bound or a per-sequence
-choice of sleepers after the last pass saves tensors, so the last matmul is re-run too). A window
+o_proj without MLP) is not re-run when nothing after it saves a tensor. Units: `pass`, every block
+range of a pass that carries gradient (the coda too, not the head; `PassPlan.checkpoint_units`);
+`window`, the whole window with the head, passes without gradient included
+(`WindowPlan.is_checkpoint_unit`; there a bound or a per-sequence choice of sleepers after the last
+pass saves tensors, so the last matmul is re-run too: `WindowPlan.ends_on_matmul`). A window
 whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`: large
 vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes under
 `window` then ends on its last chunk, which saved only its input: its recomputation stops before it.
@@ -158,9 +159,11 @@ def _block(block: nn.Module, sequences: int, length: int, keys: int, live: Live,
     return forward + mixer[0], backward + mixer[1]
 
 
-def liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool) -> dict[tuple[int, int], Live]:
+def liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> dict[tuple[int, int], Live]:
     """Live outputs of each (pass number, block) run over `window`, walked from its last pass back.
-    `carried`: the states after the window reach the loss (a next window reads them, no detach)."""
+    The states after the window reach the loss when a next window reads them with their gradient
+    (`WindowPlan.carries_states`)."""
+    carried = window.carries_states
     partial = window.sleepers is not None  # then the window's states are the wake pass's or the last pass's, per sequence
     context = carried and not window.evict  # the context the window ends with is read by the next window
     live, hidden_read, memory_read = {}, False, {}
@@ -191,25 +194,25 @@ def _flat(ranges: tuple[range, ...]) -> list[int]:
     return [i for blocks in ranges for i in blocks]
 
 
-def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int, carried: bool, state_grad: bool) -> float:
+def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) -> float:
     """FLOPs of one window: forward, backward and recomputation. `keys`: keys each attention query
-    sees; `state_grad`: the fast weights the window starts from require grad."""
+    sees."""
     sequences, length = plan.batch, window.length
-    live = liveness(plan, window, model, carried)
+    live = liveness(plan, window, model)
     head = 2.0 * model.lm_head.weight.numel() * sequences * length
     forward = backward = recompute = 0.0
     previous: PassPlan | None = None
     for planned in window.passes:
-        starts_with_grad = state_grad if previous is None else previous.grad
-        units = [*planned.blocks, *([planned.readout] if planned.readout else [])]
-        for unit in units:
+        # whether the fast weights the pass starts from require grad
+        starts_with_grad = window.starts_with_carried_states if previous is None else previous.grad
+        for unit in planned.block_ranges:
             unit_forward = 0.0
             for i in unit:
                 block_forward, block_backward = _block(model.layers[i], sequences, length, keys, live[planned.number, i], starts_with_grad)
                 unit_forward += block_forward
                 backward += block_backward
             forward += unit_forward
-            if window.checkpoint == "pass" and planned.grad and any(live[planned.number, i] for i in unit):
+            if unit in planned.checkpoint_units and any(live[planned.number, i] for i in unit):  # backward reaches it
                 recompute += unit_forward - 2.0 * _last_matmul(model.layers[unit[-1]]) * sequences * length
         if planned.readout is not None:
             forward, backward = forward + head, backward + 2 * head
@@ -217,10 +220,11 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int, ca
     chunk = loss_chunk_length(sequences, length, model.config.vocab_size)
     if chunk is not None:  # each checkpointed chunk of the loss re-runs its head in backward
         recompute += head
-    if window.checkpoint == "window":
-        last = window.passes[-1]
-        ends_on_matmul = len(window.passes) > 1 and last.bound is None and window.sleepers is None
-        recompute += forward - (2.0 * _last_matmul(model.layers[last.blocks[-1][-1]]) * sequences * length if ends_on_matmul else 0.0)
+    if window.is_checkpoint_unit:
+        not_rerun = 0.0
+        if window.ends_on_matmul:  # the last matmul of the last sleep pass's last block
+            not_rerun = 2.0 * _last_matmul(model.layers[window.passes[-1].blocks[-1][-1]]) * sequences * length
+        recompute += forward - not_rerun
         if chunk is not None and len(window.passes) == 1:  # the window ends on the last chunk, which saved only its input
             recompute -= head * ((length - 1) % chunk + 1) / length
     return forward + backward + recompute
@@ -230,12 +234,10 @@ def plan_flops(plan: SleepPlan, model: nn.Module, window: int) -> float:
     """FLOPs of one training forward, backward and recomputation of the batch `plan` describes
     (`sleepscale.sleep.plan_for`), for `model` (the meta-device twin will do: only shapes are read);
     `window`: `sleep.window`, the attention span."""
-    total, tail, state_grad = 0.0, 0, False
-    for index, planned in enumerate(plan.windows):
-        carried = index < len(plan.windows) - 1 and not planned.detach
-        total += _window(plan, planned, model, tail + planned.length, carried, state_grad)
+    total, tail = 0.0, 0
+    for planned in plan.windows:
+        total += _window(plan, planned, model, tail + planned.length)
         tail = 0 if planned.evict else min(window - 1, tail + planned.length)  # keys the next window starts with
-        state_grad = not planned.detach  # the final pass carries gradient (grad_passes >= 1)
     return total
 
 

@@ -10,13 +10,20 @@ operations between them. It is the one place that decides
   coda and the head on a branch (`readout`); each sleep pass runs the loop blocks again, starting
   from the previous pass's loop output;
 - which passes carry gradient (`grad_passes`: only the last k of the N passes);
-- the checkpoint unit (`pass`: each block range of a pass; `window`: the whole window);
+- the checkpoint units (`pass`: each block range of a pass with gradient, `PassPlan.checkpoint_units`;
+  `window`: the whole window, `WindowPlan.is_checkpoint_unit`);
 - the state operations: before a sleep pass the loop blocks restart their context (`next_pass`),
   after it their GDN states may be bounded; after the window the sleepers keep their slept states,
-  then hard eviction and `detach_every` apply.
+  then hard eviction and `detach_every` apply; so which windows' states reach a later window with
+  their gradient (`WindowPlan.carries_states`, `WindowPlan.starts_with_carried_states`).
+
+What follows from these decisions is a property of the plan too, for every reader to take from here
+rather than derive again: the block ranges a pass runs (`PassPlan.block_ranges`), its checkpoint
+units, and whether a window's forward ends on a matrix product (`WindowPlan.ends_on_matmul`).
 
 The sleep engine (`sleepscale.sleep.sleep_forward`) interprets a plan, `sleepscale.flops` counts a
-plan's FLOPs, and the pipeline schedule (`sleepscale.parallel.pipeline_schedule`) derives its traversals from a plan. Everything here is
+plan's FLOPs, `sleepscale.planner.communication` its communication, and the pipeline schedule
+(`sleepscale.parallel.pipeline_schedule`) derives its traversals from a plan. Everything here is
 decided on the host from host data, so running a plan needs no device-to-host synchronisation.
 """
 
@@ -38,11 +45,27 @@ class PassPlan:
     """One pass over a window. Pass 1 is the wake pass; passes 2..N are sleep passes."""
 
     number: int
-    blocks: tuple[range, ...]  # run in order on the pass's hidden states; each is one checkpoint unit under `pass`
+    blocks: tuple[range, ...]  # run in order on the pass's hidden states
     readout: range | None  # wake pass only: blocks run on a branch of the loop output before the head (the coda)
     grad: bool  # recorded by autograd (False: truncated backprop runs the pass without it)
     next_pass: bool  # before the pass, loop blocks restart from the window's starting context
     bound: float | None  # after the pass, loop GDN states are rescaled to at most this norm
+    checkpointed: bool  # each of its block ranges is a checkpoint unit (`checkpoint: pass`, on a pass with gradient)
+
+    @property
+    def block_ranges(self) -> tuple[range, ...]:
+        """The block ranges the pass runs, in order: its `blocks`, then its `readout` (the coda) when
+        it has one. Each is one `run_blocks` call of the engine."""
+        return (*self.blocks, *([self.readout] if self.readout else []))
+
+    @property
+    def checkpoint_units(self) -> tuple[range, ...]:
+        """The block ranges that are each recomputed as one unit in backward (non-reentrant
+        checkpointing keeps only a unit's inputs): under `checkpoint: pass`, every block range of a
+        pass with gradient, the coda too (not the head); none otherwise (a pass without gradient runs
+        without autograd, so nothing of it is checkpointed; under `window` the unit is the whole
+        window, `WindowPlan.is_checkpoint_unit`). A unit is recomputed only when backward reaches it."""
+        return self.block_ranges if self.checkpointed else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +78,13 @@ class WindowPlan:
     checkpoint: Checkpointing
     evict: bool  # hard eviction after the window: only GDN fast weights go on
     detach: bool  # after the window, the carried states are cut from the autograd graph
+    # The states the window ends with reach a later window with their gradient (backward runs from
+    # that window's loss into this one): it is not the plan's last window and no detach follows it.
+    carries_states: bool
+    # The states the window starts from require grad: they are the previous window's, which
+    # `carries_states` (False for the first window, whose states come from outside the plan: fresh
+    # ones in training, and after a detach).
+    starts_with_carried_states: bool
 
     @property
     def length(self) -> int:
@@ -63,6 +93,26 @@ class WindowPlan:
     @property
     def sleep_passes(self) -> tuple[PassPlan, ...]:
         return self.passes[1:]
+
+    @property
+    def is_checkpoint_unit(self) -> bool:
+        """The whole window is recomputed as one unit in backward (`checkpoint: window`): its
+        embedding, every pass (those without gradient too), the head and the loss."""
+        return self.checkpoint == "window"
+
+    @property
+    def ends_on_matmul(self) -> bool:
+        """The window's forward ends on a matrix product: the last block's last matmul (its MLP's
+        down_proj, or the mixer's o_proj without MLP) of a sleep pass, with neither a state bound
+        after that pass nor a per-sequence choice of sleepers (each saves tensors for backward). A
+        window without sleep passes ends on the head and the loss instead.
+
+        It matters when the window is a checkpoint unit (`is_checkpoint_unit`): non-reentrant
+        checkpointing's early stop re-runs a unit only up to the last tensor its forward saved for
+        backward, and autograd saves a matmul's inputs before computing it, so when nothing after the
+        last matmul saves a tensor, that matmul (and a tensor-parallel all-reduce of its output) is
+        not re-run."""
+        return len(self.passes) > 1 and self.passes[-1].bound is None and self.sleepers is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,21 +158,28 @@ def make_plan(
     checkpoint = sleep.checkpointing
     grad_passes = sleep.passes if sleep.grad_passes is None else min(sleep.grad_passes, sleep.passes)
     prelude, coda = range(0, loop.start), range(loop.stop, num_blocks)
-    wake = PassPlan(1, tuple(blocks for blocks in (prelude, loop) if blocks), coda, grad=True, next_pass=False, bound=None)
+    wake = PassPlan(1, tuple(blocks for blocks in (prelude, loop) if blocks), coda, grad=True, next_pass=False,
+                    bound=None, checkpointed=checkpoint == "pass")
+    grads = {number: number > sleep.passes - grad_passes for number in range(2, sleep.passes + 1)}
     sleep_passes = tuple(
-        PassPlan(number, (loop,), None, grad=number > sleep.passes - grad_passes, next_pass=True, bound=sleep.state_norm_bound)
-        for number in range(2, sleep.passes + 1)
+        PassPlan(number, (loop,), None, grad=grad, next_pass=True, bound=sleep.state_norm_bound,
+                 checkpointed=checkpoint == "pass" and grad)
+        for number, grad in grads.items()
     )
-    windows = []
+    windows, carried_in = [], False  # the first window starts from fresh states
     for index, (start, end) in enumerate(bounds):
         evicted = sequence_continues or index < len(bounds) - 1
         sleepers = _sleepers(sleep, batch, evicted, None if carries_loss is None else [row[index] for row in carries_loss])
         passes = (wake,) if not any(sleepers) else (wake, *sleep_passes)
+        detach = sleep.detach_every is not None and (index + 1) % sleep.detach_every == 0
+        # the final pass carries gradient (grad_passes >= 1), and so do the states it ends the window with
+        carries_states = index < len(bounds) - 1 and not detach
         windows.append(WindowPlan(
             index, start, end, passes, None if all(sleepers) or not any(sleepers) else tuple(sleepers), checkpoint,
-            evict=evicted and sleep.eviction == "hard",
-            detach=sleep.detach_every is not None and (index + 1) % sleep.detach_every == 0,
+            evict=evicted and sleep.eviction == "hard", detach=detach,
+            carries_states=carries_states, starts_with_carried_states=carried_in,
         ))
+        carried_in = carries_states
     return SleepPlan(batch, loop, num_blocks, tuple(windows))
 
 

@@ -16,7 +16,7 @@ from conftest import make_config, make_model
 from train_helpers import write_config
 from sleepscale.config import load_config
 from sleepscale.model import build_model
-from sleepscale.plan import make_plan
+from sleepscale.plan import loss_windows, make_plan
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
 
 # Operators that copy a device value to the host (and so wait for the device).
@@ -118,6 +118,91 @@ def test_the_plan_says_what_runs(tokens):
     assert plan.passes_run().tolist() == [[3, 1, 3, 1], [3, 3, 1, 1], [3, 3, 3, 1]]
     continuing = make_plan(config.sleep, 3, 16, 5, range(1, 4), sequence_continues=True)
     assert [len(w.passes) for w in continuing.windows] == [3, 3]
+
+
+@pytest.mark.parametrize("loop", [(1, 4), (0, 5)], ids=["prelude-loop-coda", "all-loop"])
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "window"])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
+    config = make_config("GAGAG", passes=passes, checkpoint=checkpoint, grad_passes=min(2, passes),
+                         model={"loop": list(loop)})
+    plan = make_plan(config.sleep, 3, 30, 5, range(*loop))
+    ranges = tuple(blocks for blocks in (range(0, loop[0]), range(*loop), range(loop[1], 5)) if blocks)
+    for window in plan.windows:
+        wake, *sleep = window.passes
+        assert len(sleep) == (passes - 1 if window.index < 3 else 0)  # the last window is not slept on
+        assert wake.block_ranges == ranges  # the prelude, the loop, then the coda on the readout branch
+        assert all(p.block_ranges == (range(*loop),) for p in sleep)
+        # under `pass` each block range of a pass with gradient is one unit: the wake pass and the last 2 passes
+        assert wake.checkpoint_units == (ranges if checkpoint == "pass" else ())
+        assert [p.checkpoint_units for p in sleep] == [
+            (range(*loop),) if checkpoint == "pass" and p.number > passes - 2 else () for p in sleep]
+        assert window.is_checkpoint_unit == (checkpoint == "window")
+
+
+@pytest.mark.parametrize("setting", [
+    {"checkpoint": "pass"},
+    {"checkpoint": "pass", "grad_passes": 1, "state_norm_bound": 0.5},
+    {"checkpoint": "pass", "sleep_on": "context", "eviction": "sliding"},
+    {"checkpoint": "window"},
+    {"checkpoint": "none"},
+], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens):
+    """Under `pass` the engine checkpoints exactly the plan's `PassPlan.checkpoint_units`, in order (under
+    `window` it checkpoints the window, and no block range on its own)."""
+    config = make_config("GAGAG", passes=3, model={"loop": [1, 4]}, **setting)
+    model = make_model(config, dtype=torch.float32)
+    targets = context_targets(tokens)
+    plan = plan_for(model, tokens, config.sleep, targets)
+    checkpointed, run_blocks = [], model.run_blocks
+
+    def recorded(hidden, states, blocks, checkpoint=False):
+        if checkpoint and torch.is_grad_enabled():
+            checkpointed.append(blocks)
+        return run_blocks(hidden, states, blocks, checkpoint)
+
+    model.run_blocks = recorded
+    sleep_forward(model, tokens, config.sleep, targets=targets, return_logits=False, plan=plan)
+    assert checkpointed == [blocks for w in plan.windows for p in w.passes for blocks in p.checkpoint_units]
+    # 4 windows' prelude, loop and coda, and the loop of each sleep pass with gradient over the 3 slept on
+    per_pass = setting["checkpoint"] == "pass"
+    assert len(checkpointed) == (4 * 3 + 3 * (1 if "grad_passes" in setting else 2) if per_pass else 0)
+
+
+@pytest.mark.parametrize("length, detach_every, carried_on", [
+    (30, None, [True, True, True, False]),  # 4 windows: the last one's states reach no later window
+    (30, 1, [False, False, False, False]),
+    (30, 2, [True, False, True, False]),
+    (30, 3, [True, True, False, False]),
+    (8, None, [False]),
+    (8, 1, [False]),
+])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_the_plan_says_which_states_are_carried(passes, length, detach_every, carried_on):
+    config = make_config(passes=passes, detach_every=detach_every)
+    for continues in (False, True) if length % 8 == 0 else (False,):  # a segment's last window is still the plan's last
+        plan = make_plan(config.sleep, 3, length, 4, range(0, 4), sequence_continues=continues)
+        assert [w.carries_states for w in plan.windows] == carried_on
+        # a window starts from states with gradient when the window before carried its states on
+        assert [w.starts_with_carried_states for w in plan.windows] == [False, *carried_on[:-1]]
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "window"])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+def test_the_plan_says_which_windows_end_on_a_matmul(passes, checkpoint, tokens):
+    """A window ends on its last sleep pass's last matmul unless a bound or a per-sequence choice of
+    sleepers follows it; without sleep passes it ends on the head and loss."""
+    def ends_on_matmul(**sleep):
+        config = make_config(passes=passes, checkpoint=checkpoint, **sleep)
+        carries_loss = loss_windows(context_targets(tokens), 8) if sleep.get("sleep_on") == "context" else None
+        return [w.ends_on_matmul for w in make_plan(config.sleep, 3, 30, 4, range(0, 4), carries_loss).windows]
+
+    slept = passes > 1
+    assert ends_on_matmul() == [slept, slept, slept, False]  # the last window is not slept on
+    assert ends_on_matmul(state_norm_bound=0.5) == [False] * 4
+    # sleepers per window [all, (False, True, True), (True, False, True), none]: only the first ends on a matmul
+    assert ends_on_matmul(sleep_on="context") == [slept, False, False, False]
+    assert ends_on_matmul(grad_passes=1) == [slept, slept, slept, False]  # gradient or not, the last pass runs
 
 
 def test_a_plan_for_other_inputs_is_refused(tokens):

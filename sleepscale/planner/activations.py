@@ -48,6 +48,7 @@ from collections.abc import Iterator
 import torch
 
 from sleepscale.config import ModelConfig, SleepConfig
+from sleepscale.plan import make_plan
 
 # What a saved byte is attributed to (the second part of a key; the first is the window's class).
 EMBEDDING, HEAD, STATE_OPS = "embedding", "head", "state_ops"
@@ -340,9 +341,9 @@ def _tensors(state) -> Iterator[torch.Tensor]:
 def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str,
                   stages: list[range]) -> int:
     """The most bytes a checkpointed unit saves when backward recomputes it: under `pass`, the
-    largest part (prelude, loop or coda; a pipeline stage runs its share of each as a unit) run
-    once over a window; under `window`, a whole window with its passes (a middle one, when there
-    are several)."""
+    largest of the wake pass's units (`PassPlan.checkpoint_units`: prelude, loop and coda; a sleep
+    pass's one unit is the loop; a pipeline stage runs its share of each as a unit) run once over a
+    window; under `window`, a whole window with its passes (a middle one, when there are several)."""
     mode, window = sleep.checkpointing, min(sleep.window, length)
     if mode == "none":
         return 0
@@ -353,7 +354,9 @@ def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: in
     one_pass = sleep.model_copy(update={"checkpoint": "none", "passes": 1, "random_passes": None, "grad_passes": None})
     trace = _traced(model, one_pass, batch, window, precision, kernels)
     blocks = {key: size for key, size in trace.saved.items() if key[1] not in (EMBEDDING, HEAD)}
-    units = [range(max(part.start, stage.start), min(part.stop, stage.stop)) for part in _parts(model) for stage in stages]
+    wake = make_plan(sleep, batch, window, len(model.blocks), range(*model.loop_range)).windows[0].passes[0]
+    units = [range(max(unit.start, stage.start), min(unit.stop, stage.stop))
+             for unit in wake.checkpoint_units for stage in stages]
     return max(trace.per_stage(blocks, [unit for unit in units if len(unit)]))
 
 

@@ -20,14 +20,15 @@ activation and L the window's length:
   them without pipelining; `run_step` makes one per op) one sum of each per-head norm's weight
   gradient (GDN's o_norm, attention's q_norm and k_norm; a hook on the parameter, which fires once
   per call): every block's wake pass reaches the loss, so each gets one;
-- recomputation re-runs forward all-reduces: non-reentrant checkpointing re-runs a unit (flops.py's
-  units) up to the last tensor its forward saved for backward. Megatron's row-parallel matmul (an
-  autograd Function) saves its inputs as it returns and the all-reduce after it saves nothing, so a
-  unit ending on a block's last row-parallel layer re-runs that matmul but not its all-reduce
-  (measured): under `pass`, every unit of a pass with gradient and a live
-  output re-runs its all-reduces but the last; under `window`, the whole window (embedding, passes
-  without gradient, the cross-entropy) is re-run, and the last all-reduce too unless the window ends
-  on it (it has sleep passes, no bound after the last and no per-sequence choice of sleepers);
+- recomputation re-runs forward all-reduces: non-reentrant checkpointing re-runs a unit (the plan's:
+  `PassPlan.checkpoint_units`, `WindowPlan.is_checkpoint_unit`) up to the last tensor its forward
+  saved for backward. Megatron's row-parallel matmul (an autograd Function) saves its inputs as it
+  returns and the all-reduce after it saves nothing, so a unit ending on a block's last row-parallel
+  layer re-runs that matmul but not its all-reduce (measured): under `pass`, every unit (of a pass
+  with gradient) with a live output re-runs its all-reduces but the last; under `window`, the whole
+  window (embedding, passes without gradient, the cross-entropy) is re-run, and the last all-reduce
+  too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep passes, no bound after
+  the last and no per-sequence choice of sleepers);
 - a window whose logits exceed `sleepscale.sleep.LOSS_CHUNK_ELEMENTS` gets its loss in checkpointed
   token chunks: each chunk's cross-entropy (and its three all-reduces) is re-run in backward, and
   under `window` checkpointing once more, in the window's recomputation (nested checkpoints), but
@@ -62,7 +63,7 @@ from sleepscale import sleep as engine
 from sleepscale.flops import Live, liveness
 from sleepscale.model.attention import Attention
 from sleepscale.parallel.pipeline_schedule import traversals
-from sleepscale.plan import PassPlan, SleepPlan, WindowPlan
+from sleepscale.plan import SleepPlan, WindowPlan
 
 FLOAT32 = 4
 
@@ -88,9 +89,8 @@ def tensor_parallel_phases(plans: list[SleepPlan], model: nn.Module, tensor: int
     forward = backward = 0
     for plan in plans:
         backward += FLOAT32 * sum(norm.weight.numel() for block in model.layers for norm in _head_norms(block.attn))
-        for index, window in enumerate(plan.windows):
-            carried = index < len(plan.windows) - 1 and not window.detach
-            window_forward, window_backward = _window(plan, window, model, carried, activation_bytes)
+        for window in plan.windows:
+            window_forward, window_backward = _window(plan, window, model, activation_bytes)
             forward, backward = forward + window_forward, backward + window_backward
     return forward, backward
 
@@ -102,32 +102,27 @@ def _head_norms(mixer: nn.Module) -> list[nn.Module]:
     return [mixer.o_norm]
 
 
-def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, carried: bool, activation_bytes: int) -> tuple[int, int]:
+def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, activation_bytes: int) -> tuple[int, int]:
     """(forward, backward with recomputation) bytes of one window."""
     tokens = plan.batch * window.length
     activation = tokens * model.config.hidden_size
     reduced = activation_bytes * activation  # one row-parallel all-reduce, or the head's input gradient
     loss = 3 * FLOAT32 * tokens
-    live = liveness(plan, window, model, carried)
+    live = liveness(plan, window, model)
     forward, backward, recompute = FLOAT32 * activation + loss, reduced, 0
     for planned in window.passes:
-        for unit in _units(planned):
+        for unit in planned.block_ranges:
             unit_forward = reduced * sum(_row_parallel(model.layers[i]) for i in unit)
             forward += unit_forward
             if planned.grad:
                 backward += FLOAT32 * activation * sum(_input_gradients(model.layers[i], live[planned.number, i]) for i in unit)
-            if window.checkpoint == "pass" and planned.grad and any(live[planned.number, i] for i in unit):
+            if unit in planned.checkpoint_units and any(live[planned.number, i] for i in unit):  # backward reaches it
                 recompute += unit_forward - reduced
     last_chunk = _last_loss_chunk(plan, window, model)
-    if window.checkpoint == "window":
+    if window.is_checkpoint_unit:
         recompute += forward - _not_recomputed(window, reduced, 3 * FLOAT32 * plan.batch * last_chunk)
     recompute += loss if last_chunk else 0  # each chunk's own recomputation
     return forward, backward + recompute
-
-
-def _units(planned: PassPlan) -> list[range]:
-    """The pass's block ranges in order, the coda last: each one checkpoint unit under `pass`."""
-    return [*planned.blocks, *([planned.readout] if planned.readout else [])]
 
 
 def _row_parallel(block: nn.Module) -> int:
@@ -149,13 +144,14 @@ def _last_loss_chunk(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> i
 
 def _not_recomputed(window: WindowPlan, reduced: int, last_chunk_loss: int) -> int:
     """Bytes at the end of a window's forward that its recomputation stops before, nothing after
-    them saving a tensor for backward: the last sleep pass's final row-parallel all-reduce (without
-    a bound or a per-sequence choice of sleepers after it; as in `sleepscale.flops`), or without
-    sleep passes the last loss chunk, a checkpoint of its own (`last_chunk_loss`: its cross-entropy's
-    bytes, 0 when the loss is not chunked; unchunked, the loss saves tensors to its end)."""
+    them saving a tensor for backward: the last sleep pass's final row-parallel all-reduce when the
+    window ends on its matmul (`WindowPlan.ends_on_matmul`: no bound or per-sequence choice of
+    sleepers after it), or without sleep passes the last loss chunk, a checkpoint of its own
+    (`last_chunk_loss`: its cross-entropy's bytes, 0 when the loss is not chunked; unchunked, the
+    loss saves tensors to its end)."""
     if len(window.passes) == 1:
         return last_chunk_loss
-    return reduced if window.passes[-1].bound is None and window.sleepers is None else 0
+    return reduced if window.ends_on_matmul else 0
 
 
 def pipeline_bytes(plans: list[SleepPlan], stages: list[range], hidden_size: int, activation_bytes: int = 4) -> list[int]:
