@@ -96,7 +96,7 @@ def sleep_forward(
     for window in plan.windows:
         window_targets = None if targets is None else targets[:, window.start : window.end]
         window_logits, window_loss, states, norms = _maybe_checkpoint(
-            window.checkpoint == "window", _run_window, model, window, input_ids[:, window.start : window.end],
+            window.is_checkpoint_unit, _run_window, model, window, input_ids[:, window.start : window.end],
             window_targets, states, return_logits,
         )
         states = after_window(window, states)
@@ -173,7 +173,7 @@ def run_pass(
     stage after the loop receives the branch itself as `hidden`, which its (empty) part of the main
     line passes on to its part of the coda. `window_start`: the states the window started from
     (each sleep pass restarts the loop blocks' context from them)."""
-    loop, per_pass = model.loop_range, window.checkpoint == "pass"
+    loop, per_pass = model.loop_range, planned.checkpointed
     out = PassOutput(hidden, states)
     with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
         if planned.number == 1 and model.holds_embedding:

@@ -126,10 +126,11 @@ class Parallelism:
         dist.all_reduce(loss)
         return loss.item() / dist.get_world_size()
 
-    def gradient_norm(self, parameters: list[nn.Parameter]) -> float:
-        """Norm of the gradients of `parameters` (averaged over data ranks already): under tensor
-        parallelism each shard counts once and replicated weights once. Reads the device."""
-        return self._model_parallel_sum(self._squared_gradients(parameters)).sqrt().item()
+    def gradient_norm(self, parameters: list[nn.Parameter]) -> torch.Tensor:
+        """Norm of the whole model's gradients, from this rank's `parameters` (their gradients are
+        averaged over data ranks already): under tensor parallelism each shard counts once and
+        replicated weights once. A device scalar: reading it is the caller's synchronisation."""
+        return self._model_parallel_sum(self._squared_gradients(parameters)).sqrt()
 
     def _squared_gradients(self, parameters: list[nn.Parameter]) -> torch.Tensor:
         groups = self.ctx.groups

@@ -67,5 +67,5 @@ class UpdateGuard:
         """Norm of the gradients before clipping, over the whole model (averaged over data ranks).
         Read on the host: the decision to skip needs it (one synchronisation a step)."""
         optimizer = self.engine.optimizer
-        return self.parallelism.gradient_norm([p for group in optimizer.param_groups for p in group["params"]
-                                               if p.grad is not None])
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return self.parallelism.gradient_norm(parameters).item()
