@@ -23,26 +23,26 @@ from torch import nn
 from sleepscale.config import Config
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.seeded_weights import SeededWeights
+from sleepscale.model.weights import SafetensorsFiles, load_weights
 
 
 def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
     """`groups`: the ParallelGroups, or None without model parallelism. A resumed run reads
     `model.init_from` again (its checkpoint then replaces the weights): the directory must stay."""
     tensor_group = groups.tensor if groups is not None and config.parallel.tensor > 1 else None
-    from sleepscale.parallel.tensor import parallelize_tensor
+    from sleepscale.parallel.tensor import parallelize_tensor, shard_slice
 
     source = config.model.init_from or SeededWeights(config.model)
     if config.train.zero_stage == 3:
         return _zero3_model(config, source, device)
-    from sleepscale.convert.model_dir import load_weights
-
     with torch.device("meta"):
         model = HybridLM(config.model)
         if config.parallel.pipeline > 1:
             _keep_stage(model, config.model.stage_ranges, groups.pipeline.rank())
         if tensor_group is not None:
             parallelize_tensor(model, tensor_group)
-    load_weights(model, source, tensor_group, device)
+    shard = None if tensor_group is None else lambda parameter: shard_slice(parameter, tensor_group)
+    load_weights(model, source, shard=shard, device=device)
     return model
 
 
@@ -66,7 +66,6 @@ def _zero3_model(config: Config, source, device: torch.device) -> HybridLM:
     import deepspeed
     import torch.distributed as dist
 
-    from sleepscale.convert.model_dir import SafetensorsFiles
     from sleepscale.train.distributed import deepspeed_config
 
     # Partitions go to DeepSpeed's accelerator device (this rank's GPU, which setup_distributed
