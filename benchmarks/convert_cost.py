@@ -99,10 +99,11 @@ def rank_load(model_dir: str, out: str, ordinary: bool) -> None:
     """One torchrun rank: build this rank's tensor-parallel part and report its peak memory."""
     import torch.distributed as dist
 
-    from sleepscale.config import validate, with_init_source
-    from sleepscale.convert.model_dir import load_weights
+    from sleepscale.config import validate
+    from sleepscale.config_loading import with_init_source
     from sleepscale.model import build_model
     from sleepscale.model.hybrid import HybridLM
+    from sleepscale.model.weights import load_weights
     from sleepscale.parallel.groups import init_parallel_groups
     from sleepscale.parallel.rank_model import build_rank_model
     from sleepscale.parallel.tensor import parallelize_tensor

@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from sleepscale.config import load_config
+from sleepscale.config_loading import load_config
 from sleepscale.planner.estimate import GB, Assumptions, config_layout, estimate, largest_passes
 
 MODELS = {"1B": ("configs/plan/hybrid-1b.yaml", 1), "8B": ("configs/plan/hybrid-8b.yaml", 8), "70B": ("configs/plan/hybrid-70b.yaml", 64)}

@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from sleepscale.config import load_config
+from sleepscale.config_loading import load_config
 from sleepscale.model import build_model
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.groups import init_parallel_groups

@@ -42,6 +42,7 @@ from sleepscale.config import validate
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.sleep import IGNORE_INDEX
+from sleepscale.parallel import rank_model as rank_model_module
 from sleepscale.parallel import zero as zero_module
 from sleepscale.parallel.distributed import setup_distributed
 from sleepscale.parallel.parallelism import Parallelism, micro_batch
@@ -144,7 +145,7 @@ def measure(args, ctx, passes: int, checkpoint: str) -> dict:
     loop = shapes.loop_range
     loop_numel = sum(p.numel() for i in loop for p in shapes.layers[i].parameters())
     deepspeed_config = overridden(args.zero)
-    zero_module.deepspeed_config = deepspeed_config  # read by the engine and by the partitioned build
+    zero_module.deepspeed_config = rank_model_module.deepspeed_config = deepspeed_config  # engine; partitioned build
     torch.manual_seed(config.train.seed)
     parallelism = Parallelism(config, ctx, build_rank_model(config, None, ctx.device))
     engine, sleep = build_stage_engine(parallelism, config, TrainingStage(0, config.stage_list()[0], 0, args.steps))

@@ -7,7 +7,8 @@ import sys
 
 import yaml
 
-from sleepscale.config import ConfigError, load_config
+from sleepscale.config import ConfigError
+from sleepscale.config_loading import load_config
 
 
 def planner_reserve_gb() -> float:
@@ -189,7 +190,7 @@ def _convert(args) -> int:
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such directory")
     importing = (source / "config.json").is_file() and not is_model_dir(source)
-    if not importing and args.insert_gdn:
+    if not importing and args.insert_gdn is not None:
         raise ConfigError("--insert-gdn applies when importing a Hugging Face checkpoint (a directory with config.json)")
     if importing:
         out = convert_from_hf(source, args.out, insert_gdn=args.insert_gdn, seed=args.seed)

@@ -1,19 +1,31 @@
-"""One validated configuration for a run, loaded from YAML with `key=value` overrides.
+"""One validated configuration for a run: the schema (`Config` and its sections) and `validate`.
 
 Every bad value fails with a `ConfigError` whose message is one line naming the field and what is
 allowed, e.g. `model.pattern: unknown block letter 'X' at position 2 (allowed: A, a, G, g)`.
+
+Reading a config file, `key=value` overrides and `model.init_from` are `sleepscale.config_loading`'s.
+This module imports nothing of sleepscale (tests/test_imports.py holds it to that): every other
+module may import it, so it sits at the root of the package's import graph, and the facts it checks
+values against are defined here, e.g. the sizes the kernels take (`WINDOW_MAX_LENGTH`, ...).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGE_BOUNDARY = "|"
+
+# The sizes the gated-delta-rule kernels take. Defined here, where validation checks a config against
+# them (this module imports nothing of sleepscale, nor torch or Triton); our window kernel
+# (sleepscale/kernels/window_delta_rule.py) and the dispatcher (sleepscale.ops) read them from here.
+WINDOW_MAX_LENGTH = 64  # our window kernel: one window of at most this many tokens
+WINDOW_MAX_HEAD_DIM = 128  # ... with key and value head dimensions up to this
+FLA_MAX_KEY_DIM = 256  # fla's gated delta rule kernels: key head dimensions up to this
 
 # The layer-pattern alphabet (one letter per block; see sleepscale/model/blocks.py).
 BLOCK_LETTERS = {
@@ -156,8 +168,6 @@ class ModelConfig(Section):
 
     def _gdn_kernels_take(self, value_dim: int) -> None:
         """The GDN head dimensions against the kernels `backend` can resolve to (on a GPU)."""
-        from sleepscale.kernels.limits import FLA_MAX_KEY_DIM, WINDOW_MAX_HEAD_DIM
-
         if self.backend in ("auto", "fla") and self.gdn_head_dim > FLA_MAX_KEY_DIM:
             raise FieldError("gdn.head_dim", f"{self.gdn_head_dim} is above {FLA_MAX_KEY_DIM}, the largest key head "
                              f"dimension fla's kernels take (model.backend {self.backend} uses them on CUDA); use at most "
@@ -456,8 +466,6 @@ class Config(Section):
             self._check_pipeline()
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
-        from sleepscale.kernels.limits import WINDOW_MAX_LENGTH
-
         if self.model.backend == "window" and self.sleep.window > WINDOW_MAX_LENGTH:
             raise FieldError("model.backend", f"window runs windows of at most {WINDOW_MAX_LENGTH} tokens, sleep.window is "
                              f"{self.sleep.window}; use model.backend=auto (fla's chunked kernel beyond)")
@@ -481,9 +489,6 @@ class Config(Section):
 
     def fingerprint(self) -> str:
         """Hash of what a resumed run must share with the run it resumes (not tracking, eval, logging)."""
-        import hashlib
-        import json
-
         shared = self.model_dump(mode="json", include={"model", "sleep", "data", "optimizer", "schedule", "stages"})
         shared["train"] = self.train.model_dump(
             mode="json", include={"micro_batch_size", "grad_accumulation", "precision", "zero_stage", "grad_clip", "seed"}
@@ -524,93 +529,5 @@ def validate(data: Any) -> Config:
         raise ConfigError("; ".join(_describe(e, Config) for e in error.errors())) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """`a.b.c=value` sets data['a']['b']['c'] to value parsed as YAML (so 4 is an int, [0, 2] a list)."""
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} must look like key=value, e.g. sleep.passes=4")
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            if isinstance(node, list):  # an item of a list of sections: `stages.0.steps=2`
-                child = node[_list_index(node, part, override)]
-            else:
-                child = node.setdefault(part, {})
-            if not isinstance(child, (dict, list)):
-                raise ConfigError(f"override {override!r}: {part} is a value, not a section")
-            node = child
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {override!r}: value is not valid YAML ({error.problem})") from None
-        node[_list_index(node, leaf, override) if isinstance(node, list) else leaf] = value
-    return data
-
-
-def _list_index(items: list, part: str, override: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {override!r}: {part} is not an index of a list of {len(items)} (0 to {len(items) - 1})")
-    return int(part)
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where} ({getattr(error, 'problem', error)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with sections model and sleep")
-    return validate(with_init_source(apply_overrides(data, list(overrides))))
-
-
 # Model fields a run may set differently from its `model.init_from` source (they change no weight's meaning).
 FREE_OF_SOURCE = ("init_from", "seed", "backend", "loop", "init_std")
-
-
-def with_init_source(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with its model section completed from `model.init_from`'s, after checking that every
-    architecture field the config gives agrees with the source (pipeline '|' marks may be added)."""
-    model = data.get("model")
-    if not isinstance(model, dict) or not model.get("init_from"):
-        return data
-    from sleepscale.convert.model_dir import ModelDirError, read_description
-
-    try:
-        source = ModelConfig(**read_description(model["init_from"])["model"]).model_dump(mode="json")
-    except ModelDirError as error:
-        raise ConfigError(f"model.init_from: {error}") from None
-    for key, value in model.items():
-        if key in FREE_OF_SOURCE:
-            continue
-        if key == "pattern" and isinstance(value, str):
-            value = value.replace(STAGE_BOUNDARY, "")
-        found = _disagreement(key, value, source.get(key))
-        if found:
-            field, given, theirs = found
-            raise ConfigError(f"model.{field}: the config gives {given!r}, model.init_from {model['init_from']} has "
-                              f"{theirs!r}; remove it from the config (it is filled from the source) or make it agree")
-    # Given fields agree with the source's; take the source's (complete) section, the free fields and '|' marks as given.
-    free = {key: model[key] for key in (*FREE_OF_SOURCE, "pattern") if key in model}
-    return {**data, "model": {**source, **free}}
-
-
-def _disagreement(key: str, given: Any, source: Any) -> tuple[str, Any, Any] | None:
-    """(dotted field, given value, source value) of the first given model value that differs from
-    the source's, or None."""
-    if isinstance(given, dict) and isinstance(source, dict):
-        for sub, value in given.items():
-            found = _disagreement(f"{key}.{sub}", value, source.get(sub))
-            if found:
-                return found
-        return None
-    if isinstance(given, (list, tuple)) and isinstance(source, (list, tuple)):
-        given, source = list(given), list(source)
-    return None if given == source else (key, given, source)

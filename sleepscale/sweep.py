@@ -39,7 +39,8 @@ import time
 from itertools import product
 from pathlib import Path
 
-from sleepscale.config import Config, ConfigError, load_config
+from sleepscale.config import Config, ConfigError
+from sleepscale.config_loading import load_config
 
 log = logging.getLogger("sleepscale.sweep")
 

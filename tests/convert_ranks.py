@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sleepscale.config import validate, with_init_source
-from sleepscale.convert.model_dir import SafetensorsFiles, load_weights
+from sleepscale.config import validate
+from sleepscale.config_loading import with_init_source
 from sleepscale.model import build_model
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.weights import SafetensorsFiles, load_weights
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.parallel.tensor import full_state_dict, parallelize_tensor

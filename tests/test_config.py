@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from sleepscale.cli import main
-from sleepscale.config import ConfigError, apply_overrides, load_config, validate
+from sleepscale.config import ConfigError, validate
+from sleepscale.config_loading import apply_overrides, load_config
 
 
 def base():

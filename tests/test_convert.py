@@ -11,10 +11,12 @@ import pytest
 import torch
 import yaml
 
-from sleepscale.config import ConfigError, load_config, validate
+from sleepscale.config import ConfigError, validate
+from sleepscale.config_loading import load_config
 from sleepscale.convert import convert_from_hf, export_to_hf
-from sleepscale.convert.model_dir import SafetensorsFiles, load_weights, read_description
+from sleepscale.convert.model_dir import read_description
 from sleepscale.model import build_model
+from sleepscale.model.weights import SafetensorsFiles, load_weights
 from sleepscale.sleep import sleep_forward
 
 VOCAB, LENGTH = 64, 24
@@ -222,6 +224,62 @@ def test_unsupported_checkpoints_are_one_line(tmp_path, config, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _convert_main(capsys, *args) -> tuple[int, str]:
+    """`sleepscale convert ARGS` in this process (cheaper than `_convert_cli`): exit code, stderr."""
+    from sleepscale.cli import main
+
+    capsys.readouterr()  # what building the inputs printed
+    code = main(["convert", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def _one_line(code: int, stderr: str, *parts: str) -> bool:
+    return code == 2 and len(stderr.strip().splitlines()) == 1 and all(part in stderr for part in parts)
+
+
+def _llama_config(source: Path) -> None:
+    """A Hugging Face directory with a tiny Llama's config.json (written without importing transformers)."""
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({**COMMON, "model_type": "llama", "rms_norm_eps": 1e-6}))
+
+
+def test_a_config_json_that_is_not_json_is_one_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",')
+    code, stderr = _convert_main(capsys, tmp_path / "hf", tmp_path / "out")
+    assert _one_line(code, stderr, "config.json: not valid JSON", "save_pretrained"), stderr
+
+
+def test_a_truncated_safetensors_file_is_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    _llama_config(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    save_file({"model.embed_tokens.weight": torch.ones(VOCAB, 32)}, str(weights))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, stderr = _convert_main(capsys, tmp_path / "hf", tmp_path / "out")
+    assert _one_line(code, stderr, "model.safetensors: not a readable safetensors file", "truncated"), stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_insert_gdn_0_is_refused(tmp_path, capsys):
+    _llama_config(tmp_path / "hf")
+    code, stderr = _convert_main(capsys, tmp_path / "hf", tmp_path / "out", "--insert-gdn", "0")
+    assert _one_line(code, stderr, "--insert-gdn 0: give K >= 1"), stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entries,found", [([], "it is empty"),
+                                           (["weights.bin", "notes.txt"], "it holds notes.txt, weights.bin")])
+def test_a_directory_with_nothing_to_convert_is_one_line(tmp_path, capsys, entries, found):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in entries:
+        (source / name).write_text("")
+    code, stderr = _convert_main(capsys, source, tmp_path / "out")
+    assert _one_line(code, stderr, "no config.json", "no trainer.json", found), stderr
 
 
 def _large_model_dir(tmp_path):

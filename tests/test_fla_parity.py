@@ -13,8 +13,9 @@ from sleepscale.config import validate
 from sleepscale.model import build_model
 from sleepscale.convert import convert_from_hf, export_to_hf
 from sleepscale.convert.families import FlaGatedDeltaNet, UnsupportedCheckpoint
-from sleepscale.convert.model_dir import SafetensorsFiles, load_weights, read_description, write_model_dir
+from sleepscale.convert.model_dir import read_description, write_model_dir
 from sleepscale.model.gdn import GatedDeltaNet
+from sleepscale.model.weights import SafetensorsFiles, load_weights
 from sleepscale.sleep import sleep_forward
 
 TESTS = Path(__file__).parent

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import frozen_engine
 from conftest import make_config, make_model
 from train_helpers import write_config
-from sleepscale.config import load_config
+from sleepscale.config_loading import load_config
 from sleepscale.model import build_model
 from sleepscale.plan import loss_windows, make_plan
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward

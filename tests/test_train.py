@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 
-from sleepscale.config import load_config
+from sleepscale.config_loading import load_config
 from sleepscale.model import build_model
 from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.trainer import EXIT_BAD_STEPS, EXIT_PREEMPTED

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sleepscale.config import load_config
+from sleepscale.config_loading import load_config
 from sleepscale.data.loader import ShardLoader
 from sleepscale.model import build_model
 from sleepscale.passes import draw_passes

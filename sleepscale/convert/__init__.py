@@ -18,12 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from sleepscale.config import FREE_OF_SOURCE
+from sleepscale.config import FREE_OF_SOURCE, ConfigError, validate
 from sleepscale.convert.families import FlaGatedDeltaNet, Piece, UnsupportedCheckpoint, family_of
 from sleepscale.convert.model_dir import (
-    SHARD_BYTES, ModelDirError, SafetensorsFiles, is_model_dir, read_description, write_model_dir, write_safetensors_dir,
+    DESCRIPTION, SHARD_BYTES, ModelDirError, is_model_dir, read_description, write_model_dir, write_safetensors_dir,
 )
+from sleepscale.model import build_model
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.weights import SafetensorsFiles
+from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 
 INSERTED_BLOCK = "g"  # GDN without MLP, as Ouro's inserted fast-weight layers
 
@@ -32,13 +37,19 @@ def read_hf_config(source: Path) -> dict[str, Any]:
     path = source / "config.json"
     if not path.is_file():
         raise ModelDirError(f"{source}: no config.json; give a Hugging Face checkpoint directory (save_pretrained's output)")
-    return json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelDirError(f"{path}: not valid JSON ({error}); give the config.json that save_pretrained wrote "
+                            "beside the weights") from None
+    if not isinstance(hf, dict):
+        raise ModelDirError(f"{path}: holds a JSON {type(hf).__name__}, not an object of config fields; give the "
+                            "config.json that save_pretrained wrote beside the weights")
+    return hf
 
 
 def _validated(section: dict[str, Any]):
     """The ModelConfig of a model section (with the config's one-line errors)."""
-    from sleepscale.config import ConfigError, validate
-
     try:
         return validate({"model": section, "sleep": {"window": 1}, "train": {"steps": 1}}).model
     except ConfigError as error:
@@ -49,7 +60,8 @@ def with_inserted_gdn(section: dict[str, Any], every: int) -> tuple[dict[str, An
     """(model section with a GDN-only block after every `every`-th block, our block index of each
     source block, the inserted blocks' indices)."""
     if every < 1:
-        raise UnsupportedCheckpoint(f"--insert-gdn {every}: give a block interval >= 1")
+        raise ConfigError(f"--insert-gdn {every}: give K >= 1 (a GDN block after every K-th block), or leave out "
+                          "--insert-gdn to insert none")
     letters, block_of, inserted = [], [], []
     for index, letter in enumerate(section["pattern"]):
         block_of.append(len(letters))
@@ -73,7 +85,7 @@ def convert_from_hf(source: str | Path, out: str | Path, insert_gdn: int | None 
     _validated(section)
     block_of, inserted = list(range(len(section["pattern"]))), []
     model_section = section
-    if insert_gdn:
+    if insert_gdn is not None:
         model_section, block_of, inserted = with_inserted_gdn(section, insert_gdn)
     model_section = {**model_section, "seed": seed}
     model = _validated(model_section)
@@ -101,8 +113,6 @@ INSERTION_CONFIG = "train.yaml"
 
 def insertion_config(model_dir: Path, inserted: list[int]) -> str:
     """The two-stage config of the paper's insertion recipe (Ouro) for a model directory."""
-    import yaml
-
     config = {
         "model": {"init_from": str(model_dir.resolve())},
         "sleep": {"window": 512, "passes": 2, "eviction": "hard"},
@@ -129,8 +139,6 @@ def insertion_config(model_dir: Path, inserted: list[int]) -> str:
 def _check_coverage(pieces: list[Piece], files: SafetensorsFiles, family, model, inserted: list[int], source: Path) -> None:
     """Every weight of the model comes from a source tensor of its shape or is inserted, and every
     source tensor is used or knowingly ignored: a mismatch stops before anything is written."""
-    from sleepscale.model.hybrid import HybridLM
-
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in HybridLM(model).named_parameters()}
     covered = {piece.ours for piece in pieces} | {name for name in shapes if _block_index(name) in inserted}
@@ -161,8 +169,6 @@ def _inserted_weights(model, inserted: list[int]) -> Iterator[tuple[str, torch.T
     which is zero so that the converted model computes exactly what the source did."""
     if not inserted:
         return
-    from sleepscale.model.hybrid import build_model
-
     fresh = build_model(model)  # deterministic in model.seed
     for index in inserted:
         block = fresh.layers[index]
@@ -179,9 +185,7 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
         section, weights = description["model"], SafetensorsFiles(source)
         get = weights.get
     else:
-        from sleepscale.train.checkpoint import load_model_from_checkpoint
-
-        model, config = load_model_from_checkpoint(source)
+        model, config = load_model_from_checkpoint(_checkpoint_in(source))
         section = config.model.model_dump(mode="json")
         description = read_description(config.model.init_from) if config.model.init_from else {"source": None}
         state = dict(model.named_parameters())
@@ -210,6 +214,22 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
     return write_safetensors_dir(out, tensors(), {"config.json": json.dumps(hf, indent=2)}, shard_bytes)
 
 
+def _checkpoint_in(source: Path) -> Path:
+    """The training checkpoint `source` names (itself, or a run directory's latest), or a one-line error
+    saying what was looked for and what `source` holds."""
+    try:
+        return resolve_checkpoint(source)
+    except FileNotFoundError:
+        if (source / "checkpoints").exists() or (source / "latest").exists():
+            raise  # a run or checkpoint directory whose latest checkpoint is incomplete: that error names it
+    entries = sorted(entry.name for entry in source.iterdir())
+    if not entries:
+        found = "it is empty"
+    else:
+        found = "it holds " + ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise ModelDirError(f"{source}: nothing to convert: no config.json (a Hugging Face checkpoint to import), no "
+                        f"{DESCRIPTION} (a model directory to export) and no trainer.json (a run or training "
+                        f"checkpoint to export); {found}")
 
 
 def _check_same_architecture(source_section: dict[str, Any], section: dict[str, Any], where: Path) -> None:

@@ -20,6 +20,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
+from sleepscale.config import AttentionConfig, ModelConfig
+from sleepscale.model.hybrid import HybridLM
+
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
@@ -261,10 +266,6 @@ class FlaGatedDeltaNet:
         return section
 
     def pieces(self, hf: dict[str, Any], model: dict[str, Any], block_of: list[int]) -> list[Piece]:
-        from sleepscale.config import ModelConfig
-        from sleepscale.model.hybrid import HybridLM
-        import torch
-
         with torch.device("meta"):
             names = [name for name, _ in HybridLM(ModelConfig(**model)).named_parameters()]
         source_block = {block: layer for layer, block in enumerate(block_of)}
@@ -282,8 +283,6 @@ class FlaGatedDeltaNet:
 
     def hf_config(self, model: dict[str, Any]) -> dict[str, Any]:
         """The fla config of a model sleepscale trained from scratch (export without a source)."""
-        from sleepscale.config import AttentionConfig, ModelConfig
-
         config = ModelConfig(**model)
         if config.zero_centered_norms:
             raise UnsupportedCheckpoint("model.zero_centered_norms: fla's GatedDeltaNet models have no such option; export "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-from sleepscale.data import depo, math_problems, rule110, text
 from tqdm import tqdm
 
+from sleepscale.config import ConfigError
+from sleepscale.data import depo, math_problems, rule110, text
 from sleepscale.data.shards import SplitWriter, sample_rng, write_manifest
 
 VERSIONS = {"rule110": rule110.VERSION, "depo": depo.VERSION, "math": math_problems.VERSION, "text": text.VERSION}
@@ -18,8 +21,6 @@ def make_task(name: str, args: dict):
     try:
         return TASKS[name](**args)
     except (TypeError, ValueError) as error:  # an unknown, missing or impossible option
-        from sleepscale.config import ConfigError
-
         raise ConfigError(f"data.generate.args for {name}: {error}") from None
 
 
@@ -70,9 +71,6 @@ def generate_missing(data) -> bool:
     it has none yet; True if it did. Safe when several processes start at once (a job array's
     elements): each writes into its own temporary directory and renames it into place; the first
     rename wins and the others discard theirs (the same seed writes the same bytes)."""
-    import os
-    import shutil
-
     if data is None or data.generate is None or (Path(data.path) / "manifest.json").exists():
         return False
     generate, path = data.generate, Path(data.path)

@@ -46,8 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sleepscale.kernels.limits import WINDOW_MAX_HEAD_DIM as MAX_HEAD_DIM
-from sleepscale.kernels.limits import WINDOW_MAX_LENGTH as MAX_LENGTH
+# The kernel's limits, defined where configs are checked against them.
+from sleepscale.config import WINDOW_MAX_HEAD_DIM as MAX_HEAD_DIM
+from sleepscale.config import WINDOW_MAX_LENGTH as MAX_LENGTH
 L2_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's: linear above it
 

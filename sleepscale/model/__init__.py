@@ -1,5 +1,6 @@
 """Hybrid attention / Gated DeltaNet language model."""
 
-from sleepscale.model.hybrid import HybridLM, build_model
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.seeded_weights import build_model
 
 __all__ = ["HybridLM", "build_model"]

@@ -135,16 +135,3 @@ def cut_to_blocks(model: HybridLM, blocks: range) -> HybridLM:
         model.norm = model.lm_head = None
     model.held = blocks
     return model
-
-
-def build_model(config: ModelConfig, device: torch.device | str | None = None) -> HybridLM:
-    """The whole model with weights drawn from `config.seed` (`sleepscale.model.seeded_weights`: one RNG
-    stream per parameter, so a rank holding a part of the model draws the same values for it);
-    the caller's RNG is untouched."""
-    from sleepscale.convert.model_dir import load_weights
-    from sleepscale.model.seeded_weights import SeededWeights
-
-    with torch.device("meta"):
-        model = HybridLM(config)
-    load_weights(model, SeededWeights(config), device=device if device is not None else "cpu")
-    return model

@@ -6,12 +6,13 @@ which other parameters a rank draws. A pipeline or tensor-parallel rank therefor
 parameters it holds (a tensor-parallel shard is cut from its parameter drawn whole, one parameter at
 a time), and still gets the values a single process gets: no rank ever holds the whole model.
 
-`SeededWeights` reads like a model directory (`sleepscale.convert.model_dir.SafetensorsFiles`:
+`SeededWeights` reads like a model directory (`sleepscale.model.weights.SafetensorsFiles`:
 `names`, `shape`, `get` with rows or columns), so `load_weights` fills a meta-device model from
-either. The rules, as transformers' and fla's defaults: normal(0, init_std) for linear and
-embedding weights, residual output projections (`o_proj`, `down_proj`) at init_std / sqrt(2 *
-layers), zero biases, fla's decay init for a GDN's `A_log` and `dt_bias`, nn.Conv1d's default for
-the short convolutions, ones for norm weights (zeros for zero-centred norms).
+either; `build_model` is the whole model drawn so. The rules, as transformers' and fla's defaults:
+normal(0, init_std) for linear and embedding weights, residual output projections (`o_proj`,
+`down_proj`) at init_std / sqrt(2 * layers), zero biases, fla's decay init for a GDN's `A_log` and
+`dt_bias`, nn.Conv1d's default for the short convolutions, ones for norm weights (zeros for
+zero-centred norms).
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from torch import nn
 
 from sleepscale.config import ModelConfig
 from sleepscale.model.gdn import GatedDeltaNet, GatedRMSNorm, ShortConvolution, initial_decay_parameters
+from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.norm import RMSNorm
+from sleepscale.model.weights import load_weights
 
 RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.down_proj")  # scaled by 1/sqrt(2 * layers), as GPT-2 and Megatron
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None) -> HybridLM:
+    """The whole model with weights drawn from `config.seed` (one RNG stream per parameter, so a rank
+    holding a part of the model draws the same values for it); the caller's RNG is untouched."""
+    with torch.device("meta"):
+        model = HybridLM(config)
+    load_weights(model, SeededWeights(config), device=device if device is not None else "cpu")
+    return model
 
 
 def stream_seed(seed: int, name: str) -> int:
@@ -39,8 +51,6 @@ class SeededWeights:
     """The seeded model's tensors by name, drawn on request on the CPU in float32."""
 
     def __init__(self, config: ModelConfig):
-        from sleepscale.model.hybrid import HybridLM
-
         self.config = config
         self.directory = f"model.seed {config.seed}"  # what errors name, as a model directory's path
         with torch.device("meta"):

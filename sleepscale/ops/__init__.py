@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from sleepscale.kernels.limits import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_LENGTH
+from sleepscale.config import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_LENGTH
 from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
 
 Backend = Literal["auto", "torch", "fla", "window"]

@@ -17,31 +17,37 @@ The rank's place in the pipeline (`PipelineStage`) is added by `sleepscale.paral
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.distributed as dist
 
 from sleepscale.config import Config
 from sleepscale.model.hybrid import HybridLM, cut_to_blocks
 from sleepscale.model.seeded_weights import SeededWeights
+from sleepscale.model.weights import SafetensorsFiles, load_weights
+from sleepscale.parallel.zero import deepspeed_config
 
 
 def build_rank_model(config: Config, groups, device: torch.device) -> HybridLM:
     """`groups`: the ParallelGroups, or None without model parallelism. A resumed run reads
     `model.init_from` again (its checkpoint then replaces the weights): the directory must stay."""
     tensor_group = groups.tensor if groups is not None and config.parallel.tensor > 1 else None
-    from sleepscale.parallel.tensor import parallelize_tensor
-
     source = config.model.init_from or SeededWeights(config.model)
     if config.train.zero_stage == 3:
         return _zero3_model(config, source, device)
-    from sleepscale.convert.model_dir import load_weights
-
     with torch.device("meta"):
         model = HybridLM(config.model)
         if config.parallel.pipeline > 1:
             cut_to_blocks(model, config.model.stage_ranges[groups.pipeline.rank()])
-        if tensor_group is not None:
+    shard = None
+    if tensor_group is not None:
+        from sleepscale.parallel.tensor import parallelize_tensor, shard_slice  # megatron-core (~6 s): TP only
+
+        with torch.device("meta"):
             parallelize_tensor(model, tensor_group)
-    load_weights(model, source, tensor_group, device)
+        shard = functools.partial(shard_slice, group=tensor_group)
+    load_weights(model, source, shard=shard, device=device)
     return model
 
 
@@ -51,11 +57,7 @@ def _zero3_model(config: Config, source, device: torch.device) -> HybridLM:
     repartitions it. A rank holds its partition plus about two whole parameters (the gathered one and,
     on rank 0, the one read). (ZeRO-3 excludes tensor
     and pipeline parallelism, so every rank is a data-parallel rank.)"""
-    import deepspeed
-    import torch.distributed as dist
-
-    from sleepscale.convert.model_dir import SafetensorsFiles
-    from sleepscale.parallel.zero import deepspeed_config
+    import deepspeed  # ~5 s: only under ZeRO-3
 
     # Partitions go to DeepSpeed's accelerator device (this rank's GPU, which setup_distributed
     # selects; the CPU without one), i.e. `device`.

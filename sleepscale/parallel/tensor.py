@@ -175,7 +175,7 @@ def load_unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optim
 
 
 def shard_slice(parameter: nn.Parameter, group: dist.ProcessGroup) -> tuple[int, int, int, int] | None:
-    """Where this rank's shard lies in the unsharded tensor, for reading it alone (`load_weights`):
+    """Where this rank's shard lies in the unsharded tensor, for reading it alone (`load_weights`'s `shard`):
     (dim, start, stop, stored rows), where rows from `stored rows` to `stop` are vocabulary padding;
     None for a replicated parameter."""
     if not getattr(parameter, "tensor_model_parallel", False):

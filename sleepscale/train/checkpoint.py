@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sleepscale.config import validate
 from sleepscale.train import faults
 from sleepscale.parallel.distributed import Distributed
 
@@ -132,7 +133,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model_from_checkpoint(path: str | Path):
     """(model in float32 on CPU, Config) from a checkpoint written by the trainer, any ZeRO stage."""
-    from sleepscale.config import validate
     from sleepscale.model import build_model
 
     path = resolve_checkpoint(path)
