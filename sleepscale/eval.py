@@ -71,7 +71,7 @@ def generated_answers(model, input_ids: torch.Tensor, targets: torch.Tensor, sle
     (`_answer_runs`), the run is generated token by token, and the given tokens are read between
     runs (the session rewound first). A run is generated right exactly when every teacher-forced
     argmax in it is right, so exact matches agree with `evaluate`'s."""
-    from sleepscale.session import SleepingSession
+    from sleepscale.inference.session import SleepingSession
 
     answers = torch.full_like(targets, IGNORE_INDEX)
     for row in range(input_ids.shape[0]):
