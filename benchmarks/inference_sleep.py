@@ -23,9 +23,8 @@ import time
 import torch
 
 from sleepscale.config import validate
+from sleepscale.inference import SleepingSession, StateCache
 from sleepscale.model import build_model
-from sleepscale.session import SleepingSession
-from sleepscale.state_cache import StateCache
 
 PASSES = (1, 2, 4, 8)
 

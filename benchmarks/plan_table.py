@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 from sleepscale.config_loading import load_config
-from sleepscale.planner.estimate import GB, Assumptions, config_layout, estimate, largest_passes
+from sleepscale.flops import PEAK_FLOPS
+from sleepscale.planner.assumptions import GB, GPU, MFU, Assumptions
+from sleepscale.planner.estimate import config_layout, estimate, largest_passes
 
 MODELS = {"1B": ("configs/plan/hybrid-1b.yaml", 1), "8B": ("configs/plan/hybrid-8b.yaml", 8), "70B": ("configs/plan/hybrid-70b.yaml", 64)}
 SETTINGS = {"no checkpointing": ["sleep.checkpoint=none"], "per-pass checkpointing": ["sleep.checkpoint=pass"],
             "per-pass, grad_passes 2": ["sleep.checkpoint=pass", "sleep.grad_passes=2"]}
-LENGTH, MEMORY, PEAK, MFU = 8192, 80 * GB, 989e12, 0.4
+LENGTH, MEMORY, PEAK = 8192, 80 * GB, PEAK_FLOPS[GPU]  # the configs train in bf16
 ASSUMED = Assumptions(LENGTH, MEMORY, PEAK, MFU)
 
 

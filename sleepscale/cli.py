@@ -1,18 +1,46 @@
-"""The `sleepscale` command."""
+"""The `sleepscale` command: its arguments, and which function runs each subcommand (`COMMANDS`)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 import yaml
 
+from sleepscale import notices
 from sleepscale.config import ConfigError
 from sleepscale.config_loading import load_config
+from sleepscale.launch import add_arguments as add_launch_arguments
+from sleepscale.planner.assumptions import DATA_BANDWIDTH, GB, GPU, MFU, RESERVE_BYTES, TENSOR_BANDWIDTH
+
+# The function that runs each command, as "module:function", called with the parsed arguments (`train`'s
+# with the config they name). Commands are imported lazily, in `_run` alone: their modules pull in torch,
+# DeepSpeed, megatron-core or MLflow (seconds each), which `sleepscale --help` and `sleepscale config`
+# should not wait for.
+COMMANDS = {
+    "train": "sleepscale.train.trainer:run_training",
+    "launch": "sleepscale.launch:launch",
+    "sweep": "sleepscale.sweep:sweep_command",
+    "sweep-report": "sleepscale.report:report_command",
+    "convert": "sleepscale.convert.command:convert",
+    "generate": "sleepscale.generate:generate",
+    "eval": "sleepscale.eval_checkpoint:evaluate_checkpoint",
+    "plan": "sleepscale.planner.command:plan",
+    "data": "sleepscale.data.build:build_command",
+}
+
+# Problems with what the user gave (config, data, paths, arguments): one line and exit 2. Named by module
+# so that catching them imports nothing (convert's modules load torch): an error class whose module was
+# never imported cannot have been raised.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
+USER_ERRORS_ELSEWHERE = ("sleepscale.data.sample:DataError", "sleepscale.model.weights:ModelDirError",
+                         "sleepscale.convert.families:UnsupportedCheckpoint")
 
 
-def planner_reserve_gb() -> float:
-    return 2 * 2**30 / 1e9  # sleepscale.planner.estimate.RESERVE_BYTES, without importing torch for --help
+def _plain(number: float) -> float | int:
+    """A default as one would type it (450, not 450.0)."""
+    return int(number) if float(number).is_integer() else number
 
 
 def _add_data_commands(commands) -> None:
@@ -27,6 +55,7 @@ def _add_data_commands(commands) -> None:
         if generated:
             task.add_argument("--train-samples", type=int, default=10000)
             task.add_argument("--validation-samples", type=int, default=1000)
+        _add_verbose(task)
         return task
 
     rule110 = task_parser("rule110", "Rule 110: recall strings and compute t automaton steps")
@@ -113,288 +142,72 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus", type=int, required=True, help="GPUs of the run")
     plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU in GB (1e9 bytes), e.g. 80")
     plan.add_argument("--sequence-length", type=int, required=True, help="tokens per training sequence")
-    plan.add_argument("--peak-tflops", type=float, help="dense peak per GPU (default: H100's 989 for bf16, 495 for fp32 as TF32)")
-    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
-    plan.add_argument("--tensor-bandwidth", type=float, default=450, metavar="GB/s",
-                      help="per GPU between tensor-parallel ranks (default 450: NVLink in an H100 node)")
-    plan.add_argument("--data-bandwidth", type=float, default=50, metavar="GB/s",
-                      help="per GPU between data-parallel ranks (default 50: 400 Gb/s InfiniBand)")
-    plan.add_argument("--reserve-gb", type=float, default=planner_reserve_gb(),
+    plan.add_argument("--peak-tflops", type=float, help=f"dense peak per GPU (default: the {GPU} peak at the config's "
+                      "precision: bf16, or TF32 for fp32)")
+    plan.add_argument("--mfu", type=float, default=MFU, help="assumed model FLOPs utilisation (default %(default)s)")
+    plan.add_argument("--tensor-bandwidth", type=float, default=_plain(TENSOR_BANDWIDTH / GB), metavar="GB/s",
+                      help=f"per GPU between tensor-parallel ranks (default %(default)s: NVLink in an {GPU} node)")
+    plan.add_argument("--data-bandwidth", type=float, default=_plain(DATA_BANDWIDTH / GB), metavar="GB/s",
+                      help="per GPU between data-parallel ranks (default %(default)s: 400 Gb/s InfiniBand)")
+    plan.add_argument("--reserve-gb", type=float, default=RESERVE_BYTES / GB,
                       help="memory kept per GPU for what the model does not count: CUDA context, fragmentation, NCCL (default %(default).2f)")
     plan.add_argument("--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first")
     plan.add_argument("--largest-n", action="store_true", help="also the largest N whose step fits the layout")
     plan.add_argument("--smallest-gpus", action="store_true", help="also the smallest GPU count (power of two) with a layout that fits")
-    from sleepscale.launch import add_arguments
-
-    add_arguments(commands.add_parser(
+    add_launch_arguments(commands.add_parser(
         "launch", help="start `sleepscale train` on every device of every node (torch's elastic agent, c10d rendezvous); "
         "run the same command on each node"))
     _add_data_commands(commands)
+    _add_verbose(parser, default=False)
+    for command in commands.choices.values():
+        _add_verbose(command)
     return parser
 
 
-def _evaluate_checkpoint(args) -> None:
-    from pathlib import Path
-
-    from sleepscale.data.loader import ShardLoader
-    from sleepscale.eval import evaluate, format_table, write_csv
-    from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, config = load_model_from_checkpoint(checkpoint)
-    try:
-        passes = [int(n) for n in args.passes.split(",")] if args.passes else config.eval.passes
-    except ValueError:
-        raise ConfigError(f"--passes {args.passes!r}: give comma-separated integers such as 1,2,4") from None
-    if min(passes) < 1:
-        raise ConfigError(f"--passes {args.passes!r}: every N must be >= 1")
-    data = args.data or config.data.path
-    loader = ShardLoader(data, args.split, batch_size=args.batch_size, shuffle=False)
-    batches = [batch for index, batch in enumerate(loader) if args.max_batches is None or index < args.max_batches]
-    rows = evaluate(model.eval(), batches, config.sleep, passes, by_generation=args.generate)
-    out = Path(args.out) if args.out else checkpoint / f"eval-{args.split}.csv"
-    write_csv(rows, out)
-    print(format_table(rows))
-    print(f"wrote {out}")
-    if not args.no_mlflow:
-        _log_evaluation(checkpoint, config, rows, out, args.split)
+def _add_verbose(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """`--verbose`, before the command or after it: the command's own leaves the global one's value
+    unless given (SUPPRESS)."""
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="show the notices libraries print as they load (once each, on stderr); without it "
+                        "they go to the DEBUG log")
 
 
-def _log_evaluation(checkpoint, config, rows, csv_path, split: str) -> None:
-    """Adds the table to the MLflow run that wrote the checkpoint, at the checkpoint's step."""
-    import json
-
-    from sleepscale.tracking import Tracker
-
-    progress = json.loads((checkpoint / "trainer.json").read_text())["progress"]
-    if not progress.get("mlflow_run_id"):
-        print("the checkpoint's run had no MLflow run; table not logged")
-        return
-    tracker = Tracker(config, checkpoint.parent.parent, enabled=True)
-    if tracker.start(progress["mlflow_run_id"], tags={}) is None:
-        return  # the tracker has said why
-    from sleepscale.eval import metrics
-
-    tracker.log_metrics(metrics(rows, prefix=split), progress["step"])
-    tracker.log_artifact(csv_path)
-    tracker.finish()
-    print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")
+def _run(args) -> int | None:
+    """Runs the command (importing its module: the one place commands are imported, see COMMANDS)."""
+    if args.command == "config":  # prints what the parser's own modules give: the config, resolved
+        print(yaml.safe_dump(load_config(args.config, args.overrides).model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    module, _, name = COMMANDS[args.command].partition(":")
+    function = getattr(importlib.import_module(module), name)
+    return function(load_config(args.config, args.overrides) if args.command == "train" else args)
 
 
-def _convert(args) -> int:
-    from pathlib import Path
-
-    from sleepscale.convert import convert_from_hf, export_to_hf, is_model_dir
-
-    source = Path(args.source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such directory")
-    importing = (source / "config.json").is_file() and not is_model_dir(source)
-    if not importing and args.insert_gdn is not None:
-        raise ConfigError("--insert-gdn applies when importing a Hugging Face checkpoint (a directory with config.json)")
-    if importing:
-        out = convert_from_hf(source, args.out, insert_gdn=args.insert_gdn, seed=args.seed)
-        print(f"wrote {out} (start a run from it with model.init_from={out})")
-        if args.insert_gdn:
-            from sleepscale.convert import INSERTION_CONFIG
-
-            print(f"wrote {out / INSERTION_CONFIG}: the two-stage training config of the insertion recipe")
-    else:
-        print(f"wrote {export_to_hf(source, args.out)}")
-    return 0
-
-
-def _generate(args) -> int:
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from sleepscale.data.shards import read_manifest
-    from sleepscale.data.tokenizer import tokenizer_from_description
-    from sleepscale.session import SleepingSession
-    from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
-
-    if args.passes is not None and args.passes < 1:
-        raise ConfigError(f"--passes {args.passes}: give N >= 1")
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    model, config = load_model_from_checkpoint(resolve_checkpoint(args.checkpoint))
-    manifest, _ = read_manifest(args.data or config.data.path)
-    tokenizer = tokenizer_from_description(manifest["tokenizer"])
-    text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise ConfigError("the prompt is empty after tokenisation")
-    sleep = config.sleep.model_copy(update={"passes": args.passes or config.sleep.passes, "random_passes": None})
-    session = SleepingSession(model, sleep)
-    session.feed(torch.tensor([ids]))
-    eos = getattr(tokenizer, "eos_id", None)
-    generated, shown = [], ""
-    for token in session.generate(args.max_new_tokens, args.temperature, args.top_p, () if eos is None else (eos,),
-                                  torch.Generator().manual_seed(args.seed), vocabulary=tokenizer.vocab_size):
-        if token.item() == eos:
-            break
-        generated.append(token.item())
-        decoded = tokenizer.decode(generated)  # the whole continuation, so that multi-byte characters print whole
-        print(decoded[len(shown):] if decoded.startswith(shown) else " " + decoded, end="", flush=True)
-        shown = decoded
-    print()
-    print(json.dumps({"prompt_tokens": len(ids), "generated_tokens": len(generated), "passes": sleep.passes}), file=sys.stderr)
-    return 0
-
-
-def _write_data(args) -> None:
-    try:
-        _build_data(args)
-    except ValueError as error:  # a task option that cannot work (DataError, a ValueError too, passes through)
-        from sleepscale.data.sample import DataError
-
-        if isinstance(error, DataError):
-            raise
-        raise ConfigError(str(error)) from None
-
-
-def _build_data(args) -> None:
-    from pathlib import Path
-
-    from sleepscale.data.build import build_task_dataset, build_text_dataset
-
-    out = Path(args.out)
-    if args.task == "text":
-        from sleepscale.data.text import TextCorpus
-        from sleepscale.data.tokenizer import load_tokenizer
-
-        corpus = TextCorpus(args.input, args.length, load_tokenizer(args.tokenizer, args.eos_token), args.field)
-        manifest = build_text_dataset(corpus, out, args.seed, args.validation_fraction, args.samples_per_shard)
-    else:
-        if args.task == "rule110":
-            from sleepscale.data.rule110 import Rule110Task
-
-            task = Rule110Task(args.t, args.bits, args.strings)
-        elif args.task == "depo":
-            from sleepscale.data.depo import DepoTask
-
-            task = DepoTask(args.k, args.eval_k, args.min_nodes, args.max_nodes, args.queries)
-        else:
-            from sleepscale.data.math_problems import MathTask
-            from sleepscale.data.tokenizer import load_tokenizer
-
-            task = MathTask(args.ops, args.length, load_tokenizer(args.tokenizer, args.eos_token))
-        manifest = build_task_dataset(
-            task, out, args.seed, args.train_samples, args.validation_samples, args.samples_per_shard
-        )
-    print(f"wrote {manifest}")
-
-
-def _print_config(args) -> int:
-    config = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
-    return 0
-
-
-def _train(args) -> int:
-    from sleepscale.train.trainer import run_training
-
-    return run_training(load_config(args.config, args.overrides))
-
-
-def _launch(args) -> int:
-    from sleepscale.launch import launch
-
-    return launch(args)
-
-
-def _plan(args) -> int:
-    """Exit status 0 when the layout (or, with --search, some layout) fits, 1 when none does."""
-    from sleepscale.planner import estimate as planner
-    from sleepscale.planner.report import breakdown, table
-
-    for flag in ("gpus", "sequence_length"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive integer")
-    if min(args.gpu_memory, args.tensor_bandwidth, args.data_bandwidth) <= 0 or not 0 < args.mfu <= 1 or args.reserve_gb < 0:
-        raise ConfigError(f"--gpu-memory {args.gpu_memory}, --mfu {args.mfu}, --reserve-gb {args.reserve_gb}, --tensor-bandwidth "
-                          f"{args.tensor_bandwidth}, --data-bandwidth {args.data_bandwidth}: need memory and bandwidths > 0, "
-                          "0 < mfu <= 1 and reserve >= 0")
-    config = load_config(args.config, args.overrides)
-    peak = (args.peak_tflops or (989 if config.train.precision == "bf16" else 495)) * 1e12
-    assumed = planner.Assumptions(args.sequence_length, args.gpu_memory * planner.GB, peak, args.mfu, int(args.reserve_gb * planner.GB),
-                                  args.tensor_bandwidth * planner.GB, args.data_bandwidth * planner.GB)
-    if args.search:
-        found = planner.search(config, args.gpus, assumed)
-        if not found:
-            raise ConfigError(f"--gpus {args.gpus}: no layout keeps the config's global batch and divides the heads; "
-                              "change --gpus or train.grad_accumulation")
-        print(table(found))
-        best = found[0]
-    else:
-        try:
-            layout = planner.config_layout(config, args.gpus)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        best = planner.estimate(config, layout, assumed)
-    print(breakdown(best))
-    if args.largest_n:
-        largest = planner.largest_passes(config, best.layout, assumed)
-        text = {0: "none (not even N=1)", planner.LARGEST_PASSES: f"{planner.LARGEST_PASSES} or more (looked up to it)"}
-        print(f"largest N that fits this layout: {text.get(largest, largest)}")
-    if args.smallest_gpus:
-        smallest = planner.smallest_gpus(config, assumed)
-        print(f"smallest GPU count that fits: {smallest.layout.gpus} ({smallest.layout.describe()}, {smallest.total / planner.GB:.1f} GB)"
-              if smallest else "smallest GPU count that fits: none up to 4096")
-    if not best.fits:
-        print(f"sleepscale plan: {planner.advice(config, best, assumed)}")
-        return 1
-    return 0
-
-
-def _sweep(args) -> int:
-    from sleepscale.sweep import run_sweep
-
-    if args.parallel < 1:
-        raise ConfigError(f"--parallel {args.parallel}: give at least 1")
-    return run_sweep(args.config, args.settings, args.out, args.parallel, args.equal_flops)
-
-
-def _sweep_report(args) -> int:
-    import json
-    from pathlib import Path
-
-    from sleepscale.report import write_report
-
-    directory = Path(args.directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory; give a sweep directory")
-    state = directory / "sweep.json"
-    recorded = json.loads(state.read_text()) if state.exists() else {}
-    parent = recorded.get("parent_run_id") if args.tracking_uri is None else None
-    uri = args.tracking_uri or recorded.get("tracking_uri") or f"sqlite:///{directory.resolve()}/mlflow.db"
-    print(write_report(directory, tracking=(uri, parent)).text)
-    return 0
-
-
-COMMANDS = {"plan": _plan, "generate": _generate, "convert": _convert, "sweep": _sweep, "sweep-report": _sweep_report, "launch": _launch, "data": _write_data, "eval": _evaluate_checkpoint, "config": _print_config, "train": _train}
+def _user_error(error: Exception) -> bool:
+    if isinstance(error, USER_ERRORS):
+        return True
+    for module, _, name in (error_class.partition(":") for error_class in USER_ERRORS_ELSEWHERE):
+        if module in sys.modules and isinstance(error, getattr(sys.modules[module], name)):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Problems with what the user gave (config, data, paths, arguments) end as one line and exit 2;
-    anything else is a bug and keeps its traceback."""
-    from sleepscale.convert.families import UnsupportedCheckpoint
-    from sleepscale.convert.model_dir import ModelDirError
-    from sleepscale.data.sample import DataError
-
+    """Problems with what the user gave (USER_ERRORS) end as one line and exit 2; anything else is a bug
+    and keeps its traceback. Libraries' start-up notices go to the DEBUG log (`sleepscale.notices`)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "sweep" and all("=" in item and not item.startswith("-") for item in extra):
         args.settings += extra  # settings after an option: `sweep CONFIG sleep.passes=1,3 --parallel 2 train.steps=50`
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return COMMANDS[args.command](args) or 0
-    except (ConfigError, DataError, ModelDirError, UnsupportedCheckpoint, FileNotFoundError, FileExistsError) as error:
-        print(f"sleepscale {args.command}: {error}", file=sys.stderr)
-        return 2
+    with notices.routed(verbose=args.verbose):
+        try:
+            return _run(args) or 0
+        except Exception as error:
+            if not _user_error(error):
+                raise
+            print(f"sleepscale {args.command}: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from sleepscale.config import SleepConfig
 from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.inference.session import SleepingSession
 from sleepscale.sleep import sleep_forward
 
 COLUMNS = ("difficulty", "value", "passes", "items", "accuracy", "token_accuracy")
@@ -71,8 +72,6 @@ def generated_answers(model, input_ids: torch.Tensor, targets: torch.Tensor, sle
     (`_answer_runs`), the run is generated token by token, and the given tokens are read between
     runs (the session rewound first). A run is generated right exactly when every teacher-forced
     argmax in it is right, so exact matches agree with `evaluate`'s."""
-    from sleepscale.session import SleepingSession
-
     answers = torch.full_like(targets, IGNORE_INDEX)
     for row in range(input_ids.shape[0]):
         session = SleepingSession(model, sleep)

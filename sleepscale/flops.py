@@ -70,6 +70,8 @@ from sleepscale.sleep import loss_chunk_length
 
 # Dense bf16 tensor-core peak of the accelerators MFU is reported for (FLOP/s).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Their dense TF32 tensor-core peak (FLOP/s): what fp32 training reaches with TF32 matmuls (train.tf32).
+PEAK_TF32_FLOPS = {"H100": 495e12, "H200": 495e12, "A100": 156e12}
 
 
 def peak_flops(device) -> float | None:

@@ -230,6 +230,20 @@ def write_report(directory: str | Path, tracking: tuple[str, str | None] | None 
     return Report(text, paths)
 
 
+def report_command(args) -> int:
+    """`sleepscale sweep-report`: the report of a sweep directory, logged to the parent run the sweep
+    recorded (with `--tracking-uri`, or with none recorded: to a new run)."""
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory; give a sweep directory")
+    state = directory / "sweep.json"
+    recorded = json.loads(state.read_text()) if state.exists() else {}
+    parent = recorded.get("parent_run_id") if args.tracking_uri is None else None
+    uri = args.tracking_uri or recorded.get("tracking_uri") or f"sqlite:///{directory.resolve()}/mlflow.db"
+    print(write_report(directory, tracking=(uri, parent)).text)
+    return 0
+
+
 def _log(directory: Path, paths: list[Path], uri: str, run_id: str | None) -> None:
     import sys
 

@@ -194,6 +194,13 @@ class _State:
         return self.data["runs"].setdefault(name, {"finished": False, "exit_code": None, "seconds": 0.0})
 
 
+def sweep_command(args) -> int:
+    """`sleepscale sweep`: `run_sweep` with the command's arguments."""
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel {args.parallel}: give at least 1")
+    return run_sweep(args.config, args.settings, args.out, args.parallel, args.equal_flops)
+
+
 def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel: int, equal_flops: bool) -> int:
     from sleepscale.report import write_report
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from conftest import make_config, make_model
-from sleepscale.session import SleepingSession, sample
+from sleepscale.inference import SleepingSession, StateCache, sample
 from sleepscale.sleep import sleep_forward
-from sleepscale.state_cache import StateCache
 
 LENGTH = 37  # four full windows of 8 and a partial one
 

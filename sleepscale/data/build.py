@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 from sleepscale.config import ConfigError
 from sleepscale.data import depo, math_problems, rule110, text
+from sleepscale.data.sample import DataError
 from sleepscale.data.shards import SplitWriter, sample_rng, write_manifest
+from sleepscale.data.tokenizer import load_tokenizer
 
 VERSIONS = {"rule110": rule110.VERSION, "depo": depo.VERSION, "math": math_problems.VERSION, "text": text.VERSION}
 TASKS = {"rule110": rule110.Rule110Task, "depo": depo.DepoTask, "math": math_problems.MathTask}
@@ -22,6 +24,32 @@ def make_task(name: str, args: dict):
         return TASKS[name](**args)
     except (TypeError, ValueError) as error:  # an unknown, missing or impossible option
         raise ConfigError(f"data.generate.args for {name}: {error}") from None
+
+
+def build_command(args) -> None:
+    """`sleepscale data <task>`: the dataset its arguments describe. A task option that cannot work is
+    a ConfigError (one line from the CLI); a DataError, a ValueError too, passes through."""
+    try:
+        out = Path(args.out)
+        if args.task == "text":
+            tokenizer = load_tokenizer(args.tokenizer, args.eos_token)
+            corpus = text.TextCorpus(args.input, args.length, tokenizer, args.field)
+            manifest = build_text_dataset(corpus, out, args.seed, args.validation_fraction, args.samples_per_shard)
+        else:
+            if args.task == "rule110":
+                task = rule110.Rule110Task(args.t, args.bits, args.strings)
+            elif args.task == "depo":
+                task = depo.DepoTask(args.k, args.eval_k, args.min_nodes, args.max_nodes, args.queries)
+            else:
+                task = math_problems.MathTask(args.ops, args.length, load_tokenizer(args.tokenizer, args.eos_token))
+            manifest = build_task_dataset(
+                task, out, args.seed, args.train_samples, args.validation_samples, args.samples_per_shard
+            )
+        print(f"wrote {manifest}")
+    except ValueError as error:
+        if isinstance(error, DataError):
+            raise
+        raise ConfigError(str(error)) from None
 
 
 def _prepare(out: Path) -> None:

@@ -5,6 +5,8 @@ run asks for GPUs.
   model's shapes and the sleep plan;
 - `model_states`: weights, gradients, optimizer state and DeepSpeed's buffers per rank, by ZeRO stage;
 - `communication`: tensor-parallel, pipeline and data-parallel bytes per step;
+- `assumptions`: what an estimate assumes besides the config and the layout (GPU, MFU, links, reserve);
 - `estimate`: one layout's estimate, the search over layouts, the largest N and smallest GPU count;
-- `report`: the text the command prints.
+- `report`: the text the command prints;
+- `command`: the command itself, from its arguments to its exit status.
 """

@@ -11,7 +11,7 @@ loaded pipeline stage, the bytes a GPU holds at the peak of a step:
   each micro-batch's backward ends before the next forward; `parallel.pipeline_in_flight` with it),
   plus, under checkpointing, one unit's recomputed activations during backward;
 - a fixed reserve for what neither counts (the CUDA context, the allocator's fragmentation,
-  communication buffers of NCCL, temporaries of a single op), `RESERVE_BYTES`.
+  communication buffers of NCCL, temporaries of a single op), `Assumptions.reserve` (`assumptions`).
 
 Communication per step (`communication`): the tensor-parallel all-reduces, the pipeline's sends and
 the data-parallel gradient reduction. FLOPs per step are the trainer's own count
@@ -31,22 +31,7 @@ import torch
 
 from sleepscale.config import Config, ModelConfig, SleepConfig
 from sleepscale.planner.activations import micro_batch_activations, tensor_parallel_shapes
-
-GB = 1e9
-RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GB), allocator fragmentation, NCCL buffers, one op's temporaries
-
-
-@dataclasses.dataclass(frozen=True)
-class Assumptions:
-    """What an estimate assumes besides the config and the layout."""
-
-    length: int  # tokens per training sequence
-    gpu_memory: float  # bytes per GPU
-    peak_flops: float  # dense peak per GPU, FLOP/s
-    mfu: float  # the share of it a step reaches
-    reserve: int = RESERVE_BYTES  # bytes kept for what the model does not count
-    tensor_bandwidth: float = 450e9  # bytes/s per GPU between tensor-parallel ranks (NVLink of an H100 node, one way)
-    data_bandwidth: float = 50e9  # bytes/s per GPU between data-parallel ranks (400 Gb/s InfiniBand)
+from sleepscale.planner.assumptions import GB, Assumptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +275,10 @@ def _bisect(fits, low: int, high: int) -> int:
     return low
 
 
-def smallest_gpus(config: Config, assumed: Assumptions, limit: int = 4096) -> Estimate | None:
+SMALLEST_GPUS = 4096  # how far `smallest_gpus` looks
+
+
+def smallest_gpus(config: Config, assumed: Assumptions, limit: int = SMALLEST_GPUS) -> Estimate | None:
     """The fastest fitting layout at the smallest GPU count (powers of two) that has one."""
     gpus = 1
     while gpus <= limit:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sleepscale.session import SessionState, SleepingSession
+from sleepscale.inference.session import SessionState, SleepingSession
 
 
 class StateCache:

@@ -21,9 +21,10 @@ tokens are left-padded and masked (`AttentionState.valid`), and a stream whose w
 on it and is evicted on its own (its rows of the states are taken out, run, and put back).
 
 Every state kept between calls is float32 (or wider) whatever the compute dtype (`MixerState.at_least_float32`).
-`generate` samples from the logits (greedy, temperature, top-p) with stop tokens and a token limit,
-yielding tokens as they come. `snapshot`/`restore` copy the whole session, which the consolidated-
-state cache (`sleepscale.state_cache`) keeps per prefix.
+`generate` picks each next token from the logits (`sleepscale.inference.sampling`: greedy,
+temperature, top-p) with stop tokens and a token limit, yielding tokens as they come.
+`snapshot`/`restore` copy the whole session, which the consolidated-state cache
+(`sleepscale.inference.state_cache`) keeps per prefix.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from sleepscale.config import SleepConfig
+from sleepscale.inference.sampling import check_sampling, sample
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.state import MixerState
 from sleepscale.sleep import sleep_forward
@@ -198,16 +200,11 @@ class SleepingSession:
         it are generated (a tokenizer smaller than the model's embedding table)."""
         if 0 in self.state.positions:
             raise ValueError("a stream has read nothing yet: feed every stream a prompt before generating")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        check_sampling(temperature, top_p)
         stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=self.device)
         finished = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
-            logits = self.state.last_logits
-            if vocabulary is not None and vocabulary < logits.shape[-1]:
-                logits = logits.clone()
-                logits[:, vocabulary:] = float("-inf")
-            token = sample(logits, temperature, top_p, generator)
+            token = sample(self.state.last_logits, temperature, top_p, generator, vocabulary)
             if stops.numel():
                 token = torch.where(finished, stops[0], token)
                 finished |= torch.isin(token, stops)
@@ -226,21 +223,6 @@ class SleepingSession:
         if snapshot.window_tokens.shape[0] != self.batch_size:
             raise ValueError(f"the snapshot holds {snapshot.window_tokens.shape[0]} streams, this session {self.batch_size}")
         self.state = _copy(snapshot, self.device)  # a snapshot read from disk is on the CPU
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [batch] from logits [batch, vocab]: argmax at temperature 0, else a draw from the
-    softmax at `temperature` restricted to the smallest set of tokens whose probability reaches `top_p`."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        sorted_probabilities, order = probabilities.sort(dim=-1, descending=True)
-        before = sorted_probabilities.cumsum(dim=-1) - sorted_probabilities  # mass of the tokens ranked above
-        sorted_probabilities = sorted_probabilities.masked_fill(before >= top_p, 0.0)
-        probabilities = torch.zeros_like(probabilities).scatter(-1, order, sorted_probabilities)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
 def _at_least_float32(states: list[MixerState]) -> list[MixerState]:
