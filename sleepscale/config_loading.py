@@ -13,7 +13,6 @@ from typing import Any
 import yaml
 
 from sleepscale.config import FREE_OF_SOURCE, STAGE_BOUNDARY, Config, ConfigError, ModelConfig, validate
-from sleepscale.convert.model_dir import ModelDirError, read_description
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -70,6 +69,10 @@ def with_init_source(data: dict[str, Any]) -> dict[str, Any]:
     model = data.get("model")
     if not isinstance(model, dict) or not model.get("init_from"):
         return data
+    # Model directories are read with torch (~1.5 s): imported only when a config names one, so that
+    # `sleepscale config` and `--help` stay light.
+    from sleepscale.convert.model_dir import ModelDirError, read_description
+
     try:
         source = ModelConfig(**read_description(model["init_from"])["model"]).model_dump(mode="json")
     except ModelDirError as error:

@@ -60,6 +60,7 @@ import dataclasses
 import math
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from sleepscale.model.attention import Attention
@@ -76,8 +77,6 @@ PEAK_TF32_FLOPS = {"H100": 495e12, "H200": 495e12, "A100": 156e12}
 
 def peak_flops(device) -> float | None:
     """The accelerator's dense bf16 peak, when it is one we know."""
-    import torch
-
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -70,9 +70,10 @@ def plan(args) -> LaunchPlan:
 def launch(args) -> int:
     """Runs the plan; returns the exit code for the process (see the module docstring)."""
     the_plan = plan(args)  # argument errors first, before the slow imports
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    # torch's elastic agent, ~2 s: only once the arguments are good (`sleepscale --help` loads this module)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # ~2 s: see above
+    from torch.distributed.elastic.rendezvous import RendezvousError  # ~2 s: see above
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch  # ~2 s: see above
 
     # Every rank inherits this; torch would otherwise use all cores in each of several processes.
     os.environ["OMP_NUM_THREADS"] = str(the_plan.threads_per_process)
@@ -118,7 +119,7 @@ class _StopForwarder:
         self.received: list[str] = []
 
     def __call__(self, number, frame):
-        import psutil
+        import psutil  # ~30 ms: only when a stop signal comes (the CLI imports this module for every command)
 
         name = signal.Signals(number).name
         self.received.append(name)
@@ -169,7 +170,7 @@ def _describe_exit(code: int) -> str:
 
 
 def _logs_specs(log_dir: str | None):
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std  # torch, ~2 s: only to launch
 
     if log_dir is None:
         return DefaultLogsSpecs(log_dir=os.devnull)  # output goes to this process's stdout/stderr
@@ -179,7 +180,7 @@ def _logs_specs(log_dir: str | None):
 
 def _devices() -> int:
     """One process per GPU; one on a machine without one."""
-    import torch
+    import torch  # ~2 s: only without --nproc-per-node (the CLI imports this module for every command)
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 

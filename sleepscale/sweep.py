@@ -140,12 +140,12 @@ def extends_exactly(config: Config) -> bool:
 def training_flops(config: Config) -> float:
     """Training FLOPs of a whole single-process run of `config`, from the plan of its first training
     batch (`sleepscale.flops`), which needs its dataset (generated here if missing)."""
-    import torch
+    import torch  # ~2.5 s, as the four below that load it: only for --equal-flops
 
-    from sleepscale.data.loader import ShardLoader
-    from sleepscale.flops import plan_flops
-    from sleepscale.model.hybrid import HybridLM
-    from sleepscale.sleep import plan_for
+    from sleepscale.data.loader import ShardLoader  # loads torch
+    from sleepscale.flops import plan_flops  # loads torch
+    from sleepscale.model.hybrid import HybridLM  # loads torch
+    from sleepscale.sleep import plan_for  # loads torch
 
     if config.stages or config.train.steps is None or config.sleep.random_passes is not None:
         raise ConfigError("--equal-flops: give a single stage (train.steps, no stages) with a fixed sleep.passes")
@@ -160,7 +160,7 @@ def training_flops(config: Config) -> float:
 
 def ensure_dataset(config: Config) -> None:
     """Generates the config's dataset if it is missing: once, here, rather than by parallel runs at once."""
-    from sleepscale.data.build import generate_missing
+    from sleepscale.data.build import generate_missing  # loads torch (webdataset), ~2.5 s: only when a sweep runs
 
     if config.data is not None and config.data.generate is not None:
         if not (Path(config.data.path) / "manifest.json").exists():
@@ -202,7 +202,7 @@ def sweep_command(args) -> int:
 
 
 def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel: int, equal_flops: bool) -> int:
-    from sleepscale.report import write_report
+    from sleepscale.report import write_report  # loads torch (sleepscale.eval), ~2.5 s: only when a sweep runs
 
     axes, fixed = parse_arguments(arguments)
     base = load_config(config_path, fixed)
@@ -300,7 +300,7 @@ def _parent_run(state: _State, config: Config, uri: str, directory: Path, axes) 
     if state.data["parent_run_id"] is not None:
         return state.data["parent_run_id"]
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # ~2 s: only when a sweep runs
 
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(config.tracking.experiment)
@@ -324,7 +324,7 @@ def _end_parent(uri: str, parent: str | None, finished: bool) -> None:
     if parent is None:
         return
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # ~2 s: only when a sweep runs
 
         MlflowClient(uri).set_terminated(parent, "FINISHED" if finished else "KILLED")
     except Exception as error:

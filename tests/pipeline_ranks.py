@@ -79,7 +79,7 @@ def compare(case: dict, groups) -> dict:
     expected = [sleep_forward(reference, ids, config.sleep, targets=targets) for ids, targets in batches]
     (sum(out.loss for out in expected) / len(batches)).backward()
 
-    plans = [plan_for(stage, ids, config.sleep, targets) for ids, targets in batches]
+    plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in batches]
     threads = []
     step = run_step(stage, groups.pipeline, plans, [ids for ids, _ in batches], [t for _, t in batches],
                     config.sleep.window, in_flight=groups.pipeline.size(),
@@ -126,7 +126,7 @@ def saved_bytes(groups) -> dict:
     for count in (groups.pipeline.size(), 8):
         config, stage = build(case, groups)
         batches = micro_batches(count, lengths=(20,))
-        plans = [plan_for(stage, ids, config.sleep, targets) for ids, targets in batches]
+        plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in batches]
         peaks[count] = saved_bytes_peak(lambda: run_step(
             stage, groups.pipeline, plans, [ids for ids, _ in batches], [t for _, t in batches], config.sleep.window,
             in_flight=groups.pipeline.size()))

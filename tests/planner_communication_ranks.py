@@ -172,7 +172,7 @@ def pipeline_case(case: dict, pp) -> dict:
     config = make_config(pattern=case.pop("pattern", "AG|GA"), vocab_size=VOCAB, model=model_options, **case)
     stage = PipelineStage(build_model(config.model), config.model.stage_ranges, pp.rank())
     micro_batches = batches() * 2  # 4 micro-batches of two lengths
-    plans = [plan_for(stage, ids, config.sleep, targets) for ids, targets in micro_batches]
+    plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in micro_batches]
     step = run_step(stage, pp, plans, [ids for ids, _ in micro_batches], [t for _, t in micro_batches],
                     config.sleep.window, in_flight=pp.size())
     sent = [None] * pp.size()

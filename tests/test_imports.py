@@ -96,3 +96,38 @@ def test_a_circle_through_a_function_level_import_is_found(tmp_path):
     assert find_circle(import_graph(tmp_path, "pkg")) == ["pkg.a", "pkg.sub.b", "pkg.sub.c", "pkg.a"]
     (package / "sub" / "c.py").write_text("import os\n")
     assert find_circle(import_graph(tmp_path, "pkg")) is None
+
+
+# The package's layers, bottom to top (the README's "Architecture" draws them): a module may import
+# modules of its own layer and of the layers below, never above. A module belongs to the layer of the
+# longest prefix that names it.
+LAYERS = [
+    ("config", ["sleepscale.config"]),
+    ("model and ops", ["sleepscale.model", "sleepscale.ops", "sleepscale.kernels", "sleepscale.data"]),
+    ("plan and engine", ["sleepscale.plan", "sleepscale.sleep", "sleepscale.flops", "sleepscale.passes"]),
+    ("inference", ["sleepscale.inference"]),
+    ("parallelism", ["sleepscale.parallel"]),
+    ("trainer", ["sleepscale.train", "sleepscale.eval", "sleepscale.tracking"]),
+    ("tools", ["sleepscale"]),  # convert, planner, sweep, report, launch, config loading, the commands, cli
+]
+
+
+def layer_of(module: str) -> int:
+    matches = [(len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    return max(matches)[1]
+
+
+def test_modules_import_only_their_own_layer_and_those_below():
+    graph = import_graph(ROOT, "sleepscale")
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in sorted(graph.items()) for target in sorted(targets)
+              if layer_of(target) > layer_of(module)]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_the_layers_name_real_modules():
+    modules = set(import_graph(ROOT, "sleepscale"))
+    for _, prefixes in LAYERS:
+        for prefix in prefixes:
+            assert any(m == prefix or m.startswith(prefix + ".") for m in modules), prefix

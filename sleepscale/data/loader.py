@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from sleepscale.data.sample import IGNORE_INDEX, DataError, decode
 from sleepscale.data.shards import read_manifest
@@ -50,9 +52,6 @@ class Shard:
 
 def read_shard_records(shard: Shard, verify: bool) -> list[dict[str, Any]]:
     """All records of a shard (raw bytes per file), in tar order. Raises DataError naming the shard."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     try:
         with gopen(shard.url, "rb") as stream:
             data = stream.read()

@@ -28,6 +28,7 @@ import dataclasses
 import numpy as np
 
 from sleepscale.data.sample import IGNORE_INDEX, Sample
+from sleepscale.data.tokenizer import ByteTokenizer
 
 VERSION = "1"
 MAX_VALUE = 999
@@ -114,8 +115,6 @@ class MathTask:
     name = "math"
 
     def __init__(self, ops_values=(2, 4, 6, 8), length: int = 2048, tokenizer=None):
-        from sleepscale.data.tokenizer import ByteTokenizer
-
         if not ops_values or min(ops_values) < 1:
             raise ValueError("ops_values must be a non-empty list of operation counts >= 1")
         self.ops_values, self.sequence_length = [int(o) for o in ops_values], length

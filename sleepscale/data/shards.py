@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from webdataset.gopen import gopen
+
 from sleepscale.data.sample import DataError, Sample, encode
 
 MANIFEST = "manifest.json"
@@ -76,8 +78,6 @@ def read_manifest(source: str | Path) -> tuple[dict[str, Any], str]:
     webdataset's gopen understands (`pipe:...`, `http(s)://...`); shard urls are base + url."""
     source = str(source)
     if "://" in source or source.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
         where, base = source, source.rsplit("/", 1)[0] + "/"
         try:
             with gopen(source, "rb") as stream:

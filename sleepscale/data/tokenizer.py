@@ -34,7 +34,7 @@ class HuggingFaceTokenizer:
     PAD_CANDIDATES = ("<pad>", "[PAD]", "<|padding|>")
 
     def __init__(self, path: str | Path, eos_token: str | None = None):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # a Rust extension, ~10-20 ms: only for a tokenizer.json
 
         self.path = Path(path)
         try:

@@ -9,6 +9,7 @@ recently used dropped first) and, with `directory`, also on disk, where they sur
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -94,8 +95,6 @@ def _nbytes(state: SessionState) -> int:
 
 
 def _tensors(mixer_state) -> list[torch.Tensor]:
-    import dataclasses
-
     found = []
     for field in dataclasses.fields(mixer_state):
         value = getattr(mixer_state, field.name)

@@ -84,7 +84,7 @@ def fla_kernel_for(length: int, needs_grad: bool) -> Literal["chunk", "fused_rec
 
 def _fla_kernel(name: str):
     try:
-        from fla.ops import gated_delta_rule as kernels
+        from fla.ops import gated_delta_rule as kernels  # ~10 s, and needs a GPU driver: only for fla's kernels
     except ImportError as error:  # no silent fallback to the slow path on a GPU
         raise BackendUnavailable(
             f"delta-rule backend 'fla' could not import fla ({error}); install flash-linear-attention and triton, "
@@ -139,7 +139,7 @@ def gated_delta_rule(
             return chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=initial_state, scale=scale)
     q, k, v, a, b = (t.contiguous() for t in (q, k, v, a, b))
     if kernel == "window":
-        from sleepscale.kernels.window_delta_rule import window_gated_delta_rule
+        from sleepscale.kernels.window_delta_rule import window_gated_delta_rule  # Triton, ~0.3 s: only here
 
         return window_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state, scale=scale)
     # fla's kernels do grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in

@@ -23,7 +23,7 @@ def patch_megatron_for_cpu() -> None:
     torch.cuda.get_rng_state = lambda device=None: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
 
-    from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.tensor_parallel import random as megatron_random  # megatron-core, ~3 s: only on CPU-only torch
 
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     megatron_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)

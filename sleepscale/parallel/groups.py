@@ -38,7 +38,7 @@ def check_layout(world_size: int, tensor: int, pipeline: int) -> int:
 
 def init_parallel_groups(tensor: int = 1, pipeline: int = 1) -> ParallelGroups:
     """Needs an initialised default process group. Idempotent for the same layout."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # ~3 s: only when the groups are made (the planner loads this module)
 
     check_layout(dist.get_world_size(), tensor, pipeline)
     patch_megatron_for_cpu()
@@ -63,7 +63,7 @@ class DeepSpeedMpu:
     once in the gradient norm."""
 
     def __init__(self, groups: ParallelGroups):
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # ~3 s: only for a DeepSpeed engine
 
         self.groups, self._model_group = groups, parallel_state.get_model_parallel_group()
 

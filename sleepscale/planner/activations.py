@@ -46,9 +46,15 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+import sleepscale.ops as ops
+import sleepscale.sleep as engine
 from sleepscale.config import ModelConfig, SleepConfig
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.precision import precision_context
 from sleepscale.plan import make_plan
+from sleepscale.sleep import sleep_forward
 
 # What a saved byte is attributed to (the second part of a key; the first is the window's class).
 EMBEDDING, HEAD, STATE_OPS = "embedding", "head", "state_ops"
@@ -96,11 +102,11 @@ def _kernels_as_on(kernels: str):
     if kernels == "cpu":
         yield
         return
+    # Triton, ~0.3 s: only for traces as on CUDA
     import triton.runtime.autotuner as autotuner
-    import triton.runtime.jit as jit
+    import triton.runtime.jit as jit  # Triton: see above
 
-    import sleepscale.kernels.window_delta_rule as window_kernel
-    import sleepscale.ops as ops
+    import sleepscale.kernels.window_delta_rule as window_kernel  # Triton: see above
 
     skip = lambda *args, **kwargs: None  # noqa: E731
     patches = [(jit.JITFunction, "run", skip), (autotuner.Autotuner, "run", skip), (autotuner.Heuristics, "run", skip),
@@ -118,9 +124,6 @@ def _kernels_as_on(kernels: str):
 def saved_bytes(model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: SleepConfig, precision: str = "fp32") -> int:
     """Measured: the distinct non-parameter bytes `sleep_forward` saves for backward on these inputs
     (what `MicroBatchActivations.saved` predicts)."""
-    from sleepscale.sleep import sleep_forward
-    from sleepscale.model.precision import precision_context
-
     counter = SavedStorages(model.parameters())
     with counter.counting(), precision_context(precision, input_ids.device):
         sleep_forward(model, input_ids, sleep, targets=targets, return_logits=False)
@@ -192,12 +195,6 @@ class _Trace:
     """One fake-tensor run of the engine on the reduced model; bytes per (traced window, what ran)."""
 
     def __init__(self, model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str):
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from sleepscale.model.hybrid import HybridLM
-        from sleepscale.sleep import sleep_forward
-        from sleepscale.model.precision import precision_context
-
         self.model, self.reduced = model, _reduced(model)
         sleep = sleep.model_copy(update={"sleep_on": "evicted"})  # the worst case; which windows carry loss is data
         self.windows = math.ceil(length / sleep.window)
@@ -275,8 +272,6 @@ def _full_part(model: ModelConfig, block: int) -> range:
 def _attributed(model, counter: SavedStorages):
     """Sets `counter.key` to (window, what runs) as the engine runs `model`; yields, per key, the
     state storages (id -> bytes) that checkpointed units keep as arguments."""
-    import sleepscale.sleep as engine
-
     window = [-1]
     counter.key = (0, EMBEDDING)  # under per-window checkpointing the window's inputs are saved before it runs
     held: dict = defaultdict(dict)
@@ -366,7 +361,7 @@ def tensor_parallel_shapes(model: ModelConfig, tensor: int) -> ModelConfig:
     splits exactly these)."""
     if tensor == 1:
         return model
-    from sleepscale.parallel.tensor import padded_vocab_size
+    from sleepscale.parallel.tensor import padded_vocab_size  # megatron-core and Triton, ~4 s: only for tensor > 1
 
     return model.model_copy(update={
         "init_from": None,

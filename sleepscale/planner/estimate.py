@@ -30,8 +30,21 @@ import functools
 import torch
 
 from sleepscale.config import Config, ModelConfig, SleepConfig
+from sleepscale.flops import plan_flops
+from sleepscale.model.hybrid import HybridLM
+from sleepscale.parallel.pipeline_schedule import build_schedule, simulate, traversals
+from sleepscale.parallel.zero import deepspeed_config
+from sleepscale.plan import make_plan
 from sleepscale.planner.activations import micro_batch_activations, tensor_parallel_shapes
 from sleepscale.planner.assumptions import GB, Assumptions
+from sleepscale.planner.communication import (
+    all_reduce_wire_factor,
+    data_parallel_bytes,
+    data_parallel_wire_bytes,
+    pipeline_bytes,
+    tensor_parallel_bytes,
+)
+from sleepscale.planner.model_states import model_state_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +138,6 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
 
 def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None) -> Estimate:
     """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`)."""
-    from sleepscale.planner.communication import (
-        all_reduce_wire_factor, data_parallel_bytes, data_parallel_wire_bytes, pipeline_bytes, tensor_parallel_bytes,
-    )
-    from sleepscale.planner.model_states import model_state_bytes
-    from sleepscale.parallel.zero import deepspeed_config
-
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length
     sleep = config.sleep.model_copy(update={"passes": passes, "random_passes": None, "checkpoint": layout.checkpoint,
@@ -154,8 +161,6 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         per_stage.append((states.total + sum(memory[1:]), index, memory))
     _, stage, (states, saved, held, final) = max(per_stage)
 
-    from sleepscale.plan import make_plan
-
     model = _meta_model(config.model)
     plan = make_plan(sleep, layout.micro_batch, length, len(config.model.blocks), range(*config.model.loop_range))
     plans = [plan] * layout.grad_accumulation
@@ -165,8 +170,6 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
     parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
     data = data_parallel_bytes(parameters, layout.zero_stage, layout.data) if layout.data > 1 else 0
-
-    from sleepscale.flops import plan_flops
 
     flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
     idle = _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
@@ -182,8 +185,6 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
 
 @functools.lru_cache(maxsize=16)
 def _meta_model(model: ModelConfig):
-    from sleepscale.model.hybrid import HybridLM
-
     with torch.device("meta"):
         return HybridLM(model)
 
@@ -202,8 +203,6 @@ def _stage_parameters(model: ModelConfig, tensor: int, stages: tuple[range, ...]
 
 @functools.lru_cache(maxsize=64)
 def _pipeline_idle(plan, stages: tuple[range, ...], micro_batches: int, in_flight: int) -> float:
-    from sleepscale.parallel.pipeline_schedule import build_schedule, simulate, traversals
-
     walks = traversals(plan, list(stages))
     schedule = build_schedule([walks] * micro_batches, len(stages), in_flight)
     return simulate(schedule).idle_fraction()

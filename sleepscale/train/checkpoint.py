@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from sleepscale.config import validate
-from sleepscale.train import faults
+from sleepscale.model import build_model
 from sleepscale.parallel.distributed import Distributed
+from sleepscale.train import faults
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -133,13 +134,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model_from_checkpoint(path: str | Path):
     """(model in float32 on CPU, Config) from a checkpoint written by the trainer, any ZeRO stage."""
-    from sleepscale.model import build_model
-
     path = resolve_checkpoint(path)
     config = validate(json.loads((path / "trainer.json").read_text())["config"])
     if (path / UNSHARDED).exists():  # tensor parallel: DeepSpeed's files hold shards
         state = torch.load(path / UNSHARDED, map_location="cpu", weights_only=False)["weights"]
     elif list(path.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):  # ZeRO-3: weights are sharded
+        # DeepSpeed, ~5 s and it sets up its accelerator: only for a ZeRO-3 checkpoint (convert, eval, generate)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)

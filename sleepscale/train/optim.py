@@ -54,7 +54,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow
         adamw = AdamW if skips_on_overflow else torch.optim.AdamW
         return adamw([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
 
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # DeepSpeed, ~5 s: only for Muon
 
     class Muon(_SkipsOnOverflow, MuonWithAuxAdam):  # only ever used at ZeRO-0 (the config enforces it)
         pass
