@@ -43,21 +43,46 @@ def write_synthetic_checkpoint(out: Path, layers: int) -> int:
 
     hidden, intermediate, heads, kv_heads, vocab = 2048, 8192, 32, 8, 32000
     head_dim = hidden // heads
-    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": hidden,
-              "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-              "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "tie_word_embeddings": False,
-              "attention_bias": False, "mlp_bias": False, "max_position_embeddings": 8192}
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "max_position_embeddings": 8192,
+    }
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(config))
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (heads * head_dim, hidden), p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-                       p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-                       p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
-                       p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+                p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                p + "mlp.gate_proj.weight": (intermediate, hidden),
+                p + "mlp.up_proj.weight": (intermediate, hidden),
+                p + "mlp.down_proj.weight": (hidden, intermediate),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     weight_map, shard, shard_bytes, files = {}, {}, 0, 0
     generator = torch.Generator().manual_seed(0)
 
@@ -82,8 +107,20 @@ def write_synthetic_checkpoint(out: Path, layers: int) -> int:
 
 def load_on_ranks(model_dir: Path, ordinary: bool) -> list[dict]:
     out = Path(tempfile.mkdtemp()) / "ranks.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               __file__, "--rank-load", str(model_dir), str(out), *(["--ordinary"] if ordinary else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        "--rank-load",
+        str(model_dir),
+        str(out),
+        *(["--ordinary"] if ordinary else []),
+    ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -110,8 +147,16 @@ def rank_load(model_dir: str, out: str, ordinary: bool) -> None:
 
     dist.init_process_group("gloo")
     groups = init_parallel_groups(2, 1)
-    config = validate(with_init_source({"model": {"init_from": model_dir}, "sleep": {"window": 64}, "train": {"steps": 1},
-                                        "parallel": {"tensor": 2}}))
+    config = validate(
+        with_init_source(
+            {
+                "model": {"init_from": model_dir},
+                "sleep": {"window": 64},
+                "train": {"steps": 1},
+                "parallel": {"tensor": 2},
+            }
+        )
+    )
     with torch.device("meta"):
         whole = sum(p.nbytes for p in HybridLM(config.model).parameters())
     dist.barrier()
@@ -124,8 +169,13 @@ def rank_load(model_dir: str, out: str, ordinary: bool) -> None:
     else:
         model = build_rank_model(config, groups, torch.device("cpu"))
     seconds = time.perf_counter() - started
-    result = {"rank": dist.get_rank(), "peak": _resident("VmHWM") - before, "whole": whole, "seconds": seconds,
-              "held": sum(p.nbytes for p in model.parameters())}
+    result = {
+        "rank": dist.get_rank(),
+        "peak": _resident("VmHWM") - before,
+        "whole": whole,
+        "seconds": seconds,
+        "held": sum(p.nbytes for p in model.parameters()),
+    }
     results = [None] * 2
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
@@ -153,8 +203,12 @@ def main() -> None:
     written = time.perf_counter() - started
 
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "sleepscale.cli", "convert", str(source), str(converted)], check=True,
-                   env={**os.environ}, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "convert", str(source), str(converted)],
+        check=True,
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+    )
     convert_seconds = time.perf_counter() - started
     convert_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     source_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
@@ -162,18 +216,26 @@ def main() -> None:
     rows = []
     for ordinary in (False, True):
         for result in load_on_ranks(converted, ordinary):
-            rows.append((("ordinary (whole model, then sharded)" if ordinary else "build_rank_model (meta, own shards)"),
-                         result))
+            rows.append(
+                (
+                    ("ordinary (whole model, then sharded)" if ordinary else "build_rank_model (meta, own shards)"),
+                    result,
+                )
+            )
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"synthetic Llama checkpoint: {parameters / 1e9:.2f}B parameters, {source_bytes / 2**30:.2f} GiB bfloat16 "
-          f"(written in {written:.0f} s)\n")
+    print(
+        f"synthetic Llama checkpoint: {parameters / 1e9:.2f}B parameters, {source_bytes / 2**30:.2f} GiB bfloat16 "
+        f"(written in {written:.0f} s)\n"
+    )
     print("| step | wall s | peak resident GiB | peak / whole fp32 model |")
     print("|---|---|---|---|")
     whole = rows[0][1]["whole"]
     print(f"| convert (1 process) | {convert_seconds:.1f} | {convert_peak / 2**30:.2f} | {convert_peak / whole:.2f} |")
     for label, result in rows:
-        print(f"| load, TP=2 rank {result['rank']}: {label} | {result['seconds']:.1f} | {result['peak'] / 2**30:.2f} | "
-              f"{result['peak'] / result['whole']:.2f} |")
+        print(
+            f"| load, TP=2 rank {result['rank']}: {label} | {result['seconds']:.1f} | {result['peak'] / 2**30:.2f} | "
+            f"{result['peak'] / result['whole']:.2f} |"
+        )
     print(f"\nwhole model in float32: {whole / 2**30:.2f} GiB; a rank's shards: {rows[0][1]['held'] / 2**30:.2f} GiB")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -54,7 +54,10 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     tasks = {"rule110 (T=100)": Rule110Task([32]), "depo (T=360)": DepoTask(), "math (T=2048, bytes)": MathTask()}
-    print(f"machine: {platform.machine()}, {args.samples} samples per task, loader with {args.workers} workers, batch 32\n")
+    print(
+        f"machine: {platform.machine()}, {args.samples} samples "
+        f"per task, loader with {args.workers} workers, batch 32\n"
+    )
     print("| task | generation (samples/s) | raw tar read (samples/s) | loader (samples/s) | loader / raw |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:

@@ -64,9 +64,14 @@ def main():
     parser.add_argument("--dim", type=int, default=64)
     args = parser.parse_args()
 
-    print(f"device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"device: CPU ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"B={args.batch} H={args.heads} d_k=d_v={args.dim}, float32, forward+backward, median of {args.repeats}\n")
-    print("| T | ours (s) | fla naive_chunk (s) | fla naive_recurrent (s) | naive_chunk / ours | naive_recurrent / ours |")
+    print(
+        "| T | ours (s) | fla naive_chunk (s) | fla naive_recurrent (s) | naive_chunk / ours | naive_recurrent / ours |"
+    )
     print("|---|---|---|---|---|---|")
     for length in args.lengths:
         data = inputs(args.batch, length, args.heads, args.dim)

@@ -25,9 +25,20 @@ def tiny_qwen3_5(out: Path) -> None:
 
     torch.manual_seed(0)
     config = transformers.Qwen3_5TextConfig(
-        vocab_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=16, layer_types=["full_attention", "linear_attention"] * 2, max_position_embeddings=256)
+        vocab_size=8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        layer_types=["full_attention", "linear_attention"] * 2,
+        max_position_embeddings=256,
+    )
     model = transformers.AutoModelForCausalLM.from_config(config)
     # transformers draws a random Qwen3.5's GDN decays with dt_bias = 1 and A up to 16, a per-token
     # decay down to e^-21: the state forgets within a token, so nothing crosses a window and N cannot
@@ -36,7 +47,9 @@ def tiny_qwen3_5(out: Path) -> None:
     with torch.no_grad():
         for layer in model.model.layers:
             if hasattr(layer, "linear_attn"):
-                dt = torch.exp(torch.rand_like(layer.linear_attn.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+                dt = torch.exp(
+                    torch.rand_like(layer.linear_attn.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+                )
                 layer.linear_attn.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
     model.save_pretrained(out)
 
@@ -59,14 +72,26 @@ def main() -> None:
     data = {**quickstart["data"], "path": args.data}
     data["generate"] = {**data["generate"], "args": {"t_values": args.t, "strings": 2}}
     config = {
-        **{key: quickstart[key] for key in ("sleep", "optimizer", "schedule", "checkpoint", "eval")}, "data": data,
+        **{key: quickstart[key] for key in ("sleep", "optimizer", "schedule", "checkpoint", "eval")},
+        "data": data,
         "model": {"init_from": str(converted.resolve())},
         "train": {**quickstart["train"], "steps": args.steps, "run_dir": str(out / "run")},
     }
     config_path = out / "finetune.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "sleepscale.cli", "sweep", str(config_path), "sleep.passes=1,3", "--out",
-                    str(out / "sweep")], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sleepscale.cli",
+            "sweep",
+            str(config_path),
+            "sleep.passes=1,3",
+            "--out",
+            str(out / "sweep"),
+        ],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

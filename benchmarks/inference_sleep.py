@@ -51,7 +51,13 @@ def measure(model, config, prompt: torch.Tensor, answer_tokens: int, crossing_to
     started = time.perf_counter()
     assert cache.ingest(SleepingSession(model, config.sleep), prompt)
     hit = time.perf_counter() - started
-    return {"decode": decode, "crossing": crossing, "ingest": ingest / prompt.shape[1], "ingest_total": ingest, "hit": hit}
+    return {
+        "decode": decode,
+        "crossing": crossing,
+        "ingest": ingest / prompt.shape[1],
+        "ingest_total": ingest,
+        "hit": hit,
+    }
 
 
 def main() -> None:
@@ -62,30 +68,53 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     heads = max(1, args.width // 64)
-    configs = {n: validate({"model": {"vocab_size": 256, "hidden_size": args.width, "pattern": "AGAG",
-                                      "attention": {"num_heads": heads}, "gdn": {"num_heads": heads}},
-                            "sleep": {"window": args.window, "passes": n}, "train": {"steps": 1}}) for n in PASSES}
+    configs = {
+        n: validate(
+            {
+                "model": {
+                    "vocab_size": 256,
+                    "hidden_size": args.width,
+                    "pattern": "AGAG",
+                    "attention": {"num_heads": heads},
+                    "gdn": {"num_heads": heads},
+                },
+                "sleep": {"window": args.window, "passes": n},
+                "train": {"steps": 1},
+            }
+        )
+        for n in PASSES
+    }
     model = build_model(configs[1].model).eval()
     prompt = torch.randint(0, 256, (1, args.windows * args.window + 1), generator=torch.Generator().manual_seed(0))
     answer_tokens = args.window - 1  # fills the prompt's last window, without evicting it
     measure(model, configs[1], prompt, answer_tokens, 4 * args.window)  # warm-up, not recorded
     best: dict[int, dict[str, float]] = {}
     for round_ in range(args.repeats):
-        for n in PASSES[round_ % len(PASSES):] + PASSES[: round_ % len(PASSES)]:  # a different N first each round
+        for n in PASSES[round_ % len(PASSES) :] + PASSES[: round_ % len(PASSES)]:  # a different N first each round
             result = measure(model, configs[n], prompt, answer_tokens, 4 * args.window)
             best[n] = {key: min(value, best.get(n, {}).get(key, float("inf"))) for key, value in result.items()}
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: AGAG, width {args.width}, {sum(p.numel() for p in model.parameters()):,} parameters, float32; window "
-          f"{args.window}; prompt {prompt.shape[1]} tokens ({args.windows} windows + 1); best of {args.repeats} rounds\n")
-    print("| N | decode ms/token | vs N=1 | decode across 4 windows ms/token | ingest ms/prompt token | vs N=1 | "
-          "cache hit ms | fresh ingest / hit |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"model: AGAG, width {args.width}, {sum(p.numel() for p in model.parameters()):,} parameters, float32; window "
+        f"{args.window}; prompt {prompt.shape[1]} tokens ({args.windows} windows + 1); best of {args.repeats} rounds\n"
+    )
+    print(
+        "| N | decode ms/token | vs N=1 | decode across 4 windows ms/token | ingest ms/prompt token | vs N=1 | "
+        "cache hit ms | fresh ingest / hit |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n in PASSES:
         row = best[n]
-        print(f"| {n} | {row['decode'] * 1e3:.2f} | {row['decode'] / best[1]['decode']:.3f} | {row['crossing'] * 1e3:.2f} | "
-              f"{row['ingest'] * 1e3:.3f} | {row['ingest'] / best[1]['ingest']:.2f} | {row['hit'] * 1e3:.2f} | "
-              f"{row['ingest_total'] / row['hit']:.0f}x |")
+        print(
+            f"| {n} | {row['decode'] * 1e3:.2f} | "
+            f"{row['decode'] / best[1]['decode']:.3f} | {row['crossing'] * 1e3:.2f} | "
+            f"{row['ingest'] * 1e3:.3f} | {row['ingest'] / best[1]['ingest']:.2f} | {row['hit'] * 1e3:.2f} | "
+            f"{row['ingest_total'] / row['hit']:.0f}x |"
+        )
 
 
 if __name__ == "__main__":

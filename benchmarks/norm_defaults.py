@@ -31,12 +31,26 @@ def init_statistics(widths: list[int], init_std: float) -> None:
     from sleepscale.model import build_model
 
     print(f"init: normal(0, {init_std}); AGAG; random tokens of a vocabulary of 8; batch 16 x 100 tokens")
-    print("| width | block norm input, mean square | GDN o_norm input, mean square | o_norm: 1e-5 / ms | o_norm: 1e-6 / ms |")
+    print(
+        "| width | block norm input, mean square | GDN o_norm "
+        "input, mean square | o_norm: 1e-5 / ms | o_norm: 1e-6 / ms |"
+    )
     print("|---|---|---|---|---|")
     for width in widths:
-        config = validate({"model": {"vocab_size": 8, "hidden_size": width, "pattern": "AGAG", "init_std": init_std,
-                                     "attention": {"num_heads": width // 16}, "gdn": {"num_heads": width // 16}},
-                           "sleep": {"window": 24}, "train": {"steps": 1}})
+        config = validate(
+            {
+                "model": {
+                    "vocab_size": 8,
+                    "hidden_size": width,
+                    "pattern": "AGAG",
+                    "init_std": init_std,
+                    "attention": {"num_heads": width // 16},
+                    "gdn": {"num_heads": width // 16},
+                },
+                "sleep": {"window": 24},
+                "train": {"steps": 1},
+            }
+        )
         torch.manual_seed(0)
         model = build_model(config.model)
         squares: dict[str, list[float]] = {"block": [], "o_norm": []}
@@ -57,25 +71,48 @@ def init_statistics(widths: list[int], init_std: float) -> None:
         print(f"| {width} | {block:.3g} | {gated:.3g} | {1e-5 / gated:.2f} | {1e-6 / gated:.3f} |")
 
 
-def train_steps_to(config: str, widths: list[int], eps_values: list[float], threshold: float, steps: int,
-                   overrides: list[str], out: Path) -> None:
+def train_steps_to(
+    config: str,
+    widths: list[int],
+    eps_values: list[float],
+    threshold: float,
+    steps: int,
+    overrides: list[str],
+    out: Path,
+) -> None:
     from sleepscale.eval import evaluations
 
-    print(f"command: python benchmarks/norm_defaults.py train --config {config} --widths {' '.join(map(str, widths))} "
-          f"--eps {' '.join(map(str, eps_values))} --threshold {threshold} --steps {steps} {' '.join(overrides)}")
+    print(
+        f"command: python benchmarks/norm_defaults.py train --config {config} --widths {' '.join(map(str, widths))} "
+        f"--eps {' '.join(map(str, eps_values))} --threshold {threshold} --steps {steps} {' '.join(overrides)}"
+    )
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores")
     print(f"| width | eps | first step with every difficulty >= {threshold} | final accuracy |")
     print("|---|---|---|---|")
     for width in widths:
         for eps in eps_values:
             run = out / f"w{width}-eps{eps:g}"
-            command = [sys.executable, "-m", "sleepscale.cli", "train", config, f"model.hidden_size={width}",
-                       f"model.norm_eps={eps}", f"train.steps={steps}", f"train.run_dir={run}", "checkpoint.every=100000",
-                       *overrides]
+            command = [
+                sys.executable,
+                "-m",
+                "sleepscale.cli",
+                "train",
+                config,
+                f"model.hidden_size={width}",
+                f"model.norm_eps={eps}",
+                f"train.steps={steps}",
+                f"train.run_dir={run}",
+                "checkpoint.every=100000",
+                *overrides,
+            ]
             subprocess.run(command, check=True, capture_output=True)
             history = evaluations(run / "metrics.jsonl")
-            first = next((record["step"] for record, rows in history if min(row["accuracy"] for row in rows) >= threshold), None)
-            final = " ".join(f"{row['difficulty']}={row['value']} N={row['passes']}: {row['accuracy']:.3f}" for row in history[-1][1])
+            first = next(
+                (record["step"] for record, rows in history if min(row["accuracy"] for row in rows) >= threshold), None
+            )
+            final = " ".join(
+                f"{row['difficulty']}={row['value']} N={row['passes']}: {row['accuracy']:.3f}" for row in history[-1][1]
+            )
             print(f"| {width} | {eps:g} | {first if first is not None else f'not by {steps}'} | {final} |", flush=True)
 
 
@@ -94,7 +131,9 @@ def main():
     if args.part == "init":
         init_statistics(args.widths or [64, 128, 256, 512, 1024], args.init_std)
     else:
-        train_steps_to(args.config, args.widths or [64], args.eps, args.threshold, args.steps, args.overrides, Path(args.out))
+        train_steps_to(
+            args.config, args.widths or [64], args.eps, args.threshold, args.steps, args.overrides, Path(args.out)
+        )
 
 
 if __name__ == "__main__":

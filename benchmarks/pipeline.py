@@ -76,26 +76,42 @@ class SavedBytes:
 
 def measure(args, groups, micro_batches: int, passes: int) -> dict:
     stages = groups.pipeline.size()
-    config = validate({
-        "model": {"vocab_size": 64, "hidden_size": args.hidden, "pattern": "|".join(["GG"] * stages), "intermediate_size": 2 * args.hidden,
-                  "gdn": {"num_heads": 4}},
-        "sleep": {"window": args.window, "passes": passes, "checkpoint": "pass"},
-        "train": {"steps": 1},
-        "parallel": {"pipeline": stages},
-    })
+    config = validate(
+        {
+            "model": {
+                "vocab_size": 64,
+                "hidden_size": args.hidden,
+                "pattern": "|".join(["GG"] * stages),
+                "intermediate_size": 2 * args.hidden,
+                "gdn": {"num_heads": 4},
+            },
+            "sleep": {"window": args.window, "passes": passes, "checkpoint": "pass"},
+            "train": {"steps": 1},
+            "parallel": {"pipeline": stages},
+        }
+    )
     stage = PipelineStage(build_model(config.model), config.model.stage_ranges, groups.pipeline.rank())
     in_flight = args.in_flight or stages
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 64, (args.batch, args.window * args.windows), generator=generator) for _ in range(micro_batches)]
-    plan = make_plan(config.sleep, args.batch, args.window * args.windows, len(config.model.blocks), range(*config.model.loop_range))
+    batches = [
+        torch.randint(0, 64, (args.batch, args.window * args.windows), generator=generator)
+        for _ in range(micro_batches)
+    ]
+    plan = make_plan(
+        config.sleep, args.batch, args.window * args.windows, len(config.model.blocks), range(*config.model.loop_range)
+    )
 
     def step(saved: SavedBytes | None = None):
         start = time.perf_counter()
         if saved is None:
-            out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight)
+            out = run_step(
+                stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight
+            )
         else:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                out = run_step(stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight)
+                out = run_step(
+                    stage, groups.pipeline, [plan] * micro_batches, batches, batches, args.window, in_flight=in_flight
+                )
         return time.perf_counter() - start, out.wait_seconds, out.sent_bytes
 
     step()  # warm-up
@@ -107,17 +123,28 @@ def measure(args, groups, micro_batches: int, passes: int) -> dict:
         times.append(step())
     seconds, waited, sent = (sum(column) for column in zip(*times))
     per_stage = [None] * stages
-    dist.all_gather_object(per_stage, (waited / seconds, sent / args.steps, seconds / args.steps, saved.peak), group=groups.pipeline)
+    dist.all_gather_object(
+        per_stage, (waited / seconds, sent / args.steps, seconds / args.steps, saved.peak), group=groups.pipeline
+    )
     slices = (args.windows - 1) * passes + 1
     schedule = build_schedule([traversals(plan, config.model.stage_ranges)] * micro_batches, stages, in_flight)
     return {
-        "P": stages, "M": micro_batches, "N": passes, "S": slices,
-        "idle": statistics.mean(r[0] for r in per_stage), "idle_max": max(r[0] for r in per_stage),
-        "schedule": schedule.idle_fraction(), "simulated": simulate(schedule, 1.0, 2.0).idle_fraction(),
+        "P": stages,
+        "M": micro_batches,
+        "N": passes,
+        "S": slices,
+        "idle": statistics.mean(r[0] for r in per_stage),
+        "idle_max": max(r[0] for r in per_stage),
+        "schedule": schedule.idle_fraction(),
+        "simulated": simulate(schedule, 1.0, 2.0).idle_fraction(),
         "ideal": (stages - 1) / (micro_batches * slices + stages - 1),
-        "bytes": sum(r[1] for r in per_stage), "step_ms": 1e3 * max(r[2] for r in per_stage),
-        "bytes_formula": analytic_bytes(stages, micro_batches, passes, args.windows, args.batch, args.window, args.hidden),
-        "saved_mb": max(r[3] for r in per_stage) / 1e6, "in_flight": in_flight,
+        "bytes": sum(r[1] for r in per_stage),
+        "step_ms": 1e3 * max(r[2] for r in per_stage),
+        "bytes_formula": analytic_bytes(
+            stages, micro_batches, passes, args.windows, args.batch, args.window, args.hidden
+        ),
+        "saved_mb": max(r[3] for r in per_stage) / 1e6,
+        "in_flight": in_flight,
     }
 
 
@@ -130,22 +157,33 @@ def main():
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--in-flight", type=int, default=None, help="micro-batches holding activations at once (default P)")
+    parser.add_argument(
+        "--in-flight", type=int, default=None, help="micro-batches holding activations at once (default P)"
+    )
     args = parser.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     groups = init_parallel_groups(pipeline=dist.get_world_size())
     rows = [measure(args, groups, m, n) for m in args.micro_batches for n in args.passes]
     if dist.get_rank() == 0:
-        print(f"{groups.pipeline.size()} stages x 2 GDN blocks, hidden {args.hidden}; micro-batch {args.batch} x {args.windows} "
-              f"windows of {args.window}; {args.steps} steps; at most {rows[0]['in_flight']} micro-batches in flight; "
-              "idle = waiting for transfers / step time")
-        print("\n| P | M | N | S | step ms | idle (mean) | idle (max stage) | simulated | schedule | ideal | MB sent | formula "
-              "| saved MB (max stage) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print(
+            f"{groups.pipeline.size()} stages x 2 GDN blocks, hidden "
+            f"{args.hidden}; micro-batch {args.batch} x {args.windows} "
+            f"windows of {args.window}; {args.steps} steps; at most {rows[0]['in_flight']} micro-batches in flight; "
+            "idle = waiting for transfers / step time"
+        )
+        print(
+            "\n| P | M | N | S | step ms | idle (mean) | idle (max "
+            "stage) | simulated | schedule | ideal | MB sent | formula "
+            "| saved MB (max stage) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )
         for r in rows:
-            print(f"| {r['P']} | {r['M']} | {r['N']} | {r['S']} | {r['step_ms']:.0f} | {r['idle']:.3f} | {r['idle_max']:.3f} "
-                  f"| {r['simulated']:.3f} | {r['schedule']:.3f} | {r['ideal']:.3f} | {r['bytes'] / 1e6:.3f} "
-                  f"| {r['bytes_formula'] / 1e6:.3f} | {r['saved_mb']:.2f} |")
+            print(
+                f"| {r['P']} | {r['M']} | {r['N']} | {r['S']} | "
+                f"{r['step_ms']:.0f} | {r['idle']:.3f} | {r['idle_max']:.3f} "
+                f"| {r['simulated']:.3f} | {r['schedule']:.3f} | {r['ideal']:.3f} | {r['bytes'] / 1e6:.3f} "
+                f"| {r['bytes_formula'] / 1e6:.3f} | {r['saved_mb']:.2f} |"
+            )
     dist.destroy_process_group()
 
 

@@ -22,8 +22,13 @@ import subprocess
 import sys
 import time
 
-MODES = {"none": {}, "pass": {"checkpoint": "pass"}, "window": {"checkpoint": "window"}, "k=1": {"grad_passes": 1},
-         "k=2": {"grad_passes": 2}}
+MODES = {
+    "none": {},
+    "pass": {"checkpoint": "pass"},
+    "window": {"checkpoint": "window"},
+    "k=1": {"grad_passes": 1},
+    "k=2": {"grad_passes": 2},
+}
 
 
 def measure(passes: int, mode: str, width: int, steps: int) -> dict:
@@ -36,11 +41,19 @@ def measure(passes: int, mode: str, width: int, steps: int) -> dict:
 
     if MODES[mode].get("grad_passes", 0) > passes:
         return {}  # k > N: not a configuration
-    config = validate({
-        "model": {"vocab_size": 512, "hidden_size": width, "pattern": "AGAG", "attention": {"num_heads": 4},
-                  "gdn": {"num_heads": 4}},
-        "sleep": {"window": 64, "passes": passes, **MODES[mode]}, "train": {"steps": 1},
-    })
+    config = validate(
+        {
+            "model": {
+                "vocab_size": 512,
+                "hidden_size": width,
+                "pattern": "AGAG",
+                "attention": {"num_heads": 4},
+                "gdn": {"num_heads": 4},
+            },
+            "sleep": {"window": 64, "passes": passes, **MODES[mode]},
+            "train": {"steps": 1},
+        }
+    )
     model = build_model(config.model)
     tokens = torch.randint(0, 512, (8, 256), generator=torch.Generator().manual_seed(0))
     targets = tokens.roll(-1, 1)
@@ -68,7 +81,12 @@ def measure(passes: int, mode: str, width: int, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - start)
     flops = training_flops_per_token([plan_for(model, tokens, config.sleep, targets)], model, config.sleep.window)
-    return {"saved_mb": saved / 2**20, "peak_mb": peak / 1024, "step_s": statistics.median(times), "gflops_per_token": flops / 1e9}
+    return {
+        "saved_mb": saved / 2**20,
+        "peak_mb": peak / 1024,
+        "step_s": statistics.median(times),
+        "gflops_per_token": flops / 1e9,
+    }
 
 
 def main():
@@ -85,21 +103,39 @@ def main():
     results = {}
     for n in args.passes:
         for mode in MODES:
-            output = subprocess.run([sys.executable, __file__, "--one", str(n), mode, "--width", str(args.width),
-                                     "--steps", str(args.steps)], check=True, capture_output=True, text=True).stdout
+            output = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(n),
+                    mode,
+                    "--width",
+                    str(args.width),
+                    "--steps",
+                    str(args.steps),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             results[(n, mode)] = json.loads(output.strip().splitlines()[-1])
             print(f"N={n} {mode}: {results[(n, mode)]}", file=sys.stderr, flush=True)
     base = results[(args.passes[0], "none")]
-    print(f"machine: {platform.machine()} CPU; width {args.width}, batch 8 x 256 tokens, windows of 64; "
-          f"ratios to N={args.passes[0]} without checkpointing\n")
+    print(
+        f"machine: {platform.machine()} CPU; width {args.width}, batch 8 x 256 tokens, windows of 64; "
+        f"ratios to N={args.passes[0]} without checkpointing\n"
+    )
     print("| N | mode | saved for backward (MB) | x | peak RSS (MB) | x | step (s) | x | GFLOPs/token |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (n, mode), r in results.items():
         if not r:
             continue
-        print(f"| {n} | {mode} | {r['saved_mb']:.1f} | {r['saved_mb'] / base['saved_mb']:.2f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
-              f"{r['gflops_per_token']:.3f} |")
+        print(
+            f"| {n} | {mode} | {r['saved_mb']:.1f} | {r['saved_mb'] / base['saved_mb']:.2f} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} | "
+            f"{r['gflops_per_token']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

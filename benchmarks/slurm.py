@@ -57,22 +57,38 @@ def wait_until(condition, what: str, timeout: float = 900) -> float:
 def one_job(cluster: SlurmCluster, tmp: Path, data: Path, index: int, ranks: int) -> dict[str, float]:
     run = tmp / f"run{index}"
     config = write_config(tmp, data, run)
-    env = {"SLEEPSCALE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "SLEEPSCALE_NPROC_PER_NODE": str(ranks),
-           "SLEEPSCALE_FAULT_PAUSE_AT_STEP": "3"}
+    env = {
+        "SLEEPSCALE_PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "SLEEPSCALE_NPROC_PER_NODE": str(ranks),
+        "SLEEPSCALE_FAULT_PAUSE_AT_STEP": "3",
+    }
     submitted = time.monotonic()
-    job = cluster.sbatch(f"--chdir={tmp}", f"--output={tmp}/%x-%j.out", "--time=30", str(REPO / "slurm" / "train.sbatch"),
-                         str(config), "train.steps=6", env=env)
+    job = cluster.sbatch(
+        f"--chdir={tmp}",
+        f"--output={tmp}/%x-%j.out",
+        "--time=30",
+        str(REPO / "slurm" / "train.sbatch"),
+        str(config),
+        "train.steps=6",
+        env=env,
+    )
     running = wait_until(lambda: cluster.job(job).get("JobState") == "RUNNING", "job start")
     first_step = wait_until(lambda: 1 in steps_logged(run), "first step")
     log = tmp / f"sleepscale-{job}.out"
     wait_until(lambda: log.exists() and "rank 0 paused after step 3" in log.read_text(), "the pause after step 3")
     signalled = time.monotonic()
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@... does
-    checkpointed = wait_until(lambda: (run / "checkpoints" / "latest").exists()
-                              and (run / "checkpoints" / "latest").read_text() == "step-000003", "checkpoint")
+    checkpointed = wait_until(
+        lambda: (
+            (run / "checkpoints" / "latest").exists() and (run / "checkpoints" / "latest").read_text() == "step-000003"
+        ),
+        "checkpoint",
+    )
     requeued = wait_until(lambda: cluster.job(job).get("Restarts") == "1", "requeue")
-    restarted = wait_until(lambda: cluster.job(job).get("JobState") == "RUNNING" and cluster.job(job).get("Restarts") == "1",
-                           "restart")
+    restarted = wait_until(
+        lambda: cluster.job(job).get("JobState") == "RUNNING" and cluster.job(job).get("Restarts") == "1", "restart"
+    )
     resumed_step = wait_until(lambda: 4 in steps_logged(run), "first resumed step")
     cluster.wait_for_state(job, {"COMPLETED"}, 900)
     return {
@@ -90,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--slurm-defaults", action="store_true", help="Slurm's default requeue hold and scheduler intervals")
+    parser.add_argument(
+        "--slurm-defaults", action="store_true", help="Slurm's default requeue hold and scheduler intervals"
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-slurm-"))
@@ -99,8 +117,11 @@ def main() -> None:
         results = [one_job(cluster, tmp, data, index, args.ranks) for index in range(args.repeats)]
     shutil.rmtree(tmp)
     # The first job also generates the tiny dataset before its first step; reported separately.
-    mode = "Slurm defaults (cred_expire 120 s, sched 60 s, backfill 30 s)" if args.slurm_defaults else \
-        "test cluster (cred_expire 10 s, sched/backfill 2 s)"
+    mode = (
+        "Slurm defaults (cred_expire 120 s, sched 60 s, backfill 30 s)"
+        if args.slurm_defaults
+        else "test cluster (cred_expire 10 s, sched/backfill 2 s)"
+    )
     print(f"slurm/train.sbatch, {args.ranks} ranks on 1 node, tiny config; {mode}; {args.repeats} job(s); seconds\n")
     print("| phase | " + " | ".join(f"job {i + 1}" for i in range(args.repeats)) + " | median |")
     print("|---|" + "---:|" * (args.repeats + 1))

@@ -58,15 +58,21 @@ MODELS = {
 def config_dict(model: str, passes: int, checkpoint: str, batch: int) -> dict:
     shape = MODELS[model]
     return {
-        "model": {"vocab_size": VOCAB, "hidden_size": shape["hidden_size"], "pattern": shape["pattern"],
-                  "intermediate_size": shape["intermediate_size"], "attention": {"num_heads": shape["heads"]},
-                  "gdn": {"num_heads": shape["heads"], "expand_v": 1.0}},
+        "model": {
+            "vocab_size": VOCAB,
+            "hidden_size": shape["hidden_size"],
+            "pattern": shape["pattern"],
+            "intermediate_size": shape["intermediate_size"],
+            "attention": {"num_heads": shape["heads"]},
+            "gdn": {"num_heads": shape["heads"], "expand_v": 1.0},
+        },
         "sleep": {"window": WINDOW, "passes": passes, "eviction": "hard", "checkpoint": checkpoint},
         "train": {"steps": 1, "micro_batch_size": batch},
     }
 
 
 # ---- children: one measurement each, printed as a JSON line ----
+
 
 def bare_step(config: dict, seconds: float) -> dict:
     import torch
@@ -143,11 +149,14 @@ def child(args) -> None:
 
 # ---- the parent: data, alternating children, the table ----
 
+
 def run_child(code: Path, *arguments: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"{' '.join(arguments[:2])} with {code} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise SystemExit(
+            f"{' '.join(arguments[:2])} with {code} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+        )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not Path(result["package"]).is_relative_to(code):
         raise SystemExit(f"the child imported {result['package']}, not the package in {code}")
@@ -176,9 +185,27 @@ def prepare(tmp: Path, old: str, trainer: bool) -> tuple[dict[str, Path], Path]:
     shutil.copytree(REPO / "sleepscale", versions["new"] / "sleepscale", ignore=shutil.ignore_patterns("__pycache__"))
     data = tmp / "rule110"
     if trainer:
-        subprocess.run([sys.executable, "-m", "sleepscale.cli", "data", "rule110", "--out", str(data), "--t", "0",
-                        "--train-samples", "4096", "--validation-samples", "64"], check=True, capture_output=True,
-                       env={**os.environ, "PYTHONPATH": str(versions["old"])}, cwd=versions["old"])
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sleepscale.cli",
+                "data",
+                "rule110",
+                "--out",
+                str(data),
+                "--t",
+                "0",
+                "--train-samples",
+                "4096",
+                "--validation-samples",
+                "64",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(versions["old"])},
+            cwd=versions["old"],
+        )
     return versions, data
 
 
@@ -194,12 +221,26 @@ def measure(config: dict, name: str, versions: dict[str, Path], data: Path, args
             report = f"bare {bare['seconds']:.3f} s x {bare['steps']}"
             if not args.no_trainer:
                 run_dir = data.parent / f"run-{version}-{name.replace(' ', '-')}-{round_}"
-                trainer = run_child(code, "--child", "trainer", "--config", config, "--steps", str(bare["steps"]),
-                                    "--data", str(data), "--run-dir", str(run_dir))
+                trainer = run_child(
+                    code,
+                    "--child",
+                    "trainer",
+                    "--config",
+                    config,
+                    "--steps",
+                    str(bare["steps"]),
+                    "--data",
+                    str(data),
+                    "--run-dir",
+                    str(run_dir),
+                )
                 times[version, "trainer"].append(trainer["seconds"])
                 report += f", trainer {trainer['seconds']:.3f} s x {trainer['steps']}"
-            print(f"[{time.perf_counter() - started:5.0f} s] {name} {version} round {round_ + 1}: {report}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - started:5.0f} s] {name} {version} round {round_ + 1}: {report}",
+                file=sys.stderr,
+                flush=True,
+            )
     return {key: statistics.median(values) if values else None for key, values in times.items()}
 
 
@@ -207,7 +248,9 @@ def working_tree() -> str:
     def git(*arguments):
         return subprocess.run(["git", "-C", str(REPO), *arguments], capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain", "sleepscale") else "")
+    return git("rev-parse", "--short", "HEAD") + (
+        " + uncommitted changes" if git("status", "--porcelain", "sleepscale") else ""
+    )
 
 
 def table(rows: list[tuple], args, batches: dict[str, int], head: str, seconds: float, planned: int) -> str:
@@ -223,7 +266,9 @@ def table(rows: list[tuple], args, batches: dict[str, int], head: str, seconds: 
         "",
         f"{datetime.date.today()}; {machine()}; old = {args.old}, new = the working tree ({head}); medians of "
         f"{args.repeats} round(s) of alternating old/new processes; {LENGTH} tokens per sequence, windows of {WINDOW}, "
-        "batch " + ", ".join(f"{model} {batches[model]}" for model in args.models) + f"; the run took {seconds / 60:.0f} min"
+        "batch "
+        + ", ".join(f"{model} {batches[model]}" for model in args.models)
+        + f"; the run took {seconds / 60:.0f} min"
         + ("" if len(rows) == planned else f" ({len(rows)} of {planned} configurations measured)"),
         "",
         "| model | N | checkpoint | bare old s | bare new s | speed-up | trainer old s | trainer new s | "
@@ -233,7 +278,8 @@ def table(rows: list[tuple], args, batches: dict[str, int], head: str, seconds: 
     for model, passes, checkpoint, t in rows:
         lines.append(
             f"| {model} | {passes} | {checkpoint} | {number(t['old', 'bare'])} | {number(t['new', 'bare'])} | "
-            f"{ratio(t['old', 'bare'], t['new', 'bare'])} | {number(t['old', 'trainer'])} | {number(t['new', 'trainer'])} | "
+            f"{ratio(t['old', 'bare'], t['new', 'bare'])} | "
+            f"{number(t['old', 'trainer'])} | {number(t['new', 'trainer'])} | "
             f"{ratio(t['old', 'trainer'], t['old', 'bare'])} | {ratio(t['new', 'trainer'], t['new', 'bare'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -248,7 +294,9 @@ def main():
     parser.add_argument("--old", default="278da2f", help="the commit to compare with")
     parser.add_argument("--no-trainer", action="store_true", help="bare steps only")
     parser.add_argument("--wide-batch", type=int, default=MODELS["wide"]["batch"])
-    parser.add_argument("--seconds", type=float, default=3.0, help="about how long the timed steps of one measurement take")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="about how long the timed steps of one measurement take"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/step_time.md")
     parser.add_argument("--child", choices=["bare", "trainer"], help=argparse.SUPPRESS)
     for name, kind in (("--config", str), ("--steps", int), ("--data", str), ("--run-dir", str)):
@@ -267,8 +315,14 @@ def main():
         versions, data = prepare(Path(tmp), args.old, not args.no_trainer)
         for model, passes, checkpoint in configurations:
             config = config_dict(model, passes, checkpoint, batches[model])
-            rows.append((model, passes, checkpoint, measure(config, f"{model} N={passes} {checkpoint}", versions, data,
-                                                            args, started)))
+            rows.append(
+                (
+                    model,
+                    passes,
+                    checkpoint,
+                    measure(config, f"{model} N={passes} {checkpoint}", versions, data, args, started),
+                )
+            )
             # Written after every configuration: a long run stopped early keeps what it measured.
             text = table(rows, args, batches, head, time.perf_counter() - started, len(configurations))
             args.out.write_text(text)

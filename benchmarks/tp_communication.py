@@ -48,9 +48,13 @@ class ByteCounter:
         originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
         # megatron-core binds all_gather_into_tensor / reduce_scatter_tensor at import (`dist_all_gather_func`):
         # those references are replaced too, or its gathers would go uncounted.
-        aliases = [(module, attribute, value) for name, module in list(sys.modules.items()) if name.startswith("megatron.")
-                   for attribute, value in list(vars(module).items())
-                   if any(value is function for function in originals.values())]
+        aliases = [
+            (module, attribute, value)
+            for name, module in list(sys.modules.items())
+            if name.startswith("megatron.")
+            for attribute, value in list(vars(module).items())
+            if any(value is function for function in originals.values())
+        ]
         by_function = {id(function): name for name, function in originals.items()}
 
         def wrap(name, function):
@@ -61,6 +65,7 @@ class ByteCounter:
                 if group is self.group:
                     self.bytes += payload.numel() * payload.element_size()
                 return function(first, *args, **kwargs)
+
             return counted
 
         wrapped = {name: wrap(name, function) for name, function in originals.items()}
@@ -90,7 +95,9 @@ def main():
     config = load_config(args.config)
     model = parallelize_tensor(build_model(config.model), tp)
     window = config.sleep.window
-    tokens = torch.randint(0, config.model.vocab_size, (args.batch, window * args.windows), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, config.model.vocab_size, (args.batch, window * args.windows), generator=torch.Generator().manual_seed(0)
+    )
     counter = ByteCounter(tp)
     with torch.device("meta"):
         shapes = HybridLM(config.model)
@@ -109,19 +116,29 @@ def main():
             rows.append((checkpoint, n, forward, backward, *tensor_parallel_phases([plan], shapes, tp.size())))
 
     if dist.get_rank() == 0:
-        print(f"command: torchrun --nproc_per_node {dist.get_world_size()} benchmarks/tp_communication.py "
-              f"--passes {' '.join(map(str, args.passes))} --config {args.config} --batch {args.batch} --windows {args.windows}")
-        print(f"tensor-parallel size {dist.get_world_size()}; {config.model.pattern}, hidden {config.model.hidden_size}, "
-              f"batch {args.batch} x {args.windows} windows of {window}; payload MB per step (forward + backward)\n")
+        print(
+            f"command: torchrun --nproc_per_node {dist.get_world_size()} benchmarks/tp_communication.py "
+            f"--passes {' '.join(map(str, args.passes))} --config "
+            f"{args.config} --batch {args.batch} --windows {args.windows}"
+        )
+        print(
+            f"tensor-parallel size {dist.get_world_size()}; {config.model.pattern}, hidden {config.model.hidden_size}, "
+            f"batch {args.batch} x {args.windows} windows of {window}; payload MB per step (forward + backward)\n"
+        )
         print("| checkpoint | N | forward MB | formula | backward MB | formula | total x N=1 |")
         print("|---|---|---|---|---|---|---|")
         base = {c: next(r[2] + r[3] for r in rows if r[0] == c and r[1] == args.passes[0]) for c in ("none", "pass")}
         for checkpoint, n, forward, backward, f_forward, f_backward in rows:
-            print(f"| {checkpoint} | {n} | {forward / 1e6:.3f} | {f_forward / 1e6:.3f} | {backward / 1e6:.3f} | "
-                  f"{f_backward / 1e6:.3f} | {(forward + backward) / base[checkpoint]:.2f} |")
+            print(
+                f"| {checkpoint} | {n} | {forward / 1e6:.3f} | {f_forward / 1e6:.3f} | {backward / 1e6:.3f} | "
+                f"{f_backward / 1e6:.3f} | {(forward + backward) / base[checkpoint]:.2f} |"
+            )
         differ = [(r[0], r[1], r[2] - r[4], r[3] - r[5]) for r in rows if (r[2], r[3]) != (r[4], r[5])]
-        print("\nmeasured bytes equal the formula exactly in every row" if not differ else
-              "\nmeasured - formula, bytes (checkpoint, N, forward, backward): " + "; ".join(map(str, differ)))
+        print(
+            "\nmeasured bytes equal the formula exactly in every row"
+            if not differ
+            else "\nmeasured - formula, bytes (checkpoint, N, forward, backward): " + "; ".join(map(str, differ))
+        )
     dist.destroy_process_group()
 
 

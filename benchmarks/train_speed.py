@@ -31,13 +31,30 @@ def free_port() -> int:
 
 
 def run(ranks: int, steps: int, run_dir: Path) -> tuple[float, float]:
-    overrides = [f"train.steps={steps}", f"train.run_dir={run_dir}", "train.log_every=1", "checkpoint.every=100000",
-                 "eval.max_batches=1"]
+    overrides = [
+        f"train.steps={steps}",
+        f"train.run_dir={run_dir}",
+        "train.log_every=1",
+        "checkpoint.every=100000",
+        "eval.max_batches=1",
+    ]
     if ranks == 1:
         command = [sys.executable, "-m", "sleepscale.cli", "train", CONFIG, *overrides]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                   str(free_port()), "-m", "sleepscale.cli", "train", CONFIG, *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "sleepscale.cli",
+            "train",
+            CONFIG,
+            *overrides,
+        ]
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // ranks)})
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     startup = next(line["startup_seconds"] for line in lines if "startup_seconds" in line)

@@ -40,12 +40,12 @@ import torch.distributed as dist
 
 from sleepscale.config import validate
 from sleepscale.model.hybrid import HybridLM
-from sleepscale.parallel.rank_model import build_rank_model
-from sleepscale.sleep import IGNORE_INDEX
 from sleepscale.parallel import rank_model as rank_model_module
 from sleepscale.parallel import zero as zero_module
 from sleepscale.parallel.distributed import setup_distributed
 from sleepscale.parallel.parallelism import Parallelism, micro_batch
+from sleepscale.parallel.rank_model import build_rank_model
+from sleepscale.sleep import IGNORE_INDEX
 from sleepscale.train.spikes import SpikeGuard
 from sleepscale.train.step import UpdateGuard
 from sleepscale.train.trainer import TrainingStage, build_stage_engine
@@ -73,13 +73,16 @@ class GatherCounter:
                 if outputs is None:
                     outputs = args[0]
                 tensors = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-                self.bytes[self.current] = self.bytes.get(self.current, 0) + sum(t.numel() * t.element_size() for t in tensors)
+                self.bytes[self.current] = self.bytes.get(self.current, 0) + sum(
+                    t.numel() * t.element_size() for t in tensors
+                )
                 self.calls[self.current] = self.calls.get(self.current, 0) + 1
             self._depth += 1
             try:
                 return function(*args, **kwargs)
             finally:
                 self._depth -= 1
+
         return counted
 
     @contextlib.contextmanager
@@ -106,20 +109,38 @@ class GatherCounter:
 
 
 def build_config(args, passes: int, checkpoint: str):
-    return validate({
-        "model": {"vocab_size": args.vocab, "hidden_size": args.hidden, "pattern": args.pattern, "intermediate_size": 2 * args.hidden,
-                  "attention": {"num_heads": 2}, "gdn": {"num_heads": 2}, "init_std": 0.02,
-                  **({"loop": args.loop} if args.loop else {})},
-        "sleep": {"window": args.window, "passes": passes, "checkpoint": checkpoint},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "train": {"steps": args.steps, "micro_batch_size": args.batch, "grad_accumulation": 1, "zero_stage": 3, "seed": 0},
-    })
+    return validate(
+        {
+            "model": {
+                "vocab_size": args.vocab,
+                "hidden_size": args.hidden,
+                "pattern": args.pattern,
+                "intermediate_size": 2 * args.hidden,
+                "attention": {"num_heads": 2},
+                "gdn": {"num_heads": 2},
+                "init_std": 0.02,
+                **({"loop": args.loop} if args.loop else {}),
+            },
+            "sleep": {"window": args.window, "passes": passes, "checkpoint": checkpoint},
+            "optimizer": {"name": "adamw", "lr": 1e-3},
+            "train": {
+                "steps": args.steps,
+                "micro_batch_size": args.batch,
+                "grad_accumulation": 1,
+                "zero_stage": 3,
+                "seed": 0,
+            },
+        }
+    )
 
 
 def overridden(settings: list[str]):
     """`deepspeed_config` with `--zero` overrides applied (for the trainer and the partitioned build)."""
-    original = zero_module.deepspeed_config.__wrapped__ if hasattr(zero_module.deepspeed_config, "__wrapped__") \
+    original = (
+        zero_module.deepspeed_config.__wrapped__
+        if hasattr(zero_module.deepspeed_config, "__wrapped__")
         else zero_module.deepspeed_config
+    )
 
     def config_with_overrides(config):
         result = original(config)
@@ -190,19 +211,37 @@ def measure(args, ctx, passes: int, checkpoint: str) -> dict:
             ids = torch.randint(0, args.vocab, (args.batch, length), generator=generator)
             targets = ids.roll(-1, dims=1)
             targets[:, -1] = IGNORE_INDEX
-            batches = [micro_batch({"input_ids": ids, "targets": targets, "num_samples": args.batch}, shapes, sleep, ctx.device)]
+            batches = [
+                micro_batch(
+                    {"input_ids": ids, "targets": targets, "num_samples": args.batch}, shapes, sleep, ctx.device
+                )
+            ]
             result = parallelism.forward_backward(engine, batches, sleep, guard.before_backward)
             guard.decide()
             with counter.phase("step"):
                 engine.step()
-            steps.append({**counter.take(), "peak_forward": peak["forward"], "peak_backward": peak["backward"],
-                          "loss": result.loss.item(), "complete_trace": coordinator.is_complete_trace()})
+            steps.append(
+                {
+                    **counter.take(),
+                    "peak_forward": peak["forward"],
+                    "peak_backward": peak["backward"],
+                    "loss": result.loss.item(),
+                    "complete_trace": coordinator.is_complete_trace(),
+                }
+            )
             peak.update(forward=0, backward=0)
     total = sum(p.ds_numel for p in engine.module.parameters())
     element = next(engine.module.parameters()).ds_tensor.element_size()
-    out = {"passes": passes, "checkpoint": checkpoint, "steps": steps, "total_numel": total,
-           "loop_numel": loop_numel, "element_size": element, "invalidations": invalidations[0],
-           "zero": deepspeed_config(config)["zero_optimization"]}
+    out = {
+        "passes": passes,
+        "checkpoint": checkpoint,
+        "steps": steps,
+        "total_numel": total,
+        "loop_numel": loop_numel,
+        "element_size": element,
+        "invalidations": invalidations[0],
+        "zero": deepspeed_config(config)["zero_optimization"],
+    }
     engine.destroy()
     return out
 
@@ -214,9 +253,12 @@ def row(result: dict, baseline: dict, step: int) -> str:
     total = forward + backward + values.get("step", 0)
     base_total = base.get("forward", 0) + base.get("backward", 0) + base.get("step", 0)
     model_bytes = result["total_numel"] * result["element_size"]
-    return (f"| {result['checkpoint']} | {result['passes']} | {forward / 1e6:.3f} | {forward / model_bytes:.2f} | "
-            f"{backward / 1e6:.3f} | {backward / model_bytes:.2f} | {total / 1e6:.3f} | {total / base_total:.2f} | "
-            f"{values['peak_forward'] / result['total_numel']:.2f} / {values['peak_backward'] / result['total_numel']:.2f} |")
+    return (
+        f"| {result['checkpoint']} | {result['passes']} | {forward / 1e6:.3f} | {forward / model_bytes:.2f} | "
+        f"{backward / 1e6:.3f} | {backward / model_bytes:.2f} | {total / 1e6:.3f} | {total / base_total:.2f} | "
+        f"{values['peak_forward'] / result['total_numel']:.2f} / "
+        f"{values['peak_backward'] / result['total_numel']:.2f} |"
+    )
 
 
 def main():
@@ -224,7 +266,9 @@ def main():
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--checkpoint", nargs="+", default=["none", "pass"], choices=["none", "pass"])
     parser.add_argument("--pattern", default="AGAG")
-    parser.add_argument("--loop", type=int, nargs=2, default=None, help="[start, end) of the loop blocks (default: all)")
+    parser.add_argument(
+        "--loop", type=int, nargs=2, default=None, help="[start, end) of the loop blocks (default: all)"
+    )
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--window", type=int, default=8)
@@ -240,31 +284,54 @@ def main():
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if ctx.is_main:
+
         def counts(rank_results):  # all but the loss (each rank reads its own batches)
-            return json.dumps([[{k: v for k, v in s.items() if k != "loss"} for s in r["steps"]] for r in rank_results], sort_keys=True)
+            return json.dumps(
+                [[{k: v for k, v in s.items() if k != "loss"} for s in r["steps"]] for r in rank_results],
+                sort_keys=True,
+            )
 
         same = all(counts(g) == counts(results) for g in gathered)
         first = results[0]
         command = "torchrun --nproc_per_node 2 benchmarks/zero3_gather.py " + " ".join(sys.argv[1:])
         print(f"command: {command}")
-        print(f"ZeRO-3, {dist.get_world_size()} ranks (gloo, CPU); pattern {args.pattern}, loop {first['loop_numel']:,} of "
-              f"{first['total_numel']:,} parameters, hidden {args.hidden}, vocab {args.vocab}; micro-batch {args.batch} x "
-              f"{args.windows} windows of {args.window} tokens ({args.windows - 1} slept); fp32")
+        print(
+            f"ZeRO-3, {dist.get_world_size()} ranks (gloo, CPU); "
+            f"pattern {args.pattern}, loop {first['loop_numel']:,} of "
+            f"{first['total_numel']:,} parameters, hidden {args.hidden}, "
+            f"vocab {args.vocab}; micro-batch {args.batch} x "
+            f"{args.windows} windows of {args.window} tokens ({args.windows - 1} slept); fp32"
+        )
         print(f"zero_optimization: {json.dumps(first['zero'])}")
-        print("MB all-gathered per step on a rank (whole parameters made available; x model: in model sizes); "
-              "peak: most parameters gathered at once, as a fraction of the model (forward / backward)")
-        for label, step in (("step 1 (DeepSpeed records its module trace)", 0), (f"step {args.steps} (trace in use)", -1)):
+        print(
+            "MB all-gathered per step on a rank (whole parameters made available; x model: in model sizes); "
+            "peak: most parameters gathered at once, as a fraction of the model (forward / backward)"
+        )
+        for label, step in (
+            ("step 1 (DeepSpeed records its module trace)", 0),
+            (f"step {args.steps} (trace in use)", -1),
+        ):
             print(f"\n{label}\n")
-            print(f"| checkpoint | N | forward MB | x model | backward MB | x model | step MB | x N={args.passes[0]} | peak fwd / bwd |")
+            print(
+                "| checkpoint | N | forward MB | x model | backward MB | x "
+                f"model | step MB | x N={args.passes[0]} | peak fwd / bwd |"
+            )
             print("|---|---|---|---|---|---|---|---|---|")
             for result in results:
-                baseline = next(r for r in results if r["checkpoint"] == result["checkpoint"] and r["passes"] == args.passes[0])
+                baseline = next(
+                    r for r in results if r["checkpoint"] == result["checkpoint"] and r["passes"] == args.passes[0]
+                )
                 print(row(result, baseline, step))
-        steady = all({k: v for k, v in s.items() if k != "loss"} == {k: v for k, v in r["steps"][-1].items() if k != "loss"}
-                     for r in results for s in r["steps"][1:])
-        print(f"\nsteps 2..{args.steps} gather the same bytes: {steady}; trace invalidations: "
-              f"{[r['invalidations'] for r in results]}; ranks agree: {same}; "
-              f"gathers in engine.step(): {sum(s.get('step', 0) for r in results for s in r['steps'])} bytes")
+        steady = all(
+            {k: v for k, v in s.items() if k != "loss"} == {k: v for k, v in r["steps"][-1].items() if k != "loss"}
+            for r in results
+            for s in r["steps"][1:]
+        )
+        print(
+            f"\nsteps 2..{args.steps} gather the same bytes: {steady}; trace invalidations: "
+            f"{[r['invalidations'] for r in results]}; ranks agree: {same}; "
+            f"gathers in engine.step(): {sum(s.get('step', 0) for r in results for s in r['steps'])} bytes"
+        )
         if args.json:
             with open(args.json, "w") as out:
                 json.dump(results, out, indent=1)

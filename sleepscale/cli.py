@@ -34,8 +34,11 @@ COMMANDS = {
 # so that catching them imports nothing (convert's modules load torch): an error class whose module was
 # never imported cannot have been raised.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
-USER_ERRORS_ELSEWHERE = ("sleepscale.data.sample:DataError", "sleepscale.model.weights:ModelDirError",
-                         "sleepscale.convert.families:UnsupportedCheckpoint")
+USER_ERRORS_ELSEWHERE = (
+    "sleepscale.data.sample:DataError",
+    "sleepscale.model.weights:ModelDirError",
+    "sleepscale.convert.families:UnsupportedCheckpoint",
+)
 
 
 def _plain(number: float) -> float | int:
@@ -91,29 +94,51 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help="YAML config file")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sleep.passes=4")
-    sweep = commands.add_parser("sweep", help="one training per value (or combination) of swept keys, then a comparison report")
+    sweep = commands.add_parser(
+        "sweep", help="one training per value (or combination) of swept keys, then a comparison report"
+    )
     sweep.add_argument("config", help="YAML config file")
-    sweep.add_argument("settings", nargs="+", metavar="KEY=V1,V2,...|key=value",
-                       help="swept keys (values separated by commas) and fixed overrides, e.g. sleep.passes=1,3")
+    sweep.add_argument(
+        "settings",
+        nargs="+",
+        metavar="KEY=V1,V2,...|key=value",
+        help="swept keys (values separated by commas) and fixed overrides, e.g. sleep.passes=1,3",
+    )
     sweep.add_argument("--out", help="sweep directory (default: runs/sweep-<config name>); the same command resumes it")
     sweep.add_argument("--parallel", type=int, default=1, help="runs at once; they share the cores (default: 1)")
-    sweep.add_argument("--equal-flops", action="store_true",
-                       help="give every cheaper setting the training FLOPs of the most expensive one: extended "
-                       "in place under a constant learning rate (its evaluation at its own step count is the "
-                       "equal-token point), else as an added <name>-equal-flops run")
+    sweep.add_argument(
+        "--equal-flops",
+        action="store_true",
+        help="give every cheaper setting the training FLOPs of the most expensive one: extended "
+        "in place under a constant learning rate (its evaluation at its own step count is the "
+        "equal-token point), else as an added <name>-equal-flops run",
+    )
     sweep_report = commands.add_parser("sweep-report", help="write (again) the comparison report of a sweep directory")
     sweep_report.add_argument("directory", help="a sweep directory (of `sleepscale sweep` or slurm/sweep.sbatch)")
-    sweep_report.add_argument("--tracking-uri", help="MLflow URI to log the report to (default: the sweep's, or "
-                              "sqlite in the directory)")
+    sweep_report.add_argument(
+        "--tracking-uri", help="MLflow URI to log the report to (default: the sweep's, or sqlite in the directory)"
+    )
     convert = commands.add_parser(
-        "convert", help="a Hugging Face checkpoint directory into a sleepscale model directory (model.init_from), or back")
-    convert.add_argument("source", help="a Hugging Face directory (config.json + safetensors) to import; a model directory, "
-                         "run directory or training checkpoint to export")
+        "convert",
+        help="a Hugging Face checkpoint directory into a sleepscale model directory (model.init_from), or back",
+    )
+    convert.add_argument(
+        "source",
+        help="a Hugging Face directory (config.json + safetensors) to import; a model directory, "
+        "run directory or training checkpoint to export",
+    )
     convert.add_argument("out", help="new directory to write")
-    convert.add_argument("--insert-gdn", type=int, metavar="K", help="import: insert a GDN-only block after every K-th "
-                         "block (zero output projection: the outputs stay the source's) and write a two-stage train.yaml")
+    convert.add_argument(
+        "--insert-gdn",
+        type=int,
+        metavar="K",
+        help="import: insert a GDN-only block after every K-th "
+        "block (zero output projection: the outputs stay the source's) and write a two-stage train.yaml",
+    )
     convert.add_argument("--seed", type=int, default=0, help="import: model.seed (initialises inserted blocks)")
-    generate = commands.add_parser("generate", help="read a prompt (sleeping on each window it evicts) and stream a continuation")
+    generate = commands.add_parser(
+        "generate", help="read a prompt (sleeping on each window it evicts) and stream a continuation"
+    )
     generate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text (for symbol vocabularies: symbols separated by spaces)")
@@ -128,35 +153,76 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
     evaluate.add_argument("--split", default="validation")
-    evaluate.add_argument("--passes", default=None, help="comma-separated N values, e.g. 1,2,4 (default: the run's eval.passes)")
+    evaluate.add_argument(
+        "--passes", default=None, help="comma-separated N values, e.g. 1,2,4 (default: the run's eval.passes)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
-    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run")
-    evaluate.add_argument("--generate", action="store_true", help="generate the answers (a streaming session per "
-                          "sample) instead of reading them off teacher-forced logits; exact matches agree")
-    plan = commands.add_parser("plan", help="predict memory, communication and time per GPU of a config's training layout "
-                               "(or of every layout, --search) before asking for GPUs")
+    evaluate.add_argument(
+        "--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run"
+    )
+    evaluate.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate the answers (a streaming session per "
+        "sample) instead of reading them off teacher-forced logits; exact matches agree",
+    )
+    plan = commands.add_parser(
+        "plan",
+        help="predict memory, communication and time per GPU of a config's training layout "
+        "(or of every layout, --search) before asking for GPUs",
+    )
     plan.add_argument("config", help="YAML config file")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sleep.passes=8")
     plan.add_argument("--gpus", type=int, required=True, help="GPUs of the run")
-    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU in GB (1e9 bytes), e.g. 80")
+    plan.add_argument(
+        "--gpu-memory", type=float, required=True, metavar="GB", help="memory per GPU in GB (1e9 bytes), e.g. 80"
+    )
     plan.add_argument("--sequence-length", type=int, required=True, help="tokens per training sequence")
-    plan.add_argument("--peak-tflops", type=float, help=f"dense peak per GPU (default: the {GPU} peak at the config's "
-                      "precision: bf16, or TF32 for fp32)")
+    plan.add_argument(
+        "--peak-tflops",
+        type=float,
+        help=f"dense peak per GPU (default: the {GPU} peak at the config's precision: bf16, or TF32 for fp32)",
+    )
     plan.add_argument("--mfu", type=float, default=MFU, help="assumed model FLOPs utilisation (default %(default)s)")
-    plan.add_argument("--tensor-bandwidth", type=float, default=_plain(TENSOR_BANDWIDTH / GB), metavar="GB/s",
-                      help=f"per GPU between tensor-parallel ranks (default %(default)s: NVLink in an {GPU} node)")
-    plan.add_argument("--data-bandwidth", type=float, default=_plain(DATA_BANDWIDTH / GB), metavar="GB/s",
-                      help="per GPU between data-parallel ranks (default %(default)s: 400 Gb/s InfiniBand)")
-    plan.add_argument("--reserve-gb", type=float, default=RESERVE_BYTES / GB,
-                      help="memory kept per GPU for what the model does not count: CUDA context, fragmentation, NCCL (default %(default).2f)")
-    plan.add_argument("--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first")
+    plan.add_argument(
+        "--tensor-bandwidth",
+        type=float,
+        default=_plain(TENSOR_BANDWIDTH / GB),
+        metavar="GB/s",
+        help=f"per GPU between tensor-parallel ranks (default %(default)s: NVLink in an {GPU} node)",
+    )
+    plan.add_argument(
+        "--data-bandwidth",
+        type=float,
+        default=_plain(DATA_BANDWIDTH / GB),
+        metavar="GB/s",
+        help="per GPU between data-parallel ranks (default %(default)s: 400 Gb/s InfiniBand)",
+    )
+    plan.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=RESERVE_BYTES / GB,
+        help="memory kept per GPU for what the model does not count: CUDA context, fragmentation, NCCL "
+        "(default %(default).2f)",
+    )
+    plan.add_argument(
+        "--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first"
+    )
     plan.add_argument("--largest-n", action="store_true", help="also the largest N whose step fits the layout")
-    plan.add_argument("--smallest-gpus", action="store_true", help="also the smallest GPU count (power of two) with a layout that fits")
-    add_launch_arguments(commands.add_parser(
-        "launch", help="start `sleepscale train` on every device of every node (torch's elastic agent, c10d rendezvous); "
-        "run the same command on each node"))
+    plan.add_argument(
+        "--smallest-gpus",
+        action="store_true",
+        help="also the smallest GPU count (power of two) with a layout that fits",
+    )
+    add_launch_arguments(
+        commands.add_parser(
+            "launch",
+            help="start `sleepscale train` on every device of every node (torch's elastic agent, c10d rendezvous); "
+            "run the same command on each node",
+        )
+    )
     _add_data_commands(commands)
     _add_verbose(parser, default=False)
     for command in commands.choices.values():
@@ -167,9 +233,13 @@ def _parser() -> argparse.ArgumentParser:
 def _add_verbose(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     """`--verbose`, before the command or after it: the command's own leaves the global one's value
     unless given (SUPPRESS)."""
-    parser.add_argument("--verbose", action="store_true", default=default,
-                        help="show the notices libraries print as they load (once each, on stderr); without it "
-                        "they go to the DEBUG log")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="show the notices libraries print as they load (once each, on stderr); without it "
+        "they go to the DEBUG log",
+    )
 
 
 def _run(args) -> int | None:

@@ -64,7 +64,9 @@ class RopeScalingConfig(Section):
     @model_validator(mode="after")
     def _ordered(self) -> RopeScalingConfig:
         if self.high_freq_factor <= self.low_freq_factor:
-            raise FieldError("high_freq_factor", f"{self.high_freq_factor} must exceed low_freq_factor {self.low_freq_factor}")
+            raise FieldError(
+                "high_freq_factor", f"{self.high_freq_factor} must exceed low_freq_factor {self.low_freq_factor}"
+            )
         return self
 
 
@@ -75,12 +77,15 @@ class AttentionConfig(Section):
     rope_theta: float = Field(10000.0, gt=0)
     rope_scaling: RopeScalingConfig | None = Field(None, description="Llama 3 RoPE scaling; default: none")
     rotary_fraction: float = Field(
-        1.0, gt=0, le=1, description="share of each head's dimensions that are rotated (partial rotary; Qwen3.5: 0.25)")
+        1.0, gt=0, le=1, description="share of each head's dimensions that are rotated (partial rotary; Qwen3.5: 0.25)"
+    )
     qkv_bias: bool = Field(False, description="biases on the q/k/v projections (Qwen2)")
     output_bias: bool = Field(False, description="bias on the output projection (Llama with attention_bias)")
     qk_norm: bool = Field(False, description="RMSNorm over each head's query and key before rotary (Qwen3, Qwen3.5)")
     output_gate: bool = Field(
-        False, description="q_proj also yields a per-head gate; output * sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5)")
+        False,
+        description="q_proj also yields a per-head gate; output * sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5)",
+    )
 
 
 class GDNConfig(Section):
@@ -88,22 +93,30 @@ class GDNConfig(Section):
     head_dim: int | None = Field(None, ge=1, description="key dimension per head; default: hidden_size // num_heads")
     expand_v: float = Field(1.0, gt=0, description="value dimension per head = head_dim * expand_v")
     num_v_heads: int | None = Field(
-        None, ge=1, description="grouped value heads: a multiple of num_heads, each key head serving "
-        "num_v_heads / num_heads consecutive value heads (Qwen3.5, OLMo-Hybrid); default: num_heads")
+        None,
+        ge=1,
+        description="grouped value heads: a multiple of num_heads, each key head serving "
+        "num_v_heads / num_heads consecutive value heads (Qwen3.5, OLMo-Hybrid); default: num_heads",
+    )
     conv_size: int = Field(4, ge=1)
 
 
 class ModelConfig(Section):
     init_from: str | None = Field(
-        None, description="a model directory (`sleepscale convert`) whose weights a new run starts from; the rest of "
-        "this section is filled from it, and what is given must agree with it")
+        None,
+        description="a model directory (`sleepscale convert`) whose weights a new run starts from; the rest of "
+        "this section is filled from it, and what is given must agree with it",
+    )
     vocab_size: int = Field(ge=2)
     hidden_size: int = Field(ge=2)
     pattern: str = Field(
-        description="one letter per block: " + ", ".join(f"{k}={v}" for k, v in BLOCK_LETTERS.items())
+        description="one letter per block: "
+        + ", ".join(f"{k}={v}" for k, v in BLOCK_LETTERS.items())
         + "; a '|' marks a pipeline-stage boundary (ignored without pipeline parallelism)"
     )
-    loop: tuple[int, int] | None = Field(None, description="[start, end) of the blocks that sleep re-runs; default: all")
+    loop: tuple[int, int] | None = Field(
+        None, description="[start, end) of the blocks that sleep re-runs; default: all"
+    )
     intermediate_size: int | None = Field(None, ge=1, description="SwiGLU width; default: fla's rule")
     tie_embeddings: bool = False
     # 1e-6 as fla's GDN models and Qwen3-Next use: at width 64 and init_std 0.02 the GDN gated output
@@ -111,13 +124,16 @@ class ModelConfig(Section):
     # 512 on either is < 10% of it (benchmarks/results/norm_defaults.md, with the training runs).
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of every RMSNorm (blocks, final, GDN gated output)")
     zero_centered_norms: bool = Field(
-        False, description="RMSNorms scale by (1 + weight), weights stored around zero (Qwen3-Next, Qwen3.5); the "
-        "GDN gated output norm is not affected")
+        False,
+        description="RMSNorms scale by (1 + weight), weights stored around zero (Qwen3-Next, Qwen3.5); the "
+        "GDN gated output norm is not affected",
+    )
     init_std: float = Field(0.02, gt=0)
     seed: int = 0
     backend: Literal["auto", "torch", "fla", "window"] = Field(
-        "auto", description="gated delta rule kernels: auto = on CUDA our window kernel for trained calls of at most "
-        "64 tokens and fla's otherwise, torch on CPU; fla = fla's only; window = ours only (windows <= 64 tokens)"
+        "auto",
+        description="gated delta rule kernels: auto = on CUDA our window kernel for trained calls of at most "
+        "64 tokens and fla's otherwise, torch on CPU; fla = fla's only; window = ours only (windows <= 64 tokens)",
     )
     attention: AttentionConfig = AttentionConfig()
     gdn: GDNConfig = GDNConfig()
@@ -142,7 +158,10 @@ class ModelConfig(Section):
         depth = len(self.blocks)
         start, end = self.loop_range
         if not 0 <= start < end <= depth:
-            raise FieldError("loop", f"[{start}, {end}) is not a block range of the {depth}-block stack; need 0 <= start < end <= {depth}")
+            raise FieldError(
+                "loop",
+                f"[{start}, {end}) is not a block range of the {depth}-block stack; need 0 <= start < end <= {depth}",
+            )
         for section, heads in (("attention", self.attention.num_heads), ("gdn", self.gdn.num_heads)):
             if self.hidden_size % heads:
                 raise FieldError(f"{section}.num_heads", f"{heads} does not divide hidden_size {self.hidden_size}")
@@ -154,14 +173,21 @@ class ModelConfig(Section):
         if self.attention_head_dim % 2:
             raise FieldError("attention.head_dim", f"{self.attention_head_dim} must be even (rotary embeddings)")
         if self.gdn_v_heads % self.gdn.num_heads:
-            raise FieldError("gdn.num_v_heads", f"{self.gdn_v_heads} must be a multiple of gdn.num_heads {self.gdn.num_heads}")
+            raise FieldError(
+                "gdn.num_v_heads", f"{self.gdn_v_heads} must be a multiple of gdn.num_heads {self.gdn.num_heads}"
+            )
         rotary = self.attention_head_dim * self.attention.rotary_fraction
         if rotary != int(rotary) or int(rotary) % 2:
-            raise FieldError("attention.rotary_fraction", f"head_dim {self.attention_head_dim} * {self.attention.rotary_fraction} "
-                             "must be an even integer (the rotated dimensions)")
+            raise FieldError(
+                "attention.rotary_fraction",
+                f"head_dim {self.attention_head_dim} * {self.attention.rotary_fraction} "
+                "must be an even integer (the rotated dimensions)",
+            )
         value_dim = self.gdn_head_dim * self.gdn.expand_v
         if value_dim != int(value_dim):
-            raise FieldError("gdn.expand_v", f"head_dim {self.gdn_head_dim} * expand_v {self.gdn.expand_v} is not an integer")
+            raise FieldError(
+                "gdn.expand_v", f"head_dim {self.gdn_head_dim} * expand_v {self.gdn.expand_v} is not an integer"
+            )
         if any(letter in "Gg" for letter in self.blocks):
             self._gdn_kernels_take(int(value_dim))
         return self
@@ -169,17 +195,26 @@ class ModelConfig(Section):
     def _gdn_kernels_take(self, value_dim: int) -> None:
         """The GDN head dimensions against the kernels `backend` can resolve to (on a GPU)."""
         if self.backend in ("auto", "fla") and self.gdn_head_dim > FLA_MAX_KEY_DIM:
-            raise FieldError("gdn.head_dim", f"{self.gdn_head_dim} is above {FLA_MAX_KEY_DIM}, the largest key head "
-                             f"dimension fla's kernels take (model.backend {self.backend} uses them on CUDA); use at most "
-                             f"{FLA_MAX_KEY_DIM}, or model.backend=torch (CPU)")
+            raise FieldError(
+                "gdn.head_dim",
+                f"{self.gdn_head_dim} is above {FLA_MAX_KEY_DIM}, the largest key head "
+                f"dimension fla's kernels take (model.backend {self.backend} uses them on CUDA); use at most "
+                f"{FLA_MAX_KEY_DIM}, or model.backend=torch (CPU)",
+            )
         if self.backend == "window" and max(self.gdn_head_dim, value_dim) > WINDOW_MAX_HEAD_DIM:
-            raise FieldError("backend", f"window takes GDN head dimensions up to {WINDOW_MAX_HEAD_DIM}, got key "
-                             f"{self.gdn_head_dim} and value {value_dim}; use model.backend=auto (fla's kernels)")
+            raise FieldError(
+                "backend",
+                f"window takes GDN head dimensions up to {WINDOW_MAX_HEAD_DIM}, got key "
+                f"{self.gdn_head_dim} and value {value_dim}; use model.backend=auto (fla's kernels)",
+            )
 
     def tensor_parallel_problem(self, size: int) -> str | None:
         """Why `size` tensor-parallel ranks cannot split this model's heads, or None."""
-        counts = {"attention.num_heads": self.attention.num_heads, "attention.num_kv_heads": self.attention_kv_heads,
-                  "gdn.num_heads": self.gdn.num_heads}
+        counts = {
+            "attention.num_heads": self.attention.num_heads,
+            "attention.num_kv_heads": self.attention_kv_heads,
+            "gdn.num_heads": self.gdn.num_heads,
+        }
         for name, count in counts.items():
             if count % size:
                 return f"{size} does not divide model.{name} ({count}); choose a divisor of it"
@@ -189,8 +224,10 @@ class ModelConfig(Section):
         """Why the pattern's '|' marks do not give `size` pipeline stages, or None."""
         boundaries = self.pattern.count(STAGE_BOUNDARY)
         if size > 1 and boundaries != size - 1:
-            return (f"parallel.pipeline {size} needs {size - 1} stage boundaries '|' in model.pattern, found {boundaries} "
-                    f"(e.g. {'|'.join(['GG'] * size)})")
+            return (
+                f"parallel.pipeline {size} needs {size - 1} stage boundaries '|' in model.pattern, found {boundaries} "
+                f"(e.g. {'|'.join(['GG'] * size)})"
+            )
         return None
 
     @property
@@ -264,15 +301,22 @@ class SleepConfig(Section):
         "evicted", description="evicted: every window before the last; context: only windows without loss tokens"
     )
     checkpoint: Literal["auto", "none", "pass", "window"] = Field(
-        "auto", description="activation checkpointing; auto: per pass when the model sleeps (N > 1 or random N), else none"
+        "auto",
+        description="activation checkpointing; auto: per pass when the model sleeps (N > 1 or random N), else none",
     )
     grad_passes: int | None = Field(
-        None, ge=1, description="truncated backprop: only the last k of the N passes carry gradient (the wake pass always does)"
+        None,
+        ge=1,
+        description="truncated backprop: only the last k of the N passes carry gradient (the wake pass always does)",
     )
     detach_every: int | None = Field(None, ge=1, description="stop gradient through the carried state every W windows")
-    random_passes: PassesDistribution | None = Field(None, description="training only: draw N per step instead of `passes`")
+    random_passes: PassesDistribution | None = Field(
+        None, description="training only: draw N per step instead of `passes`"
+    )
     state_norm_bound: float | None = Field(
-        None, gt=0, description="rescale each GDN state (per sequence and head) to at most this norm after every sleep pass"
+        None,
+        gt=0,
+        description="rescale each GDN state (per sequence and head) to at most this norm after every sleep pass",
     )
 
     @property
@@ -308,12 +352,19 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)
     skip_bad_samples: bool = False
     max_skipped_fraction: float = Field(
-        0.01, ge=0, le=1, description="with skip_bad_samples: stop (exit 2) once more than this fraction of an epoch's samples was skipped")
+        0.01,
+        ge=0,
+        le=1,
+        description="with skip_bad_samples: stop (exit 2) once more than this fraction of an epoch's samples "
+        "was skipped",
+    )
     shard_url_prefix: str | None = None
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for 2-D hidden matrices, AdamW for the rest")
+    name: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for 2-D hidden matrices, AdamW for the rest"
+    )
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (with muon: embeddings, head, norms, gates, biases)")
     muon_lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum")
@@ -344,15 +395,20 @@ class StageConfig(Section):
 
 
 class TrainConfig(Section):
-    run_dir: str = Field("runs/default", description="checkpoints, resolved config, MLflow store; a run resumes from it")
+    run_dir: str = Field(
+        "runs/default", description="checkpoints, resolved config, MLflow store; a run resumes from it"
+    )
     steps: int | None = Field(None, ge=1, description="length of the single stage when `stages` is empty")
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per micro-step")
     grad_accumulation: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
-    tf32: bool = Field(True, description="fp32 runs on CUDA multiply in TF32 (10-bit mantissa, ~8x faster on Ampere and later)")
+    tf32: bool = Field(
+        True, description="fp32 runs on CUDA multiply in TF32 (10-bit mantissa, ~8x faster on Ampere and later)"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 0
     zero3_reuse_distance: int | None = Field(
-        None, ge=0,
+        None,
+        ge=0,
         description="ZeRO-3: a gathered parameter stays gathered while its next use is at most this many parameter "
         "elements ahead (DeepSpeed's stage3_max_reuse_distance; it bounds the parameters gathered at once); default: "
         "twice the loop blocks, coda and head, at most 1e9, so a window's N passes gather the loop once; lower it when "
@@ -366,9 +422,13 @@ class TrainConfig(Section):
         None, gt=1, description="skip a step whose loss exceeds this times the median of the last spike_window steps"
     )
     grad_spike_ratio: float | None = Field(
-        None, gt=1, description="skip a step whose gradient norm exceeds this times the median of the last spike_window steps"
+        None,
+        gt=1,
+        description="skip a step whose gradient norm exceeds this times the median of the last spike_window steps",
     )
-    spike_window: int = Field(50, ge=1, description="accepted steps a spike is judged against (detection starts after them)")
+    spike_window: int = Field(
+        50, ge=1, description="accepted steps a spike is judged against (detection starts after them)"
+    )
 
     @model_validator(mode="after")
     def _grad_spikes_need_our_optimizer(self) -> TrainConfig:
@@ -384,13 +444,20 @@ class TrainConfig(Section):
 class ParallelConfig(Section):
     """Model parallelism; data parallelism takes the remaining ranks (world size / (tensor x pipeline))."""
 
-    tensor: int = Field(1, ge=1, description="tensor-parallel ranks: attention and GDN heads, MLP width and vocabulary split")
+    tensor: int = Field(
+        1, ge=1, description="tensor-parallel ranks: attention and GDN heads, MLP width and vocabulary split"
+    )
     pipeline: int = Field(
-        1, ge=1, description="pipeline stages, as model.pattern's '|' marks them; train.grad_accumulation micro-batches fill them"
+        1,
+        ge=1,
+        description="pipeline stages, as model.pattern's '|' marks them; train.grad_accumulation micro-batches "
+        "fill them",
     )
     pipeline_in_flight: int | None = Field(
-        None, ge=1, description="most micro-batches holding activations on a stage at once (default: pipeline); "
-        "2 x pipeline leaves smaller bubbles for twice the activation memory (benchmarks/results/pipeline.md)"
+        None,
+        ge=1,
+        description="most micro-batches holding activations on a stage at once (default: pipeline); "
+        "2 x pipeline leaves smaller bubbles for twice the activation memory (benchmarks/results/pipeline.md)",
     )
 
 
@@ -403,8 +470,12 @@ class TrackingConfig(Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: sqlite in the run directory")
     experiment: str = "sleepscale"
     run_name: str | None = None
-    tags: dict[str, str] = Field({}, description="extra MLflow run tags, e.g. tracking.tags.N=4 (a sweep sets its value)")
-    parent_run_id: str | None = Field(None, description="MLflow run this run is nested under (`sleepscale sweep` sets it)")
+    tags: dict[str, str] = Field(
+        {}, description="extra MLflow run tags, e.g. tracking.tags.N=4 (a sweep sets its value)"
+    )
+    parent_run_id: str | None = Field(
+        None, description="MLflow run this run is nested under (`sleepscale sweep` sets it)"
+    )
 
     @field_validator("tags", mode="before")
     @classmethod
@@ -456,9 +527,13 @@ class Config(Section):
         if problem:
             raise FieldError("parallel.tensor", problem)
         if self.parallel.tensor > 1 and self.train.zero_stage == 3:
-            raise FieldError("parallel.tensor", "tensor parallelism needs train.zero_stage <= 2 (ZeRO-3 would shard the shards)")
+            raise FieldError(
+                "parallel.tensor", "tensor parallelism needs train.zero_stage <= 2 (ZeRO-3 would shard the shards)"
+            )
         if self.parallel.tensor > 1 and self.optimizer.name == "muon":
-            raise FieldError("parallel.tensor", "muon orthogonalises whole matrices, not tensor-parallel shards; use adamw")
+            raise FieldError(
+                "parallel.tensor", "muon orthogonalises whole matrices, not tensor-parallel shards; use adamw"
+            )
         problem = self.model.pipeline_problem(self.parallel.pipeline)
         if problem:
             raise FieldError("model.pattern", problem)
@@ -467,21 +542,31 @@ class Config(Section):
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
         if self.model.backend == "window" and self.sleep.window > WINDOW_MAX_LENGTH:
-            raise FieldError("model.backend", f"window runs windows of at most {WINDOW_MAX_LENGTH} tokens, sleep.window is "
-                             f"{self.sleep.window}; use model.backend=auto (fla's chunked kernel beyond)")
+            raise FieldError(
+                "model.backend",
+                f"window runs windows of at most {WINDOW_MAX_LENGTH} tokens, sleep.window is "
+                f"{self.sleep.window}; use model.backend=auto (fla's chunked kernel beyond)",
+            )
         return self
 
     def _check_pipeline(self) -> None:
         pipeline = f"parallel.pipeline {self.parallel.pipeline}"
         if self.train.zero_stage == 3:
-            raise FieldError("train.zero_stage", f"3 with {pipeline}: ZeRO-3 partitions every parameter over all ranks "
-                             "and gathers it around each module call, which excludes model parallelism; use 0, 1 or 2")
+            raise FieldError(
+                "train.zero_stage",
+                f"3 with {pipeline}: ZeRO-3 partitions every parameter over all ranks "
+                "and gathers it around each module call, which excludes model parallelism; use 0, 1 or 2",
+            )
         if self.sleep.checkpoint == "window":
-            raise FieldError("sleep.checkpoint", f"window with {pipeline}: a window spans stages and recomputing it would "
-                             "re-communicate; use pass")
+            raise FieldError(
+                "sleep.checkpoint",
+                f"window with {pipeline}: a window spans stages and recomputing it would re-communicate; use pass",
+            )
         if self.model.tie_embeddings:
-            raise FieldError("model.tie_embeddings", f"true with {pipeline}: the embedding and the head live on different "
-                             "stages; untie them")
+            raise FieldError(
+                "model.tie_embeddings",
+                f"true with {pipeline}: the embedding and the head live on different stages; untie them",
+            )
 
     def stage_list(self) -> list[StageConfig]:
         """The stages, or the single default stage."""
@@ -491,7 +576,8 @@ class Config(Section):
         """Hash of what a resumed run must share with the run it resumes (not tracking, eval, logging)."""
         shared = self.model_dump(mode="json", include={"model", "sleep", "data", "optimizer", "schedule", "stages"})
         shared["train"] = self.train.model_dump(
-            mode="json", include={"micro_batch_size", "grad_accumulation", "precision", "zero_stage", "grad_clip", "seed"}
+            mode="json",
+            include={"micro_batch_size", "grad_accumulation", "precision", "zero_stage", "grad_clip", "seed"},
         )
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 

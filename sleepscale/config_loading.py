@@ -41,8 +41,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _list_index(items: list, part: str, override: str) -> int:
     if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"override {override!r}: {part} is not an index of a list of {len(items)} "
-                          f"(0 to {len(items) - 1})")
+        raise ConfigError(
+            f"override {override!r}: {part} is not an index of a list of {len(items)} (0 to {len(items) - 1})"
+        )
     return int(part)
 
 
@@ -85,8 +86,10 @@ def with_init_source(data: dict[str, Any]) -> dict[str, Any]:
         found = _disagreement(key, value, source.get(key))
         if found:
             field, given, theirs = found
-            raise ConfigError(f"model.{field}: the config gives {given!r}, model.init_from {model['init_from']} has "
-                              f"{theirs!r}; remove it from the config (it is filled from the source) or make it agree")
+            raise ConfigError(
+                f"model.{field}: the config gives {given!r}, model.init_from {model['init_from']} has "
+                f"{theirs!r}; remove it from the config (it is filled from the source) or make it agree"
+            )
     # Given fields agree with the source's; take the source's (complete) section, the free fields and '|' marks
     # as given.
     free = {key: model[key] for key in (*FREE_OF_SOURCE, "pattern") if key in model}

@@ -36,8 +36,9 @@ class _Counts:
 
 
 @torch.no_grad()
-def evaluate(model, batches, sleep: SleepConfig, passes: list[int], forward=None, group=None,
-             by_generation: bool = False) -> list[dict]:
+def evaluate(
+    model, batches, sleep: SleepConfig, passes: list[int], forward=None, group=None, by_generation: bool = False
+) -> list[dict]:
     """Rows of COLUMNS for every (difficulty value, N). `batches` is a re-iterable of loader batches;
     `forward(input_ids, targets, sleep)` defaults to `sleep_forward` on `model`. Counts are summed
     over `group` (default: all ranks), the ranks that read different batches. `by_generation`: the
@@ -126,8 +127,12 @@ def _sum_over_ranks(counts: dict[tuple, _Counts], group) -> dict[tuple, _Counts]
 def _rows(counts: dict[tuple, _Counts]) -> list[dict]:
     return [
         {
-            "difficulty": name, "value": value, "passes": n, "items": cell.items,
-            "accuracy": cell.items_right / cell.items, "token_accuracy": cell.tokens_right / max(cell.tokens, 1),
+            "difficulty": name,
+            "value": value,
+            "passes": n,
+            "items": cell.items,
+            "accuracy": cell.items_right / cell.items,
+            "token_accuracy": cell.tokens_right / max(cell.tokens, 1),
         }
         for (name, value, n), cell in sorted(counts.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))
     ]
@@ -152,8 +157,14 @@ def evaluations(metrics_file: Path) -> list[tuple[dict, list[dict]]]:
             match = _METRIC.match(name)
             if match:
                 value = float(match["value"])
-                rows.append({"difficulty": match["difficulty"], "value": int(value) if value.is_integer() else value,
-                             "passes": int(match["passes"]), "accuracy": accuracy})
+                rows.append(
+                    {
+                        "difficulty": match["difficulty"],
+                        "value": int(value) if value.is_integer() else value,
+                        "passes": int(match["passes"]),
+                        "accuracy": accuracy,
+                    }
+                )
         if rows:
             found.append((record, rows))
     return found
@@ -190,7 +201,11 @@ def plot(rows: list[dict], path: Path) -> dict[str, tuple[list, list]]:
     items = sorted({(row["difficulty"], row["value"]) for row in rows}, key=lambda item: (item[0], float(item[1])))
     if len(passes) > 1:
         for difficulty, value in items:
-            mine = sorted((row["passes"], row["accuracy"]) for row in rows if (row["difficulty"], row["value"]) == (difficulty, value))
+            mine = sorted(
+                (row["passes"], row["accuracy"])
+                for row in rows
+                if (row["difficulty"], row["value"]) == (difficulty, value)
+            )
             drawn[f"{difficulty}={value}"] = tuple(list(values) for values in zip(*mine))
             axis.plot(*zip(*mine), marker="o", label=f"{difficulty}={value}")
         axis.set_xticks(passes)
@@ -198,7 +213,9 @@ def plot(rows: list[dict], path: Path) -> dict[str, tuple[list, list]]:
         axis.legend(fontsize=8)
     else:
         labels = [f"{difficulty}={value}" for difficulty, value in items]
-        accuracies = [next(row["accuracy"] for row in rows if (row["difficulty"], row["value"]) == item) for item in items]
+        accuracies = [
+            next(row["accuracy"] for row in rows if (row["difficulty"], row["value"]) == item) for item in items
+        ]
         axis.bar(labels, accuracies)
         drawn = {f"N={passes[0]}": (labels, accuracies)} if passes else {}
         axis.set_xlabel(f"difficulty (N={passes[0] if passes else '?'})")
@@ -220,15 +237,21 @@ def plot_history(history: list[tuple[int, list[dict]]], path: Path) -> dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
-    items = sorted({(row["difficulty"], row["value"]) for _, rows in history for row in rows},
-                   key=lambda item: (item[0], float(item[1])))
+    items = sorted(
+        {(row["difficulty"], row["value"]) for _, rows in history for row in rows},
+        key=lambda item: (item[0], float(item[1])),
+    )
     passes = sorted({row["passes"] for _, rows in history for row in rows})
     figure, axes = plt.subplots(1, max(len(items), 1), figsize=(4 * max(len(items), 1), 3.4), squeeze=False)
     drawn = {}
     for axis, (difficulty, value) in zip(axes[0], items):
         for n in passes:
-            points = [(step, row["accuracy"]) for step, rows in history for row in rows
-                      if (row["difficulty"], row["value"], row["passes"]) == (difficulty, value, n)]
+            points = [
+                (step, row["accuracy"])
+                for step, rows in history
+                for row in rows
+                if (row["difficulty"], row["value"], row["passes"]) == (difficulty, value, n)
+            ]
             drawn[f"{difficulty}={value} N={n}"] = tuple(list(values) for values in zip(*points))
             axis.plot(*zip(*points), marker=".", label=f"N={n}")
         axis.set_title(f"{difficulty}={value}")

@@ -97,10 +97,20 @@ class Live:
 
 # The outputs each linear layer of a mixer feeds (the MLP's feed only the hidden states).
 _FEEDS = {
-    Attention: {"q_proj": {"hidden"}, "k_proj": {"hidden", "context"}, "v_proj": {"hidden", "context"}, "o_proj": {"hidden"}},
+    Attention: {
+        "q_proj": {"hidden"},
+        "k_proj": {"hidden", "context"},
+        "v_proj": {"hidden", "context"},
+        "o_proj": {"hidden"},
+    },
     GatedDeltaNet: {
-        "q_proj": {"hidden", "context"}, "k_proj": {"hidden", "memory", "context"}, "v_proj": {"hidden", "memory", "context"},
-        "a_proj": {"hidden", "memory"}, "b_proj": {"hidden", "memory"}, "g_proj": {"hidden"}, "o_proj": {"hidden"},
+        "q_proj": {"hidden", "context"},
+        "k_proj": {"hidden", "memory", "context"},
+        "v_proj": {"hidden", "memory", "context"},
+        "a_proj": {"hidden", "memory"},
+        "b_proj": {"hidden", "memory"},
+        "g_proj": {"hidden"},
+        "o_proj": {"hidden"},
     },
 }
 
@@ -108,7 +118,11 @@ _FEEDS = {
 def _linears(block: nn.Module) -> list[tuple[int, set[str]]]:
     """(weights, outputs it feeds) of each linear layer of a block."""
     feeds = _FEEDS[type(block.attn)]
-    layers = [(layer.weight.numel(), feeds[name]) for name, layer in block.attn.named_children() if isinstance(layer, nn.Linear)]
+    layers = [
+        (layer.weight.numel(), feeds[name])
+        for name, layer in block.attn.named_children()
+        if isinstance(layer, nn.Linear)
+    ]
     if block.mlp is not None:
         layers += [(layer.weight.numel(), {"hidden"}) for layer in block.mlp.children() if isinstance(layer, nn.Linear)]
     return layers
@@ -147,7 +161,9 @@ def _delta_rule(mixer: GatedDeltaNet, sequences: int, length: int, live: Live, s
     return float(scale * forward), float(scale * backward)
 
 
-def _block(block: nn.Module, sequences: int, length: int, keys: int, live: Live, state_grad: bool) -> tuple[float, float]:
+def _block(
+    block: nn.Module, sequences: int, length: int, keys: int, live: Live, state_grad: bool
+) -> tuple[float, float]:
     """(forward, backward) of one block's run over a window of `length` tokens for `sequences`
     sequences; attention sees `keys` keys."""
     tokens = sequences * length
@@ -165,7 +181,9 @@ def liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> dict[tupl
     The states after the window reach the loss when a next window reads them with their gradient
     (`WindowPlan.carries_states`)."""
     carried = window.carries_states
-    partial = window.sleepers is not None  # then the window's states are the wake pass's or the last pass's, per sequence
+    partial = (
+        window.sleepers is not None
+    )  # then the window's states are the wake pass's or the last pass's, per sequence
     context = carried and not window.evict  # the context the window ends with is read by the next window
     live, hidden_read, memory_read = {}, False, {}
     for planned in reversed(window.passes):
@@ -209,7 +227,9 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) ->
         for unit in planned.block_ranges:
             unit_forward = 0.0
             for i in unit:
-                block_forward, block_backward = _block(model.layers[i], sequences, length, keys, live[planned.number, i], starts_with_grad)
+                block_forward, block_backward = _block(
+                    model.layers[i], sequences, length, keys, live[planned.number, i], starts_with_grad
+                )
                 unit_forward += block_forward
                 backward += block_backward
             forward += unit_forward
@@ -226,7 +246,9 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) ->
         if window.ends_on_matmul:  # the last matmul of the last sleep pass's last block
             not_rerun = 2.0 * _last_matmul(model.layers[window.passes[-1].blocks[-1][-1]]) * sequences * length
         recompute += forward - not_rerun
-        if chunk is not None and len(window.passes) == 1:  # the window ends on the last chunk, which saved only its input
+        if (
+            chunk is not None and len(window.passes) == 1
+        ):  # the window ends on the last chunk, which saved only its input
             recompute -= head * ((length - 1) % chunk + 1) / length
     return forward + backward + recompute
 
@@ -246,4 +268,6 @@ def training_flops_per_token(plans: Iterable[SleepPlan], model: nn.Module, windo
     """FLOPs per token of a training step of these micro-batches' plans: their `plan_flops` over the
     tokens they run (batch x length, padding rows included)."""
     plans = list(plans)
-    return sum(plan_flops(plan, model, window) for plan in plans) / sum(plan.batch * plan.windows[-1].end for plan in plans)
+    return sum(plan_flops(plan, model, window) for plan in plans) / sum(
+        plan.batch * plan.windows[-1].end for plan in plans
+    )

@@ -34,8 +34,14 @@ def generate(args) -> int:
     session = SleepingSession(model, sleep)
     session.feed(torch.tensor([ids]))
     eos = getattr(tokenizer, "eos_id", None)
-    tokens = session.generate(args.max_new_tokens, args.temperature, args.top_p, () if eos is None else (eos,),
-                              torch.Generator().manual_seed(args.seed), vocabulary=tokenizer.vocab_size)
+    tokens = session.generate(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        () if eos is None else (eos,),
+        torch.Generator().manual_seed(args.seed),
+        vocabulary=tokenizer.vocab_size,
+    )
     generated = stream_text((token.item() for token in tokens), tokenizer, eos)
     counts = {"prompt_tokens": len(ids), "generated_tokens": len(generated), "passes": sleep.passes}
     print(json.dumps(counts), file=sys.stderr)
@@ -50,7 +56,7 @@ def stream_text(tokens, tokenizer, eos: int | None) -> list[int]:
             break
         generated.append(token)
         decoded = tokenizer.decode(generated)  # the whole continuation, so that multi-byte characters print whole
-        print(decoded[len(shown):] if decoded.startswith(shown) else " " + decoded, end="", flush=True)
+        print(decoded[len(shown) :] if decoded.startswith(shown) else " " + decoded, end="", flush=True)
         shown = decoded
     print()
     return generated

@@ -28,7 +28,11 @@ from sleepscale.config import ConfigError
 
 EXIT_FAILED = 1
 # The trainer's own exit codes (sleepscale.train.trainer); passed through when all failed ranks agree.
-TRAINER_EXIT_CODES = {2: "bad configuration or data", 3: "too many bad steps", 75: "stopped by signal after a checkpoint"}
+TRAINER_EXIT_CODES = {
+    2: "bad configuration or data",
+    3: "too many bad steps",
+    75: "stopped by signal after a checkpoint",
+}
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -62,7 +66,11 @@ def plan(args) -> LaunchPlan:
         raise LaunchError(f"--rdzv-endpoint {endpoint!r}: give HOST:PORT, e.g. node001:29500")
     nproc = args.nproc_per_node if args.nproc_per_node is not None else _devices()  # imports torch: last
     rdzv_id = args.rdzv_id or os.environ.get("SLURM_JOB_ID") or "sleepscale"
-    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else max(1, _cpus() // nproc)
+    threads = (
+        int(os.environ["OMP_NUM_THREADS"])
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit()
+        else max(1, _cpus() // nproc)
+    )
     command = [sys.executable, "-u", "-m", "sleepscale.cli", "train", args.config, *args.overrides]
     return LaunchPlan(args.nnodes, nproc, endpoint, rdzv_id, threads, command)
 
@@ -93,8 +101,11 @@ def launch(args) -> int:
         log_line_prefix_template="[rank${rank}]:" if args.log_dir else None,
         logs_specs=_logs_specs(args.log_dir),
     )
-    _say(f"{the_plan.nnodes} node(s) x {the_plan.nproc_per_node} process(es) on {socket.gethostname()}, "
-         f"rendezvous c10d at {the_plan.rdzv_endpoint} (id {the_plan.rdzv_id}), OMP_NUM_THREADS={the_plan.threads_per_process}")
+    _say(
+        f"{the_plan.nnodes} node(s) x {the_plan.nproc_per_node} process(es) on {socket.gethostname()}, "
+        f"rendezvous c10d at {the_plan.rdzv_endpoint} (id "
+        f"{the_plan.rdzv_id}), OMP_NUM_THREADS={the_plan.threads_per_process}"
+    )
     stop = _forward_stop_signals()
     try:
         elastic_launch(config, the_plan.command[0])(*the_plan.command[1:])
@@ -103,8 +114,10 @@ def launch(args) -> int:
     except RendezvousError as error:
         # Also how a node learns that the node hosting the rendezvous store has gone (after a rank
         # failed there): the agents poll the store while their workers run.
-        _say(f"rendezvous at {the_plan.rdzv_endpoint} failed or was lost ({type(error).__name__}: {error}); "
-             "if training had started, the node hosting it has stopped, see its log; this node's ranks were stopped")
+        _say(
+            f"rendezvous at {the_plan.rdzv_endpoint} failed or was lost ({type(error).__name__}: {error}); "
+            "if training had started, the node hosting it has stopped, see its log; this node's ranks were stopped"
+        )
         return EXIT_FAILED
     return 0
 
@@ -153,9 +166,13 @@ def _report_failures(failures: dict, stop: _StopForwarder) -> int:
             _say("(no signal reached this launcher: the ranks were signalled directly)")
         return code
     for rank, failure in ordered:
-        _say(f"rank {rank} (local rank {failure.local_rank} on {socket.gethostname()}, pid {failure.pid}) "
-             f"{_describe_exit(failure.exitcode)}")
-    _say("the job failed; the other ranks on this node were stopped (ranks on other nodes stop at their next collective)")
+        _say(
+            f"rank {rank} (local rank {failure.local_rank} on {socket.gethostname()}, pid {failure.pid}) "
+            f"{_describe_exit(failure.exitcode)}"
+        )
+    _say(
+        "the job failed; the other ranks on this node were stopped (ranks on other nodes stop at their next collective)"
+    )
     return EXIT_FAILED
 
 
@@ -206,13 +223,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("config", help="YAML config file (the same path must exist on every node)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. sleep.passes=4")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
-    parser.add_argument("--nproc-per-node", type=int, default=None,
-                        help="training processes per node (default: one per GPU; 1 without a GPU)")
-    parser.add_argument("--rdzv-endpoint", default=None,
-                        help="HOST:PORT of the rendezvous, on the first node (default with one node: a free local port)")
-    parser.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default: $SLURM_JOB_ID or 'sleepscale')")
-    parser.add_argument("--rdzv-timeout", type=int, default=900, help="seconds to wait for all nodes to join (default 900)")
-    parser.add_argument("--stop-timeout", type=int, default=30,
-                        help="seconds the other ranks get to exit after one fails, before SIGKILL (default 30)")
-    parser.add_argument("--log-dir", default=None,
-                        help="also write each rank's output to files under this directory (console lines get a [rankN]: prefix)")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="training processes per node (default: one per GPU; 1 without a GPU)",
+    )
+    parser.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        help="HOST:PORT of the rendezvous, on the first node (default with one node: a free local port)",
+    )
+    parser.add_argument(
+        "--rdzv-id", default=None, help="job id shared by all nodes (default: $SLURM_JOB_ID or 'sleepscale')"
+    )
+    parser.add_argument(
+        "--rdzv-timeout", type=int, default=900, help="seconds to wait for all nodes to join (default 900)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=int,
+        default=30,
+        help="seconds the other ranks get to exit after one fails, before SIGKILL (default 30)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="also write each rank's output to files under this directory (console lines get a [rankN]: prefix)",
+    )

@@ -124,8 +124,10 @@ class SleepPlan:
 
     def passes_run(self) -> torch.Tensor:
         """[batch, windows] int64 on the host: loop passes run over each window, per sequence."""
-        rows = [[1 + len(w.sleep_passes) if w.sleepers is None or w.sleepers[b] else 1 for w in self.windows]
-                for b in range(self.batch)]
+        rows = [
+            [1 + len(w.sleep_passes) if w.sleepers is None or w.sleepers[b] else 1 for w in self.windows]
+            for b in range(self.batch)
+        ]
         return torch.tensor(rows, dtype=torch.long).reshape(self.batch, len(self.windows))
 
 
@@ -136,7 +138,7 @@ def window_bounds(length: int, window: int) -> list[tuple[int, int]]:
 def loss_windows(targets: torch.Tensor, window: int) -> list[list[bool]]:
     """Per sequence and window, whether any token carries loss. Reads `targets` on the host: pass CPU
     targets (a training batch before it moves to the device), or pay one device-to-host copy."""
-    carries = (targets.detach().cpu() != IGNORE_INDEX)
+    carries = targets.detach().cpu() != IGNORE_INDEX
     carries = torch.nn.functional.pad(carries, (0, -carries.shape[1] % window))  # padding carries no loss
     return carries.unflatten(1, (-1, window)).any(-1).tolist()
 
@@ -158,27 +160,52 @@ def make_plan(
     checkpoint = sleep.checkpointing
     grad_passes = sleep.passes if sleep.grad_passes is None else min(sleep.grad_passes, sleep.passes)
     prelude, coda = range(0, loop.start), range(loop.stop, num_blocks)
-    wake = PassPlan(1, tuple(blocks for blocks in (prelude, loop) if blocks), coda, grad=True, next_pass=False,
-                    bound=None, checkpointed=checkpoint == "pass")
+    wake = PassPlan(
+        1,
+        tuple(blocks for blocks in (prelude, loop) if blocks),
+        coda,
+        grad=True,
+        next_pass=False,
+        bound=None,
+        checkpointed=checkpoint == "pass",
+    )
     grads = {number: number > sleep.passes - grad_passes for number in range(2, sleep.passes + 1)}
     sleep_passes = tuple(
-        PassPlan(number, (loop,), None, grad=grad, next_pass=True, bound=sleep.state_norm_bound,
-                 checkpointed=checkpoint == "pass" and grad)
+        PassPlan(
+            number,
+            (loop,),
+            None,
+            grad=grad,
+            next_pass=True,
+            bound=sleep.state_norm_bound,
+            checkpointed=checkpoint == "pass" and grad,
+        )
         for number, grad in grads.items()
     )
     windows, carried_in = [], False  # the first window starts from fresh states
     for index, (start, end) in enumerate(bounds):
         evicted = sequence_continues or index < len(bounds) - 1
-        sleepers = _sleepers(sleep, batch, evicted, None if carries_loss is None else [row[index] for row in carries_loss])
+        sleepers = _sleepers(
+            sleep, batch, evicted, None if carries_loss is None else [row[index] for row in carries_loss]
+        )
         passes = (wake,) if not any(sleepers) else (wake, *sleep_passes)
         detach = sleep.detach_every is not None and (index + 1) % sleep.detach_every == 0
         # the final pass carries gradient (grad_passes >= 1), and so do the states it ends the window with
         carries_states = index < len(bounds) - 1 and not detach
-        windows.append(WindowPlan(
-            index, start, end, passes, None if all(sleepers) or not any(sleepers) else tuple(sleepers), checkpoint,
-            evict=evicted and sleep.eviction == "hard", detach=detach,
-            carries_states=carries_states, starts_with_carried_states=carried_in,
-        ))
+        windows.append(
+            WindowPlan(
+                index,
+                start,
+                end,
+                passes,
+                None if all(sleepers) or not any(sleepers) else tuple(sleepers),
+                checkpoint,
+                evict=evicted and sleep.eviction == "hard",
+                detach=detach,
+                carries_states=carries_states,
+                starts_with_carried_states=carried_in,
+            )
+        )
         carried_in = carries_states
     return SleepPlan(batch, loop, num_blocks, tuple(windows))
 

@@ -40,7 +40,9 @@ class RunResult:
     train_seconds: float | None
     wall_seconds: float | None  # from a local sweep's sweep.json
     steps: int
-    history: list[tuple[float, float, dict[tuple[str, str, int], float], int]]  # (tokens, flops, accuracy by item, step)
+    history: list[
+        tuple[float, float, dict[tuple[str, str, int], float], int]
+    ]  # (tokens, flops, accuracy by item, step)
 
     def accuracy(self, difficulty: str, value: str) -> float | None:
         """At the trained N if evaluated there, else at the first N evaluated."""
@@ -73,21 +75,38 @@ def read_run(directory: Path, state: dict) -> RunResult:
         budget = next((record for record in reversed(budgets) if "training_flops" in record), {})
         for record, rows in evaluations(metrics_file):
             accuracies = {(row["difficulty"], str(row["value"]), row["passes"]): row["accuracy"] for row in rows}
-            history.append((record.get("tokens", math.nan), record.get("training_flops", math.nan), accuracies,
-                            record.get("step", 0)))
+            history.append(
+                (
+                    record.get("tokens", math.nan),
+                    record.get("training_flops", math.nan),
+                    accuracies,
+                    record.get("step", 0),
+                )
+            )
     recorded = state.get("runs", {}).get(directory.name)
     finished = recorded["finished"] if recorded is not None else bool(final)
-    return RunResult(directory.name, config["sleep"]["passes"], finished, final, budget.get("tokens"),
-                     budget.get("training_flops"), budget.get("train_seconds"),
-                     recorded["seconds"] if recorded is not None else None, budget.get("step", 0), history)
+    return RunResult(
+        directory.name,
+        config["sleep"]["passes"],
+        finished,
+        final,
+        budget.get("tokens"),
+        budget.get("training_flops"),
+        budget.get("train_seconds"),
+        recorded["seconds"] if recorded is not None else None,
+        budget.get("step", 0),
+        history,
+    )
 
 
 def read_runs(directory: Path) -> list[RunResult]:
     state_file = directory / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     order = list(state.get("runs", {}))
-    found = sorted((path for path in directory.iterdir() if (path / "config.yaml").exists()),
-                   key=lambda path: (order.index(path.name) if path.name in order else len(order), path.name))
+    found = sorted(
+        (path for path in directory.iterdir() if (path / "config.yaml").exists()),
+        key=lambda path: (order.index(path.name) if path.name in order else len(order), path.name),
+    )
     if not found:
         raise FileNotFoundError(f"{directory}: no run directories (subdirectories with config.yaml) to report on")
     return [read_run(path, state) for path in found]
@@ -105,18 +124,41 @@ def _number(value: float | None, fmt: str) -> str:
 
 def table(runs: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     items = _items(runs)
-    header = ["run", "trained N", "eval N", *(f"{d}={v}" for d, v in items), "tokens", "training FLOPs",
-              "train s", "wall s", "status"]
+    header = [
+        "run",
+        "trained N",
+        "eval N",
+        *(f"{d}={v}" for d, v in items),
+        "tokens",
+        "training FLOPs",
+        "train s",
+        "wall s",
+        "status",
+    ]
     rows = []
     for run in runs:
         for n in sorted({int(row["passes"]) for row in run.final}) or [None]:
             cells = []
             for difficulty, value in items:
-                match = [row for row in run.final if (row["difficulty"], row["value"], int(row["passes"])) == (difficulty, value, n)]
+                match = [
+                    row
+                    for row in run.final
+                    if (row["difficulty"], row["value"], int(row["passes"])) == (difficulty, value, n)
+                ]
                 cells.append(f"{float(match[0]['accuracy']):.3f}" if match else "-")
-            rows.append([run.name, str(run.passes), "-" if n is None else str(n), *cells, _number(run.tokens, ",.0f"),
-                         _number(run.flops, ".3g"), _number(run.train_seconds, ".0f"), _number(run.wall_seconds, ".0f"),
-                         "finished" if run.finished else "unfinished"])
+            rows.append(
+                [
+                    run.name,
+                    str(run.passes),
+                    "-" if n is None else str(n),
+                    *cells,
+                    _number(run.tokens, ",.0f"),
+                    _number(run.flops, ".3g"),
+                    _number(run.train_seconds, ".0f"),
+                    _number(run.wall_seconds, ".0f"),
+                    "finished" if run.finished else "unfinished",
+                ]
+            )
     return header, rows
 
 
@@ -167,8 +209,11 @@ def comparisons(runs: list[RunResult]) -> list[str]:
                 scores = ", ".join(f"{d}={v}: {_number(_accuracy_at(run, step, d, v), '.3f')}" for d, v in items)
                 where = "" if step is None else f", at step {step} of {run.steps}"
                 parts.append(f"{run.name} (N={run.passes}, eval N={run.eval_passes}{where}): {scores}")
-            budget = (group[0][0].tokens, group[0][0].flops)[position] if group[0][1] is None else \
-                next(e for e in group[0][0].history if e[3] == group[0][1])[position]
+            budget = (
+                (group[0][0].tokens, group[0][0].flops)[position]
+                if group[0][1] is None
+                else next(e for e in group[0][0].history if e[3] == group[0][1])[position]
+            )
             lines.append(f"- At {title} (~{budget:.3g} {unit}): " + "; ".join(parts))
     return lines
 
@@ -178,8 +223,10 @@ def sampling_note(runs: list[RunResult]) -> str:
     if not counts:
         return "No run has a final evaluation yet."
     fewest = min(counts)
-    return (f"Evaluation: at least {fewest} items per cell; two standard errors of an accuracy p are "
-            f"2 sqrt(p(1-p)/{fewest}), at most {2 * math.sqrt(0.25 / fewest):.3f} (at p = 0.5).")
+    return (
+        f"Evaluation: at least {fewest} items per cell; two standard errors of an accuracy p are "
+        f"2 sqrt(p(1-p)/{fewest}), at most {2 * math.sqrt(0.25 / fewest):.3f} (at p = 0.5)."
+    )
 
 
 def plot(runs: list[RunResult], path: Path) -> None:
@@ -252,8 +299,13 @@ def _log(directory: Path, paths: list[Path], uri: str, run_id: str | None) -> No
         client = MlflowClient(uri)
         if run_id is None:
             experiment = client.get_experiment_by_name("sleepscale")
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-                "sleepscale", artifact_location=(directory / "mlartifacts").resolve().as_uri())
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(
+                    "sleepscale", artifact_location=(directory / "mlartifacts").resolve().as_uri()
+                )
+            )
             run_id = client.create_run(experiment_id, run_name=f"sweep report {directory.name}").info.run_id
             for path in paths:
                 client.log_artifact(run_id, str(path))
@@ -262,5 +314,7 @@ def _log(directory: Path, paths: list[Path], uri: str, run_id: str | None) -> No
             for path in paths:
                 client.log_artifact(run_id, str(path))
     except Exception as error:  # the report is on disk whatever MLflow does
-        print(f"sweep report: not logged to MLflow at {uri} ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
-              file=sys.stderr)
+        print(
+            f"sweep report: not logged to MLflow at {uri} ({type(error).__name__}: {str(error).splitlines()[0][:200]})",
+            file=sys.stderr,
+        )

@@ -48,7 +48,10 @@ class SleepOutput:
 
 
 def plan_for(
-    model: HybridLM, input_ids: torch.Tensor, sleep: SleepConfig, targets: torch.Tensor | None = None,
+    model: HybridLM,
+    input_ids: torch.Tensor,
+    sleep: SleepConfig,
+    targets: torch.Tensor | None = None,
     sequence_continues: bool = False,
 ) -> SleepPlan:
     """The plan `sleep_forward` runs for these inputs. Under `sleep_on: context` it reads `targets`
@@ -87,8 +90,10 @@ def sleep_forward(
     if plan is None:
         plan = plan_for(model, input_ids, sleep, targets, sequence_continues)
     elif (plan.batch, plan.windows[-1].end) != (batch, length):
-        raise ValueError(f"the sleep plan is for {plan.batch} sequences of {plan.windows[-1].end} tokens, "
-                         f"the input is {batch} of {length}")
+        raise ValueError(
+            f"the sleep plan is for {plan.batch} sequences of {plan.windows[-1].end} tokens, "
+            f"the input is {batch} of {length}"
+        )
     if states is None:
         states = model.initial_states(batch, sleep.window, input_ids.device)
     logits, pass_norms = [], []
@@ -96,8 +101,14 @@ def sleep_forward(
     for window in plan.windows:
         window_targets = None if targets is None else targets[:, window.start : window.end]
         window_logits, window_loss, states, norms = _maybe_checkpoint(
-            window.is_checkpoint_unit, _run_window, model, window, input_ids[:, window.start : window.end],
-            window_targets, states, return_logits,
+            window.is_checkpoint_unit,
+            _run_window,
+            model,
+            window,
+            input_ids[:, window.start : window.end],
+            window_targets,
+            states,
+            return_logits,
         )
         states = after_window(window, states)
         if len(norms) > 1:
@@ -145,7 +156,9 @@ def _run_window(
 class PassOutput:
     hidden: torch.Tensor | None  # the pass's output on the main line of blocks (the loop output once the loop has run)
     states: list[MixerState]  # after the pass, bounded as planned
-    readout: torch.Tensor | None = None  # wake pass: the coda's output on a branch of the loop output (the head's input)
+    readout: torch.Tensor | None = (
+        None  # wake pass: the coda's output on a branch of the loop output (the head's input)
+    )
     woke: list[MixerState] | None = None  # wake pass: the states after it, before any bound
     logits: torch.Tensor | None = None  # wake pass on the blocks that end with the head
     loss: torch.Tensor | None = None
@@ -196,7 +209,10 @@ def run_pass(
 # these functions (`run_pass`, and what ends a window here and on a pipeline stage: `states` may then
 # hold `NotHeld` placeholders for other stages' blocks, which these operations leave alone).
 
-def before_pass(planned: PassPlan, states: list[MixerState], window_start: list[MixerState], loop: range) -> list[MixerState]:
+
+def before_pass(
+    planned: PassPlan, states: list[MixerState], window_start: list[MixerState], loop: range
+) -> list[MixerState]:
     """A sleep pass's loop blocks restart from the context the window started with."""
     if not planned.next_pass:
         return states
@@ -210,8 +226,9 @@ def after_pass(planned: PassPlan, states: list[MixerState], loop: range) -> list
     return [states[i].bounded(planned.bound) if i in loop else states[i] for i in range(len(states))]
 
 
-def after_sleep(window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range,
-                device: torch.device) -> list[MixerState]:
+def after_sleep(
+    window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range, device: torch.device
+) -> list[MixerState]:
     """When only some sequences slept on the window, the others keep their states after the wake pass."""
     if window.sleepers is None:
         return states
@@ -219,8 +236,9 @@ def after_sleep(window: WindowPlan, states: list[MixerState], woke: list[MixerSt
     return [states[i].where(sleepers, woke[i]) if i in loop else woke[i] for i in range(len(states))]
 
 
-def end_window(window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range,
-               device: torch.device) -> list[MixerState]:
+def end_window(
+    window: WindowPlan, states: list[MixerState], woke: list[MixerState], loop: range, device: torch.device
+) -> list[MixerState]:
     """The states the next window starts from: `after_sleep`, then `after_window`."""
     return after_window(window, after_sleep(window, states, woke, loop, device))
 
@@ -259,7 +277,9 @@ def head_and_loss(model: HybridLM, hidden, targets: torch.Tensor | None, want_lo
         return None, model.cross_entropy(model.head(hidden), targets)
     loss = None
     for start in range(0, length, chunk):
-        part = _maybe_checkpoint(True, _chunk_loss, model, hidden[:, start : start + chunk], targets[:, start : start + chunk])
+        part = _maybe_checkpoint(
+            True, _chunk_loss, model, hidden[:, start : start + chunk], targets[:, start : start + chunk]
+        )
         loss = part if loss is None else loss + part
     return None, loss
 
@@ -270,7 +290,11 @@ def _chunk_loss(model: HybridLM, hidden: torch.Tensor, targets: torch.Tensor) ->
 
 def _loop_state_norm(states: list[MixerState], loop: range) -> torch.Tensor:
     """Mean norm of the loop blocks' GDN fast weights (0 without GDN blocks), for monitoring."""
-    norms = [states[i].fast_weights.detach().float().flatten(2).norm(dim=-1).mean() for i in loop if isinstance(states[i], GDNState)]
+    norms = [
+        states[i].fast_weights.detach().float().flatten(2).norm(dim=-1).mean()
+        for i in loop
+        if isinstance(states[i], GDNState)
+    ]
     return torch.stack(norms).mean() if norms else torch.zeros(())
 
 

@@ -91,7 +91,9 @@ def parse_arguments(arguments: list[str]) -> tuple[list[tuple[str, list[str]]], 
 
 
 def run_name(values: dict[str, str]) -> str:
-    return "_".join(f"{key.rsplit('.', 1)[-1]}-{re.sub(r'[^A-Za-z0-9._-]', '_', value)}" for key, value in values.items())
+    return "_".join(
+        f"{key.rsplit('.', 1)[-1]}-{re.sub(r'[^A-Za-z0-9._-]', '_', value)}" for key, value in values.items()
+    )
 
 
 def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool) -> list[SweepRun]:
@@ -133,8 +135,12 @@ def extends_exactly(config: Config) -> bool:
     evaluates it there: a constant learning rate after a warm-up shorter than the run, and an
     evaluation every k steps with k dividing the run's steps."""
     every, steps = config.eval.every, config.train.steps
-    return (config.schedule.kind == "constant" and config.schedule.warmup_steps <= steps
-            and every > 0 and steps % every == 0)
+    return (
+        config.schedule.kind == "constant"
+        and config.schedule.warmup_steps <= steps
+        and every > 0
+        and steps % every == 0
+    )
 
 
 def training_flops(config: Config) -> float:
@@ -150,8 +156,13 @@ def training_flops(config: Config) -> float:
     if config.stages or config.train.steps is None or config.sleep.random_passes is not None:
         raise ConfigError("--equal-flops: give a single stage (train.steps, no stages) with a fixed sleep.passes")
     ensure_dataset(config)
-    batch = next(iter(ShardLoader(config.data.path, "train", batch_size=config.train.micro_batch_size, shuffle=False,
-                                  rank=0, world_size=1)))
+    batch = next(
+        iter(
+            ShardLoader(
+                config.data.path, "train", batch_size=config.train.micro_batch_size, shuffle=False, rank=0, world_size=1
+            )
+        )
+    )
     with torch.device("meta"):
         model = HybridLM(config.model)
     plan = plan_for(model, batch["input_ids"], config.sleep, batch["targets"])
@@ -180,7 +191,8 @@ class _State:
                 raise ConfigError(
                     f"sweep --out {directory}: it holds a sweep started with other arguments "
                     f"({' '.join(self.data['command']['arguments'])} on {self.data['command']['config']}); "
-                    "repeat that command to resume it, or give another --out")
+                    "repeat that command to resume it, or give another --out"
+                )
         else:
             self.data = {"command": command, "parent_run_id": None, "runs": {}}
             self.save()
@@ -220,8 +232,12 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
     if parallel > 1:  # the longest first, so that the last to finish is a short one
         pending.sort(key=lambda run: not run.name.endswith("-equal-flops"))
     done = len(runs) - len(pending)
-    print(f"sweep {directory}: {len(runs)} runs ({done} already finished), {min(parallel, max(len(pending), 1))} at a time; "
-          f"MLflow {uri}", flush=True)
+    print(
+        f"sweep {directory}: {len(runs)} runs ({done} already "
+        f"finished), {min(parallel, max(len(pending), 1))} at a time; "
+        f"MLflow {uri}",
+        flush=True,
+    )
     threads = max(1, (os.cpu_count() or 1) // parallel)
     stopped = _Signals()
     running: dict[str, tuple[subprocess.Popen, float, SweepRun]] = {}
@@ -229,25 +245,38 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
     while pending or running:
         while pending and len(running) < parallel and stopped.number is None:
             run = pending.pop(0)
-            command = [sys.executable, "-m", "sleepscale.cli", "train", str(config_path), *fixed, *run.overrides,
-                       f"train.run_dir={directory / run.name}", f"tracking.uri={uri}", f"tracking.run_name={run.name}",
-                       *(f"tracking.tags.{key.rsplit('.', 1)[-1]}={value}" for key, value in run.values.items())]
+            command = [
+                sys.executable,
+                "-m",
+                "sleepscale.cli",
+                "train",
+                str(config_path),
+                *fixed,
+                *run.overrides,
+                f"train.run_dir={directory / run.name}",
+                f"tracking.uri={uri}",
+                f"tracking.run_name={run.name}",
+                *(f"tracking.tags.{key.rsplit('.', 1)[-1]}={value}" for key, value in run.values.items()),
+            ]
             if parent is not None:
                 command.append(f"tracking.parent_run_id={parent}")
             logfile = (directory / "logs" / f"{run.name}.log").open("a")
             environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             # Its own session: Ctrl-C in the terminal reaches the sweep only, which passes SIGTERM on (checkpoint).
-            process = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=environment,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, stdout=logfile, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+            )
             running[run.name] = (process, time.perf_counter(), run)
             logfile.close()
-            print(f"  started {run.name} ({' '.join(run.overrides)}); log: {directory / 'logs' / (run.name + '.log')}",
-                  flush=True)
+            print(
+                f"  started {run.name} ({' '.join(run.overrides)}); log: {directory / 'logs' / (run.name + '.log')}",
+                flush=True,
+            )
         if stopped.number is not None and not running:
             break
         time.sleep(0.5)
         stopped.forward([process for process, _, _ in running.values()])
-        for name, (process, start, run) in list(running.items()):
+        for name, (process, start, _) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[name]
@@ -268,8 +297,11 @@ def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel:
         print(f"sweep: run(s) {', '.join(failed)} failed; see {directory / 'logs'}", file=sys.stderr)
         return 1
     if stopped.number is not None or stopped_runs:
-        print(f"sweep stopped by signal with {len(pending) + len(stopped_runs)} run(s) unfinished; the same command resumes it",
-              file=sys.stderr)
+        print(
+            f"sweep stopped by signal with {len(pending) + len(stopped_runs)} "
+            "run(s) unfinished; the same command resumes it",
+            file=sys.stderr,
+        )
         return EXIT_PREEMPTED
     return 0
 
@@ -312,8 +344,11 @@ def _parent_run(state: _State, config: Config, uri: str, directory: Path, axes) 
         tags = {"sweep": ",".join(key for key, _ in axes), **{f"sweep.{key}": ",".join(values) for key, values in axes}}
         run = client.create_run(experiment_id, run_name=f"sweep {directory.name}", tags=tags)
     except Exception as error:  # tracking must not stop a sweep; the runs keep metrics.jsonl
-        print(f"sweep: MLflow at {uri} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-              "the runs go on without a parent run", file=sys.stderr)
+        print(
+            f"sweep: MLflow at {uri} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            "the runs go on without a parent run",
+            file=sys.stderr,
+        )
         return None
     state.data["parent_run_id"], state.data["tracking_uri"] = run.info.run_id, uri
     state.save()

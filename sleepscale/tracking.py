@@ -33,7 +33,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -53,8 +55,13 @@ class Tracker:
         try:
             return function(*args, **kwargs)
         except Exception as error:  # any MLflow/network failure must not stop training
-            log.warning("MLflow %s failed (%s: %s); training continues without MLflow tracking (metrics.jsonl still "
-                        "records every metric)", action, type(error).__name__, str(error).splitlines()[0][:200])
+            log.warning(
+                "MLflow %s failed (%s: %s); training continues without MLflow tracking (metrics.jsonl still "
+                "records every metric)",
+                action,
+                type(error).__name__,
+                str(error).splitlines()[0][:200],
+            )
             self.enabled = False
             return None
 
@@ -79,7 +86,9 @@ class Tracker:
             if run_id is None:
                 params = flatten(self.config.model_dump(mode="json"))
                 mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
-            parent = {"mlflow.parentRunId": self.config.tracking.parent_run_id} if self.config.tracking.parent_run_id else {}
+            parent = (
+                {"mlflow.parentRunId": self.config.tracking.parent_run_id} if self.config.tracking.parent_run_id else {}
+            )
             mlflow.set_tags({"git_commit": git_commit(), **parent, **tags})
             return run.info.run_id
 

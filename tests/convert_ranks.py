@@ -46,16 +46,27 @@ def main(model_dir: str, mode: str, out: str) -> None:
     if mode == "pipeline":
         blocks = read_description(model_dir)["model"]["pattern"]
         pattern = blocks[: len(blocks) // 2] + "|" + blocks[len(blocks) // 2 :]
-    model_section = {**(read_description(model_dir)["model"] if seeded else {"init_from": model_dir}),
-                     **({"pattern": pattern} if pattern else {})}
-    config = validate(with_init_source({"model": model_section, "sleep": {"window": 8, "passes": 3},
-                                        "train": {"steps": 1, "zero_stage": 3 if mode == "zero3" else 0},
-                                        "parallel": {"tensor": tensor, "pipeline": pipeline}}))
+    model_section = {
+        **(read_description(model_dir)["model"] if seeded else {"init_from": model_dir}),
+        **({"pattern": pattern} if pattern else {}),
+    }
+    config = validate(
+        with_init_source(
+            {
+                "model": model_section,
+                "sleep": {"window": 8, "passes": 3},
+                "train": {"steps": 1, "zero_stage": 3 if mode == "zero3" else 0},
+                "parallel": {"tensor": tensor, "pipeline": pipeline},
+            }
+        )
+    )
 
     if mode == "zero3":  # DeepSpeed's imports and set-up are not loading
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+        with deepspeed.zero.Init(
+            config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+        ):
             torch.nn.Linear(2, 2)
     with torch.device("meta"):
         whole_bytes = sum(p.nbytes for p in HybridLM(config.model).parameters())  # read nothing before measuring
@@ -86,8 +97,14 @@ def main(model_dir: str, mode: str, out: str) -> None:
     else:
         equal_to_files = all(torch.equal(p, files.get(name)) for name, p in model.named_parameters())
         equal_forward = None
-    result = {"rank": dist.get_rank(), "peak_bytes": peak, "held_bytes": held, "whole_bytes": whole_bytes,
-              "equal_to_files": equal_to_files, "equal_forward": equal_forward}
+    result = {
+        "rank": dist.get_rank(),
+        "peak_bytes": peak,
+        "held_bytes": held,
+        "whole_bytes": whole_bytes,
+        "equal_to_files": equal_to_files,
+        "equal_forward": equal_forward,
+    }
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:
@@ -108,7 +125,9 @@ def _same_as_ordinary_path(model, config, groups) -> bool:
         out.loss.backward()
         outputs.append((out.logits.detach(), {n: p.grad for n, p in candidate.named_parameters()}))
     (logits, grads), (expected_logits, expected_grads) = outputs
-    return torch.equal(logits, expected_logits) and all(torch.equal(grads[n], expected_grads[n]) for n in expected_grads)
+    return torch.equal(logits, expected_logits) and all(
+        torch.equal(grads[n], expected_grads[n]) for n in expected_grads
+    )
 
 
 if __name__ == "__main__":

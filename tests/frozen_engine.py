@@ -77,7 +77,14 @@ def sleep_forward(
         evicted = sequence_continues or index < len(bounds) - 1
         sleeps = _sleeps_on_window(sleep, window_targets, batch, evicted, input_ids.device)
         window_logits, window_loss, states, norms = _maybe_checkpoint(
-            sleep.checkpointing == "window", _run_window, model, sleep, input_ids[:, start:end], window_targets, states, sleeps
+            sleep.checkpointing == "window",
+            _run_window,
+            model,
+            sleep,
+            input_ids[:, start:end],
+            window_targets,
+            states,
+            sleeps,
         )
         if evicted and sleep.eviction == "hard":
             states = [state.evicted() for state in states]
@@ -141,12 +148,16 @@ def _run_window(
         slept = states
         for pass_number in range(2, sleep.passes + 1):
             # Truncated backprop: the first N - k passes run without autograd, cutting the graph there.
-            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - min(sleep.grad_passes, sleep.passes)
+            carries_grad = sleep.grad_passes is None or pass_number > sleep.passes - min(
+                sleep.grad_passes, sleep.passes
+            )
             with torch.set_grad_enabled(torch.is_grad_enabled() and carries_grad):
                 slept = [slept[i].next_pass(window_start[i]) if i in loop else slept[i] for i in range(len(slept))]
                 hidden, slept = model.run_blocks(hidden, slept, loop, checkpoint=per_pass)
                 if sleep.state_norm_bound is not None:
-                    slept = [slept[i].bounded(sleep.state_norm_bound) if i in loop else slept[i] for i in range(len(slept))]
+                    slept = [
+                        slept[i].bounded(sleep.state_norm_bound) if i in loop else slept[i] for i in range(len(slept))
+                    ]
             pass_norms.append(_loop_state_norm(slept, loop))
         if not sleeps.all():
             slept = [slept[i].where(sleeps, states[i]) if i in loop else states[i] for i in range(len(states))]
@@ -156,7 +167,11 @@ def _run_window(
 
 def _loop_state_norm(states: list[MixerState], loop: range) -> torch.Tensor:
     """Mean norm of the loop blocks' GDN fast weights (0 without GDN blocks), for monitoring."""
-    norms = [states[i].fast_weights.detach().float().flatten(2).norm(dim=-1).mean() for i in loop if isinstance(states[i], GDNState)]
+    norms = [
+        states[i].fast_weights.detach().float().flatten(2).norm(dim=-1).mean()
+        for i in loop
+        if isinstance(states[i], GDNState)
+    ]
     return torch.stack(norms).mean() if norms else torch.zeros(())
 
 

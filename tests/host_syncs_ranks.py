@@ -18,10 +18,17 @@ from test_sleep_plan import HostSyncs
 from sleepscale.cli import main
 from sleepscale.train import faults
 
-
 # Frames that only carry an operator call (dispatch, tensor methods), skipped when naming who asked.
-OPERATOR_PLUMBING = ("torch/utils/_python_dispatch.py", "torch/_tensor.py", "torch/overrides.py", "torch/_dynamo/",
-                     "torch/optim/optimizer.py", "torch/_compile.py", "host_syncs_ranks.py", "test_sleep_plan.py")
+OPERATOR_PLUMBING = (
+    "torch/utils/_python_dispatch.py",
+    "torch/_tensor.py",
+    "torch/overrides.py",
+    "torch/_dynamo/",
+    "torch/optim/optimizer.py",
+    "torch/_compile.py",
+    "host_syncs_ranks.py",
+    "test_sleep_plan.py",
+)
 
 
 class NamedSyncs(HostSyncs):
@@ -29,7 +36,9 @@ class NamedSyncs(HostSyncs):
         before = len(self.seen)
         result = super().__torch_dispatch__(func, types, args, kwargs)
         if len(self.seen) > before:
-            frames = [f for f in traceback.extract_stack()[:-1] if not any(part in f.filename for part in OPERATOR_PLUMBING)]
+            frames = [
+                f for f in traceback.extract_stack()[:-1] if not any(part in f.filename for part in OPERATOR_PLUMBING)
+            ]
             self.where.append(f"{func._schema.name} in {Path(frames[-1].filename).name}:{frames[-1].name}")
         return result
 

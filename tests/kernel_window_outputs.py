@@ -65,15 +65,20 @@ def make_case(name, batch, length, heads, value_heads, key_dim, value_dim, with_
         a[:, ::5] = 30.0
         a[:, 2::5] = -30.0
     inputs = {
-        "q": randn(batch, length, heads, key_dim) * 2, "k": randn(batch, length, heads, key_dim) * 2,
-        "v": randn(batch, length, value_heads, value_dim), "a": a, "b": randn(batch, length, value_heads) * 2,
+        "q": randn(batch, length, heads, key_dim) * 2,
+        "k": randn(batch, length, heads, key_dim) * 2,
+        "v": randn(batch, length, value_heads, value_dim),
+        "a": a,
+        "b": randn(batch, length, value_heads) * 2,
         "A_log": torch.empty(value_heads, dtype=torch.float64).uniform_(0, 2.5, generator=generator),  # A in 1 .. 12
         "dt_bias": torch.empty(value_heads, dtype=torch.float64).uniform_(-5, 0, generator=generator),
         "initial_state": randn(batch, value_heads, key_dim, value_dim) if with_state else None,
     }
     # bfloat16: the activations in bfloat16; the parameters and the state stay float32, as in training
-    inputs = {key: None if x is None else x.to(dtype if key in "qkvab" or dtype == torch.float64 else torch.float32)
-              for key, x in inputs.items()}
+    inputs = {
+        key: None if x is None else x.to(dtype if key in "qkvab" or dtype == torch.float64 else torch.float32)
+        for key, x in inputs.items()
+    }
     d_output = randn(batch, length, value_heads, value_dim).to(dtype) if graded in ("both", "output") else None
     d_state = randn(batch, value_heads, key_dim, value_dim) if graded in ("both", "state") else None
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -85,8 +90,11 @@ def run_case(inputs, d_output, d_state, scale):
     output, final_state = window_gated_delta_rule(**{**inputs, **leaves}, scale=scale)  # initial_state may be None
     pairs = [(x, d) for x, d in ((output, d_output), (final_state, d_state)) if d is not None]
     grads = torch.autograd.grad([x for x, _ in pairs], list(leaves.values()), [d for _, d in pairs])
-    return {"output": output.detach(), "final_state": final_state.detach(),
-            **{f"d_{key}": grad for key, grad in zip(leaves, grads)}}
+    return {
+        "output": output.detach(),
+        "final_state": final_state.detach(),
+        **{f"d_{key}": grad for key, grad in zip(leaves, grads)},
+    }
 
 
 def main(path):
@@ -95,8 +103,14 @@ def main(path):
         inputs, d_output, d_state, scale = make_case(name, *spec)
         start = time.perf_counter()
         kernel = run_case(inputs, d_output, d_state, scale)
-        results[name] = {"inputs": inputs, "d_output": d_output, "d_state": d_state, "scale": scale,
-                         "kernel": kernel, "seconds": time.perf_counter() - start}
+        results[name] = {
+            "inputs": inputs,
+            "d_output": d_output,
+            "d_state": d_state,
+            "scale": scale,
+            "kernel": kernel,
+            "seconds": time.perf_counter() - start,
+        }
     torch.save(results, path)
 
 

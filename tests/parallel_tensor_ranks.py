@@ -9,8 +9,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_config
+
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
 from sleepscale.parallel.groups import init_parallel_groups
@@ -27,9 +27,18 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 # The options of pretrained checkpoints: attention biases, q/k norms, output gate, partial rotary,
 # zero-centred norms, and two GDN value heads per key head.
 FEATURES = {
-    "attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "rotary_fraction": 0.5, "qkv_bias": True,
-                  "output_bias": True, "qk_norm": True, "output_gate": True},
-    "gdn": {"num_heads": 4, "num_v_heads": 8, "expand_v": 1.5}, "zero_centered_norms": True,
+    "attention": {
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "rotary_fraction": 0.5,
+        "qkv_bias": True,
+        "output_bias": True,
+        "qk_norm": True,
+        "output_gate": True,
+    },
+    "gdn": {"num_heads": 4, "num_v_heads": 8, "expand_v": 1.5},
+    "zero_centered_norms": True,
 }
 
 
@@ -46,9 +55,14 @@ def build(config, dtype: torch.dtype):
 
 
 def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, features: bool, tp) -> dict:
-    sections = FEATURES if features else {"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}}
-    config = make_config(passes=3, eviction=eviction, vocab_size=VOCAB, model={
-        **sections, "tie_embeddings": tie, "init_std": init_std})
+    sections = (
+        FEATURES
+        if features
+        else {"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}}
+    )
+    config = make_config(
+        passes=3, eviction=eviction, vocab_size=VOCAB, model={**sections, "tie_embeddings": tie, "init_std": init_std}
+    )
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 20), generator=generator)  # 3 windows of 8, the last one short
     targets = ids.roll(-1, dims=1)
@@ -61,7 +75,10 @@ def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, featu
     model = parallelize_tensor(build(config, dtype), tp)
     got = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=True)
     got.loss.backward()
-    grads, reference_grads = full_state_dict(model, tp, gradients=True), dict(reference.named_parameters(remove_duplicate=False))
+    grads, reference_grads = (
+        full_state_dict(model, tp, gradients=True),
+        dict(reference.named_parameters(remove_duplicate=False)),
+    )
     heads = [(g, e) for g, e in zip(got.states, expected.states) if isinstance(g, GDNState)]
     local = heads[0][0].fast_weights.shape[1]
 
@@ -75,17 +92,28 @@ def compare(eviction: str, tie: bool, dtype: torch.dtype, init_std: float, featu
         "grads": max(relative(grads[name], p.grad) for name, p in reference_grads.items()),
         "grad_names_match": sorted(grads) == sorted(reference_grads),
         "gdn_state_is_own_heads": all(
-            relative(g.fast_weights, e.fast_weights[:, tp.rank() * local:(tp.rank() + 1) * local]) < 1e-5 for g, e in heads) and local * tp.size() == config.model.gdn_v_heads,
-        "tp_to_unsharded_loss": relative(sleep_forward(plain, ids, config.sleep, targets=targets).loss.detach(), got.loss.detach()),
-        "unsharded_to_tp_loss": relative(sleep_forward(resharded, ids, config.sleep, targets=targets).loss.detach(), expected.loss.detach()),
+            relative(g.fast_weights, e.fast_weights[:, tp.rank() * local : (tp.rank() + 1) * local]) < 1e-5
+            for g, e in heads
+        )
+        and local * tp.size() == config.model.gdn_v_heads,
+        "tp_to_unsharded_loss": relative(
+            sleep_forward(plain, ids, config.sleep, targets=targets).loss.detach(), got.loss.detach()
+        ),
+        "unsharded_to_tp_loss": relative(
+            sleep_forward(resharded, ids, config.sleep, targets=targets).loss.detach(), expected.loss.detach()
+        ),
     }
 
 
 def collectives_per_block_pass(tp) -> dict:
     """Per block of an AGag model (attention and GDN, with and without MLP), one pass over a window
     and its backward: the all-reduces in forward and in backward, as element counts."""
-    config = make_config(pattern="AGag", passes=1, vocab_size=VOCAB,
-                         model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}})
+    config = make_config(
+        pattern="AGag",
+        passes=1,
+        vocab_size=VOCAB,
+        model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}},
+    )
     model = parallelize_tensor(build_model(config.model), tp)
     recorded, original = [], dist.all_reduce
 
@@ -104,8 +132,11 @@ def collectives_per_block_pass(tp) -> dict:
             forward = list(recorded)
             recorded.clear()
             out.sum().backward()
-            counts[config.model.blocks[index]] = {"forward": forward, "backward": sorted(recorded, reverse=True),
-                                                  "head_v_dim": getattr(block.attn, "head_v_dim", None)}
+            counts[config.model.blocks[index]] = {
+                "forward": forward,
+                "backward": sorted(recorded, reverse=True),
+                "head_v_dim": getattr(block.attn, "head_v_dim", None),
+            }
     finally:
         dist.all_reduce = original
     return counts
@@ -116,9 +147,13 @@ def main():
     groups = init_parallel_groups(tensor=dist.get_world_size())
     # fp32 at a realistic init; fp64 at a large one, where fp32 rounding alone moves gradients by ~1e-3.
     # The options case in fp64 too: in fp32 its q/k norm weight gradients, sums that mostly cancel, differ by ~4e-5.
-    cases = {"hard": ("hard", False, torch.float32, 0.02, False), "sliding": ("sliding", False, torch.float32, 0.02, False),
-             "hard-tied": ("hard", True, torch.float32, 0.02, False), "sliding-fp64": ("sliding", False, torch.float64, 0.2, False),
-             "sliding-features-fp64": ("sliding", False, torch.float64, 0.2, True)}
+    cases = {
+        "hard": ("hard", False, torch.float32, 0.02, False),
+        "sliding": ("sliding", False, torch.float32, 0.02, False),
+        "hard-tied": ("hard", True, torch.float32, 0.02, False),
+        "sliding-fp64": ("sliding", False, torch.float64, 0.2, False),
+        "sliding-features-fp64": ("sliding", False, torch.float64, 0.2, True),
+    }
     report = {name: compare(*case, groups.tensor) for name, case in cases.items()}
     report["collectives"] = collectives_per_block_pass(groups.tensor)
     if dist.get_rank() == 0:

@@ -28,8 +28,8 @@ import threading
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_config
+
 from sleepscale.config import validate
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.parallel.distributed import setup_processes
@@ -43,10 +43,30 @@ VOCAB = 97  # prime: no other dimension here equals it, its padding (98 at T=2) 
 BATCH, WINDOW, LENGTH, HIDDEN = 3, 8, 20, 16  # windows of 8, 8 and 4 tokens
 MICRO_BATCHES = 2
 
-RECORDED = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-            "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all", "all_to_all_single", "broadcast", "reduce",
-            "gather", "scatter", "isend", "irecv", "send", "recv", "batch_isend_irecv", "all_gather_object",
-            "broadcast_object_list", "gather_object", "scatter_object_list")
+RECORDED = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "isend",
+    "irecv",
+    "send",
+    "recv",
+    "batch_isend_irecv",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+)
 
 
 class Transfers:
@@ -82,8 +102,13 @@ class Transfers:
 
     def aliases(self) -> list[str]:
         """Where the replaced references live, besides torch.distributed."""
-        return sorted({f"{getattr(holder, '__name__', type(holder).__name__)}.{attribute}"
-                       for holder, attribute, _ in self._sites if holder is not dist})
+        return sorted(
+            {
+                f"{getattr(holder, '__name__', type(holder).__name__)}.{attribute}"
+                for holder, attribute, _ in self._sites
+                if holder is not dist
+            }
+        )
 
     def _wrap(self, name, function):
         return _Recorded(self, name, function)
@@ -116,7 +141,9 @@ class _Recorded:
         if transfers._active and depth == 0:
             transfers.calls.append(_describe(self.name, args, kwargs))
         transfers._depth.value = depth + 1
-        if self.name == "batch_isend_irecv":  # its ops were made with our isend / irecv: it tells them apart by identity
+        if (
+            self.name == "batch_isend_irecv"
+        ):  # its ops were made with our isend / irecv: it tells them apart by identity
             for operation in args[0]:
                 if isinstance(operation.op, _Recorded):
                     operation.op = operation.op.function
@@ -146,9 +173,13 @@ def _describe(name: str, args, kwargs) -> dict:
     values = [*args, *kwargs.values()]
     groups = [v for v in values if isinstance(v, dist.ProcessGroup)]
     tensors = [t for v in values for t in _tensors(v)]
-    return {"op": name, "shapes": [list(t.shape) for t in tensors], "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
-            "bytes": [t.numel() * t.element_size() for t in tensors],
-            "group": dist.get_process_group_ranks(groups[0]) if groups else "world"}
+    return {
+        "op": name,
+        "shapes": [list(t.shape) for t in tensors],
+        "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+        "bytes": [t.numel() * t.element_size() for t in tensors],
+        "group": dist.get_process_group_ranks(groups[0]) if groups else "world",
+    }
 
 
 def logits_sizes(tensor: int) -> tuple[set[int], set[int]]:
@@ -180,14 +211,29 @@ def summary(calls: list[dict]) -> list[dict]:
         key = (call["op"], json.dumps(call["shapes"]), json.dumps(call["dtypes"]), json.dumps(call["group"]))
         grouped[key] += 1
         total[key] += sum(call["bytes"])
-    return [{"op": op, "shapes": json.loads(shapes), "dtypes": json.loads(dtypes), "group": json.loads(group), "count": count,
-             "bytes": total[(op, shapes, dtypes, group)]}
-            for (op, shapes, dtypes, group), count in sorted(grouped.items())]
+    return [
+        {
+            "op": op,
+            "shapes": json.loads(shapes),
+            "dtypes": json.loads(dtypes),
+            "group": json.loads(group),
+            "count": count,
+            "bytes": total[(op, shapes, dtypes, group)],
+        }
+        for (op, shapes, dtypes, group), count in sorted(grouped.items())
+    ]
 
 
 def build_config(tensor: int, pipeline: int):
-    data = make_config(pattern="AG|GA" if pipeline > 1 else "AGAG", window=WINDOW, passes=3, vocab_size=VOCAB, hidden_size=HIDDEN,
-                       checkpoint="pass", model={"init_std": 0.02, "attention": {"num_heads": 2, "num_kv_heads": 2}}).model_dump(mode="json")
+    data = make_config(
+        pattern="AG|GA" if pipeline > 1 else "AGAG",
+        window=WINDOW,
+        passes=3,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        checkpoint="pass",
+        model={"init_std": 0.02, "attention": {"num_heads": 2, "num_kv_heads": 2}},
+    ).model_dump(mode="json")
     data["train"].update(micro_batch_size=BATCH, grad_accumulation=MICRO_BATCHES)
     data["parallel"] = {"tensor": tensor, "pipeline": pipeline}
     return validate(data)

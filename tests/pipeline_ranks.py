@@ -15,8 +15,8 @@ import threading
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_config
+
 from sleepscale.model import build_model
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.pipeline import run_step
@@ -42,10 +42,15 @@ def micro_batches(count: int, lengths=(20, 20, 13)) -> list[tuple[torch.Tensor, 
 
 
 def build(case: dict, groups):
-    config = make_config(pattern=case["pattern"], passes=case.get("passes", 3), eviction=case["eviction"],
-                         checkpoint=case.get("checkpoint", "none"), grad_passes=case.get("grad_passes"),
-                         sleep_on=case.get("sleep_on", "evicted"),
-                         model={"init_std": 0.02, "loop": case.get("loop"), "attention": {"num_heads": 2, "num_kv_heads": 2}})
+    config = make_config(
+        pattern=case["pattern"],
+        passes=case.get("passes", 3),
+        eviction=case["eviction"],
+        checkpoint=case.get("checkpoint", "none"),
+        grad_passes=case.get("grad_passes"),
+        sleep_on=case.get("sleep_on", "evicted"),
+        model={"init_std": 0.02, "loop": case.get("loop"), "attention": {"num_heads": 2, "num_kv_heads": 2}},
+    )
     model = build_model(config.model).double()
     if groups.tensor.size() > 1:
         parallelize_tensor(model, groups.tensor)
@@ -81,13 +86,30 @@ def compare(case: dict, groups) -> dict:
 
     plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in batches]
     threads = []
-    step = run_step(stage, groups.pipeline, plans, [ids for ids, _ in batches], [t for _, t in batches],
-                    config.sleep.window, in_flight=groups.pipeline.size(),
-                    backward=lambda tensors, grads: (threads.append(threading.active_count()),
-                                                     torch.autograd.backward(tensors, grads)))
+    step = run_step(
+        stage,
+        groups.pipeline,
+        plans,
+        [ids for ids, _ in batches],
+        [t for _, t in batches],
+        config.sleep.window,
+        in_flight=groups.pipeline.size(),
+        backward=lambda tensors, grads: (
+            threads.append(threading.active_count()),
+            torch.autograd.backward(tensors, grads),
+        ),
+    )
     with torch.no_grad():
-        evaluation = run_step(stage, groups.pipeline, plans, [ids for ids, _ in batches], [t for _, t in batches],
-                              config.sleep.window, in_flight=groups.pipeline.size(), want_logits=True)
+        evaluation = run_step(
+            stage,
+            groups.pipeline,
+            plans,
+            [ids for ids, _ in batches],
+            [t for _, t in batches],
+            config.sleep.window,
+            in_flight=groups.pipeline.size(),
+            want_logits=True,
+        )
 
     grads = full_state_dict(stage, groups.tensor, gradients=True)
     reference_grads = dict(reference.named_parameters())
@@ -108,12 +130,16 @@ def compare(case: dict, groups) -> dict:
     paired = all(
         [(("recv" if k == "send" else "send"), what) for k, p, what in by_stage[s]["transfers"] if p == peer]
         == [(k, what) for k, p, what in by_stage[peer]["transfers"] if p == s]
-        for s in range(stages) for peer in range(stages) if peer != s)
+        for s in range(stages)
+        for peer in range(stages)
+        if peer != s
+    )
     return {
         "grads": max(r["grads"] for r in gathered),
         "loss": max(r["loss"] for r in gathered),
         "logits": max(r["logits"] for r in gathered),
-        "stages_cover_the_model": sorted(n for r in gathered[:: groups.tensor.size()] for n in r["grad_names"]) == sorted(reference_grads),
+        "stages_cover_the_model": sorted(n for r in gathered[:: groups.tensor.size()] for n in r["grad_names"])
+        == sorted(reference_grads),
         "transfers_pair_up": paired and all(by_stage[s]["transfers"] for s in range(stages)),
         "threads": max(r["threads"] for r in gathered),
     }
@@ -127,9 +153,17 @@ def saved_bytes(groups) -> dict:
         config, stage = build(case, groups)
         batches = micro_batches(count, lengths=(20,))
         plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in batches]
-        peaks[count] = saved_bytes_peak(lambda: run_step(
-            stage, groups.pipeline, plans, [ids for ids, _ in batches], [t for _, t in batches], config.sleep.window,
-            in_flight=groups.pipeline.size()))
+        peaks[count] = saved_bytes_peak(
+            lambda: run_step(
+                stage,
+                groups.pipeline,
+                plans,
+                [ids for ids, _ in batches],
+                [t for _, t in batches],
+                config.sleep.window,
+                in_flight=groups.pipeline.size(),
+            )
+        )
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, peaks)
     return {"few": max(p[groups.pipeline.size()] for p in gathered), "many": max(p[8] for p in gathered)}
@@ -147,8 +181,13 @@ def main():
         "hard": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "hard"},
         "sliding": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "sliding"},
         "n1": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "hard", "passes": 1},
-        "checkpointed-truncated": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "sliding", "checkpoint": "pass",
-                                   "grad_passes": 1, "micro_batches": 5},
+        "checkpointed-truncated": {
+            "pattern": "AG|GA" if two else "A|G|G|A",
+            "eviction": "sliding",
+            "checkpoint": "pass",
+            "grad_passes": 1,
+            "micro_batches": 5,
+        },
         # a prelude and a coda: the loop (blocks 1-2) spans two stages and loops back
         "prelude-coda": {"pattern": "GA|GA" if two else "G|A|G|A", "eviction": "hard", "loop": [1, 3]},
         "sleep-on-context": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "hard", "sleep_on": "context"},

@@ -23,25 +23,34 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_config
+
 from sleepscale import sleep as engine
 from sleepscale.model import build_model
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.precision import precision_context
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.pipeline import run_step
 from sleepscale.parallel.pipeline_stage import PipelineStage
 from sleepscale.parallel.tensor import parallelize_tensor
 from sleepscale.planner.communication import pipeline_bytes, tensor_parallel_phases
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
-from sleepscale.model.precision import precision_context
 
 VOCAB = 39
 # Each collective and the argument holding the payload this rank hands in.
-PAYLOADS = {"all_reduce": "tensor", "broadcast": "tensor", "reduce": "tensor", "all_gather": "tensor",
-            "all_gather_into_tensor": "input_tensor", "_all_gather_base": "input_tensor", "reduce_scatter": "input_list",
-            "reduce_scatter_tensor": "input", "_reduce_scatter_base": "input", "all_to_all": "input_tensor_list",
-            "all_to_all_single": "input"}
+PAYLOADS = {
+    "all_reduce": "tensor",
+    "broadcast": "tensor",
+    "reduce": "tensor",
+    "all_gather": "tensor",
+    "all_gather_into_tensor": "input_tensor",
+    "_all_gather_base": "input_tensor",
+    "reduce_scatter": "input_list",
+    "reduce_scatter_tensor": "input",
+    "_reduce_scatter_base": "input",
+    "all_to_all": "input_tensor_list",
+    "all_to_all_single": "input",
+}
 
 
 class Payloads:
@@ -56,9 +65,13 @@ class Payloads:
         originals = {name: getattr(dist, name) for name in PAYLOADS if hasattr(dist, name)}
         by_id = {id(function): name for name, function in originals.items()}
         # references outside torch (torch's own are the originals, which call each other)
-        aliases = [(module, attribute, by_id[id(value)]) for module_name, module in list(sys.modules.items())
-                   if module is not None and module_name.split(".")[0] != "torch"
-                   for attribute, value in list(vars(module).items()) if id(value) in by_id]
+        aliases = [
+            (module, attribute, by_id[id(value)])
+            for module_name, module in list(sys.modules.items())
+            if module is not None and module_name.split(".")[0] != "torch"
+            for attribute, value in list(vars(module).items())
+            if id(value) in by_id
+        ]
         wrapped = {name: self._wrap(name, function) for name, function in originals.items()}
         try:
             for name, function in wrapped.items():
@@ -84,6 +97,7 @@ class Payloads:
             key = f"{name} {tensors[0].dtype}"
             self.calls[key] = self.calls.get(key, 0) + 1
             return function(*args, **kwargs)
+
         return counted
 
 
@@ -112,9 +126,27 @@ TENSOR_CASES = {
     "grad1-pass-sliding": {"passes": 3, "grad_passes": 1, "checkpoint": "pass", "eviction": "sliding"},
     "grad1-bound-window": {"passes": 3, "grad_passes": 1, "checkpoint": "window", "state_norm_bound": 1.0},
     "prelude-coda-pass": {"passes": 3, "checkpoint": "pass", "model": {"loop": [1, 3]}},
-    "prelude-coda-window-sliding": {"passes": 3, "checkpoint": "window", "eviction": "sliding", "model": {"loop": [1, 3]}},
-    "qk-norm-gate-bias-detach-pass": {"passes": 3, "checkpoint": "pass", "detach_every": 1, "model": {"attention": {
-        "num_heads": 4, "num_kv_heads": 2, "qkv_bias": True, "output_bias": True, "qk_norm": True, "output_gate": True}}},
+    "prelude-coda-window-sliding": {
+        "passes": 3,
+        "checkpoint": "window",
+        "eviction": "sliding",
+        "model": {"loop": [1, 3]},
+    },
+    "qk-norm-gate-bias-detach-pass": {
+        "passes": 3,
+        "checkpoint": "pass",
+        "detach_every": 1,
+        "model": {
+            "attention": {
+                "num_heads": 4,
+                "num_kv_heads": 2,
+                "qkv_bias": True,
+                "output_bias": True,
+                "qk_norm": True,
+                "output_gate": True,
+            }
+        },
+    },
     "context-window": {"passes": 3, "checkpoint": "window", "sleep_on": "context"},
     "chunked-pass": {"passes": 3, "checkpoint": "pass", "chunk": True},
     "chunked-window": {"passes": 3, "checkpoint": "window", "chunk": True},
@@ -126,7 +158,11 @@ def tensor_case(case: dict, tp) -> dict:
     started = time.perf_counter()
     case = dict(case)
     chunk, bf16 = case.pop("chunk", False), case.pop("bf16", False)
-    model_options = {"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}, "init_std": 0.02}
+    model_options = {
+        "attention": {"num_heads": 4, "num_kv_heads": 2},
+        "gdn": {"num_heads": 4, "expand_v": 1.5},
+        "init_std": 0.02,
+    }
     model_options.update(case.pop("model", {}))
     config = make_config(pattern="AGag", passes=case.pop("passes", 1), vocab_size=VOCAB, model=model_options, **case)
     model = parallelize_tensor(build_model(config.model), tp)
@@ -150,7 +186,12 @@ def tensor_case(case: dict, tp) -> dict:
             assert not other, f"collectives outside the tensor-parallel group: {other}"
             counter.bytes.clear()
         predicted = tensor_parallel_phases(plans, shapes, tp.size(), activation_bytes=2 if bf16 else 4)
-    return {"measured": measured, "predicted": list(predicted), "calls": counter.calls, "seconds": time.perf_counter() - started}
+    return {
+        "measured": measured,
+        "predicted": list(predicted),
+        "calls": counter.calls,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 PIPELINE_CASES = {
@@ -173,12 +214,22 @@ def pipeline_case(case: dict, pp) -> dict:
     stage = PipelineStage(build_model(config.model), config.model.stage_ranges, pp.rank())
     micro_batches = batches() * 2  # 4 micro-batches of two lengths
     plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in micro_batches]
-    step = run_step(stage, pp, plans, [ids for ids, _ in micro_batches], [t for _, t in micro_batches],
-                    config.sleep.window, in_flight=pp.size())
+    step = run_step(
+        stage,
+        pp,
+        plans,
+        [ids for ids, _ in micro_batches],
+        [t for _, t in micro_batches],
+        config.sleep.window,
+        in_flight=pp.size(),
+    )
     sent = [None] * pp.size()
     dist.all_gather_object(sent, step.sent_bytes, group=pp)
-    return {"measured": sent, "predicted": pipeline_bytes(plans, config.model.stage_ranges, config.model.hidden_size),
-            "seconds": time.perf_counter() - started}
+    return {
+        "measured": sent,
+        "predicted": pipeline_bytes(plans, config.model.stage_ranges, config.model.hidden_size),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def main():
@@ -186,10 +237,12 @@ def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     tp = init_parallel_groups(tensor=dist.get_world_size()).tensor
-    report = {"tensor": {name: tensor_case(case, tp) for name, case in TENSOR_CASES.items()},
-              # run_step needs no megatron group: the two ranks are the two stages
-              "pipeline": {name: pipeline_case(case, dist.group.WORLD) for name, case in PIPELINE_CASES.items()},
-              "seconds": time.perf_counter() - started}  # from the process group's set-up
+    report = {
+        "tensor": {name: tensor_case(case, tp) for name, case in TENSOR_CASES.items()},
+        # run_step needs no megatron group: the two ranks are the two stages
+        "pipeline": {name: pipeline_case(case, dist.group.WORLD) for name, case in PIPELINE_CASES.items()},
+        "seconds": time.perf_counter() - started,
+    }  # from the process group's set-up
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as out:
             json.dump(report, out, indent=1)

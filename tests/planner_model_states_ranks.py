@@ -37,13 +37,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-
 from conftest import make_config
-from sleepscale.parallel.rank_model import build_rank_model
-from sleepscale.planner.model_states import model_state_bytes
+
 from sleepscale.parallel.distributed import setup_distributed
 from sleepscale.parallel.parallelism import Parallelism
+from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.parallel.zero import deepspeed_config
+from sleepscale.planner.model_states import model_state_bytes
 from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
 CATEGORIES = ("weights", "gradients", "optimizer", "buffers")
@@ -51,8 +51,14 @@ CLAIM_ORDER = ("weights", "optimizer", "buffers", "gradients")  # gradients wait
 # Methods of the ZeRO optimizers (where present) around which a census is taken: where gradients
 # are reduced, flattened into this rank's partition and freed, and where the optimizer steps.
 # The gradient hook runs once a parameter: probed at its first call only.
-PROBES = ("reduce_gradients", "reduce_ipg_grads", "independent_gradient_partition_epilogue", "free_grad_in_param_list",
-          "_optimizer_step", "step")
+PROBES = (
+    "reduce_gradients",
+    "reduce_ipg_grads",
+    "independent_gradient_partition_epilogue",
+    "free_grad_in_param_list",
+    "_optimizer_step",
+    "step",
+)
 HOOK = "reduce_ready_partitions_and_remove_grads"
 
 
@@ -102,8 +108,11 @@ class Census:
         parameters = list(engine.module.parameters())
         optimized = [p for group in basic.param_groups for p in group["params"]]
         # ZeRO's float32 master partitions (ZeRO-3 takes them out of the param groups between steps)
-        masters = [t for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
-                   for t in getattr(zero, name, [])]
+        masters = [
+            t
+            for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+            for t in getattr(zero, name, [])
+        ]
         if self.zero_stage == 3:
             weights, gathered = [p.ds_tensor for p in parameters], [p.data for p in parameters]
         else:
@@ -120,7 +129,9 @@ class Census:
             seen |= found.keys()
             measured[category] = sum(found.values())
         everything = storages(live_tensors())
-        measured["other"] = sum(size for ptr, size in everything.items() if ptr not in seen and ptr not in self.baseline)
+        measured["other"] = sum(
+            size for ptr, size in everything.items() if ptr not in seen and ptr not in self.baseline
+        )
         measured["claimed_not_in_gc"] = len(seen - everything.keys())  # 0 unless the census misses tensors
         for category in CATEGORIES:
             if measured[category] > self.peaks[category]:
@@ -154,9 +165,19 @@ class Census:
 def run_stage(zero_stage: int, ctx) -> dict:
     """A model of ~0.9 M parameters (hidden size 128, four blocks): its states are megabytes,
     beside DeepSpeed's fixed-size buffers."""
-    config = make_config(pattern="AGAG", vocab_size=64, hidden_size=128, window=8, passes=2, model={
-        "intermediate_size": 384, "attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.0},
-        "init_std": 0.02})
+    config = make_config(
+        pattern="AGAG",
+        vocab_size=64,
+        hidden_size=128,
+        window=8,
+        passes=2,
+        model={
+            "intermediate_size": 384,
+            "attention": {"num_heads": 4, "num_kv_heads": 2},
+            "gdn": {"num_heads": 4, "expand_v": 1.0},
+            "init_std": 0.02,
+        },
+    )
     config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": zero_stage})})
     gc.collect()
     baseline = storages(live_tensors())

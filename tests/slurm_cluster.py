@@ -20,8 +20,10 @@ from pathlib import Path
 
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
-INSTALL_HINT = ("install them with: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge "
-                "(.ci/run does this)")
+INSTALL_HINT = (
+    "install them with: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge "
+    "(.ci/run does this)"
+)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -69,7 +71,9 @@ class SlurmCluster:
         if missing:
             raise SlurmUnavailable(f"Slurm/munge programs missing: {', '.join(missing)}; {INSTALL_HINT}")
         if os.geteuid() != 0:
-            raise SlurmUnavailable("the local Slurm cluster runs its daemons as root (SlurmUser=root); run the tests as root")
+            raise SlurmUnavailable(
+                "the local Slurm cluster runs its daemons as root (SlurmUser=root); run the tests as root"
+            )
         for name in ("state", "spool", "log", "munge"):
             (self.root / name).mkdir(parents=True, exist_ok=True)
         # munged insists that everyone may traverse the directories of its socket.
@@ -81,9 +85,18 @@ class SlurmCluster:
         self.socket = self.root / "munge" / "socket"
         if len(str(self.socket).encode()) > 100:
             raise SlurmUnavailable(f"munge socket path too long for a Unix socket: {self.socket}; use a shorter root")
-        self._spawn("munged", [DAEMONS["munged"], "--foreground", f"--socket={self.socket}", f"--key-file={key}",
-                               f"--log-file={self.root / 'log' / 'munged.log'}", f"--pid-file={self.root / 'munge' / 'munged.pid'}",
-                               f"--seed-file={self.root / 'munge' / 'seed'}"])
+        self._spawn(
+            "munged",
+            [
+                DAEMONS["munged"],
+                "--foreground",
+                f"--socket={self.socket}",
+                f"--key-file={key}",
+                f"--log-file={self.root / 'log' / 'munged.log'}",
+                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                f"--seed-file={self.root / 'munge' / 'seed'}",
+            ],
+        )
         self._wait(lambda: self._alive() and self.socket.exists(), timeout, "munged to create its socket")
         self.conf.write_text(self._slurm_conf())
         self._spawn("slurmctld", [DAEMONS["slurmctld"], "-D", "-i"])
@@ -157,7 +170,9 @@ class SlurmCluster:
             if state in states:
                 return info
             if state in final:
-                raise AssertionError(f"job {job_id} ended {state} (exit {info.get('ExitCode')}), expected {sorted(states)}")
+                raise AssertionError(
+                    f"job {job_id} ended {state} (exit {info.get('ExitCode')}), expected {sorted(states)}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s, expected {sorted(states)}")
             time.sleep(0.5)
@@ -166,15 +181,18 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
-        self._daemons[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, start_new_session=True)
+        self._daemons[name] = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def _alive(self) -> bool:
         for name, process in self._daemons.items():
             if process.poll() is not None:
                 log = (self.root / "log" / f"{name}.out").read_text(errors="replace").strip().splitlines()
-                raise SlurmUnavailable(f"{name} exited with code {process.returncode}: {log[-1] if log else 'no output'}")
+                raise SlurmUnavailable(
+                    f"{name} exited with code {process.returncode}: {log[-1] if log else 'no output'}"
+                )
         return True
 
     def _node_idle(self) -> bool:
@@ -220,7 +238,7 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
-{"SchedulerParameters=sched_interval=2,bf_interval=2" if self.quick_requeue else "# Slurm's default scheduler intervals"}
+{"SchedulerParameters=sched_interval=2,bf_interval=2" if self.quick_requeue else "# Slurm's default intervals"}
 JobRequeue=1
 KillWait=10
 NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory_mb} State=UNKNOWN

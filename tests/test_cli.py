@@ -16,8 +16,11 @@ from sleepscale.cli import COMMANDS, USER_ERRORS_ELSEWHERE, _parser
 # What megatron-core, fla and DeepSpeed print as they load on a machine without Transformer Engine,
 # Triton or a GPU.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY_NOTICES = ("Transformer Engine and Apex are not installed", "Triton is not supported on current platform",
-                   "Setting accelerator to CPU")
+LIBRARY_NOTICES = (
+    "Transformer Engine and Apex are not installed",
+    "Triton is not supported on current platform",
+    "Setting accelerator to CPU",
+)
 
 
 def test_every_command_is_parsed_and_dispatched():
@@ -31,23 +34,28 @@ def test_the_dispatch_table_names_real_functions(target):
     assert callable(getattr(importlib.import_module(module), name))
 
 
-@pytest.mark.parametrize(("argv", "verbose"), [
-    (["config", "c.yaml"], False),
-    (["--verbose", "config", "c.yaml"], True),
-    (["config", "c.yaml", "--verbose"], True),
-    (["--verbose", "plan", "c.yaml", "--gpus", "1", "--gpu-memory", "1", "--sequence-length", "8"], True),
-    (["data", "rule110", "--out", "o", "--verbose"], True),
-])
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [
+        (["config", "c.yaml"], False),
+        (["--verbose", "config", "c.yaml"], True),
+        (["config", "c.yaml", "--verbose"], True),
+        (["--verbose", "plan", "c.yaml", "--gpus", "1", "--gpu-memory", "1", "--sequence-length", "8"], True),
+        (["data", "rule110", "--out", "o", "--verbose"], True),
+    ],
+)
 def test_verbose_goes_before_or_after_the_command(argv, verbose):
     assert _parser().parse_args(argv).verbose is verbose
 
 
 def test_help_and_config_import_no_command_module():
     """`sleepscale --help` and `sleepscale config` stay fast: torch and the rest load with the commands."""
-    script = ("import sys\nfrom sleepscale.cli import main\n"
-              "assert main(['config', 'configs/plan/hybrid-1b.yaml', 'sleep.passes=3']) == 0\n"
-              "heavy = {'torch', 'deepspeed', 'megatron', 'fla', 'mlflow'} & set(sys.modules)\n"
-              "assert not heavy, heavy\n")
+    script = (
+        "import sys\nfrom sleepscale.cli import main\n"
+        "assert main(['config', 'configs/plan/hybrid-1b.yaml', 'sleep.passes=3']) == 0\n"
+        "heavy = {'torch', 'deepspeed', 'megatron', 'fla', 'mlflow'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "  passes: 3\n" in result.stdout
@@ -78,8 +86,13 @@ def test_library_warnings_are_routed_and_ours_are_shown(verbose, capsys):
 
 def test_deepspeeds_accelerator_line_is_routed(capsys):
     logger = logging.getLogger("DeepSpeed")
-    record = dict(name="DeepSpeed", levelno=logging.WARNING, levelname="WARNING", filename="real_accelerator.py",
-                  msg="Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+    record = dict(
+        name="DeepSpeed",
+        levelno=logging.WARNING,
+        levelname="WARNING",
+        filename="real_accelerator.py",
+        msg="Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+    )
     seen = []
     handler = logging.Handler()
     handler.emit = seen.append
@@ -97,8 +110,19 @@ def test_deepspeeds_accelerator_line_is_routed(capsys):
 @pytest.mark.slow
 def test_plan_prints_no_library_notices_unless_verbose():
     """hybrid-8b (tensor parallel: megatron-core's layers, fla's kernels) as in its header."""
-    command = [sys.executable, "-m", "sleepscale.cli", "plan", "configs/plan/hybrid-8b.yaml", "--gpus", "8",
-               "--gpu-memory", "80", "--sequence-length", "8192"]
+    command = [
+        sys.executable,
+        "-m",
+        "sleepscale.cli",
+        "plan",
+        "configs/plan/hybrid-8b.yaml",
+        "--gpus",
+        "8",
+        "--gpu-memory",
+        "80",
+        "--sequence-length",
+        "8192",
+    ]
     quiet = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     verbose = subprocess.run([*command, "--verbose"], capture_output=True, text=True, cwd=ROOT)
     assert quiet.returncode == verbose.returncode == 0, quiet.stderr + verbose.stderr

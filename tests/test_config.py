@@ -10,7 +10,13 @@ from sleepscale.config_loading import apply_overrides, load_config
 
 def base():
     return {
-        "model": {"vocab_size": 32, "hidden_size": 16, "pattern": "AGAG", "attention": {"num_heads": 2}, "gdn": {"num_heads": 2}},
+        "model": {
+            "vocab_size": 32,
+            "hidden_size": 16,
+            "pattern": "AGAG",
+            "attention": {"num_heads": 2},
+            "gdn": {"num_heads": 2},
+        },
         "sleep": {"window": 8, "passes": 2},
         "train": {"steps": 10},
     }
@@ -19,9 +25,16 @@ def base():
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["model.pattern=AGXG"], "model.pattern: unknown block letter 'X' at position 2 (allowed: A, a, G, g, and | between pipeline stages)"),
+        (
+            ["model.pattern=AGXG"],
+            "model.pattern: unknown block letter 'X' at position 2 "
+            "(allowed: A, a, G, g, and | between pipeline stages)",
+        ),
         (["model.pattern="], "model.pattern: "),
-        (["model.loop=[2, 7]"], "model.loop: [2, 7) is not a block range of the 4-block stack; need 0 <= start < end <= 4"),
+        (
+            ["model.loop=[2, 7]"],
+            "model.loop: [2, 7) is not a block range of the 4-block stack; need 0 <= start < end <= 4",
+        ),
         (["model.loop=[3, 3]"], "model.loop: [3, 3) is not a block range"),
         (["sleep.passes=0"], "sleep.passes: Input should be greater than or equal to 1"),
         (["sleep.window=0"], "sleep.window: Input should be greater than or equal to 1"),
@@ -32,22 +45,52 @@ def base():
         (["sleep.sleep_on=always"], "sleep.sleep_on: Input should be 'evicted' or 'context'"),
         (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'auto', 'none', 'pass' or 'window'"),
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch', 'fla' or 'window'"),
-        (["model.gdn.head_dim=512"], "model.gdn.head_dim: 512 is above 256, the largest key head dimension fla's kernels take"),
+        (
+            ["model.gdn.head_dim=512"],
+            "model.gdn.head_dim: 512 is above 256, the largest key head dimension fla's kernels take",
+        ),
         (["model.gdn.head_dim=512", "model.backend=fla"], "model.gdn.head_dim: 512 is above 256"),
-        (["model.gdn.head_dim=160", "model.backend=window"], "model.backend: window takes GDN head dimensions up to 128"),
-        (["model.backend=window", "sleep.window=75"], "model.backend: window runs windows of at most 64 tokens, sleep.window is 75"),
-        (["sleep.pases=3"], "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, checkpoint, grad_passes, detach_every, random_passes, state_norm_bound)"),
-        (["modle.pattern=AG"], "modle: unknown key (allowed: model, sleep, data, optimizer, schedule, stages, train, parallel, checkpoint, tracking, eval)"),
-        (["data.path=d", "data.pth=x"], "data.pth: unknown key (allowed: path, generate, num_workers, skip_bad_samples, max_skipped_fraction, shard_url_prefix)"),
-        (["stages=[{name: a, steps: 2, trian: ['*']}]"], "stages.0.trian: unknown key (allowed: name, steps, epochs, eviction, passes, train)"),
+        (
+            ["model.gdn.head_dim=160", "model.backend=window"],
+            "model.backend: window takes GDN head dimensions up to 128",
+        ),
+        (
+            ["model.backend=window", "sleep.window=75"],
+            "model.backend: window runs windows of at most 64 tokens, sleep.window is 75",
+        ),
+        (
+            ["sleep.pases=3"],
+            "sleep.pases: unknown key (allowed: window, passes, eviction, sleep_on, "
+            "checkpoint, grad_passes, detach_every, random_passes, state_norm_bound)",
+        ),
+        (
+            ["modle.pattern=AG"],
+            "modle: unknown key (allowed: model, sleep, data, optimizer, "
+            "schedule, stages, train, parallel, checkpoint, tracking, eval)",
+        ),
+        (
+            ["data.path=d", "data.pth=x"],
+            "data.pth: unknown key (allowed: path, generate, num_workers, "
+            "skip_bad_samples, max_skipped_fraction, shard_url_prefix)",
+        ),
+        (
+            ["stages=[{name: a, steps: 2, trian: ['*']}]"],
+            "stages.0.trian: unknown key (allowed: name, steps, epochs, eviction, passes, train)",
+        ),
         (["stages=[{name: a}]"], "stages.0.steps: give exactly one of steps and epochs"),
         (["train.steps=null"], "train.steps: required when no stages are given"),
         (["optimizer.name=muon", "train.zero_stage=2"], "optimizer.name: muon needs train.zero_stage 0"),
-        (["train.zero_stage=3", "stages=[{name: a, steps: 1, train: [x]}, {name: b, steps: 1}]"], "stages: stages that train different parameters need train.zero_stage <= 2"),
+        (
+            ["train.zero_stage=3", "stages=[{name: a, steps: 1, train: [x]}, {name: b, steps: 1}]"],
+            "stages: stages that train different parameters need train.zero_stage <= 2",
+        ),
         (["eval.passes=[0, 2]"], "eval.passes: every N must be >= 1"),
         (["sleep.grad_passes=3"], "sleep.grad_passes: 3 is more than passes 2"),
         (["sleep.random_passes={kind: uniform, low: 4, high: 2}"], "sleep.random_passes.high: 2 is below low 4"),
-        (["sleep.random_passes={kind: poisson, mean: 3}"], "sleep.random_passes.kind: Input should be 'uniform' or 'poisson_lognormal'"),
+        (
+            ["sleep.random_passes={kind: poisson, mean: 3}"],
+            "sleep.random_passes.kind: Input should be 'uniform' or 'poisson_lognormal'",
+        ),
         (["train.precision=fp16"], "train.precision: Input should be 'fp32' or 'bf16'"),
         (["model.gdn.expand_v=0.3"], "model.gdn.expand_v: head_dim 8 * expand_v 0.3 is not an integer"),
     ],
@@ -70,7 +113,9 @@ def test_missing_section_is_named():
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(base()))
-    config = load_config(path, ["sleep.passes=4", "model.loop=[1, 3]", "sleep.eviction=sliding", "model.tie_embeddings=true"])
+    config = load_config(
+        path, ["sleep.passes=4", "model.loop=[1, 3]", "sleep.eviction=sliding", "model.tie_embeddings=true"]
+    )
     assert config.sleep.passes == 4 and config.model.loop_range == (1, 3)
     assert config.sleep.eviction == "sliding" and config.model.tie_embeddings is True
 
@@ -114,7 +159,10 @@ def test_shipped_configs_are_valid(path):
 
 def test_fingerprint_ignores_tracking_and_eval_but_not_the_model():
     config = validate(base())
-    assert config.fingerprint() == validate(apply_overrides(base(), ["tracking.experiment=x", "eval.passes=[1,4]"])).fingerprint()
+    assert (
+        config.fingerprint()
+        == validate(apply_overrides(base(), ["tracking.experiment=x", "eval.passes=[1,4]"])).fingerprint()
+    )
     assert config.fingerprint() != validate(apply_overrides(base(), ["model.hidden_size=32"])).fingerprint()
 
 

@@ -21,16 +21,29 @@ from sleepscale.sleep import sleep_forward
 
 VOCAB, LENGTH = 64, 24
 TESTS = Path(__file__).parent
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _hf_config(family: str):
     import transformers
 
     if family == "llama":  # biases on all four projections, Llama 3 RoPE scaling
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
         return transformers.LlamaConfig(**COMMON, attention_bias=True, rope_parameters=rope)
     if family == "qwen2":  # q/k/v biases, tied embeddings
         return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
@@ -38,8 +51,14 @@ def _hf_config(family: str):
         return transformers.Qwen3Config(**COMMON, head_dim=16)
     if family == "qwen3_5":  # GDN with grouped value heads, gated partial-rotary attention, zero-centred norms
         return transformers.Qwen3_5TextConfig(
-            **COMMON, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-            linear_value_head_dim=12, layer_types=["linear_attention", "full_attention"] * 2)
+            **COMMON,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=12,
+            layer_types=["linear_attention", "full_attention"] * 2,
+        )
     raise ValueError(family)
 
 
@@ -79,8 +98,13 @@ def converted(request, tmp_path_factory):
 
 
 def _ours(ours_dir, window: int, passes: int = 1, eviction: str = "hard"):
-    config = validate({"model": read_description(ours_dir)["model"],
-                       "sleep": {"window": window, "passes": passes, "eviction": eviction}, "train": {"steps": 1}})
+    config = validate(
+        {
+            "model": read_description(ours_dir)["model"],
+            "sleep": {"window": window, "passes": passes, "eviction": eviction},
+            "train": {"steps": 1},
+        }
+    )
     model = build_model(config.model).eval()
     load_weights(model, ours_dir)
     return model, config
@@ -109,14 +133,19 @@ def _hf_window_by_window(hf, ids, window: int):
     from transformers import DynamicCache
 
     logits, carried = [], {}
-    gdn_layers = [i for i, kind in enumerate(getattr(hf.config, "layer_types", None) or []) if kind == "linear_attention"]
+    gdn_layers = [
+        i for i, kind in enumerate(getattr(hf.config, "layer_types", None) or []) if kind == "linear_attention"
+    ]
     for start in range(0, ids.shape[1], window):
         cache = DynamicCache(config=hf.config) if gdn_layers else None
         for layer, (conv, recurrent) in carried.items():  # a cache holds a recurrent state only beside a conv state
             cache.update_conv_state(torch.zeros_like(conv), layer)
             cache.update_recurrent_state(recurrent, layer)
         logits.append(hf(ids[:, start : start + window], cache=cache, use_cache=cache is not None).logits)
-        carried = {layer: (cache.get_conv_state(layer).clone(), cache.get_recurrent_state(layer).clone()) for layer in gdn_layers}
+        carried = {
+            layer: (cache.get_conv_state(layer).clone(), cache.get_recurrent_state(layer).clone())
+            for layer in gdn_layers
+        }
     return torch.cat(logits, dim=1)
 
 
@@ -136,7 +165,9 @@ def test_converted_model_sleeps(converted, eviction):
     targets = _ids().roll(-1, dims=1)
     out = sleep_forward(model, _ids(), config.sleep, targets=targets)
     out.loss.backward()
-    assert torch.isfinite(out.logits).all() and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(out.logits).all() and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
 
 
 def test_partial_loop_on_a_converted_model(converted):
@@ -162,8 +193,15 @@ def test_export_round_trip_is_bit_exact(converted):
 def test_config_fills_the_model_section_from_init_from(converted, tmp_path):
     _, _, _, ours_dir, description = converted
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": {"init_from": str(ours_dir), "pattern": description["model"]["pattern"],
-                                              "seed": 3}, "sleep": {"window": 8}, "train": {"steps": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"init_from": str(ours_dir), "pattern": description["model"]["pattern"], "seed": 3},
+                "sleep": {"window": 8},
+                "train": {"steps": 1},
+            }
+        )
+    )
     config = load_config(path)
     assert config.model.hidden_size == 32 and config.model.seed == 3 and config.model.init_from == str(ours_dir)
     with pytest.raises(ConfigError, match=r"model.hidden_size: the config gives 64, model.init_from .* has 32"):
@@ -182,39 +220,63 @@ def test_insertion_keeps_the_logits_and_writes_the_two_stage_config(tmp_path):
     recipe = yaml.safe_load((ours_dir / "train.yaml").read_text())
     first, second = recipe["stages"]
     assert (first["eviction"], first["train"], second["eviction"], second["train"]) == (
-        "hard", ["layers.2.*", "layers.5.*"], "sliding", ["*"])
+        "hard",
+        ["layers.2.*", "layers.5.*"],
+        "sliding",
+        ["*"],
+    )
     with pytest.raises(Exception, match="inserted"):
         export_to_hf(ours_dir, tmp_path / "back")
 
 
 def test_insertion_recipe_trains_the_inserted_blocks_first(tmp_path):
+    from train_helpers import changed_parameters, train
+
     from sleepscale.data.build import build_task_dataset
     from sleepscale.data.rule110 import Rule110Task
-    from train_helpers import changed_parameters, train
 
     hf = _hf_model("llama")
     hf.save_pretrained(tmp_path / "hf")
     ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours", insert_gdn=2)
     build_task_dataset(Rule110Task([0, 1], 8, 2), tmp_path / "data", 0, 64, 16, 32)
     run = tmp_path / "run"
-    train(ours_dir / "train.yaml", f"data.path={tmp_path / 'data'}", f"train.run_dir={run}", "sleep.window=8",
-          "stages.0.steps=2", "stages.1.steps=2", "checkpoint.every=2", "checkpoint.keep=2", "train.micro_batch_size=4",
-          "optimizer.lr=0.01")
+    train(
+        ours_dir / "train.yaml",
+        f"data.path={tmp_path / 'data'}",
+        f"train.run_dir={run}",
+        "sleep.window=8",
+        "stages.0.steps=2",
+        "stages.1.steps=2",
+        "checkpoint.every=2",
+        "checkpoint.keep=2",
+        "train.micro_batch_size=4",
+        "optimizer.lr=0.01",
+    )
     initial = _ours(ours_dir, window=8)[0].state_dict()
-    assert changed_parameters(run, 2, initial) == {name for name in initial if name.startswith(("layers.2.", "layers.5."))}
+    assert changed_parameters(run, 2, initial) == {
+        name for name in initial if name.startswith(("layers.2.", "layers.5."))
+    }
     assert "layers.0.attn.q_proj.weight" in changed_parameters(run, 4, initial)
 
 
 def _convert_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sleepscale.cli", "convert", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "convert", *map(str, args)], capture_output=True, text=True
+    )
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"model_type": "qwen3_moe", "num_experts": 8}, "config.json num_experts=8: mixture-of-experts is not supported"),
-    ({"model_type": "gpt2"}, "config.json model_type='gpt2' is not supported by sleepscale (supported: llama"),
-    ({"model_type": "llama", "hidden_act": "gelu"}, "config.json hidden_act='gelu'"),
-    ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type='yarn'"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"model_type": "qwen3_moe", "num_experts": 8},
+            "config.json num_experts=8: mixture-of-experts is not supported",
+        ),
+        ({"model_type": "gpt2"}, "config.json model_type='gpt2' is not supported by sleepscale (supported: llama"),
+        ({"model_type": "llama", "hidden_act": "gelu"}, "config.json hidden_act='gelu'"),
+        ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type='yarn'"),
+    ],
+)
 def test_unsupported_checkpoints_are_one_line(tmp_path, config, message):
     source = tmp_path / "hf"
     source.mkdir()
@@ -271,8 +333,9 @@ def test_insert_gdn_0_is_refused(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("entries,found", [([], "it is empty"),
-                                           (["weights.bin", "notes.txt"], "it holds notes.txt, weights.bin")])
+@pytest.mark.parametrize(
+    "entries,found", [([], "it is empty"), (["weights.bin", "notes.txt"], "it holds notes.txt, weights.bin")]
+)
 def test_a_directory_with_nothing_to_convert_is_one_line(tmp_path, capsys, entries, found):
     source = tmp_path / "source"
     source.mkdir()
@@ -287,11 +350,21 @@ def _large_model_dir(tmp_path):
     stands out from the process's own memory."""
     from sleepscale.convert.model_dir import write_model_dir
 
-    section = {"vocab_size": 8000, "hidden_size": 1024, "pattern": "AGAG", "intermediate_size": 2816,
-               "attention": {"num_heads": 8, "qk_norm": True}, "gdn": {"num_heads": 8, "num_v_heads": 16, "head_dim": 64}}
+    section = {
+        "vocab_size": 8000,
+        "hidden_size": 1024,
+        "pattern": "AGAG",
+        "intermediate_size": 2816,
+        "attention": {"num_heads": 8, "qk_norm": True},
+        "gdn": {"num_heads": 8, "num_v_heads": 16, "head_dim": 64},
+    }
     model = build_model(validate({"model": section, "sleep": {"window": 8}, "train": {"steps": 1}}).model)
-    return write_model_dir(tmp_path / "large", {"model": section, "source": None, "inserted_blocks": []},
-                           ((name, p.detach()) for name, p in model.named_parameters()), shard_bytes=64 * 2**20)
+    return write_model_dir(
+        tmp_path / "large",
+        {"model": section, "source": None, "inserted_blocks": []},
+        ((name, p.detach()) for name, p in model.named_parameters()),
+        shard_bytes=64 * 2**20,
+    )
 
 
 @pytest.mark.parametrize("mode", ["tensor", "pipeline", "zero3", "tensor-seed", "pipeline-seed"])
@@ -307,9 +380,25 @@ def test_each_rank_loads_only_its_part(tmp_path, mode):
     # (1.3-1.7x the model resident here); served by mmap, a freed buffer is returned, and the peak is
     # what the ranks really hold at once.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    str(TESTS / "convert_ranks.py"), str(model_dir), mode, str(out)], check=True, cwd=TESTS, timeout=600,
-                   env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(TESTS / "convert_ranks.py"),
+            str(model_dir),
+            mode,
+            str(out),
+        ],
+        check=True,
+        cwd=TESTS,
+        timeout=600,
+        env=env,
+    )
     largest = 8000 * 1024 * 4  # the embedding's (and head's) bytes
     for rank in json.loads(out.read_text()):
         assert rank["equal_to_files"] and rank["equal_forward"] in (True, None), rank
@@ -323,9 +412,10 @@ def test_each_rank_loads_only_its_part(tmp_path, mode):
 def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
     """ZeRO-3 builds the model partitioned and fills it one gathered parameter at a time; its losses
     equal ZeRO-0's from the same model directory."""
+    from train_helpers import losses, train
+
     from sleepscale.data.build import build_task_dataset
     from sleepscale.data.rule110 import Rule110Task
-    from train_helpers import losses, train
 
     _hf_model("qwen3_5").save_pretrained(tmp_path / "hf")
     ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
@@ -333,10 +423,23 @@ def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
     recorded = {}
     for stage in (0, 3):
         config = tmp_path / f"zero{stage}.yaml"
-        config.write_text(yaml.safe_dump({
-            "model": {"init_from": str(ours_dir)}, "sleep": {"window": 8, "passes": 2}, "data": {"path": str(tmp_path / "data")},
-            "optimizer": {"lr": 0.001}, "train": {"run_dir": str(tmp_path / f"run{stage}"), "steps": 3, "micro_batch_size": 4,
-                                                  "zero_stage": stage, "log_every": 1}}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "model": {"init_from": str(ours_dir)},
+                    "sleep": {"window": 8, "passes": 2},
+                    "data": {"path": str(tmp_path / "data")},
+                    "optimizer": {"lr": 0.001},
+                    "train": {
+                        "run_dir": str(tmp_path / f"run{stage}"),
+                        "steps": 3,
+                        "micro_batch_size": 4,
+                        "zero_stage": stage,
+                        "log_every": 1,
+                    },
+                }
+            )
+        )
         train(config, ranks=2, timeout=600)
         recorded[stage] = [losses(tmp_path / f"run{stage}")[step] for step in (1, 2, 3)]
     # ZeRO-3 reduces gradients in another order: agreement to float32 summation (~1e-5 relative by step 3).
@@ -348,7 +451,9 @@ def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
     from sleepscale.train.checkpoint import load_model_from_checkpoint
 
     trained, trained_config = load_model_from_checkpoint(tmp_path / "run3")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(export_to_hf(tmp_path / "run3", tmp_path / "back")).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        export_to_hf(tmp_path / "run3", tmp_path / "back")
+    ).eval()
     window = trained_config.sleep.model_copy(update={"window": LENGTH, "passes": 1})
     ids = _ids() % 8
     with torch.no_grad():
@@ -368,7 +473,9 @@ def test_the_text_model_of_a_multimodal_qwen3_5_checkpoint(tmp_path):
     tensors = {name.replace("model.", "model.language_model.", 1): text.get(name) for name in text.names()}
     save_file({**tensors, "model.visual.patch_embed.weight": torch.zeros(4, 4)}, str(source / "model.safetensors"))
     text_config = json.loads((root / "hf" / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({"model_type": "qwen3_5", "text_config": text_config, "vision_config": {}}))
+    (source / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_5", "text_config": text_config, "vision_config": {}})
+    )
     converted_dir = convert_from_hf(source, tmp_path / "ours")
     model, config = _ours(converted_dir, window=LENGTH)
     with torch.no_grad():

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from data_helpers import replace_shard, rule110_dataset, shard_records
+
 from sleepscale.data.loader import ShardLoader
 from sleepscale.data.sample import IGNORE_INDEX, DataError
 
@@ -33,15 +33,32 @@ def test_two_ranks_two_workers_read_every_sample_once(dataset):
     steps = [read_epoch(ShardLoader(str(dataset), batch_size=16, num_workers=2, rank=r, world_size=2)) for r in (0, 1)]
     keys = [key for rank in steps for batch in rank for key in batch]
     assert len(keys) == len(set(keys)) == 530 and set(keys) == all_train_keys(dataset)
-    assert len(steps[0]) == len(steps[1]) == ShardLoader(str(dataset), batch_size=16, num_workers=2, world_size=2).batches_per_epoch()
+    assert (
+        len(steps[0])
+        == len(steps[1])
+        == ShardLoader(str(dataset), batch_size=16, num_workers=2, world_size=2).batches_per_epoch()
+    )
 
 
 def test_two_torchrun_ranks_read_every_sample_once(dataset, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(Path(__file__).parent / "data_ranks.py"), str(dataset), str(tmp_path)],
-        check=True, timeout=180, env=env, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(Path(__file__).parent / "data_ranks.py"),
+            str(dataset),
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=180,
+        env=env,
+        capture_output=True,
     )
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
@@ -54,8 +71,8 @@ def test_batches_have_fixed_shape_and_padding_rows_carry_no_loss(dataset):
     batches = list(ShardLoader(str(dataset), batch_size=16, num_workers=2, rank=1, world_size=2))
     assert all(b["input_ids"].shape == b["targets"].shape == (16, 100) for b in batches)
     for batch in batches:
-        padding = batch["targets"][batch["num_samples"]:]
-        assert (padding == IGNORE_INDEX).all() and (batch["input_ids"][batch["num_samples"]:] == 0).all()
+        padding = batch["targets"][batch["num_samples"] :]
+        assert (padding == IGNORE_INDEX).all() and (batch["input_ids"][batch["num_samples"] :] == 0).all()
         assert len(batch["keys"]) == len(batch["meta"]) == batch["num_samples"]
 
 
@@ -151,8 +168,19 @@ def break_shapes(copy):
         (break_truncated, True, r"train-000003.tar: sha256 does not match the manifest", 50),
         (break_truncated, False, r"train-000003.tar: truncated or not a tar file", 50),
         (break_changed, True, r"train-000003.tar: sha256 does not match the manifest", 50),
-        (break_keys, True, r"train-000003.tar: sample train000000157 lacks targets.npy \(has input_ids.npy, meta.json\)$", 1),
-        (break_shapes, True, r"train-000003.tar: sample train000000157 has input_ids of shape \(99,\) and dtype int32; the manifest says int \[100\]$", 1),
+        (
+            break_keys,
+            True,
+            r"train-000003.tar: sample train000000157 lacks targets.npy \(has input_ids.npy, meta.json\)$",
+            1,
+        ),
+        (
+            break_shapes,
+            True,
+            r"train-000003.tar: sample train000000157 has input_ids of "
+            r"shape \(99,\) and dtype int32; the manifest says int \[100\]$",
+            1,
+        ),
     ],
     ids=["missing", "truncated", "truncated-unverified", "checksum", "keys", "shapes"],
 )
@@ -163,13 +191,21 @@ def test_bad_data_gives_one_line_or_is_counted_when_skipping(copy_of, damage, ve
         read_epoch(ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify))
     assert "\n" not in str(error.value)
 
-    loader = ShardLoader(str(copy), batch_size=16, num_workers=2, verify_checksums=verify, skip_bad_samples=True,
-                         max_skipped_fraction=1.0)
+    loader = ShardLoader(
+        str(copy),
+        batch_size=16,
+        num_workers=2,
+        verify_checksums=verify,
+        skip_bad_samples=True,
+        max_skipped_fraction=1.0,
+    )
     with caplog.at_level("WARNING", logger="sleepscale.data"):
         keys = sum(read_epoch(loader), [])
     assert loader.skipped == skipped == 530 - len(keys) and len(set(keys)) == len(keys)
     assert all("train-000003.tar" in reason for reason in loader.skip_reasons)
-    assert [record.getMessage() for record in caplog.records] == [f"skipped {skipped} bad sample(s): {loader.skip_reasons[0]}"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"skipped {skipped} bad sample(s): {loader.skip_reasons[0]}"
+    ]
 
     # The default allows 1% of an epoch's samples: 1 of 530 is skipped, 50 stop the epoch with one
     # line naming the shard.
@@ -177,8 +213,11 @@ def test_bad_data_gives_one_line_or_is_counted_when_skipping(copy_of, damage, ve
     if skipped < 0.01 * 530:
         assert len(sum(read_epoch(default), [])) == 530 - skipped
         return
-    with pytest.raises(DataError, match=r"skipped \d+ of the 530 samples of epoch 0 on this rank, more than "
-                       r"data.max_skipped_fraction = 0.01 of them; bad shards: \S+train-000003.tar \(\d+ samples\)") as error:
+    with pytest.raises(
+        DataError,
+        match=r"skipped \d+ of the 530 samples of epoch 0 on this rank, more than "
+        r"data.max_skipped_fraction = 0.01 of them; bad shards: \S+train-000003.tar \(\d+ samples\)",
+    ) as error:
         read_epoch(default)
     assert "\n" not in str(error.value)
 
@@ -188,7 +227,9 @@ def test_an_epoch_with_no_good_sample_stops_even_when_skipping_everything_is_all
     for shard in copy.glob("train-*.tar"):
         shard.write_bytes(b"broken")
     loader = ShardLoader(str(copy), batch_size=16, skip_bad_samples=True, max_skipped_fraction=1.0)
-    with pytest.raises(DataError, match=r"no good sample left in epoch 0 on this rank: all 530 were skipped; bad shards: "):
+    with pytest.raises(
+        DataError, match=r"no good sample left in epoch 0 on this rank: all 530 were skipped; bad shards: "
+    ):
         read_epoch(loader)
 
 

@@ -5,14 +5,16 @@ import tarfile
 
 import numpy as np
 import webdataset as wds
-
 from data_helpers import rule110_dataset
+
 from sleepscale.cli import main
 from sleepscale.data.shards import sha256_of
 
 
 def test_same_seed_gives_byte_identical_shards(tmp_path):
-    first, second, other = (rule110_dataset(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    first, second, other = (
+        rule110_dataset(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    )
     files = sorted(p.name for p in first.iterdir())
     assert files == sorted(p.name for p in second.iterdir())
     assert all((first / name).read_bytes() == (second / name).read_bytes() for name in files)
@@ -47,18 +49,53 @@ def test_shards_open_with_tarfile_and_a_plain_webdataset_pipeline(tmp_path):
 
 def test_data_command_writes_every_task(tmp_path, capsys):
     commands = [
-        ["rule110", "--t", "0", "8"], ["depo"], ["math", "--ops", "2", "--length", "400"],
+        ["rule110", "--t", "0", "8"],
+        ["depo"],
+        ["math", "--ops", "2", "--length", "400"],
     ]
     for task in commands:
         out = tmp_path / task[0]
-        assert main(["data", *task, "--out", str(out), "--train-samples", "30", "--validation-samples", "5", "--samples-per-shard", "10"]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    *task,
+                    "--out",
+                    str(out),
+                    "--train-samples",
+                    "30",
+                    "--validation-samples",
+                    "5",
+                    "--samples-per-shard",
+                    "10",
+                ]
+            )
+            == 0
+        )
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["splits"]["train"]["samples"] == 30 and len(manifest["splits"]["train"]["shards"]) == 3
     (tmp_path / "corpus.txt").write_text("sleep consolidates memory. " * 200)
-    assert main(["data", "text", "--input", str(tmp_path / "corpus.txt"), "--length", "64", "--out", str(tmp_path / "text"),
-                 "--validation-fraction", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "text",
+                "--input",
+                str(tmp_path / "corpus.txt"),
+                "--length",
+                "64",
+                "--out",
+                str(tmp_path / "text"),
+                "--validation-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "text" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["validation"]["samples"] == (27 * 200 + 1 - 1) // 64
+    assert (
+        manifest["splits"]["train"]["samples"] + manifest["splits"]["validation"]["samples"] == (27 * 200 + 1 - 1) // 64
+    )
     assert manifest["splits"]["validation"]["samples"] > 0
 
 

@@ -14,7 +14,16 @@ from sleepscale.data.text import TextCorpus
 from sleepscale.data.tokenizer import ByteTokenizer, HuggingFaceTokenizer
 
 # Rule 110 written out as its table: neighbourhood (left, centre, right) -> new cell.
-RULE_110 = {(1, 1, 1): 0, (1, 1, 0): 1, (1, 0, 1): 1, (1, 0, 0): 0, (0, 1, 1): 1, (0, 1, 0): 1, (0, 0, 1): 1, (0, 0, 0): 0}
+RULE_110 = {
+    (1, 1, 1): 0,
+    (1, 1, 0): 1,
+    (1, 0, 1): 1,
+    (1, 0, 0): 0,
+    (0, 1, 1): 1,
+    (0, 1, 0): 1,
+    (0, 0, 1): 1,
+    (0, 0, 0): 0,
+}
 
 
 def rule110_by_table(cells):
@@ -99,7 +108,10 @@ SENTENCES = [
     (re.compile(r"^(\w+) has (\d+) more (\w+) than (\w+)\.$"), lambda m: (m[1], m[3], "+", [m[4]], int(m[2]))),
     (re.compile(r"^(\w+) has (\d+) fewer (\w+) than (\w+)\.$"), lambda m: (m[1], m[3], "-", [m[4]], int(m[2]))),
     (re.compile(r"^(\w+) has (\d+) times as many (\w+) as (\w+)\.$"), lambda m: (m[1], m[3], "*", [m[4]], int(m[2]))),
-    (re.compile(r"^(\w+) has as many (\w+) as (\w+) and (\w+) together\.$"), lambda m: (m[1], m[2], "sum", [m[3], m[4]], None)),
+    (
+        re.compile(r"^(\w+) has as many (\w+) as (\w+) and (\w+) together\.$"),
+        lambda m: (m[1], m[2], "sum", [m[3], m[4]], None),
+    ),
 ]
 
 
@@ -126,8 +138,13 @@ def evaluate(graph, node, memo=None):
     if node not in memo:
         op, sources, constant = graph[node]
         values = [evaluate(graph, s, memo) for s in sources]
-        memo[node] = {"base": lambda: constant, "+": lambda: values[0] + constant, "-": lambda: values[0] - constant,
-                      "*": lambda: values[0] * constant, "sum": lambda: sum(values)}[op]()
+        memo[node] = {
+            "base": lambda: constant,
+            "+": lambda: values[0] + constant,
+            "-": lambda: values[0] - constant,
+            "*": lambda: values[0] * constant,
+            "sum": lambda: sum(values),
+        }[op]()
     return memo[node]
 
 
@@ -157,7 +174,9 @@ def test_math_answers_equal_the_graph_and_distractors_do_not_matter(ops):
         assert sum(graph[n][0] != "base" for n in needed) == ops == sample.meta["difficulty"]["ops"]
         distractors = set(graph) - needed
         assert len(distractors) == sample.meta["distractors"] > 0
-        perturbed = {n: (op, src, (c or 0) + 7 if n in distractors and op == "base" else c) for n, (op, src, c) in graph.items()}
+        perturbed = {
+            n: (op, src, (c or 0) + 7 if n in distractors and op == "base" else c) for n, (op, src, c) in graph.items()
+        }
         assert evaluate(perturbed, question) == stated
         assert all(0 <= value <= 999 for value in (evaluate(graph, n) for n in graph))
 
@@ -171,11 +190,15 @@ def test_math_refuses_a_length_too_short():
 def word_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = "Question : how many apples pears marbles stamps coins books pencils shells cards plums does have ? Answer".split()
+    words = (
+        "Question : how many apples pears marbles stamps coins books pencils shells cards plums does have ? Answer"
+    ).split()
     vocab = {"[UNK]": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
     vocab |= {str(d): len(vocab) + d for d in range(10)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     path = tmp_path / "tokenizer.json"
     tokenizer.save(str(path))
     return path
@@ -185,13 +208,17 @@ def test_math_with_a_local_tokenizer_json(word_tokenizer):
     tokenizer = HuggingFaceTokenizer(word_tokenizer)
     sample = MathTask([3], length=300, tokenizer=tokenizer).sample(np.random.default_rng(0))
     answer = sample.targets[sample.targets != IGNORE_INDEX]
-    assert tokenizer.decode(answer[:-1]).replace(" ", "") == str(sample.meta["answer"]) and answer[-1] == tokenizer.eos_id
+    assert (
+        tokenizer.decode(answer[:-1]).replace(" ", "") == str(sample.meta["answer"]) and answer[-1] == tokenizer.eos_id
+    )
     assert sample.input_ids[-1] == tokenizer.pad_id
 
 
 def test_text_packing_reconstructs_the_stream(tmp_path, word_tokenizer):
     (tmp_path / "a.txt").write_text("how many apples")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "Question : pears"}) + "\n\n" + json.dumps({"text": "coins 42"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "Question : pears"}) + "\n\n" + json.dumps({"text": "coins 42"}) + "\n"
+    )
     for tokenizer in (ByteTokenizer(), HuggingFaceTokenizer(word_tokenizer)):
         corpus = TextCorpus([tmp_path / "a.txt", tmp_path / "b.jsonl"], length=4, tokenizer=tokenizer)
         samples = list(corpus.samples())

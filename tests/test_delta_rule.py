@@ -85,7 +85,9 @@ def test_state_threading_equals_one_call(pieces):
         outs, start = [], 0
         for size in pieces:
             part = slice(start, start + size)
-            out, state = chunk_gated_delta_rule_torch(q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state)
+            out, state = chunk_gated_delta_rule_torch(
+                q[:, part], k[:, part], v[:, part], g[:, part], beta[:, part], state
+            )
             outs.append(out)
             start += size
         return torch.cat(outs, dim=1), state
@@ -117,7 +119,9 @@ def test_the_op_computes_the_norms_and_gates_it_is_given_raw():
     q, k, v, a, b, A_log, dt_bias = raw_inputs(2, 10, 2, 4, 6, torch.float64)
     out, final = gated_delta_rule(q, k, v, a, b, A_log, dt_bias)
     g = -A_log.exp() * F.softplus(a + dt_bias)
-    expected = chunk_gated_delta_rule_torch(F.normalize(q, dim=-1, eps=0), F.normalize(k, dim=-1, eps=0), v, g, torch.sigmoid(b))
+    expected = chunk_gated_delta_rule_torch(
+        F.normalize(q, dim=-1, eps=0), F.normalize(k, dim=-1, eps=0), v, g, torch.sigmoid(b)
+    )
     torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)  # fla's norm adds eps 1e-6 under the root
     torch.testing.assert_close(final, expected[1], rtol=1e-5, atol=1e-6)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from sleepscale.config import validate
-from sleepscale.model import build_model
 from sleepscale.convert import convert_from_hf, export_to_hf
 from sleepscale.convert.families import FlaGatedDeltaNet, UnsupportedCheckpoint
 from sleepscale.convert.model_dir import read_description, write_model_dir
+from sleepscale.model import build_model
 from sleepscale.model.gdn import GatedDeltaNet
 from sleepscale.model.weights import SafetensorsFiles, load_weights
 from sleepscale.sleep import sleep_forward
@@ -24,7 +24,13 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def fla_outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("fla") / "outputs.pt"
-    subprocess.run([sys.executable, str(TESTS / "fla_outputs.py"), str(path)], cwd=TESTS, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(TESTS / "fla_outputs.py"), str(path)],
+        cwd=TESTS,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return {**torch.load(path), "model_dir": path.parent / "fla_model"}
 
 
@@ -43,7 +49,9 @@ def test_gdn_layer_with_fla_weights_matches_fla_layer(fla_outputs):
 
 def test_gdn_layer_with_grouped_value_heads_matches_fla_layer(fla_outputs):
     """Four value heads on two key heads: the weight layout and which key head each value head reads."""
-    layer = GatedDeltaNet(hidden_size=32, num_heads=2, head_dim=8, expand_v=1.5, conv_size=4, norm_eps=1e-5, num_v_heads=4)
+    layer = GatedDeltaNet(
+        hidden_size=32, num_heads=2, head_dim=8, expand_v=1.5, conv_size=4, norm_eps=1e-5, num_v_heads=4
+    )
     layer.load_state_dict(fla_outputs["grouped_state"], strict=True)
     x = fla_outputs["layer_input"]
     with torch.no_grad():
@@ -54,7 +62,9 @@ def test_gdn_layer_with_grouped_value_heads_matches_fla_layer(fla_outputs):
 def test_fla_model_converts_and_matches(fla_outputs, tmp_path):
     fla_dir = fla_outputs["model_dir"]
     ours = convert_from_hf(fla_dir, tmp_path / "ours")
-    config = validate({"model": read_description(ours)["model"], "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}})
+    config = validate(
+        {"model": read_description(ours)["model"], "sleep": {"window": 40, "passes": 1}, "train": {"steps": 1}}
+    )
     model = build_model(config.model)
     load_weights(model, ours)
     with torch.no_grad():
@@ -73,17 +83,27 @@ def test_fla_model_converts_and_matches(fla_outputs, tmp_path):
 
 
 def test_a_model_trained_from_scratch_exports_as_an_fla_hybrid(tmp_path):
-    section = {"vocab_size": 50, "hidden_size": 32, "pattern": "AGAG", "intermediate_size": 48,
-               "attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 2, "num_v_heads": 4}}
+    section = {
+        "vocab_size": 50,
+        "hidden_size": 32,
+        "pattern": "AGAG",
+        "intermediate_size": 48,
+        "attention": {"num_heads": 4, "num_kv_heads": 2},
+        "gdn": {"num_heads": 2, "num_v_heads": 4},
+    }
     model = build_model(validate({"model": section, "sleep": {"window": 8}, "train": {"steps": 1}}).model)
-    source = write_model_dir(tmp_path / "scratch", {"model": section, "source": None, "inserted_blocks": []},
-                             ((name, p.detach()) for name, p in model.named_parameters()))
+    source = write_model_dir(
+        tmp_path / "scratch",
+        {"model": section, "source": None, "inserted_blocks": []},
+        ((name, p.detach()) for name, p in model.named_parameters()),
+    )
     exported = export_to_hf(source, tmp_path / "fla")
     fla_config = json.loads((exported / "config.json").read_text())
     assert fla_config["model_type"] == "gated_deltanet" and fla_config["attn"]["layers"] == [0, 2]
     again = convert_from_hf(exported, tmp_path / "again")
-    reloaded = build_model(validate({"model": read_description(again)["model"], "sleep": {"window": 8},
-                                     "train": {"steps": 1}}).model)
+    reloaded = build_model(
+        validate({"model": read_description(again)["model"], "sleep": {"window": 8}, "train": {"steps": 1}}).model
+    )
     load_weights(reloaded, again)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reloaded.parameters(), strict=True))
 
@@ -96,7 +116,14 @@ def test_a_model_trained_from_scratch_exports_as_an_fla_hybrid(tmp_path):
     ],
 )
 def test_unsupported_fla_settings_are_refused(override, message):
-    fla_config = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16, "vocab_size": 50, **override}
+    fla_config = {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 50,
+        **override,
+    }
     with pytest.raises(UnsupportedCheckpoint, match=message):
         FlaGatedDeltaNet().model_section(fla_config)
 
@@ -106,8 +133,13 @@ FLA = {"num_hidden_layers": 2, "hidden_size": 32, "num_heads": 2, "head_dim": 16
 
 def test_fla_hybrid_config_maps_attention_layers():
     section = FlaGatedDeltaNet().model_section(
-        {**FLA, "num_hidden_layers": 4, "attn": {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 2}})
-    assert section["pattern"] == "GAGA" and section["attention"] == {"num_heads": 4, "num_kv_heads": 2, "rope_theta": 10000.0}
+        {**FLA, "num_hidden_layers": 4, "attn": {"layers": [1, 3], "num_heads": 4, "num_kv_heads": 2}}
+    )
+    assert section["pattern"] == "GAGA" and section["attention"] == {
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "rope_theta": 10000.0,
+    }
 
 
 def test_fla_grouped_value_heads_map_to_gdn_num_v_heads():

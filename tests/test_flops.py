@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import make_config, make_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from conftest import make_config, make_model
 from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.flops import plan_flops, training_flops_per_token
 from sleepscale.sleep import plan_for, sleep_forward
@@ -14,8 +14,9 @@ aten = torch.ops.aten
 # formula (it has one for the CUDA kernels, and would count attention as 0 here): give them its own.
 CPU_ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
-    aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad, q, k, v, *args, **kwargs: (
+        sdpa_backward_flop_count(grad, q, k, v)
+    ),
 }
 WINDOW = 8
 
@@ -45,10 +46,13 @@ def planned_and_counted(config, ids, targets):
     return plan_flops(plan, model, config.sleep.window), counter.get_total_flops()
 
 
-@pytest.mark.parametrize("passes, checkpoint, grad_passes", [
-    *[(1, checkpoint, None) for checkpoint in ("none", "pass", "window")],
-    *[(3, checkpoint, k) for checkpoint in ("none", "pass", "window") for k in (None, 1)],
-])
+@pytest.mark.parametrize(
+    "passes, checkpoint, grad_passes",
+    [
+        *[(1, checkpoint, None) for checkpoint in ("none", "pass", "window")],
+        *[(3, checkpoint, k) for checkpoint in ("none", "pass", "window") for k in (None, 1)],
+    ],
+)
 def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes):
     config = make_config("AGAG", window=WINDOW, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes)
     planned, counted = planned_and_counted(config, *batch())
@@ -59,9 +63,19 @@ def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes
 def test_plan_flops_with_the_options_of_pretrained_checkpoints(checkpoint):
     """q_proj's doubled rows (output gate) count through its weight; biases, q/k norms and partial
     rotary add nothing; the delta rule runs per value head (two per key head)."""
-    model = {"attention": {"num_heads": 2, "num_kv_heads": 1, "rotary_fraction": 0.5, "qkv_bias": True, "output_bias": True,
-                           "qk_norm": True, "output_gate": True},
-             "gdn": {"num_heads": 2, "num_v_heads": 4, "expand_v": 1.5}, "zero_centered_norms": True}
+    model = {
+        "attention": {
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "rotary_fraction": 0.5,
+            "qkv_bias": True,
+            "output_bias": True,
+            "qk_norm": True,
+            "output_gate": True,
+        },
+        "gdn": {"num_heads": 2, "num_v_heads": 4, "expand_v": 1.5},
+        "zero_centered_norms": True,
+    }
     config = make_config("AGAG", window=WINDOW, passes=3, checkpoint=checkpoint, eviction="sliding", model=model)
     planned, counted = planned_and_counted(config, *batch())
     assert planned == pytest.approx(counted, rel=0.02)
@@ -101,7 +115,9 @@ def test_flops_follow_the_plan():
         return plan_flops(plan_for(model, ids, config.sleep, window_targets), model, WINDOW)
 
     awake = flops()  # every window carries loss: nothing is slept on, as at N = 1
-    assert awake == plan_flops(plan_for(model, ids, config.sleep.model_copy(update={"passes": 1}), targets), model, WINDOW)
+    assert awake == plan_flops(
+        plan_for(model, ids, config.sleep.model_copy(update={"passes": 1}), targets), model, WINDOW
+    )
     assert awake < flops(1) < flops(0, 1)
     assert flops(0) == flops(1)  # whole windows of equal length: which one sleeps makes no difference
     assert flops(2) == awake  # the last window is never slept on
@@ -109,4 +125,5 @@ def test_flops_follow_the_plan():
     plan = plan_for(model, ids, config.sleep, targets)
     short = plan_for(model, ids[:1, :12], config.sleep, targets[:1, :12])
     assert training_flops_per_token([plan, short], model, WINDOW) == (
-        (plan_flops(plan, model, WINDOW) + plan_flops(short, model, WINDOW)) / (2 * 20 + 12))
+        (plan_flops(plan, model, WINDOW) + plan_flops(short, model, WINDOW)) / (2 * 20 + 12)
+    )

@@ -22,8 +22,20 @@ from sleepscale.ops import gated_delta_rule
 
 TESTS = Path(__file__).parent
 CASES = [  # those of kernel_window_outputs.py
-    "T1_h0", "T1", "T7_h0", "T7", "T24_h0_extreme_gates", "T24", "T64_h0", "T64", "grouped_H1_HV2",
-    "K12_V20_scale", "output_grad_only", "state_grad_only", "float64_grouped_K12_V20", "bfloat16",
+    "T1_h0",
+    "T1",
+    "T7_h0",
+    "T7",
+    "T24_h0_extreme_gates",
+    "T24",
+    "T64_h0",
+    "T64",
+    "grouped_H1_HV2",
+    "K12_V20_scale",
+    "output_grad_only",
+    "state_grad_only",
+    "float64_grouped_K12_V20",
+    "bfloat16",
 ]
 NAMES = ["output", "final_state", "d_q", "d_k", "d_v", "d_a", "d_b", "d_A_log", "d_dt_bias", "d_initial_state"]
 
@@ -31,8 +43,13 @@ NAMES = ["output", "final_state", "d_q", "d_k", "d_v", "d_a", "d_b", "d_A_log", 
 @pytest.fixture(scope="module")
 def kernel_outputs(tmp_path_factory):
     path = tmp_path_factory.mktemp("kernel_window") / "outputs.pt"
-    subprocess.run([sys.executable, str(TESTS / "kernel_window_outputs.py"), str(path)], cwd=TESTS, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(TESTS / "kernel_window_outputs.py"), str(path)],
+        cwd=TESTS,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return torch.load(path)
 
 
@@ -44,21 +61,29 @@ def ours_through_the_op(q, k, v, a, b, A_log, dt_bias, initial_state=None, scale
 def outputs_and_grads(fn, inputs, d_output, d_state, scale, dtype=None):
     """fn's outputs and input gradients for the given output gradients (None: that output unused);
     inputs cast to `dtype` first if given."""
-    leaves = {key: (x if dtype is None else x.to(dtype)).detach().requires_grad_() for key, x in inputs.items()
-              if x is not None}
+    leaves = {
+        key: (x if dtype is None else x.to(dtype)).detach().requires_grad_()
+        for key, x in inputs.items()
+        if x is not None
+    }
     output, final_state = fn(**{**inputs, **leaves}, scale=scale)
     pairs = [(x, d.to(x.dtype)) for x, d in ((output, d_output), (final_state, d_state)) if d is not None]
-    grads = torch.autograd.grad([x for x, _ in pairs], list(leaves.values()), [d for _, d in pairs],
-                                allow_unused=True, materialize_grads=True)  # q has no say in the final state
+    grads = torch.autograd.grad(
+        [x for x, _ in pairs], list(leaves.values()), [d for _, d in pairs], allow_unused=True, materialize_grads=True
+    )  # q has no say in the final state
     return {"output": output, "final_state": final_state, **{f"d_{key}": grad for key, grad in zip(leaves, grads)}}
 
 
 def relative_errors(actual, expected):
     """Per quantity: max |actual - expected| / max |expected| (the absolute error where all of expected is 0)."""
     assert actual.keys() == expected.keys()
-    return {name: ((actual[name].double() - expected[name].double()).abs().max()
-                   / expected[name].double().abs().max().clamp(min=1e-300).where(expected[name].any(), 1.0)).item()
-            for name in expected}
+    return {
+        name: (
+            (actual[name].double() - expected[name].double()).abs().max()
+            / expected[name].double().abs().max().clamp(min=1e-300).where(expected[name].any(), 1.0)
+        ).item()
+        for name in expected
+    }
 
 
 def assert_within(errors, tolerance, what):
@@ -96,14 +121,19 @@ def test_kernel_matches_reference_and_our_op(kernel_outputs, case):
         "reference": relative_errors(outputs_and_grads(window_gated_delta_rule_reference, *args), truth),
         "our op": relative_errors(outputs_and_grads(ours_through_the_op, *args), truth),
     }
-    print(f"\n{case} ({result['seconds']:.1f} s) vs float64 reference: "
-          + ", ".join(f"{what} max {max(e.values()):.1e}" for what, e in errors.items()))
+    print(
+        f"\n{case} ({result['seconds']:.1f} s) vs float64 reference: "
+        + ", ".join(f"{what} max {max(e.values()):.1e}" for what, e in errors.items())
+    )
     for what, error in errors.items():
         assert_within(error, tolerances[what], what)
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 2, 2, 16, 16), (2, 7, 1, 3, 12, 20), (1, 64, 1, 1, 8, 8), (2, 1, 2, 4, 8, 12)],
-                         ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 24, 2, 2, 16, 16), (2, 7, 1, 3, 12, 20), (1, 64, 1, 1, 8, 8), (2, 1, 2, 4, 8, 12)],
+    ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s),
+)
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
 def test_reference_matches_our_op_in_float64(shape, with_state):
     """Fast, no Triton: the reference against the op that GatedDeltaNet uses, to 1e-10."""
@@ -113,23 +143,34 @@ def test_reference_matches_our_op_in_float64(shape, with_state):
     def randn(*size):
         return torch.randn(*size, generator=generator, dtype=torch.float64)
 
-    inputs = {"q": randn(batch, length, heads, key_dim), "k": randn(batch, length, heads, key_dim),
-              "v": randn(batch, length, value_heads, value_dim), "a": randn(batch, length, value_heads) * 3,
-              "b": randn(batch, length, value_heads), "A_log": randn(value_heads), "dt_bias": randn(value_heads) - 3,
-              "initial_state": randn(batch, value_heads, key_dim, value_dim) if with_state else None}
+    inputs = {
+        "q": randn(batch, length, heads, key_dim),
+        "k": randn(batch, length, heads, key_dim),
+        "v": randn(batch, length, value_heads, value_dim),
+        "a": randn(batch, length, value_heads) * 3,
+        "b": randn(batch, length, value_heads),
+        "A_log": randn(value_heads),
+        "dt_bias": randn(value_heads) - 3,
+        "initial_state": randn(batch, value_heads, key_dim, value_dim) if with_state else None,
+    }
     args = (inputs, randn(batch, length, value_heads, value_dim), randn(batch, value_heads, key_dim, value_dim), None)
-    errors = relative_errors(outputs_and_grads(window_gated_delta_rule_reference, *args),
-                             outputs_and_grads(ours_through_the_op, *args))
+    errors = relative_errors(
+        outputs_and_grads(window_gated_delta_rule_reference, *args), outputs_and_grads(ours_through_the_op, *args)
+    )
     assert_within(errors, 1e-10, "reference vs our op")
 
 
-@pytest.mark.parametrize("length,key_dim,value_dim,limit", [(65, 16, 16, "1 to 64"), (0, 16, 16, "1 to 64"),
-                                                            (8, 256, 16, "up to 128"), (8, 16, 200, "up to 128")])
+@pytest.mark.parametrize(
+    "length,key_dim,value_dim,limit",
+    [(65, 16, 16, "1 to 64"), (0, 16, 16, "1 to 64"), (8, 256, 16, "up to 128"), (8, 16, 200, "up to 128")],
+)
 def test_sizes_beyond_the_kernel_are_refused_in_one_line(length, key_dim, value_dim, limit):
     from sleepscale.kernels.window_delta_rule import window_gated_delta_rule
 
     q = torch.randn(1, length, 1, key_dim)
     gates = torch.randn(1, length, 1)
     with pytest.raises(ValueError, match=limit) as error:
-        window_gated_delta_rule(q, q, torch.randn(1, length, 1, value_dim), gates, gates, torch.zeros(1), torch.zeros(1))
+        window_gated_delta_rule(
+            q, q, torch.randn(1, length, 1, value_dim), gates, gates, torch.zeros(1), torch.zeros(1)
+        )
     assert "\n" not in str(error.value)

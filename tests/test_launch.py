@@ -8,9 +8,9 @@ import time
 import types
 
 import pytest
+from train_helpers import free_port, losses, write_config
 
 from sleepscale.launch import LaunchError, plan
-from train_helpers import free_port, losses, write_config
 
 TIMEOUT = 300  # seconds; a guard against hangs, not a performance check
 
@@ -26,8 +26,9 @@ def launch_argv(config, *options: str) -> list[str]:
 
 def launch(config, *options: str, overrides=(), env=None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*launch_argv(config, *options), *overrides], capture_output=True, text=True,
-                          env=environment, timeout=TIMEOUT)
+    return subprocess.run(
+        [*launch_argv(config, *options), *overrides], capture_output=True, text=True, env=environment, timeout=TIMEOUT
+    )
 
 
 def two_nodes(config, *overrides: str, env=None) -> list[subprocess.CompletedProcess]:
@@ -35,9 +36,28 @@ def two_nodes(config, *overrides: str, env=None) -> list[subprocess.CompletedPro
     endpoint = f"127.0.0.1:{free_port()}"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     nodes = [
-        subprocess.Popen([*launch_argv(config, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
-                                       "--rdzv-id", "loopback", "--rdzv-timeout", "120"), *overrides],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+        subprocess.Popen(
+            [
+                *launch_argv(
+                    config,
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--rdzv-endpoint",
+                    endpoint,
+                    "--rdzv-id",
+                    "loopback",
+                    "--rdzv-timeout",
+                    "120",
+                ),
+                *overrides,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
         for _ in range(2)
     ]
     try:
@@ -68,8 +88,9 @@ def test_two_launchers_on_loopback_train_together_and_match_one_node(tmp_path, d
 
 
 def test_a_rank_dying_on_one_node_fails_both_nodes_naming_it(tmp_path, data):
-    nodes = two_nodes(write_config(tmp_path, data, tmp_path / "run"), "train.steps=30",
-                      env={"SLEEPSCALE_FAULT_EXIT_AT_STEP": "1:2"})
+    nodes = two_nodes(
+        write_config(tmp_path, data, tmp_path / "run"), "train.steps=30", env={"SLEEPSCALE_FAULT_EXIT_AT_STEP": "1:2"}
+    )
     assert all(node.returncode != 0 for node in nodes), [node.returncode for node in nodes]
     both = "".join(node.stderr for node in nodes)
     assert "sleepscale launch: rank 1 (local rank 0 on" in both and "exited with code 13" in both
@@ -82,8 +103,12 @@ def test_a_stop_signal_to_the_launcher_checkpoints_every_rank_and_exits_75(tmp_p
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "SLEEPSCALE_FAULT_PAUSE_AT_STEP": "2"}
     log = tmp_path / "launch.log"
     with log.open("w") as stderr:
-        process = subprocess.Popen([*launch_argv(config, "--nproc-per-node", "2"), "train.steps=6"],
-                                   stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+        process = subprocess.Popen(
+            [*launch_argv(config, "--nproc-per-node", "2"), "train.steps=6"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=environment,
+        )
     try:
         deadline = time.monotonic() + TIMEOUT
         while "rank 0 paused after step 2" not in log.read_text():
@@ -110,7 +135,9 @@ def test_a_stop_signal_to_the_launcher_checkpoints_every_rank_and_exits_75(tmp_p
     ],
 )
 def test_bad_launch_arguments_are_one_line(tmp_path, options, message):
-    result = subprocess.run(launch_argv(tmp_path / "config.yaml", *options), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        launch_argv(tmp_path / "config.yaml", *options), capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(f"sleepscale launch: {message}") and len(result.stderr.strip().splitlines()) == 1
 
@@ -120,8 +147,14 @@ def test_plan_runs_the_trainer_as_an_argv_list_with_threads_split_over_processes
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    args = types.SimpleNamespace(nnodes=2, nproc_per_node=4, rdzv_endpoint="node1:29400", rdzv_id=None,
-                                 config="a b.yaml", overrides=["tracking.run_name=x; rm -rf /"])
+    args = types.SimpleNamespace(
+        nnodes=2,
+        nproc_per_node=4,
+        rdzv_endpoint="node1:29400",
+        rdzv_id=None,
+        config="a b.yaml",
+        overrides=["tracking.run_name=x; rm -rf /"],
+    )
     the_plan = plan(args)
     assert the_plan.threads_per_process == 2  # 8 CPUs granted by Slurm / 4 processes
     assert the_plan.rdzv_id == "4242"

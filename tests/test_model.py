@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_config
 from torch import nn
 
-from conftest import make_config
 from sleepscale.config import RopeScalingConfig
 from sleepscale.model import build_model
 from sleepscale.model.attention import Attention, AttentionState, inverse_frequencies, rotate
@@ -58,7 +58,8 @@ def test_cpu_path_never_imports_fla():
     code = (
         "import sys, torch; sys.path.insert(0, 'tests'); from conftest import make_config; "
         "from sleepscale.model import build_model; from sleepscale.sleep import sleep_forward; "
-        "c = make_config(passes=2); sleep_forward(build_model(c.model), torch.zeros(1, 20, dtype=torch.long), c.sleep); "
+        "c = make_config(passes=2); sleep_forward(build_model(c.model), "
+        "torch.zeros(1, 20, dtype=torch.long), c.sleep); "
         "assert not any(m == 'fla' or m.startswith('fla.') for m in sys.modules), 'fla was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -69,8 +70,15 @@ def test_cpu_path_never_imports_fla():
 # frequencies in the interpolated band and the other in the divided one.
 ALL_FEATURES = {
     "attention": {
-        "num_heads": 2, "num_kv_heads": 1, "head_dim": 8, "rotary_fraction": 0.5, "qkv_bias": True, "output_bias": True,
-        "qk_norm": True, "output_gate": True, "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 16},
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "head_dim": 8,
+        "rotary_fraction": 0.5,
+        "qkv_bias": True,
+        "output_bias": True,
+        "qk_norm": True,
+        "output_gate": True,
+        "rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 16},
     },
     "gdn": {"num_heads": 2, "num_v_heads": 4, "expand_v": 1.5},
     "zero_centered_norms": True,
@@ -102,7 +110,10 @@ def reference_attention(attention, x, inv_freq):
     k = reference_rms_norm(attention.k_proj(x).view(batch, length, -1, dim), 1 + attention.k_norm.weight)
     v = attention.v_proj(x).view(batch, length, -1, dim)
     positions = torch.arange(length)
-    q, k = reference_rotary(q.transpose(1, 2), positions, inv_freq), reference_rotary(k.transpose(1, 2), positions, inv_freq)
+    q, k = (
+        reference_rotary(q.transpose(1, 2), positions, inv_freq),
+        reference_rotary(k.transpose(1, 2), positions, inv_freq),
+    )
     group = heads // attention.num_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) / dim**0.5
@@ -123,14 +134,37 @@ def all_features_attention():
 
 def test_parameter_names_are_unchanged_with_every_option_off():
     names = [name for name, _ in build_model(make_config("AGag").model).named_parameters()]
-    attention = ["attn_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "attn.o_proj.weight"]
-    gdn = ["attn_norm.weight", "attn.A_log", "attn.dt_bias", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
-           "attn.a_proj.weight", "attn.b_proj.weight", "attn.q_conv1d.weight", "attn.k_conv1d.weight", "attn.v_conv1d.weight",
-           "attn.g_proj.weight", "attn.o_norm.weight", "attn.o_proj.weight"]
+    attention = [
+        "attn_norm.weight",
+        "attn.q_proj.weight",
+        "attn.k_proj.weight",
+        "attn.v_proj.weight",
+        "attn.o_proj.weight",
+    ]
+    gdn = [
+        "attn_norm.weight",
+        "attn.A_log",
+        "attn.dt_bias",
+        "attn.q_proj.weight",
+        "attn.k_proj.weight",
+        "attn.v_proj.weight",
+        "attn.a_proj.weight",
+        "attn.b_proj.weight",
+        "attn.q_conv1d.weight",
+        "attn.k_conv1d.weight",
+        "attn.v_conv1d.weight",
+        "attn.g_proj.weight",
+        "attn.o_norm.weight",
+        "attn.o_proj.weight",
+    ]
     mlp = ["mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
     blocks = [attention + mlp, gdn + mlp, attention, gdn]
-    expected = ["embeddings.weight", *[f"layers.{i}.{name}" for i, block in enumerate(blocks) for name in block],
-                "norm.weight", "lm_head.weight"]
+    expected = [
+        "embeddings.weight",
+        *[f"layers.{i}.{name}" for i, block in enumerate(blocks) for name in block],
+        "norm.weight",
+        "lm_head.weight",
+    ]
     assert names == expected
 
 
@@ -139,17 +173,40 @@ def test_parameter_layout_with_every_option_on():
     model = build_model(make_config("AG", model=ALL_FEATURES).model)
     shapes = {name: tuple(parameter.shape) for name, parameter in model.named_parameters()}
     hidden, heads, dim, v_heads, v_dim = 16, 2, 8, 4, 12
-    assert {name.removeprefix("layers.0.attn."): shape for name, shape in shapes.items() if name.startswith("layers.0.attn.")} == {
-        "q_proj.weight": (heads * dim * 2, hidden), "q_proj.bias": (heads * dim * 2,),
-        "k_proj.weight": (dim, hidden), "k_proj.bias": (dim,), "v_proj.weight": (dim, hidden), "v_proj.bias": (dim,),
-        "o_proj.weight": (hidden, heads * dim), "o_proj.bias": (hidden,), "q_norm.weight": (dim,), "k_norm.weight": (dim,),
+    assert {
+        name.removeprefix("layers.0.attn."): shape
+        for name, shape in shapes.items()
+        if name.startswith("layers.0.attn.")
+    } == {
+        "q_proj.weight": (heads * dim * 2, hidden),
+        "q_proj.bias": (heads * dim * 2,),
+        "k_proj.weight": (dim, hidden),
+        "k_proj.bias": (dim,),
+        "v_proj.weight": (dim, hidden),
+        "v_proj.bias": (dim,),
+        "o_proj.weight": (hidden, heads * dim),
+        "o_proj.bias": (hidden,),
+        "q_norm.weight": (dim,),
+        "k_norm.weight": (dim,),
     }
-    assert {name.removeprefix("layers.1.attn."): shape for name, shape in shapes.items() if name.startswith("layers.1.attn.")} == {
-        "q_proj.weight": (heads * dim, hidden), "k_proj.weight": (heads * dim, hidden),
-        "v_proj.weight": (v_heads * v_dim, hidden), "g_proj.weight": (v_heads * v_dim, hidden),
-        "a_proj.weight": (v_heads, hidden), "b_proj.weight": (v_heads, hidden), "A_log": (v_heads,), "dt_bias": (v_heads,),
-        "q_conv1d.weight": (heads * dim, 1, 4), "k_conv1d.weight": (heads * dim, 1, 4), "v_conv1d.weight": (v_heads * v_dim, 1, 4),
-        "o_norm.weight": (v_dim,), "o_proj.weight": (hidden, v_heads * v_dim),
+    assert {
+        name.removeprefix("layers.1.attn."): shape
+        for name, shape in shapes.items()
+        if name.startswith("layers.1.attn.")
+    } == {
+        "q_proj.weight": (heads * dim, hidden),
+        "k_proj.weight": (heads * dim, hidden),
+        "v_proj.weight": (v_heads * v_dim, hidden),
+        "g_proj.weight": (v_heads * v_dim, hidden),
+        "a_proj.weight": (v_heads, hidden),
+        "b_proj.weight": (v_heads, hidden),
+        "A_log": (v_heads,),
+        "dt_bias": (v_heads,),
+        "q_conv1d.weight": (heads * dim, 1, 4),
+        "k_conv1d.weight": (heads * dim, 1, 4),
+        "v_conv1d.weight": (v_heads * v_dim, 1, 4),
+        "o_norm.weight": (v_dim,),
+        "o_proj.weight": (hidden, v_heads * v_dim),
     }
     assert model.layers[1].attn.initial_state(3).fast_weights.shape == (3, v_heads, dim, v_dim)
 
@@ -170,10 +227,19 @@ def test_zero_centred_rms_norm_scales_by_one_plus_its_weight():
 def test_fresh_model_has_zero_centred_norms_at_zero_and_zero_biases():
     model = build_model(make_config("AG", model=ALL_FEATURES).model)
     norms = [name for name, module in model.named_modules() if isinstance(module, RMSNorm)]
-    assert norms == ["layers.0.attn_norm", "layers.0.attn.q_norm", "layers.0.attn.k_norm", "layers.0.mlp_norm",
-                     "layers.1.attn_norm", "layers.1.mlp_norm", "norm"]
+    assert norms == [
+        "layers.0.attn_norm",
+        "layers.0.attn.q_norm",
+        "layers.0.attn.k_norm",
+        "layers.0.mlp_norm",
+        "layers.1.attn_norm",
+        "layers.1.mlp_norm",
+        "norm",
+    ]
     assert all(not model.get_submodule(name).weight.any() for name in norms)
-    assert torch.equal(model.layers[1].attn.o_norm.weight, torch.ones(12)), "the GDN gated output norm is never zero-centred"
+    assert torch.equal(model.layers[1].attn.o_norm.weight, torch.ones(12)), (
+        "the GDN gated output norm is never zero-centred"
+    )
     assert all(not parameter.any() for name, parameter in model.named_parameters() if name.endswith("proj.bias"))
 
 
@@ -198,7 +264,9 @@ def test_partial_rotary_rotates_the_first_dimensions_by_relative_position():
 
 
 def test_llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones():
-    scaling = RopeScalingConfig(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    scaling = RopeScalingConfig(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
     args = (128, 500000.0)  # Llama 3.1's head_dim and theta
     plain = inverse_frequencies(*args, None, torch.float64, torch.device("cpu"))
     scaled = inverse_frequencies(*args, scaling, torch.float64, torch.device("cpu"))

@@ -7,19 +7,33 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_config
+from train_helpers import free_port
+
 from sleepscale.config import ConfigError, validate
 from sleepscale.parallel.groups import check_layout
-from train_helpers import free_port
 
 
 def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_passes(tmp_path):
     """Also with every option of pretrained checkpoints on (case sliding-features-fp64)."""
     out = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tests/parallel_tensor_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/parallel_tensor_ranks.py",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     report = json.loads(out.read_text())
     collectives = report.pop("collectives")
     assert set(report) == {"hard", "sliding", "hard-tied", "sliding-fp64", "sliding-features-fp64"}
@@ -28,7 +42,9 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
         tolerance = 1e-12 if case.endswith("fp64") else 1e-5
         assert result["logits"] < tolerance, (case, result)
         # megatron's vocab-parallel cross-entropy computes in fp32 whatever the model's dtype
-        assert max(result["loss"], result["grads"], result["tp_to_unsharded_loss"], result["unsharded_to_tp_loss"]) < 1e-5, (case, result)
+        assert (
+            max(result["loss"], result["grads"], result["tp_to_unsharded_loss"], result["unsharded_to_tp_loss"]) < 1e-5
+        ), (case, result)
     # One block pass over a window of 2 x 8 tokens at hidden size 16: in forward, one all-reduce of the
     # activations after each row-parallel layer (the mixer's o_proj, the MLP's down_proj); in backward,
     # one of the input gradient per mixer and per MLP (not one per column-parallel projection: six for
@@ -41,12 +57,24 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
         assert counted["backward"] == [activations] * parts + norm, (letter, counted)
 
 
-@pytest.mark.parametrize(("sections", "message"), [
-    ({"model": {"attention": {"num_heads": 4, "num_kv_heads": 1}}}, "parallel.tensor: 2 does not divide model.attention.num_kv_heads (1)"),
-    ({"model": {"attention": {"num_heads": 2}, "gdn": {"num_heads": 1}}}, "parallel.tensor: 2 does not divide model.gdn.num_heads (1)"),
-    ({"train": {"zero_stage": 3}}, "parallel.tensor: tensor parallelism needs train.zero_stage <= 2"),
-    ({"optimizer": {"name": "muon"}}, "parallel.tensor: muon orthogonalises whole matrices, not tensor-parallel shards"),
-])
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"model": {"attention": {"num_heads": 4, "num_kv_heads": 1}}},
+            "parallel.tensor: 2 does not divide model.attention.num_kv_heads (1)",
+        ),
+        (
+            {"model": {"attention": {"num_heads": 2}, "gdn": {"num_heads": 1}}},
+            "parallel.tensor: 2 does not divide model.gdn.num_heads (1)",
+        ),
+        ({"train": {"zero_stage": 3}}, "parallel.tensor: tensor parallelism needs train.zero_stage <= 2"),
+        (
+            {"optimizer": {"name": "muon"}},
+            "parallel.tensor: muon orthogonalises whole matrices, not tensor-parallel shards",
+        ),
+    ],
+)
 def test_invalid_tensor_parallel_configs_fail_with_one_line(sections, message):
     data = make_config(model={"attention": {"num_heads": 2, "num_kv_heads": 2}}).model_dump(mode="json")
     for section, values in sections.items():
@@ -59,5 +87,7 @@ def test_invalid_tensor_parallel_configs_fail_with_one_line(sections, message):
 
 def test_world_size_must_be_a_multiple_of_the_model_parallel_size():
     assert check_layout(8, tensor=2, pipeline=2) == 2
-    with pytest.raises(ConfigError, match=r"parallel: world size 6 is not a multiple of tensor 4 x pipeline 1; launch a multiple of 4"):
+    with pytest.raises(
+        ConfigError, match=r"parallel: world size 6 is not a multiple of tensor 4 x pipeline 1; launch a multiple of 4"
+    ):
         check_layout(6, tensor=4, pipeline=1)

@@ -6,17 +6,34 @@ import subprocess
 import sys
 
 import pytest
-
 from train_helpers import free_port
 
 
-@pytest.mark.parametrize(("layout", "carrier"), [(["--tensor", "2"], "all_reduce"), (["--pipeline", "2"], "batch_isend_irecv")],
-                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize(
+    ("layout", "carrier"),
+    [(["--tensor", "2"], "all_reduce"), (["--pipeline", "2"], "batch_isend_irecv")],
+    ids=["tp2", "pp2"],
+)
 def test_a_training_step_transfers_no_logits_while_an_evaluation_forward_does(tmp_path, layout, carrier):
     out = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tests/parallel_transfers_ranks.py", str(out), *layout], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/parallel_transfers_ranks.py",
+            str(out),
+            *layout,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     report = json.loads(out.read_text())
     assert len(report["ranks"]) == 2
     for rank in report["ranks"]:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from train_helpers import free_port
 
 CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sleep-on-context"}
@@ -18,9 +17,25 @@ CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sle
 @pytest.mark.parametrize(("ranks", "tensor"), [(2, 1), (4, 1), (4, 2)], ids=["pp2", "pp4", "tp2xpp2"])
 def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks, tensor):
     out = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                    str(free_port()), "tests/pipeline_ranks.py", str(out), "--tensor", str(tensor)],
-                   check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "tests/pipeline_ranks.py",
+            str(out),
+            "--tensor",
+            str(tensor),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     report = json.loads(out.read_text())
     saved = report.pop("saved_bytes")
     assert set(report) == CASES

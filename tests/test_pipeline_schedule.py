@@ -21,9 +21,15 @@ def _plan(passes=3, windows=3, loop=range(0, 4), grad_passes=None, blocks=4):
 def test_traversals_follow_the_sleep_plan():
     walks = traversals(_plan(passes=3, windows=3), [range(0, 2), range(2, 4)])
     # windows 0 and 1 are evicted and slept on (wake + 2 sleep passes); the last window only wakes
-    assert walks == [Traversal(0, 1, None, True, 0, 1), Traversal(0, 1, (0, 1), True, 0, 2), Traversal(0, 1, (1, 1), True, 0, 3),
-                     Traversal(0, 1, None, True, 1, 1), Traversal(0, 1, (3, 1), True, 1, 2), Traversal(0, 1, (4, 1), True, 1, 3),
-                     Traversal(0, 1, None, True, 2, 1)]
+    assert walks == [
+        Traversal(0, 1, None, True, 0, 1),
+        Traversal(0, 1, (0, 1), True, 0, 2),
+        Traversal(0, 1, (1, 1), True, 0, 3),
+        Traversal(0, 1, None, True, 1, 1),
+        Traversal(0, 1, (3, 1), True, 1, 2),
+        Traversal(0, 1, (4, 1), True, 1, 3),
+        Traversal(0, 1, None, True, 2, 1),
+    ]
     # a partial loop (blocks 2..3 on stages 1..2 of 3) sleeps on those stages only
     walks = traversals(_plan(passes=2, windows=2, loop=range(2, 4), blocks=6), [range(0, 2), range(2, 3), range(3, 6)])
     assert [(w.first, w.last, w.source) for w in walks] == [(0, 2, None), (1, 2, (0, 2)), (0, 2, None)]
@@ -42,9 +48,12 @@ def _random_case(seed):
     loop = range(start, rng.randint(start + 1, blocks))
     passes = rng.randint(1, 4)
     grad_passes = rng.choice([None, *range(1, passes + 1)])
-    micro_batches = [traversals(_plan(passes=passes, windows=rng.randint(1, 4), loop=loop, grad_passes=grad_passes,
-                                      blocks=blocks), ranges)
-                     for _ in range(rng.randint(1, 8))]  # windows per micro-batch may differ
+    micro_batches = [
+        traversals(
+            _plan(passes=passes, windows=rng.randint(1, 4), loop=loop, grad_passes=grad_passes, blocks=blocks), ranges
+        )
+        for _ in range(rng.randint(1, 8))
+    ]  # windows per micro-batch may differ
     return stages, micro_batches, rng.choice([stages, 2 * stages])
 
 
@@ -57,8 +66,14 @@ def test_random_schedules_run_every_op_once_after_its_inputs_and_pair_up_on_ever
         for stage, op in ops.items():
             assert op.stage == stage and op not in done_at
             done_at[op] = tick
-    expected = {Op(kind, m, t, s) for m, walks in enumerate(micro_batches) for t, walk in enumerate(walks)
-                for s in range(walk.first, walk.last + 1) for kind in ("F", "B") if kind == "F" or walk.grad}
+    expected = {
+        Op(kind, m, t, s)
+        for m, walks in enumerate(micro_batches)
+        for t, walk in enumerate(walks)
+        for s in range(walk.first, walk.last + 1)
+        for kind in ("F", "B")
+        if kind == "F" or walk.grad
+    }
     assert set(done_at) == expected
     for tick, posted in enumerate(schedule.transfers):
         for transfer in posted:  # produced the tick before it is posted, consumed after
@@ -68,8 +83,10 @@ def test_random_schedules_run_every_op_once_after_its_inputs_and_pair_up_on_ever
             for s in range(walk.first + 1, walk.last + 1):
                 assert done_at[Op("F", m, t, s - 1)] < done_at[Op("F", m, t, s)]
                 if walk.grad:
-                    assert done_at[Op("B", m, t, s)] < done_at[Op("B", m, t, s - 1)] and \
-                        done_at[Op("F", m, t, s)] < done_at[Op("B", m, t, s)]
+                    assert (
+                        done_at[Op("B", m, t, s)] < done_at[Op("B", m, t, s - 1)]
+                        and done_at[Op("F", m, t, s)] < done_at[Op("B", m, t, s)]
+                    )
             if walk.source is not None:
                 assert done_at[Op("F", m, *walk.source)] < done_at[Op("F", m, t, walk.first)]
     assert all(schedule.peak_in_flight(stage) <= in_flight for stage in range(stages))
@@ -145,7 +162,15 @@ def test_the_cost_aware_schedule_idles_near_the_ideal(passes):
         ideal = 1 / (micro_batches * slices + 1)
         for in_flight in (2, 4):
             costed = simulate(build_schedule([walks] * micro_batches, 2, in_flight), 1.0, 2.0).idle_fraction()
-            unit = simulate(build_schedule([walks] * micro_batches, 2, in_flight, backward_cost=1.0, priorities=("waited",)),
-                            1.0, 2.0).idle_fraction()
+            unit = simulate(
+                build_schedule([walks] * micro_batches, 2, in_flight, backward_cost=1.0, priorities=("waited",)),
+                1.0,
+                2.0,
+            ).idle_fraction()
             assert costed <= (0.6 * unit if micro_batches >= 4 and in_flight == 2 else unit) + 1e-12
-            assert costed <= (1.35 * ideal if in_flight == 4 else worst) + 1e-12, (micro_batches, in_flight, costed, ideal)
+            assert costed <= (1.35 * ideal if in_flight == 4 else worst) + 1e-12, (
+                micro_batches,
+                in_flight,
+                costed,
+                ideal,
+            )

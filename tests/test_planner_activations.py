@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_config
+
 from sleepscale.model import build_model
 from sleepscale.planner.activations import micro_batch_activations, saved_bytes, tensor_parallel_shapes
 
@@ -16,7 +16,8 @@ TESTS = Path(__file__).parent
 
 # A grid over N, checkpointing, grad_passes, window length and micro-batch size, plus eviction, a loop
 # with prelude and coda, repeated block letters (the depth reduction), long sequences (the length
-# reduction), bf16 autocast and the state-norm bound. (pattern, N, checkpoint, grad_passes, window, batch, length, extra)
+# reduction), bf16 autocast and the state-norm bound.
+# (pattern, N, checkpoint, grad_passes, window, batch, length, extra)
 GRID = [
     ("AGag", 1, "none", None, 8, 2, 30, {}),
     ("AGag", 3, "none", None, 8, 2, 30, {}),
@@ -39,8 +40,16 @@ GRID = [
 def test_predicted_saved_bytes_match_the_engine(pattern, passes, checkpoint, grad_passes, window, batch, length, extra):
     extra = dict(extra)
     precision = extra.pop("precision", "fp32")
-    config = make_config(pattern=pattern, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes, window=window,
-                         hidden_size=32, vocab_size=64, **extra)
+    config = make_config(
+        pattern=pattern,
+        passes=passes,
+        checkpoint=checkpoint,
+        grad_passes=grad_passes,
+        window=window,
+        hidden_size=32,
+        vocab_size=64,
+        **extra,
+    )
     ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(0))
     measured = saved_bytes(build_model(config.model), ids, ids.roll(-1, 1), config.sleep, precision)
     predicted = micro_batch_activations(config.model, config.sleep, batch, length, precision=precision, kernels="cpu")
@@ -50,8 +59,9 @@ def test_predicted_saved_bytes_match_the_engine(pattern, passes, checkpoint, gra
 
 
 def test_pipeline_stages_split_the_same_bytes():
-    config = make_config(pattern="GGGAGGGA", passes=3, checkpoint="none", window=8, hidden_size=32, vocab_size=64,
-                         model={"loop": [1, 7]})
+    config = make_config(
+        pattern="GGGAGGGA", passes=3, checkpoint="none", window=8, hidden_size=32, vocab_size=64, model={"loop": [1, 7]}
+    )
     whole = micro_batch_activations(config.model, config.sleep, 2, 30, kernels="cpu")
     split = micro_batch_activations(config.model, config.sleep, 2, 30, stages=[range(0, 3), range(3, 8)], kernels="cpu")
     assert sum(split.saved) == whole.saved[0] and all(split.saved)
@@ -65,16 +75,24 @@ def test_per_pass_checkpointing_holds_the_states_each_pass_starts_from():
     found = micro_batch_activations(config.model, config.sleep, 2, 24)
     fast_weights = 2 * 2 * 16 * 24 * 4  # batch, value heads, K = 32 / 2, V = 1.5 K
     assert found.held[0] > 0 and found.held[0] % fast_weights == 0
-    # the states the sequence ends with: each block's fast weights and its convolutions' tails (q, k, v: 3 taps of 32 + 32 + 48)
+    # the states the sequence ends with: each block's fast weights and its convolutions' tails
+    # (q, k, v: 3 taps of 32 + 32 + 48)
     assert found.states == [2 * (fast_weights + 2 * 3 * (32 + 32 + 48) * 4)]
-    assert micro_batch_activations(config.model, config.sleep.model_copy(update={"checkpoint": "none"}), 2, 24).held == [0]
+    assert micro_batch_activations(
+        config.model, config.sleep.model_copy(update={"checkpoint": "none"}), 2, 24
+    ).held == [0]
 
 
 def test_tensor_parallel_shapes_hold_one_shard_of_each_split_dimension():
-    config = make_config(model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4}}, vocab_size=39)
+    config = make_config(
+        model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4}}, vocab_size=39
+    )
     shard = tensor_parallel_shapes(config.model, 2)
     assert (shard.attention.num_heads, shard.attention_kv_heads, shard.gdn.num_heads) == (2, 1, 2)
-    assert (shard.attention_head_dim, shard.gdn_head_dim) == (config.model.attention_head_dim, config.model.gdn_head_dim)
+    assert (shard.attention_head_dim, shard.gdn_head_dim) == (
+        config.model.attention_head_dim,
+        config.model.gdn_head_dim,
+    )
     assert shard.vocab_size == 20 and shard.mlp_size == config.model.mlp_size // 2
 
 
@@ -82,20 +100,33 @@ def test_gpu_kernels_save_what_the_trace_predicts(tmp_path):
     """The "cuda" trace (kernels' Python code on fake tensors, launches skipped) against the same
     kernels really run under Triton's CPU interpreter: our window kernel and fla's chunked kernel."""
     out = tmp_path / "saved.json"
-    subprocess.run([sys.executable, str(TESTS / "planner_kernel_saved.py"), str(out)], cwd=TESTS, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(TESTS / "planner_kernel_saved.py"), str(out)],
+        cwd=TESTS,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     measured = json.loads(out.read_text())
     for case, size in measured.items():
         window, passes, checkpoint = case.split("-")
         window, passes = int(window), int(passes)
-        config = make_config(pattern="GA", window=window, passes=passes, checkpoint=checkpoint, hidden_size=32, vocab_size=64)
+        config = make_config(
+            pattern="GA", window=window, passes=passes, checkpoint=checkpoint, hidden_size=32, vocab_size=64
+        )
         predicted = micro_batch_activations(config.model, config.sleep, 2, 2 * window + 5, kernels="cuda")
         assert abs(predicted.saved[0] - size) <= 0.01 * size, (case, predicted.saved[0], size)
         if checkpoint == "none":  # the kernels save less than the PyTorch op (which the other tests measure)
-            assert micro_batch_activations(config.model, config.sleep, 2, 2 * window + 5, kernels="cpu").saved[0] > 1.3 * size
+            assert (
+                micro_batch_activations(config.model, config.sleep, 2, 2 * window + 5, kernels="cpu").saved[0]
+                > 1.3 * size
+            )
 
 
 def test_sleeping_on_context_only_is_planned_at_its_worst_case():
     config = make_config(pattern="GA", passes=3, window=8, hidden_size=32, vocab_size=64)
     context = config.sleep.model_copy(update={"sleep_on": "context"})
-    assert micro_batch_activations(config.model, context, 2, 24).saved == micro_batch_activations(config.model, config.sleep, 2, 24).saved
+    assert (
+        micro_batch_activations(config.model, context, 2, 24).saved
+        == micro_batch_activations(config.model, config.sleep, 2, 24).saved
+    )

@@ -9,20 +9,39 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_config
+from train_helpers import free_port
+
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.plan import make_plan
 from sleepscale.planner.communication import (
-    all_reduce_wire_factor, data_parallel_bytes, pipeline_bytes, tensor_parallel_bytes, tensor_parallel_phases)
-from train_helpers import free_port
+    all_reduce_wire_factor,
+    data_parallel_bytes,
+    pipeline_bytes,
+    tensor_parallel_bytes,
+    tensor_parallel_phases,
+)
 
 
 def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
     out = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tests/planner_communication_ranks.py", str(out)], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/planner_communication_ranks.py",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     report = json.loads(out.read_text())
     for case, result in report["tensor"].items():
         assert result["measured"] == result["predicted"], (case, result)  # [forward, backward with recomputation]
@@ -75,7 +94,9 @@ def test_sleep_adds_the_loop_blocks_per_pass_without_checkpointing():
     forward_3, backward_3 = tensor_parallel_phases(plans[3], model, tensor=2)
     slept = 2 * 2  # windows slept on x sleep passes
     assert forward_3 - forward_1 == slept * 4 * activation
-    assert backward_3 - backward_1 == slept * 4 * activation - 2 * activation  # the final pass's last MLP, per slept window
+    assert (
+        backward_3 - backward_1 == slept * 4 * activation - 2 * activation
+    )  # the final pass's last MLP, per slept window
 
 
 def test_pipeline_bytes_match_the_ring_formula_when_the_loop_is_the_whole_stack():

@@ -3,20 +3,35 @@
 import pytest
 import torch
 import yaml
-
 from conftest import make_config
+
 from sleepscale.cli import main
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.planner.estimate import (
-    GB, Assumptions, Layout, candidate_layouts, config_layout, estimate, largest_passes, search, smallest_gpus, stage_ranges,
+    GB,
+    Assumptions,
+    Layout,
+    candidate_layouts,
+    config_layout,
+    estimate,
+    largest_passes,
+    search,
+    smallest_gpus,
+    stage_ranges,
 )
 
 TINY = Assumptions(length=40, gpu_memory=1 * GB, peak_flops=1e12, mfu=0.5, reserve=0)
 
 
 def tiny(**sections):
-    config = make_config(pattern="AGAG|AGAG", passes=3, checkpoint="pass", hidden_size=32, vocab_size=64,
-                         model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4}})
+    config = make_config(
+        pattern="AGAG|AGAG",
+        passes=3,
+        checkpoint="pass",
+        hidden_size=32,
+        vocab_size=64,
+        model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4}},
+    )
     data = config.model_dump(mode="json")
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values}
@@ -53,7 +68,9 @@ def test_checkpointing_and_truncation_save_activation_memory_and_n_costs_it():
     assert per_pass.activations + per_pass.held_states + per_pass.recompute < plain.activations
     assert estimate(config, layout, TINY, passes=6).activations > plain.activations
     truncated = config.model_copy(update={"sleep": config.sleep.model_copy(update={"grad_passes": 1})})
-    assert estimate(truncated, layout, TINY, passes=6).activations < estimate(config, layout, TINY, passes=6).activations
+    assert (
+        estimate(truncated, layout, TINY, passes=6).activations < estimate(config, layout, TINY, passes=6).activations
+    )
     assert per_pass.flops > plain.flops  # recomputation
 
 
@@ -88,8 +105,23 @@ def write(tmp_path, config) -> str:
 
 def test_a_config_that_does_not_fit_gets_one_line_with_how_much_and_which_lever(tmp_path, capsys):
     path = write(tmp_path, tiny())
-    status = main(["plan", path, "sleep.checkpoint=none", "sleep.passes=8", "--gpus", "1", "--gpu-memory", "0.02",
-                   "--sequence-length", "64", "--reserve-gb", "0", "--largest-n"])
+    status = main(
+        [
+            "plan",
+            path,
+            "sleep.checkpoint=none",
+            "sleep.passes=8",
+            "--gpus",
+            "1",
+            "--gpu-memory",
+            "0.02",
+            "--sequence-length",
+            "64",
+            "--reserve-gb",
+            "0",
+            "--largest-n",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert status == 1
     assert out[-2].startswith("largest N that fits this layout: ")
@@ -107,11 +139,14 @@ def test_a_config_that_fits_exits_0_with_the_breakdown(tmp_path, capsys):
     assert "activations saved for backward" in out and "fits" in out and "tokens/s" in out
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["--gpus", "3"], "--gpus 3 is not a multiple of parallel.tensor x parallel.pipeline = 4"),
-    (["--gpus", "4", "--mfu", "2"], "need memory and bandwidths > 0, 0 < mfu <= 1"),
-    (["--gpus", "0"], "--gpus 0: give a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--gpus", "3"], "--gpus 3 is not a multiple of parallel.tensor x parallel.pipeline = 4"),
+        (["--gpus", "4", "--mfu", "2"], "need memory and bandwidths > 0, 0 < mfu <= 1"),
+        (["--gpus", "0"], "--gpus 0: give a positive integer"),
+    ],
+)
 def test_bad_arguments_get_one_line(tmp_path, capsys, arguments, message):
     path = write(tmp_path, tiny(parallel={"tensor": 2, "pipeline": 2}))
     status = main(["plan", path, "--gpu-memory", "80", "--sequence-length", "64", *arguments])

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import make_config
-from sleepscale.planner.model_states import REDUCE_BUCKET_SIZE, model_state_bytes
-from sleepscale.parallel.zero import deepspeed_config
 from train_helpers import free_port
+
+from sleepscale.parallel.zero import deepspeed_config
+from sleepscale.planner.model_states import REDUCE_BUCKET_SIZE, model_state_bytes
 
 CATEGORIES = ("weights", "gradients", "optimizer", "buffers")
 
@@ -27,9 +27,23 @@ def settings(zero_stage: int, **zero) -> dict:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("model_states") / "report.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                    "tests/planner_model_states_ranks.py", str(out)], check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "tests/planner_model_states_ranks.py",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return json.loads(out.read_text())
 
 
@@ -98,8 +112,9 @@ def test_zero3_partitions_every_parameter_padded_to_the_ranks():
 
 def test_zero3_gathers_at_most_the_reuse_distance_and_prefetch():
     whole = model_state_bytes(SIZES, 3, 2, settings(3, reduce_bucket_size=1))
-    bounded = model_state_bytes(SIZES, 3, 2, settings(3, reduce_bucket_size=1, stage3_max_reuse_distance=1000,
-                                                       stage3_prefetch_bucket_size=24))
+    bounded = model_state_bytes(
+        SIZES, 3, 2, settings(3, reduce_bucket_size=1, stage3_max_reuse_distance=1000, stage3_prefetch_bucket_size=24)
+    )
     assert whole.buffers == 4 * (1 + N)
     assert bounded.buffers == 4 * (1 + 1000 + 24 + max(SIZES))
 

@@ -1,15 +1,17 @@
 """Training precision: bf16 is autocast over float32 parameters (`sleepscale.train.step.precision_context`)."""
 
 import torch
-
 from conftest import make_config
+
 from sleepscale.model import build_model
 from sleepscale.model.gdn import GDNState
-from sleepscale.sleep import sleep_forward
 from sleepscale.model.precision import precision_context
+from sleepscale.sleep import sleep_forward
 
 
-def accumulated_gradients(precision: str, config, batches, model_dtype=torch.float32) -> tuple[dict, list, torch.nn.Module]:
+def accumulated_gradients(
+    precision: str, config, batches, model_dtype=torch.float32
+) -> tuple[dict, list, torch.nn.Module]:
     """Gradients summed over the micro-steps, as DeepSpeed accumulates them, and the last states."""
     model = build_model(config.model).to(model_dtype)
     for ids in batches:
@@ -32,7 +34,12 @@ def test_bf16_gradients_over_4_passes_and_4_micro_steps_are_float32_and_close_to
     dt_bias and the GDN states stay float32. (norm_eps 1e-3: at this toy width and init the GDN
     output norm's input has a mean square near 1e-6, where the gradient amplifies fp32 rounding
     alone 1000-fold at N = 4, and bf16's to O(1).)"""
-    config = make_config(pattern="G", passes=4, hidden_size=64, model={"init_std": 0.02, "norm_eps": 1e-3, "gdn": {"num_heads": 4, "expand_v": 1.0}})
+    config = make_config(
+        pattern="G",
+        passes=4,
+        hidden_size=64,
+        model={"init_std": 0.02, "norm_eps": 1e-3, "gdn": {"num_heads": 4, "expand_v": 1.0}},
+    )
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 40, (2, 24), generator=generator) for _ in range(4)]
     expected, _, _ = accumulated_gradients("fp32", config, batches)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_config, make_model
+
 from sleepscale.inference import SleepingSession, StateCache, sample
 from sleepscale.sleep import sleep_forward
 
@@ -144,12 +144,20 @@ def test_a_cache_hit_continues_exactly_as_a_fresh_read_and_the_cache_keeps_its_l
     from_disk = SleepingSession(model, config.sleep)
     assert StateCache("tiny", directory=tmp_path / "states").ingest(from_disk, document) is True
     assert torch.equal(answer(from_disk), expected)
-    assert StateCache("other weights", directory=tmp_path / "states").ingest(SleepingSession(model, config.sleep), document) is False
+    assert (
+        StateCache("other weights", directory=tmp_path / "states").ingest(
+            SleepingSession(model, config.sleep), document
+        )
+        is False
+    )
 
     one_entry = cache.bytes
     small = StateCache("tiny", max_bytes=int(one_entry * 2.5))
     for seed in range(4):
-        small.ingest(SleepingSession(model, config.sleep), torch.randint(0, 40, (1, 29), generator=torch.Generator().manual_seed(seed)))
+        small.ingest(
+            SleepingSession(model, config.sleep),
+            torch.randint(0, 40, (1, 29), generator=torch.Generator().manual_seed(seed)),
+        )
         assert small.bytes <= small.max_bytes
     assert len(small._entries) == 2
 
@@ -192,7 +200,9 @@ def trained_run(tmp_path_factory):
 
 
 def _generate(*args):
-    return subprocess.run([sys.executable, "-m", "sleepscale.cli", "generate", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "generate", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_generate_streams_a_continuation_of_a_trained_run(trained_run):
@@ -203,11 +213,14 @@ def test_generate_streams_a_continuation_of_a_trained_run(trained_run):
     assert '"generated_tokens": 5' in result.stderr and '"passes": 3' in result.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["/nonexistent/run", "--prompt", "0 1"], "not a sleepscale checkpoint or run directory"),
-    (["RUN", "--prompt", "0 1 x"], "symbol 'x' is not in the vocabulary"),
-    (["RUN", "--prompt", "0 1", "--passes", "0"], "--passes 0: give N >= 1"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/nonexistent/run", "--prompt", "0 1"], "not a sleepscale checkpoint or run directory"),
+        (["RUN", "--prompt", "0 1 x"], "symbol 'x' is not in the vocabulary"),
+        (["RUN", "--prompt", "0 1", "--passes", "0"], "--passes 0: give N >= 1"),
+    ],
+)
 def test_bad_generate_arguments_are_one_line(trained_run, args, message):
     result = _generate(*[trained_run if a == "RUN" else a for a in args])
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -224,8 +237,9 @@ def test_evaluation_by_generation_agrees_with_teacher_forced_exact_match(trained
     batches = [batch for batch in ShardLoader(config.data.path, "validation", batch_size=8, shuffle=False)][:2]
     teacher_forced = evaluate(model.eval(), batches, config.sleep, [1, 2])
     generated = evaluate(model.eval(), batches, config.sleep, [1, 2], by_generation=True)
-    assert [(r["value"], r["passes"], r["items"], r["accuracy"]) for r in generated] == \
-        [(r["value"], r["passes"], r["items"], r["accuracy"]) for r in teacher_forced]
+    assert [(r["value"], r["passes"], r["items"], r["accuracy"]) for r in generated] == [
+        (r["value"], r["passes"], r["items"], r["accuracy"]) for r in teacher_forced
+    ]
     # Token by token: a generated answer equals the teacher-forced argmax (Rule 110's answers are
     # one token each; a multi-token answer would agree up to its first wrong token).
     from sleepscale.eval import generated_answers
@@ -273,12 +287,23 @@ def math_run(tmp_path_factory):
     from train_helpers import train, write_config
 
     tmp = tmp_path_factory.mktemp("math")
-    config = write_config(tmp, tmp / "data", tmp / "run", model={"vocab_size": 264},
-                          sleep={"window": 64, "passes": 2, "checkpoint": "none"},
-                          train={"steps": 2}, checkpoint={"every": 2, "keep": 1})
+    config = write_config(
+        tmp,
+        tmp / "data",
+        tmp / "run",
+        model={"vocab_size": 264},
+        sleep={"window": 64, "passes": 2, "checkpoint": "none"},
+        train={"steps": 2},
+        checkpoint={"every": 2, "keep": 1},
+    )
     settings = yaml.safe_load(config.read_text())
-    settings["data"]["generate"] = {"task": "math", "args": {"ops_values": [2, 4], "length": 320},
-                                    "train_samples": 32, "validation_samples": 8, "samples_per_shard": 16}
+    settings["data"]["generate"] = {
+        "task": "math",
+        "args": {"ops_values": [2, 4], "length": 320},
+        "train_samples": 32,
+        "validation_samples": 8,
+        "samples_per_shard": 16,
+    }
     config.write_text(yaml.safe_dump(settings))
     train(config)
     return tmp / "run"
@@ -297,8 +322,11 @@ def test_math_evaluated_by_generation_end_to_end(math_run, tmp_path):
     tables = {}
     for flags in ([], ["--generate"]):
         out = tmp_path / f"eval{len(flags)}.csv"
-        result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(math_run), "--no-mlflow",
-                                 "--out", str(out), *flags], capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "sleepscale.cli", "eval", str(math_run), "--no-mlflow", "--out", str(out), *flags],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr
         rows = [line.split(",") for line in out.read_text().splitlines()]
         tables[len(flags)] = [row[:5] for row in rows]  # difficulty, value, passes, items, accuracy
@@ -309,7 +337,7 @@ def test_math_evaluated_by_generation_end_to_end(math_run, tmp_path):
     batch = next(iter(ShardLoader(config.data.path, "validation", batch_size=8, shuffle=False)))
     input_ids, targets, starts = batch["input_ids"].clone(), batch["targets"].clone(), []
     for row in range(input_ids.shape[0]):
-        (start, end), = _answer_runs(input_ids[row].tolist(), targets[row].tolist())  # digits and <eos>: one run
+        ((start, end),) = _answer_runs(input_ids[row].tolist(), targets[row].tolist())  # digits and <eos>: one run
         assert end - start >= 2
         session = SleepingSession(model, config.sleep)
         session.feed(input_ids[row : row + 1, : start + 1])
@@ -323,8 +351,11 @@ def test_math_evaluated_by_generation_end_to_end(math_run, tmp_path):
         changed = {**batch, "input_ids": input_ids, "targets": targets}
         by_generation = evaluate(model, [changed], config.sleep, [2], by_generation=True)
         teacher_forced = evaluate(model, [changed], config.sleep, [2])
-        assert [r["accuracy"] for r in by_generation] == [r["accuracy"] for r in teacher_forced] == \
-            [0.0 if change else 1.0] * len(teacher_forced), (by_generation, teacher_forced)
+        assert (
+            [r["accuracy"] for r in by_generation]
+            == [r["accuracy"] for r in teacher_forced]
+            == [0.0 if change else 1.0] * len(teacher_forced)
+        ), (by_generation, teacher_forced)
 
 
 def test_generation_keeps_to_the_tokenizers_vocabulary():
@@ -336,5 +367,7 @@ def test_generation_keeps_to_the_tokenizers_vocabulary():
     start = session.snapshot()
     for temperature in (0.0, 1.0):
         session.restore(start)
-        tokens = torch.stack(list(session.generate(12, temperature, generator=torch.Generator().manual_seed(0), vocabulary=3)))
+        tokens = torch.stack(
+            list(session.generate(12, temperature, generator=torch.Generator().manual_seed(0), vocabulary=3))
+        )
         assert int(tokens.max()) < 3

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_config, make_model
+
 from sleepscale.model.attention import Attention, AttentionState
 from sleepscale.model.gdn import GDNState
 from sleepscale.sleep import IGNORE_INDEX, sleep_forward, window_bounds
@@ -55,7 +55,10 @@ def test_attention_only_model_forgets_earlier_windows_under_hard_eviction(tokens
     model = make_model(config)
     changed = tokens.clone()
     changed[:, :8] = (changed[:, :8] + 1) % 40
-    before, after = sleep_forward(model, tokens, config.sleep).logits, sleep_forward(model, changed, config.sleep).logits
+    before, after = (
+        sleep_forward(model, tokens, config.sleep).logits,
+        sleep_forward(model, changed, config.sleep).logits,
+    )
     assert not torch.equal(before[:, :8], after[:, :8])
     torch.testing.assert_close(before[:, 8:], after[:, 8:], rtol=0, atol=0)
 
@@ -85,7 +88,9 @@ def test_state_after_sleep_equals_literal_unrolled_loop(pattern, loop, passes, t
     literal_states = list(engine_states)
     for start in (0, 8, 16):
         window_ids = tokens[:, start : start + 8]
-        engine_states = sleep_forward(model, window_ids, config.sleep, states=engine_states, sequence_continues=True).states
+        engine_states = sleep_forward(
+            model, window_ids, config.sleep, states=engine_states, sequence_continues=True
+        ).states
         literal_states = carried(unrolled_window(model, window_ids, literal_states, passes, 8))
         for engine, literal in zip(engine_states, literal_states):
             if isinstance(engine, GDNState):
@@ -164,7 +169,9 @@ def test_sliding_eviction_with_one_pass_is_a_sliding_window_hybrid(tokens):
     model = make_model(config)
     states = model.initial_states(tokens.shape[0], span=8)
     hidden, _ = model.run_blocks(model.embed(tokens), states, range(len(model.layers)))
-    torch.testing.assert_close(sleep_forward(model, tokens, config.sleep).logits, model.head(hidden), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        sleep_forward(model, tokens, config.sleep).logits, model.head(hidden), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_sliding_window_attention_sees_exactly_the_last_span_tokens():
@@ -186,4 +193,6 @@ def test_sliding_eviction_sleeps_with_the_window_start_context(tokens):
     assert first.states[0].keys.shape[2] == 7 and first.states[1].conv_tails is not None
     second = sleep_forward(model, tokens[:, 8:], config.sleep, states=first.states)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole.logits, rtol=0, atol=0)
-    assert not torch.allclose(whole.logits, sleep_forward(model, tokens, config.sleep.model_copy(update={"eviction": "hard"})).logits)
+    assert not torch.allclose(
+        whole.logits, sleep_forward(model, tokens, config.sleep.model_copy(update={"eviction": "hard"})).logits
+    )

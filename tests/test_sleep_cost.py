@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_config, make_model
+
 from sleepscale.config import PassesDistribution
 from sleepscale.model.attention import AttentionState
 from sleepscale.model.gdn import GDNState
@@ -40,7 +40,11 @@ def truncated_reference(model, tokens, passes, k, window=8):
         entry = states
         hidden, states = model.run_blocks(model.embed(ids), states, range(len(model.layers)))
         logits = model.head(hidden)
-        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, start : start + window].flatten(), reduction="sum"))
+        losses.append(
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets[:, start : start + window].flatten(), reduction="sum"
+            )
+        )
         count += ids.numel()
         if index == len(bounds) - 1:
             break
@@ -77,7 +81,9 @@ def saved_bytes(config, tokens, **sleep) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = sleep_forward(model, tokens, config.sleep.model_copy(update=sleep), targets=tokens.roll(-1, 1), return_logits=False)
+        out = sleep_forward(
+            model, tokens, config.sleep.model_copy(update=sleep), targets=tokens.roll(-1, 1), return_logits=False
+        )
     out.loss.backward()
     return total
 
@@ -135,8 +141,9 @@ def test_state_norm_bound_caps_every_pass_and_is_off_by_default(tokens):
     whole_windows = tokens[:, :24]  # slept on to the end, so the final states come from a sleep pass
     free = sleep_forward(model, whole_windows, config.sleep, sequence_continues=True)
     assert free.pass_state_norms.shape == (4,) and free.pass_state_norms[1:].max() > 0.5
-    bounded = sleep_forward(model, whole_windows, config.sleep.model_copy(update={"state_norm_bound": 0.5}),
-                            sequence_continues=True)
+    bounded = sleep_forward(
+        model, whole_windows, config.sleep.model_copy(update={"state_norm_bound": 0.5}), sequence_continues=True
+    )
     assert bounded.pass_state_norms[1:].max() <= 0.5 + 1e-9
     for state in bounded.states:
         if isinstance(state, GDNState):

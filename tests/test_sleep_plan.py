@@ -7,21 +7,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import frozen_engine
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import frozen_engine
 from conftest import make_config, make_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import write_config
+
 from sleepscale.config_loading import load_config
 from sleepscale.model import build_model
 from sleepscale.plan import loss_windows, make_plan
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
 
 # Operators that copy a device value to the host (and so wait for the device).
-SYNC_OPERATORS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal", "aten::nonzero",
-                  "aten::masked_select", "aten::unique", "aten::_unique2", "aten::repeat_interleave"}
+SYNC_OPERATORS = {
+    "aten::_local_scalar_dense",
+    "aten::is_nonzero",
+    "aten::item",
+    "aten::equal",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::unique",
+    "aten::_unique2",
+    "aten::repeat_interleave",
+}
 
 
 class HostSyncs(TorchDispatchMode):
@@ -102,15 +111,30 @@ def test_sleep_forward_never_synchronises_with_the_host(sleep_on, eviction, toke
 
 
 def test_the_plan_says_what_runs(tokens):
-    config = make_config("GAGAG", passes=3, grad_passes=1, detach_every=2, model={"loop": [1, 4]}, sleep_on="context",
-                         checkpoint="pass", state_norm_bound=2.0)
+    config = make_config(
+        "GAGAG",
+        passes=3,
+        grad_passes=1,
+        detach_every=2,
+        model={"loop": [1, 4]},
+        sleep_on="context",
+        checkpoint="pass",
+        state_norm_bound=2.0,
+    )
     model = make_model(config)
     plan = plan_for(model, tokens, config.sleep, context_targets(tokens))
     assert [(w.start, w.end) for w in plan.windows] == [(0, 8), (8, 16), (16, 24), (24, 30)]
     wake, *sleep = plan.windows[0].passes
-    assert (wake.blocks, wake.readout, wake.grad, wake.next_pass) == ((range(0, 1), range(1, 4)), range(4, 5), True, False)
+    assert (wake.blocks, wake.readout, wake.grad, wake.next_pass) == (
+        (range(0, 1), range(1, 4)),
+        range(4, 5),
+        True,
+        False,
+    )
     assert [(p.number, p.blocks, p.grad, p.next_pass, p.bound) for p in sleep] == [
-        (2, (range(1, 4),), False, True, 2.0), (3, (range(1, 4),), True, True, 2.0)]
+        (2, (range(1, 4),), False, True, 2.0),
+        (3, (range(1, 4),), True, True, 2.0),
+    ]
     assert [w.sleepers for w in plan.windows] == [None, (False, True, True), (True, False, True), None]
     assert [len(w.passes) for w in plan.windows] == [3, 3, 3, 1]  # nobody sleeps on the last window
     assert [w.detach for w in plan.windows] == [False, True, False, True]
@@ -124,8 +148,9 @@ def test_the_plan_says_what_runs(tokens):
 @pytest.mark.parametrize("checkpoint", ["none", "pass", "window"])
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
-    config = make_config("GAGAG", passes=passes, checkpoint=checkpoint, grad_passes=min(2, passes),
-                         model={"loop": list(loop)})
+    config = make_config(
+        "GAGAG", passes=passes, checkpoint=checkpoint, grad_passes=min(2, passes), model={"loop": list(loop)}
+    )
     plan = make_plan(config.sleep, 3, 30, 5, range(*loop))
     ranges = tuple(blocks for blocks in (range(0, loop[0]), range(*loop), range(loop[1], 5)) if blocks)
     for window in plan.windows:
@@ -136,17 +161,22 @@ def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
         # under `pass` each block range of a pass with gradient is one unit: the wake pass and the last 2 passes
         assert wake.checkpoint_units == (ranges if checkpoint == "pass" else ())
         assert [p.checkpoint_units for p in sleep] == [
-            (range(*loop),) if checkpoint == "pass" and p.number > passes - 2 else () for p in sleep]
+            (range(*loop),) if checkpoint == "pass" and p.number > passes - 2 else () for p in sleep
+        ]
         assert window.is_checkpoint_unit == (checkpoint == "window")
 
 
-@pytest.mark.parametrize("setting", [
-    {"checkpoint": "pass"},
-    {"checkpoint": "pass", "grad_passes": 1, "state_norm_bound": 0.5},
-    {"checkpoint": "pass", "sleep_on": "context", "eviction": "sliding"},
-    {"checkpoint": "window"},
-    {"checkpoint": "none"},
-], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"checkpoint": "pass"},
+        {"checkpoint": "pass", "grad_passes": 1, "state_norm_bound": 0.5},
+        {"checkpoint": "pass", "sleep_on": "context", "eviction": "sliding"},
+        {"checkpoint": "window"},
+        {"checkpoint": "none"},
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
+)
 def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens):
     """Under `pass` the engine checkpoints exactly the plan's `PassPlan.checkpoint_units`, in order (under
     `window` it checkpoints the window, and no block range on its own)."""
@@ -169,14 +199,17 @@ def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens):
     assert len(checkpointed) == (4 * 3 + 3 * (1 if "grad_passes" in setting else 2) if per_pass else 0)
 
 
-@pytest.mark.parametrize("length, detach_every, carried_on", [
-    (30, None, [True, True, True, False]),  # 4 windows: the last one's states reach no later window
-    (30, 1, [False, False, False, False]),
-    (30, 2, [True, False, True, False]),
-    (30, 3, [True, True, False, False]),
-    (8, None, [False]),
-    (8, 1, [False]),
-])
+@pytest.mark.parametrize(
+    "length, detach_every, carried_on",
+    [
+        (30, None, [True, True, True, False]),  # 4 windows: the last one's states reach no later window
+        (30, 1, [False, False, False, False]),
+        (30, 2, [True, False, True, False]),
+        (30, 3, [True, True, False, False]),
+        (8, None, [False]),
+        (8, 1, [False]),
+    ],
+)
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_the_plan_says_which_states_are_carried(passes, length, detach_every, carried_on):
     config = make_config(passes=passes, detach_every=detach_every)
@@ -192,6 +225,7 @@ def test_the_plan_says_which_states_are_carried(passes, length, detach_every, ca
 def test_the_plan_says_which_windows_end_on_a_matmul(passes, checkpoint, tokens):
     """A window ends on its last sleep pass's last matmul unless a bound or a per-sequence choice of
     sleepers follows it; without sleep passes it ends on the head and loss."""
+
     def ends_on_matmul(**sleep):
         config = make_config(passes=passes, checkpoint=checkpoint, **sleep)
         carries_loss = loss_windows(context_targets(tokens), 8) if sleep.get("sleep_on") == "context" else None
@@ -227,16 +261,31 @@ EXPECTED_STEP_SYNCS = {
 }
 
 
-@pytest.mark.parametrize("sleep", [{"sleep_on": "evicted", "eviction": "hard"}, {"sleep_on": "context", "eviction": "sliding"}],
-                         ids=["evicted-hard", "context-sliding"])
+@pytest.mark.parametrize(
+    "sleep",
+    [{"sleep_on": "evicted", "eviction": "hard"}, {"sleep_on": "context", "eviction": "sliding"}],
+    ids=["evicted-hard", "context-sliding"],
+)
 def test_a_training_step_reads_the_device_only_where_named(tmp_path, data, sleep):
     run = tmp_path / "run"
-    config = write_config(tmp_path, data, run, sleep={"passes": 3, "checkpoint": "pass", **sleep},
-                          train={"steps": 4, "log_every": 4, "grad_accumulation": 2}, checkpoint={"every": 4}, eval={"passes": [1]})
+    config = write_config(
+        tmp_path,
+        data,
+        run,
+        sleep={"passes": 3, "checkpoint": "pass", **sleep},
+        train={"steps": 4, "log_every": 4, "grad_accumulation": 2},
+        checkpoint={"every": 4},
+        eval={"passes": [1]},
+    )
     out = tmp_path / "syncs.json"
     script = Path(__file__).parent / "host_syncs_ranks.py"
-    result = subprocess.run([sys.executable, str(script), str(out), str(config)], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(out), str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(out.read_text())
     # torch's Adam reads each parameter's step counter with .item(); torch keeps that counter on the

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 from train_helpers import losses, write_config
 
@@ -43,8 +42,9 @@ def job_env(**extra) -> dict:
 
 
 def submit(slurm, script: str, tmp: Path, *argv: str, options=(), env=None) -> tuple[str, Path]:
-    job = slurm.sbatch(f"--chdir={tmp}", f"--output={tmp}/%x-%j.out", "--time=10", *options,
-                       str(SLURM_DIR / script), *argv, env=env)
+    job = slurm.sbatch(
+        f"--chdir={tmp}", f"--output={tmp}/%x-%j.out", "--time=10", *options, str(SLURM_DIR / script), *argv, env=env
+    )
     return job, tmp
 
 
@@ -76,7 +76,9 @@ def two_rank_job(slurm, data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     run = tmp / "run"
     config = write_config(tmp, data, run)
-    job, _ = submit(slurm, "train.sbatch", tmp, str(config), "train.steps=4", env=job_env(SLEEPSCALE_NPROC_PER_NODE="2"))
+    job, _ = submit(
+        slurm, "train.sbatch", tmp, str(config), "train.steps=4", env=job_env(SLEEPSCALE_NPROC_PER_NODE="2")
+    )
     info = slurm.wait_for_state(job, {"COMPLETED"}, JOB_TIMEOUT)
     return job, tmp, run, info
 
@@ -134,8 +136,19 @@ def test_sweep_sbatch_over_n_gives_one_tagged_finished_run_per_value(slurm, data
     config = write_config(tmp_path, data, tmp_path / "unused")
     sweep = tmp_path / "sweep"
     env = job_env(SLEEPSCALE_SWEEP_TAG="N", SLEEPSCALE_SWEEP_DIR=str(sweep))
-    job, _ = submit(slurm, "sweep.sbatch", tmp_path, str(config), "sleep.passes", "1", "2", "--", "train.steps=3",
-                    options=["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%x-%A_%a.out"], env=env)
+    job, _ = submit(
+        slurm,
+        "sweep.sbatch",
+        tmp_path,
+        str(config),
+        "sleep.passes",
+        "1",
+        "2",
+        "--",
+        "train.steps=3",
+        options=["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/%x-%A_%a.out"],
+        env=env,
+    )
     elements = wait_for_array(slurm, job)
     assert [element["JobState"] for element in elements] == ["COMPLETED", "COMPLETED"], elements
     for n in (1, 2):
@@ -153,8 +166,18 @@ def test_sweep_sbatch_over_n_gives_one_tagged_finished_run_per_value(slurm, data
 
 
 def test_sweep_sbatch_refuses_an_array_that_does_not_match_the_values(slurm, tmp_path):
-    job, _ = submit(slurm, "sweep.sbatch", tmp_path, "config.yaml", "sleep.passes", "1", "2", "3",
-                    options=["--array=0-1", f"--output={tmp_path}/%x-%A_%a.out"], env=job_env())
+    job, _ = submit(
+        slurm,
+        "sweep.sbatch",
+        tmp_path,
+        "config.yaml",
+        "sleep.passes",
+        "1",
+        "2",
+        "3",
+        options=["--array=0-1", f"--output={tmp_path}/%x-%A_%a.out"],
+        env=job_env(),
+    )
     assert {element["JobState"] for element in wait_for_array(slurm, job)} == {"FAILED"}
     text = "".join(path.read_text() for path in tmp_path.glob("*.out"))
     assert "the array has 2 elements but there are 3 values: use --array=0-2" in text

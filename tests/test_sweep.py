@@ -8,15 +8,19 @@ import sys
 import time
 
 import pytest
+from train_helpers import losses, metric, write_config
 
 from sleepscale.config import ConfigError
 from sleepscale.sweep import parse_arguments, split_values
-from train_helpers import losses, metric, write_config
 
 
 def sweep(config, *arguments, check=True, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "sweep", str(config), *arguments],
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "sweep", str(config), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -24,13 +28,20 @@ def sweep(config, *arguments, check=True, timeout=600):
 
 @pytest.fixture
 def config(tmp_path):
-    return write_config(tmp_path, tmp_path / "data", tmp_path / "unused", train={"steps": 6, "log_every": 2},
-                        eval={"every": 3, "passes": [1, 2], "batch_size": 16})
+    return write_config(
+        tmp_path,
+        tmp_path / "data",
+        tmp_path / "unused",
+        train={"steps": 6, "log_every": 2},
+        eval={"every": 3, "passes": [1, 2], "batch_size": 16},
+    )
 
 
 def test_sweep_over_n_runs_nested_mlflow_runs_and_writes_the_report(tmp_path, config):
     out = tmp_path / "sweep"
-    result = sweep(config, "sleep.passes=1,2", "optimizer.lr=0.02", "--out", str(out), "--parallel", "2", "--equal-flops")
+    result = sweep(
+        config, "sleep.passes=1,2", "optimizer.lr=0.02", "--out", str(out), "--parallel", "2", "--equal-flops"
+    )
     names = ["passes-1", "passes-2", "passes-1-equal-flops"]
     report = (out / "report.md").read_text()
     assert report in result.stdout + "\n" or report.strip() in result.stdout
@@ -46,16 +57,25 @@ def test_sweep_over_n_runs_nested_mlflow_runs_and_writes_the_report(tmp_path, co
     steps = {name: max(losses(out / name)) for name in names}
     assert steps["passes-1"] == steps["passes-2"] == 6 and steps["passes-1-equal-flops"] > 6
     assert abs(flops["passes-1-equal-flops"] - flops["passes-2"]) <= flops["passes-1"] / 6
-    assert any(line.startswith("- At equal training tokens") and "passes-1 (N=1" in line and "passes-2 (N=2" in line
-               for line in lines)
-    assert any(line.startswith("- At equal training FLOPs") and "passes-1-equal-flops" in line and "passes-2" in line
-               for line in lines)
-    assert lines.count("") >= 2 and any(line.startswith("Evaluation: at least 1") and "items per cell" in line for line in lines)
+    assert any(
+        line.startswith("- At equal training tokens") and "passes-1 (N=1" in line and "passes-2 (N=2" in line
+        for line in lines
+    )
+    assert any(
+        line.startswith("- At equal training FLOPs") and "passes-1-equal-flops" in line and "passes-2" in line
+        for line in lines
+    )
+    assert lines.count("") >= 2 and any(
+        line.startswith("Evaluation: at least 1") and "items per cell" in line for line in lines
+    )
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
-    runs = {run.info.run_name: run for run in client.search_runs([client.get_experiment_by_name("sleepscale").experiment_id])}
+    runs = {
+        run.info.run_name: run
+        for run in client.search_runs([client.get_experiment_by_name("sleepscale").experiment_id])
+    }
     parent = runs.pop(f"sweep {out.name}")
     assert sorted(runs) == sorted(names)
     for name, run in runs.items():
@@ -63,8 +83,12 @@ def test_sweep_over_n_runs_nested_mlflow_runs_and_writes_the_report(tmp_path, co
         assert run.data.tags["passes"] == name.split("-")[1] and run.data.params["optimizer.lr"] == "0.02"
     assert parent.info.status == "FINISHED"
     assert {"report.md", "report.csv", "report.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    history = [line for line in (out / "passes-2" / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line]
-    assert [json.loads(line)["step"] for line in history] == [3, 6] and all("training_flops" in line for line in history)
+    history = [
+        line for line in (out / "passes-2" / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in line
+    ]
+    assert [json.loads(line)["step"] for line in history] == [3, 6] and all(
+        "training_flops" in line for line in history
+    )
     assert (out / "passes-2" / "eval_steps.png").exists()  # periodic evaluation: accuracy against step per N
 
 
@@ -81,20 +105,42 @@ def test_under_a_constant_learning_rate_equal_flops_extends_the_shorter_run(tmp_
     assert steps == 6 and max(extended) > 6
     short = tmp_path / "short"
     train(config, "sleep.passes=1", "schedule.kind=constant", f"train.run_dir={short}")
-    assert [extended[step] for step in (2, 4, 6)] == pytest.approx([losses(short)[step] for step in (2, 4, 6)], rel=1e-5)
+    assert [extended[step] for step in (2, 4, 6)] == pytest.approx(
+        [losses(short)[step] for step in (2, 4, 6)], rel=1e-5
+    )
     accuracy = "eval_accuracy_t1_N1"
     assert metric(out / "passes-1", accuracy)[6] == pytest.approx(metric(short, accuracy)[6], abs=1e-9)
     lines = (out / "report.md").read_text().splitlines()
-    assert any(line.startswith("- At equal training tokens") and f"passes-1 (N=1, eval N=1, at step 6 of {max(extended)})"
-               in line and "passes-2 (N=2, eval N=2)" in line for line in lines), lines
-    assert any(line.startswith("- At equal training FLOPs") and "passes-1 (N=1, eval N=1)" in line
-               and "passes-2 (N=2, eval N=2)" in line for line in lines), lines
+    assert any(
+        line.startswith("- At equal training tokens")
+        and f"passes-1 (N=1, eval N=1, at step 6 of {max(extended)})" in line
+        and "passes-2 (N=2, eval N=2)" in line
+        for line in lines
+    ), lines
+    assert any(
+        line.startswith("- At equal training FLOPs")
+        and "passes-1 (N=1, eval N=1)" in line
+        and "passes-2 (N=2, eval N=2)" in line
+        for line in lines
+    ), lines
 
 
 def test_a_stopped_sweep_resumes_and_finishes_only_what_is_missing(tmp_path, config):
     out = tmp_path / "sweep"
-    command = [sys.executable, "-m", "sleepscale.cli", "sweep", str(config), "sleep.passes=1,2", "--out", str(out),
-               "train.steps=30", "train.log_every=1", "eval.every=0", "checkpoint.every=100"]
+    command = [
+        sys.executable,
+        "-m",
+        "sleepscale.cli",
+        "sweep",
+        str(config),
+        "sleep.passes=1,2",
+        "--out",
+        str(out),
+        "train.steps=30",
+        "train.log_every=1",
+        "eval.every=0",
+        "checkpoint.every=100",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (out / "passes-2" / "metrics.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -117,7 +163,9 @@ def test_a_stopped_sweep_resumes_and_finishes_only_what_is_missing(tmp_path, con
     assert sorted(losses(out / "passes-2")) == list(range(1, 31)) and stopped_at < 30
     assert "| passes-2 | 2 | 2 |" in (out / "report.md").read_text()
 
-    other = subprocess.run([*command[:5], "sleep.passes=1,3", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    other = subprocess.run(
+        [*command[:5], "sleep.passes=1,3", "--out", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert "holds a sweep started with other arguments" in other.stderr
 
@@ -127,21 +175,35 @@ def test_sweep_report_reads_a_directory_of_runs(tmp_path, config):
     sweep(config, "sleep.passes=1,2", "--out", str(out))
     (out / "report.md").unlink()
     (out / "sweep.json").unlink()  # as slurm/sweep.sbatch leaves it: run directories only
-    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "sweep-report", str(out)], capture_output=True,
-                            text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "sweep-report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert "| passes-1 | 1 | 1 |" in result.stdout and (out / "report.md").exists()
-    empty = subprocess.run([sys.executable, "-m", "sleepscale.cli", "sweep-report", str(tmp_path / "data")],
-                           capture_output=True, text=True, timeout=120)
+    empty = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "sweep-report", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert empty.returncode == 2 and "no run directories" in empty.stderr and empty.stderr.count("\n") == 1
 
 
 def test_sweep_arguments():
     assert split_values("1,3") == ["1", "3"] and split_values("[0,2],[1,3]") == ["[0,2]", "[1,3]"]
     assert parse_arguments(["sleep.passes=1,3", "model.loop=[1,3]", "optimizer.lr=1e-3,3e-3"]) == (
-        [("sleep.passes", ["1", "3"]), ("optimizer.lr", ["1e-3", "3e-3"])], ["model.loop=[1,3]"])
-    for arguments, message in ((["sleep.passes"], "give KEY=V1,V2"), (["sleep.passes=4"], "nothing to sweep"),
-                               (["sleep.passes=1,,3"], "an empty value"),
-                               (["sleep.passes=1,2", "sleep.passes=3,4"], "swept twice")):
+        [("sleep.passes", ["1", "3"]), ("optimizer.lr", ["1e-3", "3e-3"])],
+        ["model.loop=[1,3]"],
+    )
+    for arguments, message in (
+        (["sleep.passes"], "give KEY=V1,V2"),
+        (["sleep.passes=4"], "nothing to sweep"),
+        (["sleep.passes=1,,3"], "an empty value"),
+        (["sleep.passes=1,2", "sleep.passes=3,4"], "swept twice"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_arguments(arguments)
 
@@ -154,9 +216,14 @@ def test_bad_sweep_values_are_one_line(tmp_path, config):
 def test_evaluation_plots_accuracy_against_n_and_against_step(tmp_path):
     from sleepscale.eval import metrics, plot, plot_history
 
-    rows = [{"difficulty": "t", "value": t, "passes": n, "accuracy": (10 * t + n) / 128} for t in (0, 2) for n in (1, 2, 4)]
+    rows = [
+        {"difficulty": "t", "value": t, "passes": n, "accuracy": (10 * t + n) / 128} for t in (0, 2) for n in (1, 2, 4)
+    ]
     drawn = plot(rows, tmp_path / "eval.png")
-    assert drawn == {"t=0": ([1, 2, 4], [1 / 128, 2 / 128, 4 / 128]), "t=2": ([1, 2, 4], [21 / 128, 22 / 128, 24 / 128])}
+    assert drawn == {
+        "t=0": ([1, 2, 4], [1 / 128, 2 / 128, 4 / 128]),
+        "t=2": ([1, 2, 4], [21 / 128, 22 / 128, 24 / 128]),
+    }
     single = plot([row for row in rows if row["passes"] == 2], tmp_path / "single.png")
     assert single == {"N=2": (["t=0", "t=2"], [2 / 128, 22 / 128])}  # one bar per difficulty, not a point on an axis
     history = [(step, [{**row, "accuracy": row["accuracy"] * step} for row in rows]) for step in (10, 20)]

@@ -10,12 +10,12 @@ import urllib.request
 
 import pytest
 import torch
+from train_helpers import changed_parameters, free_port, losses, metric, train, write_config
 
 from sleepscale.config_loading import load_config
 from sleepscale.model import build_model
 from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.trainer import EXIT_BAD_STEPS, EXIT_PREEMPTED
-from train_helpers import changed_parameters, free_port, losses, metric, train, write_config
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,16 @@ def test_short_run_trains_and_is_tracked_in_mlflow(uninterrupted):
     assert len(mlflow_run.data.tags["git_commit"]) in (7, 40) or mlflow_run.data.tags["git_commit"] == "unknown"
     history = client.get_metric_history(mlflow_run.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 21)) and [m.value for m in history] == list(losses(run).values())
-    for name in ("grad_norm", "lr", "tokens_per_second", "passes_per_window", "skipped_steps", "gdn_state_norm_layer1",
-                 "eval_accuracy_t0_N1", "eval_accuracy_t1_N2"):
+    for name in (
+        "grad_norm",
+        "lr",
+        "tokens_per_second",
+        "passes_per_window",
+        "skipped_steps",
+        "gdn_state_norm_layer1",
+        "eval_accuracy_t0_N1",
+        "eval_accuracy_t1_N2",
+    ):
         assert client.get_metric_history(mlflow_run.info.run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"config.yaml", "eval.csv", "eval.png", "eval.md"} <= artifacts
@@ -61,9 +69,25 @@ def test_short_run_trains_and_is_tracked_in_mlflow(uninterrupted):
 def test_tracking_to_a_real_mlflow_server(tmp_path, data):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 90
@@ -91,7 +115,9 @@ def test_tracking_to_a_real_mlflow_server(tmp_path, data):
 
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, data):
     run = tmp_path / "run"
-    result = train(write_config(tmp_path, data, run, tracking={"uri": f"http://127.0.0.1:{free_port()}"}), "train.steps=3")
+    result = train(
+        write_config(tmp_path, data, run, tracking={"uri": f"http://127.0.0.1:{free_port()}"}), "train.steps=3"
+    )
     assert result.stderr.count("training continues without MLflow tracking") == 1
     assert sorted(losses(run)) == [1, 2, 3]
 
@@ -156,22 +182,35 @@ def test_consecutive_bad_steps_stop_with_a_checkpoint(tmp_path, data):
 def test_first_stage_trains_only_the_named_parameters(tmp_path, data):
     run = tmp_path / "run"
     stages = [
-        {"name": "gdn-only", "steps": 5, "eviction": "hard", "passes": 2, "train": ["layers.1.attn.*", "layers.3.attn.*"]},
+        {
+            "name": "gdn-only",
+            "steps": 5,
+            "eviction": "hard",
+            "passes": 2,
+            "train": ["layers.1.attn.*", "layers.3.attn.*"],
+        },
         {"name": "all", "steps": 3, "eviction": "sliding", "passes": 2, "train": ["*"]},
     ]
     config = write_config(tmp_path, data, run, stages=stages, train={"steps": None}, checkpoint={"every": 5, "keep": 5})
     result = train(config)
     assert "stage 0 'gdn-only'" in result.stderr and "stage 1 'all'" in result.stderr
     initial = build_model(load_config(config).model).state_dict()
-    assert changed_parameters(run, 5, initial) == {name for name in initial if name.startswith(("layers.1.attn.", "layers.3.attn."))}
+    assert changed_parameters(run, 5, initial) == {
+        name for name in initial if name.startswith(("layers.1.attn.", "layers.3.attn."))
+    }
     assert "embeddings.weight" in changed_parameters(run, 8, initial)
 
 
 def test_eval_command_prints_and_writes_the_table(uninterrupted, tmp_path):
     run, _ = uninterrupted
     out = tmp_path / "table.csv"
-    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(run), "--passes", "1,3", "--out", str(out)],
-                            capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "eval", str(run), "--passes", "1,3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert "| difficulty | value | passes | items | accuracy | token_accuracy |" in result.stdout
     rows = out.read_text().splitlines()
     assert rows[0] == "difficulty,value,passes,items,accuracy,token_accuracy"
@@ -193,10 +232,16 @@ def test_bad_eval_arguments_are_one_line(uninterrupted, tmp_path):
         (["--passes", "1,x"], "--passes '1,x': give comma-separated integers"),
         (["--data", str(tmp_path)], "no manifest"),
     ):
-        result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(run), *args],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-m", "sleepscale.cli", "eval", str(run), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "sleepscale.cli", "eval", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "not a sleepscale checkpoint or run directory" in result.stderr
 
 
@@ -233,9 +278,12 @@ def test_shipped_two_stage_config_first_trains_only_the_inserted_gdn_layers():
     model = build_model(config.model)
     trained = {name for name, _ in model.named_parameters() if any(fnmatch.fnmatchcase(name, p) for p in first.train)}
     gdn_only = {i for i, letter in enumerate(config.model.pattern) if letter == "g"}
-    expected = {name for name, _ in model.named_parameters() if name.startswith("layers.") and int(name.split(".")[1]) in gdn_only}
+    expected = {
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith("layers.") and int(name.split(".")[1]) in gdn_only
+    }
     assert trained == expected and expected
-
 
 
 def _dataset_with_bad_shards(tmp_path, bad: int):
@@ -252,9 +300,14 @@ def _dataset_with_bad_shards(tmp_path, bad: int):
 
 def test_skipping_bad_shards_is_one_line_each_and_stops_beyond_the_allowed_fraction(tmp_path):
     config = _dataset_with_bad_shards(tmp_path, bad=8)
-    for fraction, message in ((0.01, "skipped 320 of the 320 samples of epoch 0 on this rank, more than "
-                                     "data.max_skipped_fraction = 0.01 of them; bad shards: "),
-                              (1.0, "no good sample left in epoch 0 on this rank: all 320 were skipped; bad shards: ")):
+    for fraction, message in (
+        (
+            0.01,
+            "skipped 320 of the 320 samples of epoch 0 on this rank, more than "
+            "data.max_skipped_fraction = 0.01 of them; bad shards: ",
+        ),
+        (1.0, "no good sample left in epoch 0 on this rank: all 320 were skipped; bad shards: "),
+    ):
         result = train(config, "data.skip_bad_samples=true", f"data.max_skipped_fraction={fraction}", check=False)
         assert result.returncode == 2, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]

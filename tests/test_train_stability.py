@@ -5,13 +5,13 @@ import sys
 
 import pytest
 import torch
-
 from conftest import make_config
+from train_helpers import losses, metric, train, write_config
+
 from sleepscale.config import ConfigError, PassesDistribution, validate
 from sleepscale.passes import draw_passes
 from sleepscale.train.checkpoint import load_model_from_checkpoint
 from sleepscale.train.spikes import SpikeGuard
-from train_helpers import losses, metric, train, write_config
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,23 @@ def test_random_n_run_trains_and_evaluates_every_requested_n(tmp_path, data):
     loss = losses(run)
     assert sum(list(loss.values())[-3:]) < sum(list(loss.values())[:3])
 
-    result = subprocess.run([sys.executable, "-m", "sleepscale.cli", "eval", str(run), "--passes", "1,2,4", "--no-mlflow",
-                             "--out", str(tmp_path / "eval.csv")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sleepscale.cli",
+            "eval",
+            str(run),
+            "--passes",
+            "1,2,4",
+            "--no-mlflow",
+            "--out",
+            str(tmp_path / "eval.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = (tmp_path / "eval.csv").read_text().splitlines()[1:]
     assert {row.split(",")[2] for row in rows} == {"1", "2", "4"}

@@ -12,14 +12,24 @@ import yaml
 
 TINY = {
     "model": {
-        "vocab_size": 8, "hidden_size": 16, "pattern": "AGAG", "intermediate_size": 32,
-        "attention": {"num_heads": 2}, "gdn": {"num_heads": 2}, "init_std": 0.1,
+        "vocab_size": 8,
+        "hidden_size": 16,
+        "pattern": "AGAG",
+        "intermediate_size": 32,
+        "attention": {"num_heads": 2},
+        "gdn": {"num_heads": 2},
+        "init_std": 0.1,
     },
     "sleep": {"window": 8, "passes": 2, "checkpoint": "none"},
     "data": {
         "path": None,
-        "generate": {"task": "rule110", "args": {"t_values": [0, 1], "bits": 8}, "train_samples": 320,
-                     "validation_samples": 32, "samples_per_shard": 40},
+        "generate": {
+            "task": "rule110",
+            "args": {"t_values": [0, 1], "bits": 8},
+            "train_samples": 320,
+            "validation_samples": 32,
+            "samples_per_shard": 40,
+        },
     },
     "optimizer": {"name": "adamw", "lr": 0.01},
     "schedule": {"kind": "cosine", "warmup_steps": 3},
@@ -45,13 +55,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def train(config: Path, *overrides: str, env: dict | None = None, ranks: int = 1, check: bool = True, timeout: int = 300):
+def train(
+    config: Path, *overrides: str, env: dict | None = None, ranks: int = 1, check: bool = True, timeout: int = 300
+):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if ranks == 1:
         command = [sys.executable, "-m", "sleepscale.cli", "train", str(config), *overrides]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
-                   "-m", "sleepscale.cli", "train", str(config), *overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "sleepscale.cli",
+            "train",
+            str(config),
+            *overrides,
+        ]
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

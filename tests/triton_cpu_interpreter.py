@@ -15,7 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import triton.runtime.autotuner as autotuner  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-autotuner.Autotuner.do_bench = property(lambda self: (lambda kernel_call, quantiles=None, **kwargs: [0.0, 0.0, 0.0]))
+autotuner.Autotuner.do_bench = property(lambda self: lambda kernel_call, quantiles=None, **kwargs: [0.0, 0.0, 0.0])
 
 
 def _visit_for(self, node):
@@ -24,7 +24,9 @@ def _visit_for(self, node):
         as_tensor = ast.Assign(
             targets=[ast.Name(id=node.target.id, ctx=ast.Store())],
             value=ast.Call(
-                func=ast.Attribute(value=ast.Name(id="interpreter_semantic", ctx=ast.Load()), attr="to_tensor", ctx=ast.Load()),
+                func=ast.Attribute(
+                    value=ast.Name(id="interpreter_semantic", ctx=ast.Load()), attr="to_tensor", ctx=ast.Load()
+                ),
                 args=[ast.Name(id=node.target.id, ctx=ast.Load()), ast.Constant(value=False)],
                 keywords=[],
             ),

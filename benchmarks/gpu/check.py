@@ -35,10 +35,16 @@ def op_inputs(batch, length, heads, value_heads, key_dim, value_dim, seed=0):
     def randn(*shape, scale=1.0):
         return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
 
-    return [randn(batch, length, heads, key_dim), randn(batch, length, heads, key_dim),
-            randn(batch, length, value_heads, value_dim), randn(batch, length, value_heads), randn(batch, length, value_heads),
-            torch.rand(value_heads, generator=generator, dtype=torch.float64) * 2, randn(value_heads),
-            randn(batch, value_heads, key_dim, value_dim, scale=0.3)]
+    return [
+        randn(batch, length, heads, key_dim),
+        randn(batch, length, heads, key_dim),
+        randn(batch, length, value_heads, value_dim),
+        randn(batch, length, value_heads),
+        randn(batch, length, value_heads),
+        torch.rand(value_heads, generator=generator, dtype=torch.float64) * 2,
+        randn(value_heads),
+        randn(batch, value_heads, key_dim, value_dim, scale=0.3),
+    ]
 
 
 def run_op(backend, inputs, d_output, d_state):
@@ -52,7 +58,7 @@ def run_op(backend, inputs, d_output, d_state):
 def parity(device, smoke: bool) -> list[str]:
     rows = []
     dim = 8 if smoke else 128
-    for length in ((24,) if smoke else (24, 64)):
+    for length in (24,) if smoke else (24, 64):
         inputs = op_inputs(2, length, 4, 8, dim, dim)
         generator = torch.Generator().manual_seed(1)
         d_output = torch.randn(2, length, 8, dim, generator=generator, dtype=torch.float64)
@@ -62,14 +68,19 @@ def parity(device, smoke: bool) -> list[str]:
             cast = [x.to(device, dtype if i < 5 else torch.float32) for i, x in enumerate(inputs)]
             for backend in ("window", "fla"):
                 if device.type == "cpu" and backend == "fla" and dtype == torch.bfloat16:
-                    continue  # Triton's interpreter multiplies bf16 tl.dot operands as raw bits (tests/triton_cpu_interpreter.py)
+                    # Triton's interpreter multiplies bf16 tl.dot operands as raw bits (tests/triton_cpu_interpreter.py)
+                    continue
                 got = run_op(backend, cast, d_output.to(device), d_state.to(device))
-                errors = {name: ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
-                          for name, g, e in zip(NAMES, got, expected)}
+                errors = {
+                    name: ((g.double().cpu() - e).abs().max() / e.abs().max()).item()
+                    for name, g, e in zip(NAMES, got, expected)
+                }
                 gradients = {name: error for name, error in errors.items() if name not in ("output", "state")}
                 worst = max(gradients, key=gradients.get)
-                rows.append(f"| {length} | {str(dtype).removeprefix('torch.')} | {backend} | {errors['output']:.1e} | "
-                            f"{errors['state']:.1e} | {gradients[worst]:.1e} ({worst}) |")
+                rows.append(
+                    f"| {length} | {str(dtype).removeprefix('torch.')} | {backend} | {errors['output']:.1e} | "
+                    f"{errors['state']:.1e} | {gradients[worst]:.1e} ({worst}) |"
+                )
     return rows
 
 
@@ -92,9 +103,11 @@ def kernel_times(device, smoke: bool) -> list[str]:
     rows = []
     batch, heads, dim = (1, 1, 8) if smoke else (16, 8, 128)  # the 380M model's GDN: 8 heads of 128, 16 sequences
     do_bench = timer(device)
-    for length in ((24,) if smoke else (24, 64, 75, 256)):
-        inputs = [x.to(device, torch.bfloat16 if i < 5 else torch.float32)
-                  for i, x in enumerate(op_inputs(batch, length, heads, heads, dim, dim))]
+    for length in (24,) if smoke else (24, 64, 75, 256):
+        inputs = [
+            x.to(device, torch.bfloat16 if i < 5 else torch.float32)
+            for i, x in enumerate(op_inputs(batch, length, heads, heads, dim, dim))
+        ]
         leaves = [x.requires_grad_() for x in inputs]
         times = {}
         for backend in ("window", "fla"):
@@ -111,32 +124,59 @@ def kernel_times(device, smoke: bool) -> list[str]:
 
             times[backend] = (do_bench(forward), do_bench(forward_backward))
         ours, theirs = times["window"], times["fla"]
-        cell = (lambda t: "—" if t is None else f"{t * 1e3:.0f}")
-        ratio = (lambda a, b: "—" if a is None else f"{b / a:.2f}x")
-        rows.append(f"| {length} | {cell(ours[0])} | {cell(theirs[0])} | {ratio(ours[0], theirs[0])} | {cell(ours[1])} | "
-                    f"{cell(theirs[1])} | {ratio(ours[1], theirs[1])} |")
+
+        def cell(t):
+            return "—" if t is None else f"{t * 1e3:.0f}"
+
+        def ratio(a, b):
+            return "—" if a is None else f"{b / a:.2f}x"
+
+        rows.append(
+            f"| {length} | {cell(ours[0])} | {cell(theirs[0])} | {ratio(ours[0], theirs[0])} | {cell(ours[1])} | "
+            f"{cell(theirs[1])} | {ratio(ours[1], theirs[1])} |"
+        )
     return rows
 
 
-MODEL = {"vocab_size": 32000, "hidden_size": 1024, "pattern": "AGAG" * 6, "intermediate_size": 2816,
-         "attention": {"num_heads": 16, "num_kv_heads": 4}, "gdn": {"num_heads": 8, "head_dim": 128}}
-SMOKE_MODEL = {"vocab_size": 64, "hidden_size": 32, "pattern": "AG", "intermediate_size": 48,
-               "attention": {"num_heads": 2, "num_kv_heads": 1}, "gdn": {"num_heads": 2, "head_dim": 8}}
+MODEL = {
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "pattern": "AGAG" * 6,
+    "intermediate_size": 2816,
+    "attention": {"num_heads": 16, "num_kv_heads": 4},
+    "gdn": {"num_heads": 8, "head_dim": 128},
+}
+SMOKE_MODEL = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "pattern": "AG",
+    "intermediate_size": 48,
+    "attention": {"num_heads": 2, "num_kv_heads": 1},
+    "gdn": {"num_heads": 2, "head_dim": 8},
+}
 
 
 def model_rows(device, steps: int, smoke: bool) -> list[str]:
     rows = []
     shapes = SMOKE_MODEL if smoke else MODEL
     batch, length, window = (1, 16, 8) if smoke else (8, 1024, 64)
-    settings = [(1, "none", None, "auto")] + [(n, "pass", None, "auto") for n in (1, 2, 4)] + \
-        [(n, "none", 1, "auto") for n in (2, 4)] + [(4, "pass", None, "fla")]
+    settings = (
+        [(1, "none", None, "auto")]
+        + [(n, "pass", None, "auto") for n in (1, 2, 4)]
+        + [(n, "none", 1, "auto") for n in (2, 4)]
+        + [(4, "pass", None, "fla")]
+    )
     if smoke:
         settings = [(2, "pass", None, "auto"), (2, "none", 1, "fla")]
     cuda = device.type == "cuda"
     for passes, checkpoint, grad_passes, backend in settings:
-        config = validate({"model": {**shapes, "backend": backend},
-                           "sleep": {"window": window, "passes": passes, "checkpoint": checkpoint, "grad_passes": grad_passes},
-                           "train": {"steps": 1}})
+        config = validate(
+            {
+                "model": {**shapes, "backend": backend},
+                "sleep": {"window": window, "passes": passes, "checkpoint": checkpoint, "grad_passes": grad_passes},
+                "train": {"steps": 1},
+            }
+        )
         torch.manual_seed(0)
         model = build_model(config.model, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
@@ -173,8 +213,10 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
         flops = plan_flops(plan, model, config.sleep.window)
         peak = peak_flops(device)
         mfu = f"{flops / seconds / peak:.3f}" if peak else "—"
-        rows.append(f"| {passes} | {checkpoint} | {grad_passes or 'all'} | {backend} | {ids.numel() / seconds:,.0f} | "
-                    f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | {mfu} | {syncs} |")
+        rows.append(
+            f"| {passes} | {checkpoint} | {grad_passes or 'all'} | {backend} | {ids.numel() / seconds:,.0f} | "
+            f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | {mfu} | {syncs} |"
+        )
         print(rows[-1], flush=True)
         model = optimizer = None  # freed before the next setting is built
         if cuda:
@@ -186,30 +228,51 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
     parser.add_argument("--out", default="benchmarks/results/gpu.md")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1 "
-                        "(tests/test_gpu_check.py runs it so that the script itself is tested without a GPU)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on the CPU under TRITON_INTERPRET=1 "
+        "(tests/test_gpu_check.py runs it so that the script itself is tested without a GPU)",
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.device("meta"):
-        shapes = HybridLM(validate({"model": SMOKE_MODEL if args.smoke else MODEL, "sleep": {"window": 64},
-                                    "train": {"steps": 1}}).model)
+        shapes = HybridLM(
+            validate(
+                {"model": SMOKE_MODEL if args.smoke else MODEL, "sleep": {"window": 64}, "train": {"steps": 1}}
+            ).model
+        )
     parameters = sum(p.numel() for p in shapes.parameters())
     name = "CPU (smoke run, Triton interpreted)" if args.smoke else torch.cuda.get_device_name(device)
-    lines = [f"# GPU check: {name}", "",
-             f"`bash benchmarks/gpu/check.sh` on {datetime.date.today()}, torch {torch.__version__}, one {name}.", "",
-             "## Parity against the PyTorch op in float64 (max |error| / max |truth|; B=2, H=4, HV=8, K=V=128, with state)", "",
-             "| T | inputs | backend | output | state | worst gradient |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# GPU check: {name}",
+        "",
+        f"`bash benchmarks/gpu/check.sh` on {datetime.date.today()}, torch {torch.__version__}, one {name}.",
+        "",
+        "## Parity against the PyTorch op in float64 (max |error| / max |truth|; B=2, H=4, HV=8, K=V=128, with state)",
+        "",
+        "| T | inputs | backend | output | state | worst gradient |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     lines += parity(device, args.smoke)
     print("\n".join(lines), flush=True)
-    kernel = ["", "## Kernel time, microseconds (bf16 inputs, B=16, H=HV=8, K=V=128, with state; triton.testing.do_bench)", "",
-              "| T | ours fwd | fla chunk fwd | fla / ours | ours fwd+bwd | fla chunk fwd+bwd | fla / ours |",
-              "| --- | --- | --- | --- | --- | --- | --- |"] + kernel_times(device, args.smoke)
+    kernel = [
+        "",
+        "## Kernel time, microseconds (bf16 inputs, B=16, H=HV=8, K=V=128, with state; triton.testing.do_bench)",
+        "",
+        "| T | ours fwd | fla chunk fwd | fla / ours | ours fwd+bwd | fla chunk fwd+bwd | fla / ours |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ] + kernel_times(device, args.smoke)
     print("\n".join(kernel), flush=True)
-    model = ["", f"## Training a {parameters / 1e6:.0f}M-parameter AGAG x6 hybrid (hidden 1024, window 64, 8 x 1024 tokens, "
-             f"bf16 autocast, fused AdamW; mean of {args.steps} steps)", "",
-             "| N | checkpoint | grad_passes | backend | tokens/s | peak GiB | MFU | host syncs in a step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"] + model_rows(device, args.steps, args.smoke)
+    model = [
+        "",
+        f"## Training a {parameters / 1e6:.0f}M-parameter AGAG x6 hybrid (hidden 1024, window 64, 8 x 1024 tokens, "
+        f"bf16 autocast, fused AdamW; mean of {args.steps} steps)",
+        "",
+        "| N | checkpoint | grad_passes | backend | tokens/s | peak GiB | MFU | host syncs in a step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ] + model_rows(device, args.steps, args.smoke)
     Path(args.out).write_text("\n".join(lines + kernel + model) + "\n")
     print("\n".join(model[:5]), f"\nwritten to {args.out}")
 

@@ -23,7 +23,13 @@ import yaml
 from sleepscale.config import FREE_OF_SOURCE, ConfigError, validate
 from sleepscale.convert.families import FlaGatedDeltaNet, Piece, UnsupportedCheckpoint, family_of
 from sleepscale.convert.model_dir import (
-    DESCRIPTION, SHARD_BYTES, ModelDirError, is_model_dir, read_description, write_model_dir, write_safetensors_dir,
+    DESCRIPTION,
+    SHARD_BYTES,
+    ModelDirError,
+    is_model_dir,
+    read_description,
+    write_model_dir,
+    write_safetensors_dir,
 )
 from sleepscale.model import build_model
 from sleepscale.model.hybrid import HybridLM
@@ -36,15 +42,20 @@ INSERTED_BLOCK = "g"  # GDN without MLP, as Ouro's inserted fast-weight layers
 def read_hf_config(source: Path) -> dict[str, Any]:
     path = source / "config.json"
     if not path.is_file():
-        raise ModelDirError(f"{source}: no config.json; give a Hugging Face checkpoint directory (save_pretrained's output)")
+        raise ModelDirError(
+            f"{source}: no config.json; give a Hugging Face checkpoint directory (save_pretrained's output)"
+        )
     try:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ModelDirError(f"{path}: not valid JSON ({error}); give the config.json that save_pretrained wrote "
-                            "beside the weights") from None
+        raise ModelDirError(
+            f"{path}: not valid JSON ({error}); give the config.json that save_pretrained wrote beside the weights"
+        ) from None
     if not isinstance(hf, dict):
-        raise ModelDirError(f"{path}: holds a JSON {type(hf).__name__}, not an object of config fields; give the "
-                            "config.json that save_pretrained wrote beside the weights")
+        raise ModelDirError(
+            f"{path}: holds a JSON {type(hf).__name__}, not an object of config fields; give the "
+            "config.json that save_pretrained wrote beside the weights"
+        )
     return hf
 
 
@@ -60,8 +71,10 @@ def with_inserted_gdn(section: dict[str, Any], every: int) -> tuple[dict[str, An
     """(model section with a GDN-only block after every `every`-th block, our block index of each
     source block, the inserted blocks' indices)."""
     if every < 1:
-        raise ConfigError(f"--insert-gdn {every}: give K >= 1 (a GDN block after every K-th block), or leave out "
-                          "--insert-gdn to insert none")
+        raise ConfigError(
+            f"--insert-gdn {every}: give K >= 1 (a GDN block after every K-th block), or leave out "
+            "--insert-gdn to insert none"
+        )
     letters, block_of, inserted = [], [], []
     for index, letter in enumerate(section["pattern"]):
         block_of.append(len(letters))
@@ -76,8 +89,9 @@ def with_inserted_gdn(section: dict[str, Any], every: int) -> tuple[dict[str, An
     return section, block_of, inserted
 
 
-def convert_from_hf(source: str | Path, out: str | Path, insert_gdn: int | None = None, seed: int = 0,
-                    shard_bytes: int = SHARD_BYTES) -> Path:
+def convert_from_hf(
+    source: str | Path, out: str | Path, insert_gdn: int | None = None, seed: int = 0, shard_bytes: int = SHARD_BYTES
+) -> Path:
     source, out = Path(source), Path(out)
     hf = read_hf_config(source)
     family = family_of(hf)
@@ -94,16 +108,22 @@ def convert_from_hf(source: str | Path, out: str | Path, insert_gdn: int | None 
     _check_coverage(pieces, files, family, model, inserted, source)
     skipped = [name for name in files.names() if name.startswith(family.ignored)]
     if skipped:
-        print(f"not converted: {len(skipped)} tensors under {', '.join(family.ignored)} (sleepscale's models are text-only "
-              "and predict one token ahead)")
+        print(
+            f"not converted: {len(skipped)} tensors under "
+            f"{', '.join(family.ignored)} (sleepscale's models are text-only "
+            "and predict one token ahead)"
+        )
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for piece in pieces:
             yield piece.ours, files.get(piece.theirs, piece.rows)
         yield from _inserted_weights(model, inserted)
 
-    description = {"model": model_section, "source": {"family": hf["model_type"], "config": hf},
-                   "inserted_blocks": inserted}
+    description = {
+        "model": model_section,
+        "source": {"family": hf["model_type"], "config": hf},
+        "inserted_blocks": inserted,
+    }
     extra = {INSERTION_CONFIG: insertion_config(out, inserted)} if inserted else {}
     return write_model_dir(out, description, tensors(), shard_bytes, extra)
 
@@ -136,7 +156,9 @@ def insertion_config(model_dir: Path, inserted: list[int]) -> str:
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
-def _check_coverage(pieces: list[Piece], files: SafetensorsFiles, family, model, inserted: list[int], source: Path) -> None:
+def _check_coverage(
+    pieces: list[Piece], files: SafetensorsFiles, family, model, inserted: list[int], source: Path
+) -> None:
     """Every weight of the model comes from a source tensor of its shape or is inserted, and every
     source tensor is used or knowingly ignored: a mismatch stops before anything is written."""
     with torch.device("meta"):
@@ -150,13 +172,17 @@ def _check_coverage(pieces: list[Piece], files: SafetensorsFiles, family, model,
         if piece.rows is not None:
             shape[0] = piece.rows[1] - piece.rows[0]
         if tuple(shape) != shapes[piece.ours]:
-            raise ModelDirError(f"{source}: {piece.theirs} gives {piece.ours} shape {tuple(shape)}, config.json implies "
-                                f"{shapes[piece.ours]}")
+            raise ModelDirError(
+                f"{source}: {piece.theirs} gives {piece.ours} shape {tuple(shape)}, config.json implies "
+                f"{shapes[piece.ours]}"
+            )
     used = {piece.theirs for piece in pieces}
     unused = [name for name in files.names() if name not in used and not name.startswith(family.ignored)]
     if unused:
-        raise ModelDirError(f"{source}: tensors {unused[:3]} have no place in sleepscale's model; the checkpoint uses "
-                            "a feature its config.json does not declare")
+        raise ModelDirError(
+            f"{source}: tensors {unused[:3]} have no place in sleepscale's model; the checkpoint uses "
+            "a feature its config.json does not declare"
+        )
 
 
 def _block_index(name: str) -> int | None:
@@ -189,10 +215,12 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
         section = config.model.model_dump(mode="json")
         description = read_description(config.model.init_from) if config.model.init_from else {"source": None}
         state = dict(model.named_parameters())
-        get = lambda name, rows=None: state[name].detach() if rows is None else state[name].detach()[rows[0]:rows[1]]  # noqa: E731
+        get = lambda name, rows=None: state[name].detach() if rows is None else state[name].detach()[rows[0] : rows[1]]  # noqa: E731
     if description.get("inserted_blocks"):
-        raise UnsupportedCheckpoint(f"{source}: has GDN blocks inserted by --insert-gdn, which the source family "
-                                    f"({description['source']['family']}) cannot hold; keep it as a sleepscale model directory")
+        raise UnsupportedCheckpoint(
+            f"{source}: has GDN blocks inserted by --insert-gdn, which the source family "
+            f"({description['source']['family']}) cannot hold; keep it as a sleepscale model directory"
+        )
     hf_source = description.get("source")
     if hf_source is None:  # trained from scratch: fla's hybrid holds our blocks as they are
         family = FlaGatedDeltaNet()
@@ -227,9 +255,11 @@ def _checkpoint_in(source: Path) -> Path:
         found = "it is empty"
     else:
         found = "it holds " + ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    raise ModelDirError(f"{source}: nothing to convert: no config.json (a Hugging Face checkpoint to import), no "
-                        f"{DESCRIPTION} (a model directory to export) and no trainer.json (a run or training "
-                        f"checkpoint to export); {found}")
+    raise ModelDirError(
+        f"{source}: nothing to convert: no config.json (a Hugging Face checkpoint to import), no "
+        f"{DESCRIPTION} (a model directory to export) and no trainer.json (a run or training "
+        f"checkpoint to export); {found}"
+    )
 
 
 def _check_same_architecture(source_section: dict[str, Any], section: dict[str, Any], where: Path) -> None:
@@ -239,5 +269,7 @@ def _check_same_architecture(source_section: dict[str, Any], section: dict[str, 
     mine["pattern"], theirs["pattern"] = model.blocks, source_model.blocks
     differing = [key for key in mine if mine[key] != theirs[key]]
     if differing:
-        raise UnsupportedCheckpoint(f"{where}: model.{differing[0]} differs from the source checkpoint's; only an unchanged "
-                                    "architecture exports to the source family")
+        raise UnsupportedCheckpoint(
+            f"{where}: model.{differing[0]} differs from the source checkpoint's; only an unchanged "
+            "architecture exports to the source family"
+        )

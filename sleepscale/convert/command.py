@@ -15,8 +15,9 @@ def convert(args) -> int:
         raise FileNotFoundError(f"{source}: no such directory")
     importing = (source / "config.json").is_file() and not is_model_dir(source)
     if not importing and args.insert_gdn is not None:
-        raise ConfigError("--insert-gdn applies when importing a Hugging Face checkpoint "
-                          "(a directory with config.json)")
+        raise ConfigError(
+            "--insert-gdn applies when importing a Hugging Face checkpoint (a directory with config.json)"
+        )
     if importing:
         out = convert_from_hf(source, args.out, insert_gdn=args.insert_gdn, seed=args.seed)
         print(f"wrote {out} (start a run from it with model.init_from={out})")

@@ -47,10 +47,16 @@ def _refuse(hf: dict[str, Any], field: str, unsupported: bool, feature: str) -> 
 def _check_common(hf: dict[str, Any]) -> None:
     for field in MOE_FIELDS:
         _refuse(hf, field, bool(hf.get(field)), "mixture-of-experts")
-    _refuse(hf, "hidden_act", hf.get("hidden_act", "silu") not in ("silu", "swish"), "an MLP activation other than SiLU")
+    _refuse(
+        hf, "hidden_act", hf.get("hidden_act", "silu") not in ("silu", "swish"), "an MLP activation other than SiLU"
+    )
     _refuse(hf, "mlp_bias", bool(hf.get("mlp_bias")), "MLP biases")
-    _refuse(hf, "use_sliding_window", bool(hf.get("use_sliding_window")),
-            "the checkpoint's own sliding window (sleepscale's attention span is sleep.window)")
+    _refuse(
+        hf,
+        "use_sliding_window",
+        bool(hf.get("use_sliding_window")),
+        "the checkpoint's own sliding window (sleepscale's attention span is sleep.window)",
+    )
 
 
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
@@ -64,13 +70,17 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "llama3":
         section["rope_scaling"] = {
-            "kind": "llama3", "factor": params["factor"], "low_freq_factor": params["low_freq_factor"],
+            "kind": "llama3",
+            "factor": params["factor"],
+            "low_freq_factor": params["low_freq_factor"],
             "high_freq_factor": params["high_freq_factor"],
             "original_max_position_embeddings": params["original_max_position_embeddings"],
         }
     elif kind != "default":
         field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-        raise UnsupportedCheckpoint(f"config.json {field}.rope_type={kind!r}: only default and llama3 RoPE are supported")
+        raise UnsupportedCheckpoint(
+            f"config.json {field}.rope_type={kind!r}: only default and llama3 RoPE are supported"
+        )
     return section
 
 
@@ -81,7 +91,10 @@ def _attention_section(hf: dict[str, Any], qkv_bias: bool, output_bias: bool, qk
         "num_kv_heads": hf.get("num_key_value_heads") or heads,
         "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
         **_rope(hf),
-        "qkv_bias": qkv_bias, "output_bias": output_bias, "qk_norm": qk_norm, "output_gate": output_gate,
+        "qkv_bias": qkv_bias,
+        "output_bias": output_bias,
+        "qk_norm": qk_norm,
+        "output_gate": output_gate,
     }
 
 
@@ -109,7 +122,10 @@ def _attention_pieces(theirs: str, ours: str, attention: dict[str, Any]) -> list
 
 
 def _mlp_pieces(theirs: str, ours: str) -> list[Piece]:
-    return [Piece(f"{ours}.mlp.{name}.weight", f"{theirs}.mlp.{name}.weight") for name in ("gate_proj", "up_proj", "down_proj")] + [
+    return [
+        Piece(f"{ours}.mlp.{name}.weight", f"{theirs}.mlp.{name}.weight")
+        for name in ("gate_proj", "up_proj", "down_proj")
+    ] + [
         Piece(f"{ours}.attn_norm.weight", f"{theirs}.input_layernorm.weight"),
         Piece(f"{ours}.mlp_norm.weight", f"{theirs}.post_attention_layernorm.weight"),
     ]
@@ -138,15 +154,21 @@ class Transformer:
         kind = hf["model_type"]
         biased = bool(hf.get("attention_bias", False))
         attention = _attention_section(
-            hf, qkv_bias=True if kind == "qwen2" else biased, output_bias=biased and kind != "qwen2",
-            qk_norm=kind == "qwen3", output_gate=False)
+            hf,
+            qkv_bias=True if kind == "qwen2" else biased,
+            output_bias=biased and kind != "qwen2",
+            qk_norm=kind == "qwen3",
+            output_gate=False,
+        )
         return {**_common_section(hf, "A" * hf["num_hidden_layers"]), "attention": attention}
 
     def pieces(self, hf: dict[str, Any], model: dict[str, Any], block_of: list[int]) -> list[Piece]:
         pieces = _outer_pieces(self.prefix(hf), model["tie_embeddings"])
         for layer, block in enumerate(block_of):
             theirs, ours = f"{self.prefix(hf)}layers.{layer}", f"layers.{block}"
-            pieces += _attention_pieces(f"{theirs}.self_attn", f"{ours}.attn", model["attention"]) + _mlp_pieces(theirs, ours)
+            pieces += _attention_pieces(f"{theirs}.self_attn", f"{ours}.attn", model["attention"]) + _mlp_pieces(
+                theirs, ours
+            )
         return pieces
 
 
@@ -161,7 +183,9 @@ class Qwen35:
     def text_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         if hf["model_type"] != "qwen3_5":
             return hf
-        tied = hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False))  # set on the outer config
+        tied = hf.get(
+            "tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False)
+        )  # set on the outer config
         return {**hf["text_config"], "model_type": "qwen3_5_text", "tie_word_embeddings": tied}
 
     def prefix(self, hf: dict[str, Any]) -> str:
@@ -169,7 +193,11 @@ class Qwen35:
 
     def export_config(self, hf: dict[str, Any]) -> dict[str, Any]:
         """The text model (Qwen3_5ForCausalLM): the vision tower of a multimodal source was not converted."""
-        return hf if hf["model_type"] == "qwen3_5_text" else {**self.text_config(hf), "architectures": ["Qwen3_5ForCausalLM"]}
+        return (
+            hf
+            if hf["model_type"] == "qwen3_5_text"
+            else {**self.text_config(hf), "architectures": ["Qwen3_5ForCausalLM"]}
+        )
 
     def model_section(self, hf: dict[str, Any]) -> dict[str, Any]:
         text = self.text_config(hf)
@@ -181,11 +209,19 @@ class Qwen35:
         return {
             **_common_section(text, "".join(letters[kind] for kind in text["layer_types"])),
             "zero_centered_norms": True,
-            "attention": _attention_section(text, qkv_bias=bool(text.get("attention_bias")),
-                                            output_bias=bool(text.get("attention_bias")), qk_norm=True, output_gate=True),
+            "attention": _attention_section(
+                text,
+                qkv_bias=bool(text.get("attention_bias")),
+                output_bias=bool(text.get("attention_bias")),
+                qk_norm=True,
+                output_gate=True,
+            ),
             "gdn": {
-                "num_heads": text["linear_num_key_heads"], "num_v_heads": text["linear_num_value_heads"],
-                "head_dim": key_dim, "expand_v": value_dim / key_dim, "conv_size": text["linear_conv_kernel_dim"],
+                "num_heads": text["linear_num_key_heads"],
+                "num_v_heads": text["linear_num_value_heads"],
+                "head_dim": key_dim,
+                "expand_v": value_dim / key_dim,
+                "conv_size": text["linear_conv_kernel_dim"],
             },
         }
 
@@ -203,12 +239,22 @@ class Qwen35:
                 continue
             gdn, mixer = f"{theirs}.linear_attn", f"{ours}.attn"
             for letter, rows in fused.items():
-                pieces += [Piece(f"{mixer}.{letter}_proj.weight", f"{gdn}.in_proj_qkv.weight", rows),
-                           Piece(f"{mixer}.{letter}_conv1d.weight", f"{gdn}.conv1d.weight", rows)]
-            pieces += [Piece(f"{mixer}.{ours_name}", f"{gdn}.{their_name}") for ours_name, their_name in (
-                ("g_proj.weight", "in_proj_z.weight"), ("b_proj.weight", "in_proj_b.weight"),
-                ("a_proj.weight", "in_proj_a.weight"), ("A_log", "A_log"), ("dt_bias", "dt_bias"),
-                ("o_norm.weight", "norm.weight"), ("o_proj.weight", "out_proj.weight"))]
+                pieces += [
+                    Piece(f"{mixer}.{letter}_proj.weight", f"{gdn}.in_proj_qkv.weight", rows),
+                    Piece(f"{mixer}.{letter}_conv1d.weight", f"{gdn}.conv1d.weight", rows),
+                ]
+            pieces += [
+                Piece(f"{mixer}.{ours_name}", f"{gdn}.{their_name}")
+                for ours_name, their_name in (
+                    ("g_proj.weight", "in_proj_z.weight"),
+                    ("b_proj.weight", "in_proj_b.weight"),
+                    ("a_proj.weight", "in_proj_a.weight"),
+                    ("A_log", "A_log"),
+                    ("dt_bias", "dt_bias"),
+                    ("o_norm.weight", "norm.weight"),
+                    ("o_proj.weight", "out_proj.weight"),
+                )
+            ]
         return pieces
 
 
@@ -240,8 +286,12 @@ class FlaGatedDeltaNet:
             _refuse(hf, field, bool(hf.get(field)), "mixture-of-experts")
         attention = hf.get("attn") or {}
         _refuse(hf, "attn", bool(attention.get("qkv_bias")), "attention q/k/v biases in fla hybrids")
-        _refuse(hf, "attn", attention.get("window_size") is not None,
-                "attention with its own window_size (sleepscale's attention span is sleep.window)")
+        _refuse(
+            hf,
+            "attn",
+            attention.get("window_size") is not None,
+            "attention with its own window_size (sleepscale's attention span is sleep.window)",
+        )
         attention_layers = set(attention.get("layers", []))
         depth = hf["num_hidden_layers"]
         intermediate = hf.get("intermediate_size")
@@ -249,10 +299,14 @@ class FlaGatedDeltaNet:
             size = int(hf["hidden_size"] * hf.get("hidden_ratio", 4) * 2 / 3)
             intermediate = 256 * ((size + 255) // 256)
         section = {
-            **_common_section({**hf, "intermediate_size": intermediate, "rms_norm_eps": hf.get("norm_eps", 1e-6)},
-                              "".join("A" if i in attention_layers else "G" for i in range(depth))),
+            **_common_section(
+                {**hf, "intermediate_size": intermediate, "rms_norm_eps": hf.get("norm_eps", 1e-6)},
+                "".join("A" if i in attention_layers else "G" for i in range(depth)),
+            ),
             "gdn": {
-                "num_heads": hf["num_heads"], "head_dim": hf["head_dim"], "expand_v": hf.get("expand_v", 2.0),
+                "num_heads": hf["num_heads"],
+                "head_dim": hf["head_dim"],
+                "expand_v": hf.get("expand_v", 2.0),
                 "conv_size": hf.get("conv_size", 4),
                 **({"num_v_heads": hf["num_v_heads"]} if hf.get("num_v_heads") not in (None, hf["num_heads"]) else {}),
             },
@@ -280,33 +334,51 @@ class FlaGatedDeltaNet:
                 pieces.append(Piece(name, name if name.startswith("lm_head.") else "model." + name))
         return pieces
 
-
     def hf_config(self, model: dict[str, Any]) -> dict[str, Any]:
         """The fla config of a model sleepscale trained from scratch (export without a source)."""
         config = ModelConfig(**model)
         if config.zero_centered_norms:
-            raise UnsupportedCheckpoint("model.zero_centered_norms: fla's GatedDeltaNet models have no such option; export "
-                                        "needs the model's source checkpoint family")
+            raise UnsupportedCheckpoint(
+                "model.zero_centered_norms: fla's GatedDeltaNet models have no such option; export "
+                "needs the model's source checkpoint family"
+            )
         plain = AttentionConfig()
         for name in ("rope_scaling", "rotary_fraction", "qkv_bias", "output_bias", "qk_norm", "output_gate"):
             if getattr(config.attention, name) != getattr(plain, name):
                 raise UnsupportedCheckpoint(f"model.attention.{name}: fla's attention layer has no such option")
         if set(config.blocks) - set("AG"):
-            raise UnsupportedCheckpoint(f"model.pattern {config.pattern!r}: fla's models have an MLP in every block (A and G only)")
+            raise UnsupportedCheckpoint(
+                f"model.pattern {config.pattern!r}: fla's models have an MLP in every block (A and G only)"
+            )
         attention_layers = [i for i, letter in enumerate(config.blocks) if letter == "A"]
         hf = {
-            "model_type": "gated_deltanet", "architectures": ["GatedDeltaNetForCausalLM"],
-            "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": len(config.blocks),
-            "intermediate_size": config.mlp_size, "hidden_act": "swish", "norm_eps": config.norm_eps,
-            "initializer_range": config.init_std, "tie_word_embeddings": config.tie_embeddings,
-            "num_heads": config.gdn.num_heads, "num_v_heads": config.gdn_v_heads, "head_dim": config.gdn_head_dim,
-            "expand_v": config.gdn.expand_v, "conv_size": config.gdn.conv_size, "use_gate": True, "use_short_conv": True,
+            "model_type": "gated_deltanet",
+            "architectures": ["GatedDeltaNetForCausalLM"],
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": len(config.blocks),
+            "intermediate_size": config.mlp_size,
+            "hidden_act": "swish",
+            "norm_eps": config.norm_eps,
+            "initializer_range": config.init_std,
+            "tie_word_embeddings": config.tie_embeddings,
+            "num_heads": config.gdn.num_heads,
+            "num_v_heads": config.gdn_v_heads,
+            "head_dim": config.gdn_head_dim,
+            "expand_v": config.gdn.expand_v,
+            "conv_size": config.gdn.conv_size,
+            "use_gate": True,
+            "use_short_conv": True,
         }
         if attention_layers:
             if config.attention_head_dim * config.attention.num_heads != config.hidden_size:
                 raise UnsupportedCheckpoint("model.attention.head_dim: fla's attention uses hidden_size / num_heads")
-            hf["attn"] = {"layers": attention_layers, "num_heads": config.attention.num_heads,
-                          "num_kv_heads": config.attention_kv_heads, "rope_theta": config.attention.rope_theta}
+            hf["attn"] = {
+                "layers": attention_layers,
+                "num_heads": config.attention.num_heads,
+                "num_kv_heads": config.attention_kv_heads,
+                "rope_theta": config.attention.rope_theta,
+            }
         return hf
 
 
@@ -322,4 +394,6 @@ def family_of(hf: dict[str, Any]):
     for family in FAMILIES:
         if kind in family.model_types:
             return family
-    raise UnsupportedCheckpoint(f"config.json model_type={kind!r} is not supported by sleepscale (supported: {', '.join(SUPPORTED)})")
+    raise UnsupportedCheckpoint(
+        f"config.json model_type={kind!r} is not supported by sleepscale (supported: {', '.join(SUPPORTED)})"
+    )

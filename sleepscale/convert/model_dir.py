@@ -42,25 +42,35 @@ def read_description(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     described = path / DESCRIPTION
     if not described.is_file():
-        raise ModelDirError(f"{path}: not a sleepscale model directory (no {DESCRIPTION}); write one with `sleepscale convert`")
+        raise ModelDirError(
+            f"{path}: not a sleepscale model directory (no {DESCRIPTION}); write one with `sleepscale convert`"
+        )
     try:
         description = json.loads(described.read_text())
     except json.JSONDecodeError as error:
         raise ModelDirError(f"{described}: not valid JSON ({error}); convert the source again") from None
     if description.get("format") != FORMAT:
-        raise ModelDirError(f"{described}: format {description.get('format')!r} is not {FORMAT}; convert the source again")
+        raise ModelDirError(
+            f"{described}: format {description.get('format')!r} is not {FORMAT}; convert the source again"
+        )
     return description
 
 
-def write_model_dir(out: str | Path, description: dict[str, Any], tensors: Iterable[tuple[str, torch.Tensor]],
-                    shard_bytes: int = SHARD_BYTES, files: dict[str, str] | None = None) -> Path:
+def write_model_dir(
+    out: str | Path,
+    description: dict[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    shard_bytes: int = SHARD_BYTES,
+    files: dict[str, str] | None = None,
+) -> Path:
     """`files`: further text files to write beside the weights (name -> text)."""
     described = {DESCRIPTION: json.dumps({"format": FORMAT, **description}, indent=2)}
     return write_safetensors_dir(out, tensors, {**described, **(files or {})}, shard_bytes)
 
 
-def write_safetensors_dir(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], files: dict[str, str],
-                          shard_bytes: int = SHARD_BYTES) -> Path:
+def write_safetensors_dir(
+    out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], files: dict[str, str], shard_bytes: int = SHARD_BYTES
+) -> Path:
     """Writes `tensors` (name, tensor), produced one at a time, into safetensors files of about
     `shard_bytes` with a Hugging Face index, so that at most one file's worth is held in memory, and
     the text `files` beside them. Written into a temporary directory renamed into place at the end:

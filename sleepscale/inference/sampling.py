@@ -12,8 +12,13 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, vocabulary: int | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    vocabulary: int | None = None,
+) -> torch.Tensor:
     """Next tokens [batch] from logits [batch, vocab]: argmax at temperature 0, else a draw from the
     softmax at `temperature` restricted to the smallest set of tokens whose probability reaches `top_p`.
     `vocabulary`: only ids below it are picked (a tokenizer smaller than the model's embedding table)."""

@@ -55,7 +55,9 @@ class SessionState:
 
 
 class SleepingSession:
-    def __init__(self, model: HybridLM, sleep: SleepConfig, batch_size: int = 1, device: torch.device | str | None = None):
+    def __init__(
+        self, model: HybridLM, sleep: SleepConfig, batch_size: int = 1, device: torch.device | str | None = None
+    ):
         if sleep.random_passes is not None:
             raise ValueError("sleep.random_passes draws N per training step; give a fixed sleep.passes for inference")
         self.model, self.sleep = model.eval(), sleep
@@ -97,8 +99,9 @@ class SleepingSession:
         if low < 0 or high >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocabulary), got {low}..{high}")
 
-    def _read(self, tokens: list[torch.Tensor], rectangle: torch.Tensor | None = None,
-              keep_logits: bool = True) -> list[torch.Tensor]:
+    def _read(
+        self, tokens: list[torch.Tensor], rectangle: torch.Tensor | None = None, keep_logits: bool = True
+    ) -> list[torch.Tensor]:
         """Reads tokens[i] [n_i] into stream i and returns each stream's logits [n_i, vocab] (none
         without `keep_logits`). `rectangle` [batch, n], when given, holds the same tokens: a step
         every stream takes at the same offset is then a slice of it. Streams that take the same step
@@ -122,8 +125,13 @@ class SleepingSession:
                     piece = rectangle[:, read[0] : read[0] + take]
                 else:
                     piece = torch.stack([tokens[i][read[i] : read[i] + take] for i in streams])
-                out = sleep_forward(self.model, piece, self.sleep, states=self._rows(state.states, streams),
-                                    sequence_continues=continues)
+                out = sleep_forward(
+                    self.model,
+                    piece,
+                    self.sleep,
+                    states=self._rows(state.states, streams),
+                    sequence_continues=continues,
+                )
                 new_states = _at_least_float32(out.states)
                 state.states = self._scattered(state.states, streams, new_states)
                 if continues:  # a whole window with more to come: slept on and evicted in the same call
@@ -138,14 +146,26 @@ class SleepingSession:
                     state.positions[i] += take
                     state.filled[i] = 0 if continues else state.filled[i] + take
         vocab = self.model.config.vocab_size
-        return [torch.cat(pieces) if pieces else state.window_tokens.new_zeros(0, vocab, dtype=torch.float)
-                for pieces in logits] if keep_logits else []
+        return (
+            [
+                torch.cat(pieces) if pieces else state.window_tokens.new_zeros(0, vocab, dtype=torch.float)
+                for pieces in logits
+            ]
+            if keep_logits
+            else []
+        )
 
     def _sleep_and_evict(self, streams: list[int]) -> None:
         state = self.state
         window_tokens = state.window_tokens if len(streams) == self.batch_size else state.window_tokens[streams]
-        out = sleep_forward(self.model, window_tokens, self.sleep, states=self._rows(state.window_start, streams),
-                            sequence_continues=True, return_logits=False)
+        out = sleep_forward(
+            self.model,
+            window_tokens,
+            self.sleep,
+            states=self._rows(state.window_start, streams),
+            sequence_continues=True,
+            return_logits=False,
+        )
         new_states = _at_least_float32(out.states)
         state.window_start = self._scattered(state.window_start, streams, new_states)
         state.states = self._scattered(state.states, streams, new_states)
@@ -158,7 +178,9 @@ class SleepingSession:
             rows = slice(None) if len(streams) == self.batch_size else streams
             self.state.window_tokens[rows, filled[0] : filled[0] + piece.shape[1]] = piece
         else:
-            columns = torch.tensor(filled, device=self.device)[:, None] + torch.arange(piece.shape[1], device=self.device)
+            columns = torch.tensor(filled, device=self.device)[:, None] + torch.arange(
+                piece.shape[1], device=self.device
+            )
             self.state.window_tokens[torch.tensor(streams, device=self.device)[:, None], columns] = piece
 
     def _rows(self, states: list[MixerState], streams: list[int]) -> list[MixerState]:
@@ -191,9 +213,15 @@ class SleepingSession:
         return torch.tensor(index, device=self.device), torch.tensor(chosen, device=self.device)
 
     @torch.no_grad()
-    def generate(self, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None,
-                 vocabulary: int | None = None) -> Iterator[torch.Tensor]:
+    def generate(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_tokens: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+        vocabulary: int | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Yields the next token of every stream [batch], up to `max_new_tokens` or until every
         stream has produced a stop token (a finished stream keeps yielding its stop token). Starts
         from the logits of the last token read: feed a prompt first. `vocabulary`: only ids below
@@ -221,7 +249,9 @@ class SleepingSession:
 
     def restore(self, snapshot: SessionState) -> None:
         if snapshot.window_tokens.shape[0] != self.batch_size:
-            raise ValueError(f"the snapshot holds {snapshot.window_tokens.shape[0]} streams, this session {self.batch_size}")
+            raise ValueError(
+                f"the snapshot holds {snapshot.window_tokens.shape[0]} streams, this session {self.batch_size}"
+            )
         self.state = _copy(snapshot, self.device)  # a snapshot read from disk is on the CPU
 
 
@@ -231,9 +261,15 @@ def _at_least_float32(states: list[MixerState]) -> list[MixerState]:
 
 def _copy(state: SessionState, device: torch.device | None = None) -> SessionState:
     """A copy that owns its tensors, on `device` (default: where they are)."""
+
     def copy(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.clone() if device is None or tensor.device == device else tensor.to(device)
 
-    return SessionState([s.mapped(copy) for s in state.window_start], [s.mapped(copy) for s in state.states],
-                        copy(state.window_tokens), list(state.filled), list(state.positions),
-                        None if state.last_logits is None else copy(state.last_logits))
+    return SessionState(
+        [s.mapped(copy) for s in state.window_start],
+        [s.mapped(copy) for s in state.states],
+        copy(state.window_tokens),
+        list(state.filled),
+        list(state.positions),
+        None if state.last_logits is None else copy(state.last_logits),
+    )

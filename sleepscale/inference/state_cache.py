@@ -33,8 +33,14 @@ class StateCache:
         self.hits = self.misses = 0
 
     def key(self, session: SleepingSession, tokens: torch.Tensor) -> str:
-        described = json.dumps({"model": self.model_key, "sleep": session.sleep.model_dump(mode="json"),
-                                "dtype": str(next(session.model.parameters()).dtype)}, sort_keys=True)
+        described = json.dumps(
+            {
+                "model": self.model_key,
+                "sleep": session.sleep.model_dump(mode="json"),
+                "dtype": str(next(session.model.parameters()).dtype),
+            },
+            sort_keys=True,
+        )
         digest = hashlib.sha256(described.encode())
         digest.update(tokens.to("cpu", torch.int64).contiguous().numpy().tobytes())
         digest.update(str(tuple(tokens.shape)).encode())

@@ -49,6 +49,7 @@ import triton.language as tl
 # The kernel's limits, defined where configs are checked against them.
 from sleepscale.config import WINDOW_MAX_HEAD_DIM as MAX_HEAD_DIM
 from sleepscale.config import WINDOW_MAX_LENGTH as MAX_LENGTH
+
 L2_EPS = 1e-6
 SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus's: linear above it
 
@@ -56,8 +57,22 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _token(q, k, v, p_qk, p_v, mk, mv, t, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-           DT: tl.constexpr, IS_F64: tl.constexpr):
+def _token(
+    q,
+    k,
+    v,
+    p_qk,
+    p_v,
+    mk,
+    mv,
+    t,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    DT: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     """Token t's q and k normalised (x / sqrt(|x|^2 + 1e-6), before the scale) with their inverse
     norms, and its v."""
     q_t = tl.load(q + p_qk + t * H * K, mask=mk, other=0).to(DT)
@@ -81,7 +96,9 @@ def _gates(a, b, A_log, dt_bias, p_g, ot, mt, i_hv, HV: tl.constexpr, DT: tl.con
     x = tl.load(a + p_g + ot * HV, mask=mt, other=0).to(DT) + tl.load(dt_bias + i_hv).to(DT)
     ex = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + ex
-    log1p = tl.where(w == 1.0, ex, tl.log(w) * (ex / tl.where(w == 1.0, 1.0, w - 1.0)))  # log(1 + ex), accurate for small ex
+    log1p = tl.where(
+        w == 1.0, ex, tl.log(w) * (ex / tl.where(w == 1.0, 1.0, w - 1.0))
+    )  # log(1 + ex), accurate for small ex
     g = neg_A * tl.where(x > 20.0, x, log1p)
     beta = 1.0 / (1.0 + tl.exp(-tl.load(b + p_g + ot * HV, mask=mt, other=0).to(DT)))
     softplus_grad = tl.where(x > 20.0, 1.0, ex / w)
@@ -89,10 +106,30 @@ def _gates(a, b, A_log, dt_bias, p_g, ot, mt, i_hv, HV: tl.constexpr, DT: tl.con
 
 
 @triton.jit
-def _window_fwd_kernel(q, k, v, a, b, A_log, dt_bias, h0, o, ht, scale_ptr, T,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, DT: tl.constexpr,
-                       IS_F64: tl.constexpr):
+def _window_fwd_kernel(
+    q,
+    k,
+    v,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    h0,
+    o,
+    ht,
+    scale_ptr,
+    T,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    DT: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     i_bh = tl.program_id(0).to(tl.int64)  # the backward's scratch can pass 2**31 elements
     i_b = i_bh // HV
     i_hv = i_bh % HV
@@ -127,11 +164,39 @@ def _window_fwd_kernel(q, k, v, a, b, A_log, dt_bias, h0, o, ht, scale_ptr, T,
 
 
 @triton.jit
-def _window_bwd_kernel(q, k, v, a, b, A_log, dt_bias, h0, do, dht, scratch,
-                       dq, dk, dv, da, db, dA, dh0, scale_ptr, T,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-                       DT: tl.constexpr, IS_F64: tl.constexpr):
+def _window_bwd_kernel(
+    q,
+    k,
+    v,
+    a,
+    b,
+    A_log,
+    dt_bias,
+    h0,
+    do,
+    dht,
+    scratch,
+    dq,
+    dk,
+    dv,
+    da,
+    db,
+    dA,
+    dh0,
+    scale_ptr,
+    T,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    DT: tl.constexpr,
+    IS_F64: tl.constexpr,
+):
     """dq, dk: [B, T, HV, K] per value head; da, db, dA (the A_log piece dg * g): [B, T, HV]."""
     i_bh = tl.program_id(0).to(tl.int64)  # the backward's scratch can pass 2**31 elements
     i_b = i_bh // HV
@@ -222,9 +287,15 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def _launch_settings(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> dict:
     block_k, block_v = triton.next_power_of_2(q.shape[-1]), triton.next_power_of_2(v.shape[-1])
     return {
-        "H": q.shape[2], "HV": v.shape[2], "K": q.shape[-1], "V": v.shape[-1],
-        "BT": triton.next_power_of_2(q.shape[1]), "BK": block_k, "BV": block_v,
-        "DT": tl.float64 if dtype == torch.float64 else tl.float32, "IS_F64": dtype == torch.float64,
+        "H": q.shape[2],
+        "HV": v.shape[2],
+        "K": q.shape[-1],
+        "V": v.shape[-1],
+        "BT": triton.next_power_of_2(q.shape[1]),
+        "BK": block_k,
+        "BV": block_v,
+        "DT": tl.float64 if dtype == torch.float64 else tl.float32,
+        "IS_F64": dtype == torch.float64,
         "num_warps": 4 if block_k * block_v <= 64 * 64 else 8,
     }
 
@@ -242,9 +313,21 @@ class WindowGatedDeltaRule(torch.autograd.Function):
         o = torch.empty_like(v)
         final_state = torch.empty(batch, value_heads, q.shape[-1], v.shape[-1], device=v.device, dtype=dtype)
         _window_fwd_kernel[(batch * value_heads,)](
-            q, k, v, a, b, A_log, dt_bias, initial_state if initial_state is not None else final_state,
-            o, final_state, torch.full((1,), scale, device=v.device, dtype=dtype), length,
-            HAS_H0=initial_state is not None, **settings)
+            q,
+            k,
+            v,
+            a,
+            b,
+            A_log,
+            dt_bias,
+            initial_state if initial_state is not None else final_state,
+            o,
+            final_state,
+            torch.full((1,), scale, device=v.device, dtype=dtype),
+            length,
+            HAS_H0=initial_state is not None,
+            **settings,
+        )
         ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, initial_state)
         ctx.scale = scale
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
@@ -270,10 +353,30 @@ class WindowGatedDeltaRule(torch.autograd.Function):
         da, db, dA = (torch.empty(batch, length, value_heads, device=v.device, dtype=dtype) for _ in range(3))
         dh0 = torch.empty(batch, value_heads, key_dim, value_dim, device=v.device, dtype=dtype)
         _window_bwd_kernel[(batch * value_heads,)](
-            q, k, v, a, b, A_log, dt_bias, initial_state if initial_state is not None else dh0,
-            d_output, d_final_state if d_final_state is not None else dh0, scratch,
-            dq, dk, dv, da, db, dA, dh0, torch.full((1,), ctx.scale, device=v.device, dtype=dtype), length,
-            HAS_H0=initial_state is not None, HAS_DHT=d_final_state is not None, **settings)
+            q,
+            k,
+            v,
+            a,
+            b,
+            A_log,
+            dt_bias,
+            initial_state if initial_state is not None else dh0,
+            d_output,
+            d_final_state if d_final_state is not None else dh0,
+            scratch,
+            dq,
+            dk,
+            dv,
+            da,
+            db,
+            dA,
+            dh0,
+            torch.full((1,), ctx.scale, device=v.device, dtype=dtype),
+            length,
+            HAS_H0=initial_state is not None,
+            HAS_DHT=d_final_state is not None,
+            **settings,
+        )
         del scratch
 
         groups = value_heads // heads
@@ -288,27 +391,44 @@ class WindowGatedDeltaRule(torch.autograd.Function):
 
 def _check(q, k, v, a, b, A_log, dt_bias, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"window_gated_delta_rule: q, k must be [B, T, H, K] and v [B, T, HV, V] alike, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"window_gated_delta_rule: q, k must be [B, T, H, K] and v [B, T, HV, V] alike, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     batch, length, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2], v.shape[3]
     if not 1 <= length <= MAX_LENGTH:
-        raise ValueError(f"window_gated_delta_rule: T = {length} tokens; the kernel takes 1 to {MAX_LENGTH} (one window)")
+        raise ValueError(
+            f"window_gated_delta_rule: T = {length} tokens; the kernel takes 1 to {MAX_LENGTH} (one window)"
+        )
     if key_dim > MAX_HEAD_DIM or value_dim > MAX_HEAD_DIM:
-        raise ValueError(f"window_gated_delta_rule: K = {key_dim}, V = {value_dim}; "
-                         f"the kernel takes head dimensions up to {MAX_HEAD_DIM}")
+        raise ValueError(
+            f"window_gated_delta_rule: K = {key_dim}, V = {value_dim}; "
+            f"the kernel takes head dimensions up to {MAX_HEAD_DIM}"
+        )
     if value_heads % heads:
         raise ValueError(f"window_gated_delta_rule: value heads ({value_heads}) must be a multiple of heads ({heads})")
     gate_shape = (batch, length, value_heads)
-    if a.shape != gate_shape or b.shape != gate_shape or A_log.shape != (value_heads,) or dt_bias.shape != (value_heads,):
-        raise ValueError(f"window_gated_delta_rule: a, b must be {list(gate_shape)} and A_log, dt_bias [{value_heads}], "
-                         f"got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
+    if (
+        a.shape != gate_shape
+        or b.shape != gate_shape
+        or A_log.shape != (value_heads,)
+        or dt_bias.shape != (value_heads,)
+    ):
+        raise ValueError(
+            f"window_gated_delta_rule: a, b must be {list(gate_shape)} and A_log, dt_bias [{value_heads}], "
+            f"got {tuple(a.shape)}, {tuple(b.shape)}, {tuple(A_log.shape)}, {tuple(dt_bias.shape)}"
+        )
     if initial_state is not None and initial_state.shape != (batch, value_heads, key_dim, value_dim):
-        raise ValueError(f"window_gated_delta_rule: initial_state must be {[batch, value_heads, key_dim, value_dim]}, "
-                         f"got {tuple(initial_state.shape)}")
+        raise ValueError(
+            f"window_gated_delta_rule: initial_state must be {[batch, value_heads, key_dim, value_dim]}, "
+            f"got {tuple(initial_state.shape)}"
+        )
     if q.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"window_gated_delta_rule: {q.device.type} tensors need Triton's interpreter "
-                         "(TRITON_INTERPRET=1 before importing triton); the kernel is for CUDA")
+        raise ValueError(
+            f"window_gated_delta_rule: {q.device.type} tensors need Triton's interpreter "
+            "(TRITON_INTERPRET=1 before importing triton); the kernel is for CUDA"
+        )
 
 
 def window_gated_delta_rule(

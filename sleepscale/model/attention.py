@@ -64,8 +64,12 @@ class AttentionState(MixerState):
         like = self if self.tail else other
         a, b = self._left_padded(length, like), other._left_padded(length, like)
         selected = mask.view(-1, 1, 1, 1)
-        return AttentionState(self.span, torch.where(selected, a.keys, b.keys),
-                              torch.where(selected, a.values, b.values), torch.where(mask[:, None], a.valid, b.valid))
+        return AttentionState(
+            self.span,
+            torch.where(selected, a.keys, b.keys),
+            torch.where(selected, a.values, b.values),
+            torch.where(mask[:, None], a.valid, b.valid),
+        )
 
     def _left_padded(self, length: int, like: AttentionState) -> AttentionState:
         batch, heads, _, head_dim = like.keys.shape
@@ -186,18 +190,26 @@ class Attention(nn.Module):
             mask, is_causal = (distance >= 0) & (distance < state.span), False
             if key_valid is not None:
                 mask = mask & key_valid[:, None, None, :]  # [batch, heads (broadcast), queries, keys]
-        out = F.scaled_dot_product_attention(
-            rotate(q, cos[tail:], sin[tail:]),
-            rotate(k, cos, sin),
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        ).transpose(1, 2).flatten(-2)
+        out = (
+            F.scaled_dot_product_attention(
+                rotate(q, cos[tail:], sin[tail:]),
+                rotate(k, cos, sin),
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            .transpose(1, 2)
+            .flatten(-2)
+        )
         if self.output_gate:
             out = out * torch.sigmoid(gate.flatten(-2))
         first_kept = max(0, k.shape[2] - (state.span - 1))  # the last span - 1 keys, or all when there are fewer
         # copies: views would keep every key and value of the call alive as long as the state lives
-        new_state = AttentionState(state.span, k[:, :, first_kept:].clone(), v[:, :, first_kept:].clone(),
-                                   None if key_valid is None else key_valid[:, first_kept:])
+        new_state = AttentionState(
+            state.span,
+            k[:, :, first_kept:].clone(),
+            v[:, :, first_kept:].clone(),
+            None if key_valid is None else key_valid[:, first_kept:],
+        )
         return self.o_proj(out), new_state

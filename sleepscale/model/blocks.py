@@ -19,7 +19,12 @@ from sleepscale.model.state import MixerState
 
 class Block(nn.Module):
     def __init__(
-        self, mixer: nn.Module, hidden_size: int, intermediate_size: int | None, norm_eps: float, zero_centered_norms: bool = False
+        self,
+        mixer: nn.Module,
+        hidden_size: int,
+        intermediate_size: int | None,
+        norm_eps: float,
+        zero_centered_norms: bool = False,
     ):
         super().__init__()
         self.attn_norm = RMSNorm(hidden_size, norm_eps, zero_centered_norms)

@@ -28,7 +28,9 @@ from sleepscale.ops import Backend, gated_delta_rule
 @dataclasses.dataclass(frozen=True)
 class GDNState(MixerState):
     fast_weights: torch.Tensor  # [batch, num_v_heads, head_k_dim, head_v_dim], float32
-    conv_tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # q, k, v: [batch, channels, conv_size - 1]
+    conv_tails: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+        None  # q, k, v: [batch, channels, conv_size - 1]
+    )
 
     def evicted(self) -> GDNState:
         return GDNState(self.fast_weights)
@@ -87,7 +89,9 @@ class GatedRMSNorm(nn.Module):
 def initial_decay_parameters(num_heads: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Mamba-2 style decay init, as fla: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1] (float32, CPU)."""
     A = torch.empty(num_heads, device="cpu").uniform_(0, 16, generator=generator)
-    dt = torch.exp(torch.rand(num_heads, generator=generator, device="cpu") * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    dt = torch.exp(
+        torch.rand(num_heads, generator=generator, device="cpu") * (math.log(0.1) - math.log(0.001)) + math.log(0.001)
+    )
     dt = dt.clamp(min=1e-4)
     return {"A_log": A.log(), "dt_bias": dt + torch.log(-torch.expm1(-dt))}  # dt_bias: inverse softplus
 
@@ -143,7 +147,9 @@ class GatedDeltaNet(nn.Module):
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> GDNState:
         dtype = torch.promote_types(self.q_proj.weight.dtype, torch.float32)
-        return GDNState(torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype))
+        return GDNState(
+            torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, device=device, dtype=dtype)
+        )
 
     def forward(self, x: torch.Tensor, state: GDNState) -> tuple[torch.Tensor, GDNState]:
         q_tail, k_tail, v_tail = state.conv_tails or (None, None, None)
@@ -154,7 +160,14 @@ class GatedDeltaNet(nn.Module):
         k = k.unflatten(-1, (self.num_heads, self.head_k_dim))
         v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
         out, fast_weights = gated_delta_rule(
-            q, k, v, self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias, initial_state=state.fast_weights,
+            q,
+            k,
+            v,
+            self.a_proj(x),
+            self.b_proj(x),
+            self.A_log,
+            self.dt_bias,
+            initial_state=state.fast_weights,
             backend=self.backend,
         )
         gate = self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim))

@@ -2,12 +2,11 @@
 
 The model knows nothing about windows or passes; it offers the pieces the sleep engine
 (`sleepscale.sleep`) drives: `embed`, `run_blocks` over any block range with explicit states, and
-`head`, and `cross_entropy` for the loss. Module names follow fla's HF models (embeddings, layers, norm, lm_head) so that checkpoints
-convert by renaming (`sleepscale.convert.families`).
+`head`, and `cross_entropy` for the loss. Module names follow fla's HF models (embeddings, layers,
+norm, lm_head) so that checkpoints convert by renaming (`sleepscale.convert.families`).
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,9 @@ class CrossEntropy(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        return F.cross_entropy(logits.flatten(0, 1).to(dtype), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(
+            logits.flatten(0, 1).to(dtype), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
 
     def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (the head's may be a shard of it)."""
@@ -86,8 +87,10 @@ class HybridLM(nn.Module):
     def initial_states(self, batch_size: int, span: int, device: torch.device | None = None) -> list[MixerState]:
         """Fresh per-block states for a batch of new sequences; `span` is the attention window L.
         Blocks this rank does not hold get `NotHeld` placeholders."""
-        return [block.initial_state(batch_size, span, device) if i in self.held else NotHeld()
-                for i, block in enumerate(self.layers)]
+        return [
+            block.initial_state(batch_size, span, device) if i in self.held else NotHeld()
+            for i, block in enumerate(self.layers)
+        ]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(input_ids)
@@ -103,7 +106,9 @@ class HybridLM(nn.Module):
         if not blocks:
             return hidden, states
         if checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(HybridLM.run_blocks, self, hidden, states, blocks, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                HybridLM.run_blocks, self, hidden, states, blocks, use_reentrant=False
+            )
         states = list(states)
         for i in blocks:
             hidden, states[i] = self.layers[i](hidden, states[i])

@@ -66,7 +66,9 @@ class SeededWeights:
     def shape(self, name: str) -> list[int]:
         return list(self.parameters[name].shape)
 
-    def get(self, name: str, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The parameter's value, or its rows [start, stop) or columns: drawn whole, then cut, so
         that a shard equals the same part of the single-process model's parameter."""
         value = self._draw(name)
@@ -94,5 +96,7 @@ class SeededWeights:
             return value.zero_() if owner.zero_centered else value.fill_(1)
         if isinstance(owner, GatedRMSNorm):
             return value.fill_(1)
-        raise NotImplementedError(f"no initialisation rule for {name} ({type(owner).__name__}.{attribute}); "
-                                  "add one to sleepscale/model/seeded_weights.py")
+        raise NotImplementedError(
+            f"no initialisation rule for {name} ({type(owner).__name__}.{attribute}); "
+            "add one to sleepscale/model/seeded_weights.py"
+        )

@@ -40,14 +40,17 @@ class SafetensorsFiles:
             try:
                 self.weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ModelDirError(f"{index}: not a safetensors index ({_one_line(error)}); copy the checkpoint "
-                                    "directory again") from None
+                raise ModelDirError(
+                    f"{index}: not a safetensors index ({_one_line(error)}); copy the checkpoint directory again"
+                ) from None
         elif (self.directory / "model.safetensors").is_file():
             with self._open(self.directory / "model.safetensors") as file:
                 self.weight_map = dict.fromkeys(file.keys(), "model.safetensors")
         else:
-            raise ModelDirError(f"{self.directory}: no model.safetensors or {INDEX}; only safetensors checkpoints are "
-                                "read (save the model with save_pretrained(..., safe_serialization=True))")
+            raise ModelDirError(
+                f"{self.directory}: no model.safetensors or {INDEX}; only safetensors checkpoints are "
+                "read (save the model with save_pretrained(..., safe_serialization=True))"
+            )
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -73,15 +76,18 @@ class SafetensorsFiles:
             with safe_open(path, framework="pt") as file:
                 yield file
         except SafetensorError as error:
-            raise ModelDirError(f"{path}: not a readable safetensors file ({_one_line(error)}); it is damaged or "
-                                "truncated: copy or save the checkpoint again") from None
+            raise ModelDirError(
+                f"{path}: not a readable safetensors file ({_one_line(error)}); it is damaged or "
+                "truncated: copy or save the checkpoint again"
+            ) from None
 
     def shape(self, name: str) -> list[int]:
         with self._file(name) as file:
             return file.get_slice(name).get_shape()
 
-    def get(self, name: str, rows: tuple[int, int] | None = None,
-            columns: tuple[int, int] | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, rows: tuple[int, int] | None = None, columns: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The tensor, or only its rows [start, stop) or columns (read without the rest)."""
         with self._file(name) as file:
             if rows is None and columns is None:
@@ -95,8 +101,9 @@ def _one_line(error: Exception) -> str:
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, source, *, shard: Shard | None = None,
-                 device: torch.device | str = "cpu") -> None:
+def load_weights(
+    model: torch.nn.Module, source, *, shard: Shard | None = None, device: torch.device | str = "cpu"
+) -> None:
     """Copies the weights of `source` into `model`, casting to each parameter's dtype. `source`: a model
     directory's path, or any object read like its `SafetensorsFiles` (`SeededWeights`: a model drawn
     from its seed).
@@ -118,11 +125,14 @@ def load_weights(model: torch.nn.Module, source, *, shard: Shard | None = None,
     for name, parameter in parameters.items():
         value = _read_part(files, name, parameter, shard)
         if tuple(value.shape) != tuple(parameter.shape):
-            raise ModelDirError(f"{directory}: {name} has shape {tuple(value.shape)}, the model "
-                                f"{tuple(parameter.shape)}")
+            raise ModelDirError(
+                f"{directory}: {name} has shape {tuple(value.shape)}, the model {tuple(parameter.shape)}"
+            )
         if parameter.is_meta:
-            real = torch.nn.Parameter(torch.empty(parameter.shape, dtype=parameter.dtype, device=device),
-                                      requires_grad=parameter.requires_grad)
+            real = torch.nn.Parameter(
+                torch.empty(parameter.shape, dtype=parameter.dtype, device=device),
+                requires_grad=parameter.requires_grad,
+            )
             real.__dict__.update(parameter.__dict__)  # tensor-parallel marks
             real._backward_hooks = parameter._backward_hooks  # e.g. tensor parallelism's gradient sums
             materialised[id(parameter)] = parameter = real
@@ -145,7 +155,8 @@ def _read_part(files: SafetensorsFiles, name: str, parameter: torch.nn.Parameter
     else:
         value = files.get(name, columns=(start, stop))
     if dim == 0 and (value is None or value.shape[0] < stop - start):  # vocabulary padding beyond the stored rows
-        padding = torch.zeros(stop - start - (0 if value is None else value.shape[0]), *shape[1:],
-                              dtype=parameter.dtype)
+        padding = torch.zeros(
+            stop - start - (0 if value is None else value.shape[0]), *shape[1:], dtype=parameter.dtype
+        )
         value = padding if value is None else torch.cat([value.to(parameter.dtype), padding])
     return value

@@ -36,7 +36,6 @@ BACKENDS = ("auto", "torch", "fla", "window")
 Kernel = Literal["torch", "window", "fla_chunk", "fla_fused_recurrent"]
 
 
-
 class BackendUnavailable(RuntimeError):
     """The requested delta-rule backend cannot run here."""
 
@@ -46,8 +45,9 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def delta_rule_kernel(backend: Backend, device: torch.device, length: int, key_dim: int, value_dim: int,
-                      needs_grad: bool) -> Kernel:
+def delta_rule_kernel(
+    backend: Backend, device: torch.device, length: int, key_dim: int, value_dim: int, needs_grad: bool
+) -> Kernel:
     """Which implementation runs a call over `length` tokens (see the module docstring)."""
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown delta-rule backend {backend!r} (allowed: {', '.join(BACKENDS)})")
@@ -145,6 +145,17 @@ def gated_delta_rule(
     # fla's kernels do grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in
     # unrepeated, and compute the norms and gates in the kernel.
     return _fla_kernel(kernel.removeprefix("fla_"))(
-        q, k, v, a, b, scale=scale, initial_state=initial_state, output_final_state=True,
-        use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
-        use_beta_sigmoid_in_kernel=True)
+        q,
+        k,
+        v,
+        a,
+        b,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+    )

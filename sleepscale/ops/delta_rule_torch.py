@@ -89,11 +89,7 @@ def chunk_gated_delta_rule_torch(
     k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # decay from token to chunk end
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
-    state = (
-        q.new_zeros(batch, heads, key_dim, value_dim)
-        if initial_state is None
-        else initial_state.to(dtype)
-    )
+    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.to(dtype)
     outputs = []
     for n in range(q.shape[2]):
         new_values = u[:, :, n] - w[:, :, n] @ state

@@ -53,4 +53,6 @@ def recurrent_reference(q, k, v, g, beta, initial_state=None):
 def chunk_reference(q, k, v, g, beta, initial_state=None):
     """fla's chunked reference in float64."""
     with _KeepFloat64():
-        return _naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, output_final_state=True)
+        return _naive.naive_chunk_gated_delta_rule(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=True
+        )

@@ -67,7 +67,9 @@ def _free_port() -> int:
 def setup_distributed() -> Distributed:
     """Initialises torch.distributed through DeepSpeed. Without torchrun it is a world of one."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -86,7 +88,13 @@ def setup_distributed() -> Distributed:
     _configure_logging(rank)
     # One line from every rank (others log only warnings), so a job's output shows who ran where.
     logging.getLogger("sleepscale.distributed").info(
-        "rank %d of %d (local rank %d) on %s, %s", rank, world_size, local_rank, socket.gethostname(), "cuda" if cuda else "cpu")
+        "rank %d of %d (local rank %d) on %s, %s",
+        rank,
+        world_size,
+        local_rank,
+        socket.gethostname(),
+        "cuda" if cuda else "cpu",
+    )
     return Distributed(rank, world_size, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 

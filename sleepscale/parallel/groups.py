@@ -43,9 +43,14 @@ def init_parallel_groups(tensor: int = 1, pipeline: int = 1) -> ParallelGroups:
     check_layout(dist.get_world_size(), tensor, pipeline)
     patch_megatron_for_cpu()
     if parallel_state.model_parallel_is_initialized():
-        existing = (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size())
+        existing = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
         if existing != (tensor, pipeline):
-            raise RuntimeError(f"parallel groups already set up for tensor x pipeline {existing}, asked for {(tensor, pipeline)}")
+            raise RuntimeError(
+                f"parallel groups already set up for tensor x pipeline {existing}, asked for {(tensor, pipeline)}"
+            )
     else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline, create_gloo_process_groups=False

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -69,8 +69,12 @@ def micro_batch(batch: dict, shapes: HybridLM, sleep: SleepConfig, device: torch
     """A loader batch as the step needs it. `shapes`: the model (or its meta-device twin) whose block
     count and loop range the plan follows."""
     plan = plan_for(shapes, batch["input_ids"], sleep, batch["targets"])
-    return MicroBatch(batch["input_ids"].to(device, non_blocking=True), batch["targets"].to(device, non_blocking=True),
-                      plan, batch["num_samples"] * batch["input_ids"].shape[1])
+    return MicroBatch(
+        batch["input_ids"].to(device, non_blocking=True),
+        batch["targets"].to(device, non_blocking=True),
+        plan,
+        batch["num_samples"] * batch["input_ids"].shape[1],
+    )
 
 
 @dataclasses.dataclass
@@ -97,14 +101,17 @@ class Parallelism:
 
     def describe(self) -> str:
         parallel = self.config.parallel
-        return (f"world size {self.ctx.world_size} (tensor {parallel.tensor} x pipeline {parallel.pipeline} x data "
-                f"{self.ctx.data_size})")
+        return (
+            f"world size {self.ctx.world_size} (tensor {parallel.tensor} x pipeline {parallel.pipeline} x data "
+            f"{self.ctx.data_size})"
+        )
 
     def build_engine(self, optimizer, scheduler):
         return build_engine(self.model, optimizer, scheduler, self.config, self.ctx.groups)
 
-    def forward_backward(self, engine, micro_batches: list[MicroBatch], sleep: SleepConfig,
-                         before_backward: BeforeBackward) -> StepResult:
+    def forward_backward(
+        self, engine, micro_batches: list[MicroBatch], sleep: SleepConfig, before_backward: BeforeBackward
+    ) -> StepResult:
         """Each micro-batch forward then backward, freeing its activations before the next; DeepSpeed
         sees one accumulation boundary, on the last backward."""
         loss_sum = None
@@ -115,8 +122,9 @@ class Parallelism:
             loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
         return StepResult(loss_sum / len(micro_batches), out)
 
-    def evaluation_forward(self, engine, input_ids: torch.Tensor, targets: torch.Tensor | None,
-                           sleep: SleepConfig) -> SleepOutput:
+    def evaluation_forward(
+        self, engine, input_ids: torch.Tensor, targets: torch.Tensor | None, sleep: SleepConfig
+    ) -> SleepOutput:
         return engine(input_ids, targets, sleep, return_logits=True)
 
     def loss_on_host(self, loss: torch.Tensor) -> float:
@@ -146,8 +154,11 @@ class Parallelism:
     def state_norms(self, output: SleepOutput) -> tuple[dict[int, float], list[float] | None]:
         """(Norm of each GDN block's fast weights after the step's last micro-batch, by block; the loop
         blocks' mean GDN state norm after each pass, or None). Reads the device: logging steps only."""
-        norms = {i: s.fast_weights.detach().float().norm().item() for i, s in enumerate(output.states)
-                 if isinstance(s, GDNState)}
+        norms = {
+            i: s.fast_weights.detach().float().norm().item()
+            for i, s in enumerate(output.states)
+            if isinstance(s, GDNState)
+        }
         return norms, None if output.pass_state_norms is None else output.pass_state_norms.tolist()
 
     def whole_model_state(self, engine) -> dict | None:
@@ -171,8 +182,12 @@ class Parallelism:
 
     def layout(self) -> dict[str, int]:
         """What a checkpoint records of the layout."""
-        return {"world_size": self.ctx.world_size, "data_size": self.ctx.data_size,
-                "tensor": self.config.parallel.tensor, "pipeline": self.config.parallel.pipeline}
+        return {
+            "world_size": self.ctx.world_size,
+            "data_size": self.ctx.data_size,
+            "tensor": self.config.parallel.tensor,
+            "pipeline": self.config.parallel.pipeline,
+        }
 
     def check_resumable(self, saved: dict, num_workers: int) -> None:
         """One-line error unless a checkpoint with this `layout` (and `num_workers` data workers) can
@@ -180,8 +195,10 @@ class Parallelism:
         config, data_size = self.config, self.ctx.data_size
         saved_data_size, saved_tensor = saved.get("data_size", saved["world_size"]), saved.get("tensor", 1)
         if saved.get("pipeline", 1) != config.parallel.pipeline:
-            raise ConfigError(f"parallel.pipeline: the checkpoint was written with {saved.get('pipeline', 1)} pipeline "
-                              f"stage(s); resume with the same (now {config.parallel.pipeline})")
+            raise ConfigError(
+                f"parallel.pipeline: the checkpoint was written with {saved.get('pipeline', 1)} pipeline "
+                f"stage(s); resume with the same (now {config.parallel.pipeline})"
+            )
         if saved_data_size != data_size or saved["num_workers"] != num_workers:
             raise ConfigError(
                 f"train.run_dir: the checkpoint was written by {saved_data_size} data-parallel rank(s) with "
@@ -207,12 +224,17 @@ class PipelineParallelism(Parallelism):
         self.stage = PipelineStage(model, config.model.stage_ranges, self.group.rank())
         self.in_flight = config.parallel.pipeline_in_flight or self.group.size()
         if config.train.grad_accumulation < config.parallel.pipeline:
-            log.warning("parallel.pipeline %d with train.grad_accumulation %d: fewer micro-batches than stages leave "
-                        "stages idle; set grad_accumulation >= %d", config.parallel.pipeline,
-                        config.train.grad_accumulation, config.parallel.pipeline)
+            log.warning(
+                "parallel.pipeline %d with train.grad_accumulation %d: fewer micro-batches than stages leave "
+                "stages idle; set grad_accumulation >= %d",
+                config.parallel.pipeline,
+                config.train.grad_accumulation,
+                config.parallel.pipeline,
+            )
 
-    def forward_backward(self, engine, micro_batches: list[MicroBatch], sleep: SleepConfig,
-                         before_backward: BeforeBackward) -> StepResult:
+    def forward_backward(
+        self, engine, micro_batches: list[MicroBatch], sleep: SleepConfig, before_backward: BeforeBackward
+    ) -> StepResult:
         """The micro-batches on the static pipeline schedule (at most `in_flight` of them holding
         activations at once). Each backward op goes through DeepSpeed as the surrogate sum(output * its
         gradient), whose gradient is that op's vector-Jacobian product; DeepSpeed runs with one
@@ -224,17 +246,28 @@ class PipelineParallelism(Parallelism):
         def backward(tensors: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
             engine.backward(sum((tensor * grad).sum() for tensor, grad in zip(tensors, grads)))
 
-        out = run_step(self.stage, self.group, [b.plan for b in micro_batches], [b.input_ids for b in micro_batches],
-                       [b.targets for b in micro_batches], sleep.window, in_flight=self.in_flight, backward=backward)
+        out = run_step(
+            self.stage,
+            self.group,
+            [b.plan for b in micro_batches],
+            [b.input_ids for b in micro_batches],
+            [b.targets for b in micro_batches],
+            sleep.window,
+            in_flight=self.in_flight,
+            backward=backward,
+        )
         poison = before_backward(out.loss) * 0 + 1  # 1, or NaN to make the step skip
         engine.set_gradient_accumulation_boundary(True)
         trainable = [p for p in self.stage.model.parameters() if p.requires_grad]
         engine.backward(sum((p * 0).sum() for p in trainable) * poison)
-        last = SleepOutput(logits=None, loss=out.loss, passes=micro_batches[-1].plan.passes_run(), states=out.states[-1])
+        last = SleepOutput(
+            logits=None, loss=out.loss, passes=micro_batches[-1].plan.passes_run(), states=out.states[-1]
+        )
         return StepResult(out.loss, last)
 
-    def evaluation_forward(self, engine, input_ids: torch.Tensor, targets: torch.Tensor | None,
-                           sleep: SleepConfig) -> SleepOutput:
+    def evaluation_forward(
+        self, engine, input_ids: torch.Tensor, targets: torch.Tensor | None, sleep: SleepConfig
+    ) -> SleepOutput:
         plan = plan_for(self.stage.model, input_ids, sleep, targets)
         return evaluate_step(self.stage, self.group, plan, input_ids, targets, sleep.window)
 
@@ -269,8 +302,11 @@ class PipelineParallelism(Parallelism):
         merged = {"weights": {name: value for part in parts for name, value in part["weights"].items()}}
         if state["optimizer"] is None:
             return {**merged, "optimizer": None}
-        return {**merged, "optimizer": {name: value for part in parts for name, value in part["optimizer"].items()},
-                "param_groups": state["param_groups"]}
+        return {
+            **merged,
+            "optimizer": {name: value for part in parts for name, value in part["optimizer"].items()},
+            "param_groups": state["param_groups"],
+        }
 
 
 def _on_cpu(value):

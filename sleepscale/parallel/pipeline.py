@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import time
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,9 @@ class PipelinedOutput:
     loss: torch.Tensor | None  # mean over micro-batches of each one's mean token loss (last stage; zero elsewhere)
     logits: list[torch.Tensor] | None  # per micro-batch [batch, length, vocab] (last stage, when asked for)
     states: list[list[MixerState]]  # per micro-batch: this stage's states after its last window
-    transfers: list[tuple[str, int, Transfer]]  # every transfer this rank posted, in order ("send"/"recv", peer stage, what)
+    transfers: list[
+        tuple[str, int, Transfer]
+    ]  # every transfer this rank posted, in order ("send"/"recv", peer stage, what)
     sent_bytes: int  # payload this rank sent
     wait_seconds: float  # spent waiting for transfers to complete (blocked on another stage)
 
@@ -61,9 +63,18 @@ class _Record:
     loss: torch.Tensor | None
 
 
-def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPlan], input_ids: list[torch.Tensor],
-             targets: list[torch.Tensor | None], span: int, in_flight: int, backward: Backward | None = None,
-             want_logits: bool = False, op_costs: tuple[float, float] = (1.0, 2.0)) -> PipelinedOutput:
+def run_step(
+    stage: PipelineStage,
+    group: dist.ProcessGroup,
+    plans: list[SleepPlan],
+    input_ids: list[torch.Tensor],
+    targets: list[torch.Tensor | None],
+    span: int,
+    in_flight: int,
+    backward: Backward | None = None,
+    want_logits: bool = False,
+    op_costs: tuple[float, float] = (1.0, 2.0),
+) -> PipelinedOutput:
     """Runs the micro-batches (their plans, inputs and targets) through the pipeline: forward only
     when autograd is off, else forward and backward (gradients accumulate into the stage's
     parameters through `backward(tensors, grads)`, default `torch.autograd.backward`; the loss
@@ -93,7 +104,9 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
 
     for posted, op in schedule.program(stage.index):
         if posted:
-            posted_groups.append(_post(posted, outbox, arriving, peers, group, walks, plans, stage, device, dtype, traffic))
+            posted_groups.append(
+                _post(posted, outbox, arriving, peers, group, walks, plans, stage, device, dtype, traffic)
+            )
             posted_all += posted
         if op is None:
             continue
@@ -153,24 +166,41 @@ def run_step(stage: PipelineStage, group: dist.ProcessGroup, plans: list[SleepPl
         posted_group.wait(traffic)
     loss = None
     if stage.is_last and targets[0] is not None:
-        per_batch = [torch.stack(parts).sum() * (micro_batches * s).to(parts[0].dtype) for parts, s in zip(window_losses, scale)]
+        per_batch = [
+            torch.stack(parts).sum() * (micro_batches * s).to(parts[0].dtype) for parts, s in zip(window_losses, scale)
+        ]
         loss = torch.stack(per_batch).mean()
     elif targets[0] is not None:
         loss = torch.zeros((), device=device)
     states = [finish(stage, plan, c) for plan, c in zip(plans, carried)]
-    return PipelinedOutput(loss, [torch.cat(parts, dim=1) for parts in logits] if want_logits and stage.is_last else None,
-                           states, posted_all, traffic.sent_bytes, traffic.wait_seconds)
+    return PipelinedOutput(
+        loss,
+        [torch.cat(parts, dim=1) for parts in logits] if want_logits and stage.is_last else None,
+        states,
+        posted_all,
+        traffic.sent_bytes,
+        traffic.wait_seconds,
+    )
 
 
 @torch.no_grad()
-def evaluate_step(stage: PipelineStage, group: dist.ProcessGroup, plan: SleepPlan, input_ids: torch.Tensor,
-                  targets: torch.Tensor | None, span: int) -> SleepOutput:
+def evaluate_step(
+    stage: PipelineStage,
+    group: dist.ProcessGroup,
+    plan: SleepPlan,
+    input_ids: torch.Tensor,
+    targets: torch.Tensor | None,
+    span: int,
+) -> SleepOutput:
     """One batch forward through the pipeline, as `sleep_forward` would return it on every stage:
     the logits (and loss) come from the last stage, broadcast over the pipeline group."""
     out = run_step(stage, group, [plan], [input_ids], [targets], span, in_flight=1, want_logits=True)
     device, dtype = _device_and_dtype(stage)
-    logits = out.logits[0].contiguous() if stage.is_last else \
-        torch.empty(*input_ids.shape, stage.model.config.vocab_size, device=device, dtype=dtype)
+    logits = (
+        out.logits[0].contiguous()
+        if stage.is_last
+        else torch.empty(*input_ids.shape, stage.model.config.vocab_size, device=device, dtype=dtype)
+    )
     last = dist.get_global_rank(group, len(stage.stages) - 1)
     dist.broadcast(logits, last, group=group)
     loss = None
@@ -181,11 +211,18 @@ def evaluate_step(stage: PipelineStage, group: dist.ProcessGroup, plan: SleepPla
 
 
 @functools.lru_cache(maxsize=64)
-def _schedule(walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: int, backward: bool,
-              op_costs: tuple[float, float]) -> Schedule:
+def _schedule(
+    walks: tuple[tuple[Traversal, ...], ...], stages: int, in_flight: int, backward: bool, op_costs: tuple[float, float]
+) -> Schedule:
     """The step's schedule; steps of the same shape (the usual case) reuse it."""
-    return build_schedule([list(w) for w in walks], stages, in_flight, backward=backward,
-                          forward_cost=op_costs[0], backward_cost=op_costs[1])
+    return build_schedule(
+        [list(w) for w in walks],
+        stages,
+        in_flight,
+        backward=backward,
+        forward_cost=op_costs[0],
+        backward_cost=op_costs[1],
+    )
 
 
 def _device_and_dtype(stage: PipelineStage) -> tuple[torch.device, torch.dtype]:
@@ -311,5 +348,9 @@ def _mapped(carried: Carried, function) -> Carried:
     def states(values: list[MixerState]) -> list[MixerState]:
         return [state.mapped(function) for state in values]
 
-    return Carried(states(carried.states), states(carried.window_start), states(carried.woke),
-                   None if carried.loop_output is None else function(carried.loop_output))
+    return Carried(
+        states(carried.states),
+        states(carried.window_start),
+        states(carried.woke),
+        None if carried.loop_output is None else function(carried.loop_output),
+    )

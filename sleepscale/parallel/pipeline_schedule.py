@@ -48,7 +48,8 @@ import bisect
 import dataclasses
 import heapq
 from collections import defaultdict
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from sleepscale.plan import SleepPlan
 
@@ -136,8 +137,10 @@ class Schedule:
                 first_forward.setdefault(op.micro_batch, tick)
             else:
                 last_backward[op.micro_batch] = tick
-        events = sorted([(tick, 1) for tick in first_forward.values()] +
-                        [(last_backward.get(m, len(self.ticks)) + 1, -1) for m in first_forward])
+        events = sorted(
+            [(tick, 1) for tick in first_forward.values()]
+            + [(last_backward.get(m, len(self.ticks)) + 1, -1) for m in first_forward]
+        )
         peak = alive = 0
         for _, change in events:
             alive += change
@@ -158,8 +161,11 @@ def _dependencies(micro_batches: list[list[Traversal]], backward: bool) -> dict[
         for t, walk in enumerate(walks):
             for stage in range(walk.first, walk.last + 1):
                 op = Op("F", m, t, stage)
-                inputs = [Op("F", m, t, stage - 1)] if stage > walk.first else \
-                    ([Op("F", m, *walk.source)] if walk.source is not None else [])
+                inputs = (
+                    [Op("F", m, t, stage - 1)]
+                    if stage > walk.first
+                    else ([Op("F", m, *walk.source)] if walk.source is not None else [])
+                )
                 if stage in previous_on_stage:
                     inputs.append(previous_on_stage[stage])  # the states it continues from
                 needs[op] = inputs
@@ -192,16 +198,34 @@ PRIORITIES: dict[str, Callable[[Op, float, bool, float], tuple]] = {
     # the op with the most work still chained behind it (critical path), then the longest-waiting
     "critical": lambda op, ready, entered, remaining: (-remaining, ready, op.kind != "B", op.micro_batch, op.traversal),
     # a backward, then the critical path
-    "backward-critical": lambda op, ready, entered, remaining: (op.kind != "B", -remaining, ready, op.micro_batch, op.traversal),
+    "backward-critical": lambda op, ready, entered, remaining: (
+        op.kind != "B",
+        -remaining,
+        ready,
+        op.micro_batch,
+        op.traversal,
+    ),
     # a micro-batch already in flight before a new one, then a backward, then the critical path
-    "in-flight-critical": lambda op, ready, entered, remaining:
-        (not entered, op.kind != "B", -remaining, ready, op.micro_batch, op.traversal),
+    "in-flight-critical": lambda op, ready, entered, remaining: (
+        not entered,
+        op.kind != "B",
+        -remaining,
+        ready,
+        op.micro_batch,
+        op.traversal,
+    ),
 }
 
 
-def build_schedule(micro_batches: list[list[Traversal]], stages: int, in_flight: int, backward: bool = True,
-                   forward_cost: float = 1.0, backward_cost: float = 2.0,
-                   priorities: tuple[str, ...] = tuple(PRIORITIES)) -> Schedule:
+def build_schedule(
+    micro_batches: list[list[Traversal]],
+    stages: int,
+    in_flight: int,
+    backward: bool = True,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+    priorities: tuple[str, ...] = tuple(PRIORITIES),
+) -> Schedule:
     """The schedule of one step: `micro_batches[m]` is micro-batch m's traversals; at most
     `in_flight` micro-batches hold activations at once (>= 1). `backward=False` schedules an
     evaluation (forward ops only). `forward_cost`, `backward_cost`: the time a forward and a
@@ -247,9 +271,15 @@ def _remaining(needs: dict[Op, list[Op]], dependents: dict[Op, list[Op]], cost: 
     return remaining
 
 
-def _list_schedule(needs: dict[Op, list[Op]], dependents: dict[Op, list[Op]], stages: int, in_flight: int,
-                   cost: dict[str, float], priority: Callable[[Op, float, bool, float], tuple],
-                   remaining: dict[Op, float]) -> list[Op]:
+def _list_schedule(
+    needs: dict[Op, list[Op]],
+    dependents: dict[Op, list[Op]],
+    stages: int,
+    in_flight: int,
+    cost: dict[str, float],
+    priority: Callable[[Op, float, bool, float], tuple],
+    remaining: dict[Op, float],
+) -> list[Op]:
     """The ops in the order an event-driven list scheduler starts them: whenever a stage is free, it
     starts the ready op that `priority` ranks first (an op of a micro-batch that has not entered the
     pipe only while fewer than `in_flight` micro-batches hold activations); an op is ready when the
@@ -313,8 +343,9 @@ def _schedule_of(started: list[Op], needs: dict[Op, list[Op]], stages: int) -> S
 
     def fits(op: Op, tick: int) -> bool:  # its outputs, sent at tick + 1, keep every receiving group single-peer
         sent, to = tick + 1, consumers[op]
-        return not any(peers[stage, sent] - {op.stage} for stage in to) and \
-            ((op.stage, sent) not in receiving or len(peers[op.stage, sent] | to) <= 1)
+        return not any(peers[stage, sent] - {op.stage} for stage in to) and (
+            (op.stage, sent) not in receiving or len(peers[op.stage, sent] | to) <= 1
+        )
 
     tick_of: dict[Op, int] = {}
     next_tick = [0] * stages
@@ -350,8 +381,13 @@ class SimulatedRun:
         return 1 - sum(self.busy) / (len(self.busy) * self.makespan) if self.makespan else 0.0
 
 
-def simulate(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float = 2.0,
-             transfer_latency: float = 0.0, whole_groups: bool = False) -> SimulatedRun:
+def simulate(
+    schedule: Schedule,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+    transfer_latency: float = 0.0,
+    whole_groups: bool = False,
+) -> SimulatedRun:
     """`schedule` run as `sleepscale.parallel.pipeline.run_step` runs it, a forward op taking
     `forward_cost` and a backward op `backward_cost`: each stage runs its program's ops in order,
     each as soon as its previous op has ended and the ops whose outputs it needs have ended, plus
@@ -414,8 +450,11 @@ def check_programs(schedule: Schedule) -> None:
                     can = False
                     continue
                 mine = [(kind, transfer) for kind, p, transfer in posted if p == peer]
-                theirs = [("recv" if kind == "send" else "send", transfer)
-                          for kind, p, transfer in programs[peer][position[peer]][0] if p == stage]
+                theirs = [
+                    ("recv" if kind == "send" else "send", transfer)
+                    for kind, p, transfer in programs[peer][position[peer]][0]
+                    if p == stage
+                ]
                 if mine != theirs:
                     raise RuntimeError(f"stages {stage} and {peer} post {mine} and {theirs}: they do not pair up")
             if can:

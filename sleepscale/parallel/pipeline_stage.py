@@ -63,9 +63,16 @@ class PipelineStage:
         return f"PipelineStage({self.index} of {len(self.stages)}: blocks {self.held.start}..{self.held.stop - 1})"
 
 
-def forward_op(stage: PipelineStage, plan: SleepPlan, walk: Traversal, input_ids: torch.Tensor | None,
-               targets: torch.Tensor | None, carried: Carried, received: torch.Tensor | None,
-               want_logits: bool = False) -> OpOutput:
+def forward_op(
+    stage: PipelineStage,
+    plan: SleepPlan,
+    walk: Traversal,
+    input_ids: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    carried: Carried,
+    received: torch.Tensor | None,
+    want_logits: bool = False,
+) -> OpOutput:
     """Runs traversal `walk` of a micro-batch on `stage`, updating `carried`. `input_ids` (the first
     stage) and `targets` (the last) are the micro-batch's; `received` is the traversal's input
     hidden when another stage produced it."""
@@ -81,8 +88,17 @@ def forward_op(stage: PipelineStage, plan: SleepPlan, walk: Traversal, input_ids
         hidden = received if received is not None else carried.loop_output
     window_ids = input_ids[:, window.start : window.end] if stage.is_first else None
     window_targets = None if targets is None or not stage.is_last else targets[:, window.start : window.end]
-    out = run_pass(stage.model, window, planned, hidden, carried.states, carried.window_start, window_ids,
-                   window_targets, want_logits)
+    out = run_pass(
+        stage.model,
+        window,
+        planned,
+        hidden,
+        carried.states,
+        carried.window_start,
+        window_ids,
+        window_targets,
+        want_logits,
+    )
     carried.states = out.states
     if out.woke is not None:
         carried.woke = out.woke

@@ -39,9 +39,9 @@ import torch.distributed as dist
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
-    copy_to_tensor_model_parallel_region,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     set_tensor_model_parallel_attributes,
     vocab_parallel_cross_entropy,
@@ -135,8 +135,10 @@ class VocabParallelCrossEntropy(nn.Module):
 def full_state_dict(model: nn.Module, group: dist.ProcessGroup, gradients: bool = False) -> dict[str, torch.Tensor]:
     """The unsharded weights (or their gradients) under the unsharded model's state-dict names (tied
     weights under both), on every rank of the group; collective."""
-    return {name: _unsharded((parameter.grad if gradients else parameter).detach(), parameter, group)
-            for name, parameter in model.named_parameters(remove_duplicate=False)}
+    return {
+        name: _unsharded((parameter.grad if gradients else parameter).detach(), parameter, group)
+        for name, parameter in model.named_parameters(remove_duplicate=False)
+    }
 
 
 @torch.no_grad()
@@ -146,7 +148,9 @@ def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], group:
         parameter.copy_(_sharded(full[name], parameter, group))
 
 
-def unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, group: dist.ProcessGroup) -> dict:
+def unsharded_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, group: dist.ProcessGroup
+) -> dict:
     """Weights and per-parameter optimizer state (e.g. Adam's moments; None without an optimizer) in
     unsharded form, keyed by parameter name, so that a run can resume at another tensor-parallel
     size; collective."""
@@ -155,23 +159,29 @@ def unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer 
     optimizer_state = {}
     for name, parameter in model.named_parameters():
         state = optimizer.state.get(parameter, {})
-        optimizer_state[name] = {key: _unsharded(value, parameter, group) if _shaped_like(value, parameter) else value
-                                 for key, value in state.items()}
+        optimizer_state[name] = {
+            key: _unsharded(value, parameter, group) if _shaped_like(value, parameter) else value
+            for key, value in state.items()
+        }
     # Hyperparameters per group (the scheduled lr among them); groups are built the same at any TP size.
     groups = [{key: value for key, value in settings.items() if key != "params"} for settings in optimizer.param_groups]
     return {"weights": full_state_dict(model, group), "optimizer": optimizer_state, "param_groups": groups}
 
 
 @torch.no_grad()
-def load_unsharded_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, group: dist.ProcessGroup) -> None:
+def load_unsharded_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, group: dist.ProcessGroup
+) -> None:
     """The inverse of `unsharded_training_state`, at this model's tensor-parallel size (1 included)."""
     load_full_state_dict(model, state["weights"], group)
     for settings, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
         settings.update(saved)
     for name, parameter in model.named_parameters():
         saved = state["optimizer"][name]
-        optimizer.state[parameter] = {key: _sharded(value, parameter, group).clone() if _shaped_like_full(value, parameter, group)
-                                      else value for key, value in saved.items()}
+        optimizer.state[parameter] = {
+            key: _sharded(value, parameter, group).clone() if _shaped_like_full(value, parameter, group) else value
+            for key, value in saved.items()
+        }
 
 
 def shard_slice(parameter: nn.Parameter, group: dist.ProcessGroup) -> tuple[int, int, int, int] | None:
@@ -234,28 +244,42 @@ class _Sharder:
         self.group = group
         # perform_initialization=False: the weights are copied in from the unsharded model.
         self.config = ModelParallelConfig(
-            tensor_model_parallel_size=group.size(), use_cpu_initialization=True, perform_initialization=False,
-            params_dtype=dtype, gradient_accumulation_fusion=False,
+            tensor_model_parallel_size=group.size(),
+            use_cpu_initialization=True,
+            perform_initialization=False,
+            params_dtype=dtype,
+            gradient_accumulation_fusion=False,
         )
 
     def reduce_input_gradient_once(self, module: nn.Module) -> None:
         """The gradient of `module`'s input (its first argument) is all-reduced once, in backward; its
         column-parallel layers (`columns`) then leave theirs partial."""
         group = self.group
-        module.register_forward_pre_hook(lambda _, args: (copy_to_tensor_model_parallel_region(args[0], group), *args[1:]))
+        module.register_forward_pre_hook(
+            lambda _, args: (copy_to_tensor_model_parallel_region(args[0], group), *args[1:])
+        )
 
     def columns(self, module: nn.Module, *names: str) -> None:
         """Column-parallel layers reading `module`'s input, whose gradient `reduce_input_gradient_once` reduces."""
         for name in names:
             setattr(module, name, self.column(getattr(module, name), reduces_input_gradient=False))
 
-    def column(self, linear: nn.Linear, padded_rows: int | None = None, reduces_input_gradient: bool = True) -> nn.Module:
+    def column(
+        self, linear: nn.Linear, padded_rows: int | None = None, reduces_input_gradient: bool = True
+    ) -> nn.Module:
         out_features, in_features = linear.weight.shape
         if padded_rows is not None:
             out_features = padded_vocab_size(out_features, self.group.size())
-        layer = _ColumnParallelLinear(in_features, out_features, config=self.config, init_method=_no_init,
-                                      bias=linear.bias is not None, gather_output=False, tp_group=self.group,
-                                      disable_grad_reduce=not reduces_input_gradient)
+        layer = _ColumnParallelLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=_no_init,
+            bias=linear.bias is not None,
+            gather_output=False,
+            tp_group=self.group,
+            disable_grad_reduce=not reduces_input_gradient,
+        )
         self._take_shard(layer.weight, linear.weight, dim=0, padded_rows=padded_rows)
         if linear.bias is not None:  # megatron splits the bias with the rows (and marks it so)
             with torch.no_grad():
@@ -264,8 +288,16 @@ class _Sharder:
 
     def row(self, linear: nn.Linear) -> nn.Module:
         out_features, in_features = linear.weight.shape
-        layer = _RowParallelLinear(in_features, out_features, config=self.config, init_method=_no_init,
-                                   bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=self.group)
+        layer = _RowParallelLinear(
+            in_features,
+            out_features,
+            config=self.config,
+            init_method=_no_init,
+            bias=linear.bias is not None,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.group,
+        )
         self._take_shard(layer.weight, linear.weight, dim=1)
         if linear.bias is not None:  # megatron keeps the bias whole and adds it after the reduction
             with torch.no_grad():
@@ -273,8 +305,13 @@ class _Sharder:
         return layer
 
     def embedding(self, embedding: nn.Embedding, vocab_size: int) -> nn.Module:
-        layer = VocabParallelEmbedding(padded_vocab_size(vocab_size, self.group.size()), embedding.embedding_dim,
-                                       init_method=_no_init, config=self.config, tp_group=self.group)
+        layer = VocabParallelEmbedding(
+            padded_vocab_size(vocab_size, self.group.size()),
+            embedding.embedding_dim,
+            init_method=_no_init,
+            config=self.config,
+            tp_group=self.group,
+        )
         self._take_shard(layer.weight, embedding.weight, dim=0, padded_rows=vocab_size)
         return layer
 

@@ -47,7 +47,8 @@ def deepspeed_config(config) -> dict:
         # does not fit gathered on a device (it is then gathered once per pass, as before).
         reuse = config.train.zero3_reuse_distance
         settings["zero_optimization"]["stage3_max_reuse_distance"] = (
-            min(loop_reuse_distance(config.model), DEEPSPEED_REUSE_DISTANCE) if reuse is None else reuse)
+            min(loop_reuse_distance(config.model), DEEPSPEED_REUSE_DISTANCE) if reuse is None else reuse
+        )
     return settings
 
 
@@ -66,8 +67,6 @@ def loop_reuse_distance(model_config) -> int:
     return 2 * (blocks + head)
 
 
-
-
 def build_engine(model: torch.nn.Module, optimizer, scheduler, config, groups):
     """A DeepSpeed engine over `model` (the rank's `SleepingModel`) with `optimizer` and `scheduler`;
     `groups`: the ParallelGroups, or None without model parallelism."""
@@ -77,6 +76,7 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, config, groups):
     if groups is not None:
         mpu = DeepSpeedMpu(groups)
         mark_stage_parameters_for_deepspeed(model, groups)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(config), mpu=mpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config), mpu=mpu
+    )
     return engine

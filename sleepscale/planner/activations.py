@@ -109,8 +109,13 @@ def _kernels_as_on(kernels: str):
     import sleepscale.kernels.window_delta_rule as window_kernel  # Triton: see above
 
     skip = lambda *args, **kwargs: None  # noqa: E731
-    patches = [(jit.JITFunction, "run", skip), (autotuner.Autotuner, "run", skip), (autotuner.Heuristics, "run", skip),
-               (ops, "triton_runs_on", lambda device: True), (window_kernel, "_INTERPRETED", True)]
+    patches = [
+        (jit.JITFunction, "run", skip),
+        (autotuner.Autotuner, "run", skip),
+        (autotuner.Heuristics, "run", skip),
+        (ops, "triton_runs_on", lambda device: True),
+        (window_kernel, "_INTERPRETED", True),
+    ]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
         for owner, name, value in patches:
@@ -121,7 +126,9 @@ def _kernels_as_on(kernels: str):
             setattr(owner, name, value)
 
 
-def saved_bytes(model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: SleepConfig, precision: str = "fp32") -> int:
+def saved_bytes(
+    model, input_ids: torch.Tensor, targets: torch.Tensor, sleep: SleepConfig, precision: str = "fp32"
+) -> int:
     """Measured: the distinct non-parameter bytes `sleep_forward` saves for backward on these inputs
     (what `MicroBatchActivations.saved` predicts)."""
     counter = SavedStorages(model.parameters())
@@ -136,7 +143,9 @@ class MicroBatchActivations:
 
     saved: list[int]  # saved for backward (saved_tensors_hooks), per stage
     held: list[int]  # recurrent states kept by checkpointed units outside autograd, per stage
-    states: list[int]  # the recurrent states the sequence ends with (GDN fast weights, attention and convolution caches)
+    states: list[
+        int
+    ]  # the recurrent states the sequence ends with (GDN fast weights, attention and convolution caches)
     largest_unit: int  # the most bytes one checkpointed unit saves when backward recomputes it (0: none)
 
     @property
@@ -169,8 +178,13 @@ def _reduced(config: ModelConfig) -> _Reduced:
 
 
 def micro_batch_activations(
-    model: ModelConfig, sleep: SleepConfig, batch: int, length: int, stages: list[range] | None = None,
-    precision: str = "fp32", kernels: str = "cuda",
+    model: ModelConfig,
+    sleep: SleepConfig,
+    batch: int,
+    length: int,
+    stages: list[range] | None = None,
+    precision: str = "fp32",
+    kernels: str = "cuda",
 ) -> MicroBatchActivations:
     """The activation bytes of one micro-batch of `batch` sequences of `length` tokens at N =
     `sleep.passes` (the random-N maximum is the caller's to put there), every evicted window slept
@@ -181,8 +195,12 @@ def micro_batch_activations(
         raise ValueError(f"kernels {kernels!r}: use one of {', '.join(KERNELS)}")
     stages = stages or [range(len(model.blocks))]
     trace = _traced(model, sleep, batch, length, precision, kernels)
-    return MicroBatchActivations(trace.per_stage(trace.saved, stages), trace.per_stage(trace.held, stages),
-                                 trace.per_stage(trace.states, stages), _largest_unit(model, sleep, batch, length, precision, kernels, stages))
+    return MicroBatchActivations(
+        trace.per_stage(trace.saved, stages),
+        trace.per_stage(trace.held, stages),
+        trace.per_stage(trace.states, stages),
+        _largest_unit(model, sleep, batch, length, precision, kernels, stages),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -205,19 +223,28 @@ class _Trace:
             traced = HybridLM(self.reduced.config)
             counter.excluded = {_storage_id(p) for p in traced.parameters()}
             ids, targets = (torch.zeros(batch, traced_length, dtype=torch.long) for _ in range(2))
-            with (_attributed(traced, counter) as held, counter.counting(), precision_context(precision, ids.device),
-                  _kernels_as_on(kernels)):
+            with (
+                _attributed(traced, counter) as held,
+                counter.counting(),
+                precision_context(precision, ids.device),
+                _kernels_as_on(kernels),
+            ):
                 out = sleep_forward(traced, ids, sleep, targets=targets, return_logits=False)
             # the recurrent states the sequence ends with, per block (GDN fast weights; caches under sliding eviction)
-            self.states = {(0, ("block", i)): sum(t.untyped_storage().nbytes() for t in _tensors(state))
-                           for i, state in enumerate(out.states)}
+            self.states = {
+                (0, ("block", i)): sum(t.untyped_storage().nbytes() for t in _tensors(state))
+                for i, state in enumerate(out.states)
+            }
         self.saved = defaultdict(int, counter.bytes)
         # The embedding and the loss save their window's slice of the micro-batch's ids and targets: a view of the
         # whole [batch, length] tensor, so its storage counts once, at the full length.
         untraced = batch * (length - traced_length) * ids.element_size()
         self.saved[0, EMBEDDING] += untraced
         self.saved[0, HEAD] += untraced
-        self.held = {key: sum(size for storage, size in found.items() if storage not in counter.seen) for key, found in held.items()}
+        self.held = {
+            key: sum(size for storage, size in found.items() if storage not in counter.seen)
+            for key, found in held.items()
+        }
 
     def window_weight(self, window: int) -> int:
         """How many windows of the full sequence traced window `window` stands for."""
@@ -281,11 +308,16 @@ def _attributed(model, counter: SavedStorages):
             for tensor in _tensors(states[i]):
                 held[(max(window[0], 0), ("block", i))][_storage_id(tensor)] = tensor.untyped_storage().nbytes()
 
-    hooks = [model.embeddings.register_forward_pre_hook(lambda *_: _enter_window(window, counter)),
-             model.norm.register_forward_pre_hook(lambda *_: setattr(counter, "key", (window[0], HEAD)))]
+    hooks = [
+        model.embeddings.register_forward_pre_hook(lambda *_: _enter_window(window, counter)),
+        model.norm.register_forward_pre_hook(lambda *_: setattr(counter, "key", (window[0], HEAD))),
+    ]
     for index, layer in enumerate(model.layers):
-        hooks.append(layer.register_forward_pre_hook(
-            lambda *_, index=index: setattr(counter, "key", (window[0], ("block", index)))))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda *_, index=index: setattr(counter, "key", (window[0], ("block", index)))
+            )
+        )
     run_blocks = model.run_blocks
 
     def attributed_run_blocks(hidden, states, blocks, checkpoint=False):
@@ -295,16 +327,22 @@ def _attributed(model, counter: SavedStorages):
         return run_blocks(hidden, states, blocks, checkpoint)
 
     model.run_blocks = attributed_run_blocks
-    originals = {name: getattr(engine, name) for name in ("before_pass", "after_pass", "after_sleep", "after_window", "_run_window")}
+    originals = {
+        name: getattr(engine, name)
+        for name in ("before_pass", "after_pass", "after_sleep", "after_window", "_run_window")
+    }
 
     def state_op(function):
         def run(*args, **kwargs):
             counter.key = (window[0], STATE_OPS)
             return function(*args, **kwargs)
+
         return run
 
     def run_window(model, window_plan, window_ids, window_targets, states, want_logits=True):
-        if window_plan.checkpoint == "window" and torch.is_grad_enabled():  # the checkpoint keeps the window's starting states
+        if (
+            window_plan.checkpoint == "window" and torch.is_grad_enabled()
+        ):  # the checkpoint keeps the window's starting states
             hold(states, range(len(states)))
         return originals["_run_window"](model, window_plan, window_ids, window_targets, states, want_logits)
 
@@ -333,8 +371,9 @@ def _tensors(state) -> Iterator[torch.Tensor]:
                 yield item
 
 
-def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str,
-                  stages: list[range]) -> int:
+def _largest_unit(
+    model: ModelConfig, sleep: SleepConfig, batch: int, length: int, precision: str, kernels: str, stages: list[range]
+) -> int:
     """The most bytes a checkpointed unit saves when backward recomputes it: under `pass`, the
     largest of the wake pass's units (`PassPlan.checkpoint_units`: prelude, loop and coda; a sleep
     pass's one unit is the loop; a pipeline stage runs its share of each as a unit) run once over a
@@ -343,15 +382,22 @@ def _largest_unit(model: ModelConfig, sleep: SleepConfig, batch: int, length: in
     if mode == "none":
         return 0
     if mode == "window":
-        trace = _traced(model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision, kernels)
+        trace = _traced(
+            model, sleep.model_copy(update={"checkpoint": "none"}), batch, min(length, 3 * window), precision, kernels
+        )
         middle = {key: size for key, size in trace.saved.items() if key[0] == min(1, trace.traced_windows - 1)}
-        return sum(trace.per_stage(middle, [range(len(model.blocks))])) // trace.window_weight(min(1, trace.traced_windows - 1))
+        return sum(trace.per_stage(middle, [range(len(model.blocks))])) // trace.window_weight(
+            min(1, trace.traced_windows - 1)
+        )
     one_pass = sleep.model_copy(update={"checkpoint": "none", "passes": 1, "random_passes": None, "grad_passes": None})
     trace = _traced(model, one_pass, batch, window, precision, kernels)
     blocks = {key: size for key, size in trace.saved.items() if key[1] not in (EMBEDDING, HEAD)}
     wake = make_plan(sleep, batch, window, len(model.blocks), range(*model.loop_range)).windows[0].passes[0]
-    units = [range(max(unit.start, stage.start), min(unit.stop, stage.stop))
-             for unit in wake.checkpoint_units for stage in stages]
+    units = [
+        range(max(unit.start, stage.start), min(unit.stop, stage.stop))
+        for unit in wake.checkpoint_units
+        for stage in stages
+    ]
     return max(trace.per_stage(blocks, [unit for unit in units if len(unit)]))
 
 
@@ -363,14 +409,24 @@ def tensor_parallel_shapes(model: ModelConfig, tensor: int) -> ModelConfig:
         return model
     from sleepscale.parallel.tensor import padded_vocab_size  # megatron-core and Triton, ~4 s: only for tensor > 1
 
-    return model.model_copy(update={
-        "init_from": None,
-        "vocab_size": padded_vocab_size(model.vocab_size, tensor) // tensor,
-        "intermediate_size": model.mlp_size // tensor,
-        "attention": model.attention.model_copy(update={
-            "num_heads": model.attention.num_heads // tensor, "num_kv_heads": model.attention_kv_heads // tensor,
-            "head_dim": model.attention_head_dim}),
-        "gdn": model.gdn.model_copy(update={
-            "num_heads": model.gdn.num_heads // tensor, "num_v_heads": model.gdn_v_heads // tensor,
-            "head_dim": model.gdn_head_dim}),
-    })
+    return model.model_copy(
+        update={
+            "init_from": None,
+            "vocab_size": padded_vocab_size(model.vocab_size, tensor) // tensor,
+            "intermediate_size": model.mlp_size // tensor,
+            "attention": model.attention.model_copy(
+                update={
+                    "num_heads": model.attention.num_heads // tensor,
+                    "num_kv_heads": model.attention_kv_heads // tensor,
+                    "head_dim": model.attention_head_dim,
+                }
+            ),
+            "gdn": model.gdn.model_copy(
+                update={
+                    "num_heads": model.gdn.num_heads // tensor,
+                    "num_v_heads": model.gdn_v_heads // tensor,
+                    "head_dim": model.gdn_head_dim,
+                }
+            ),
+        }
+    )

@@ -21,20 +21,34 @@ def plan(args) -> int:
     for flag in ("gpus", "sequence_length"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive integer")
-    if min(args.gpu_memory, args.tensor_bandwidth, args.data_bandwidth) <= 0 or not 0 < args.mfu <= 1 \
-            or args.reserve_gb < 0:
-        raise ConfigError(f"--gpu-memory {args.gpu_memory}, --mfu {args.mfu}, --reserve-gb {args.reserve_gb}, "
-                          f"--tensor-bandwidth {args.tensor_bandwidth}, --data-bandwidth {args.data_bandwidth}: "
-                          "need memory and bandwidths > 0, 0 < mfu <= 1 and reserve >= 0")
+    if (
+        min(args.gpu_memory, args.tensor_bandwidth, args.data_bandwidth) <= 0
+        or not 0 < args.mfu <= 1
+        or args.reserve_gb < 0
+    ):
+        raise ConfigError(
+            f"--gpu-memory {args.gpu_memory}, --mfu {args.mfu}, --reserve-gb {args.reserve_gb}, "
+            f"--tensor-bandwidth {args.tensor_bandwidth}, --data-bandwidth {args.data_bandwidth}: "
+            "need memory and bandwidths > 0, 0 < mfu <= 1 and reserve >= 0"
+        )
     config = load_config(args.config, args.overrides)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak_flops(config.train.precision)
-    assumed = Assumptions(args.sequence_length, args.gpu_memory * GB, peak, args.mfu, int(args.reserve_gb * GB),
-                          args.tensor_bandwidth * GB, args.data_bandwidth * GB)
+    assumed = Assumptions(
+        args.sequence_length,
+        args.gpu_memory * GB,
+        peak,
+        args.mfu,
+        int(args.reserve_gb * GB),
+        args.tensor_bandwidth * GB,
+        args.data_bandwidth * GB,
+    )
     if args.search:
         found = planner.search(config, args.gpus, assumed)
         if not found:
-            raise ConfigError(f"--gpus {args.gpus}: no layout keeps the config's global batch and divides the heads; "
-                              "change --gpus or train.grad_accumulation")
+            raise ConfigError(
+                f"--gpus {args.gpus}: no layout keeps the config's global batch and divides the heads; "
+                "change --gpus or train.grad_accumulation"
+            )
         print(table(found))
         best = found[0]
     else:
@@ -50,9 +64,12 @@ def plan(args) -> int:
         print(f"largest N that fits this layout: {text.get(largest, largest)}")
     if args.smallest_gpus:
         smallest = planner.smallest_gpus(config, assumed)
-        print(f"smallest GPU count that fits: {smallest.layout.gpus} ({smallest.layout.describe()}, "
-              f"{smallest.total / GB:.1f} GB)" if smallest
-              else f"smallest GPU count that fits: none up to {planner.SMALLEST_GPUS}")
+        print(
+            f"smallest GPU count that fits: {smallest.layout.gpus} ({smallest.layout.describe()}, "
+            f"{smallest.total / GB:.1f} GB)"
+            if smallest
+            else f"smallest GPU count that fits: none up to {planner.SMALLEST_GPUS}"
+        )
     if not best.fits:
         print(f"sleepscale plan: {planner.advice(config, best, assumed)}")
         return 1

@@ -82,7 +82,9 @@ def tensor_parallel_bytes(plans: list[SleepPlan], model: nn.Module, tensor: int,
     return sum(tensor_parallel_phases(plans, model, tensor, activation_bytes))
 
 
-def tensor_parallel_phases(plans: list[SleepPlan], model: nn.Module, tensor: int, activation_bytes: int = 4) -> tuple[int, int]:
+def tensor_parallel_phases(
+    plans: list[SleepPlan], model: nn.Module, tensor: int, activation_bytes: int = 4
+) -> tuple[int, int]:
     """`tensor_parallel_bytes` split into (forward, backward with its recomputation)."""
     if tensor == 1:
         return 0, 0
@@ -115,7 +117,9 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, activation_by
             unit_forward = reduced * sum(_row_parallel(model.layers[i]) for i in unit)
             forward += unit_forward
             if planned.grad:
-                backward += FLOAT32 * activation * sum(_input_gradients(model.layers[i], live[planned.number, i]) for i in unit)
+                backward += (
+                    FLOAT32 * activation * sum(_input_gradients(model.layers[i], live[planned.number, i]) for i in unit)
+                )
             if unit in planned.checkpoint_units and any(live[planned.number, i] for i in unit):  # backward reaches it
                 recompute += unit_forward - reduced
     last_chunk = _last_loss_chunk(plan, window, model)
@@ -154,7 +158,9 @@ def _not_recomputed(window: WindowPlan, reduced: int, last_chunk_loss: int) -> i
     return reduced if window.ends_on_matmul else 0
 
 
-def pipeline_bytes(plans: list[SleepPlan], stages: list[range], hidden_size: int, activation_bytes: int = 4) -> list[int]:
+def pipeline_bytes(
+    plans: list[SleepPlan], stages: list[range], hidden_size: int, activation_bytes: int = 4
+) -> list[int]:
     """Bytes each pipeline stage sends (hidden states forward, their gradients backward) in one
     training step of these micro-batches' plans, with blocks split into `stages`."""
     sent = [0] * len(stages)

@@ -63,8 +63,11 @@ class Layout:
         return self.tensor * self.pipeline * self.data
 
     def describe(self) -> str:
-        return (f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, ZeRO-{self.zero_stage}, checkpoint {self.checkpoint}, "
-                f"micro-batch {self.micro_batch} x {self.grad_accumulation}")
+        return (
+            f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, "
+            f"ZeRO-{self.zero_stage}, checkpoint {self.checkpoint}, "
+            f"micro-batch {self.micro_batch} x {self.grad_accumulation}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,19 +97,34 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.buffers + self.activations + self.held_states
-                + self.final_states + self.recompute + self.reserve)
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + self.buffers
+            + self.activations
+            + self.held_states
+            + self.final_states
+            + self.recompute
+            + self.reserve
+        )
 
     @property
     def fits(self) -> bool:
         return self.total <= self.gpu_memory
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
-                ("DeepSpeed buffers", self.buffers), ("activations saved for backward", self.activations),
-                ("states held by checkpoints", self.held_states),
-                ("recurrent states at the sequence's end", self.final_states), ("recomputed unit in backward", self.recompute),
-                ("reserve (context, fragmentation, NCCL)", self.reserve)]
+        return [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("DeepSpeed buffers", self.buffers),
+            ("activations saved for backward", self.activations),
+            ("states held by checkpoints", self.held_states),
+            ("recurrent states at the sequence's end", self.final_states),
+            ("recomputed unit in backward", self.recompute),
+            ("reserve (context, fragmentation, NCCL)", self.reserve),
+        ]
 
 
 def passes_for_memory(sleep: SleepConfig) -> int:
@@ -122,9 +140,16 @@ def config_layout(config: Config, gpus: int) -> Layout:
     model_parallel = config.parallel.tensor * config.parallel.pipeline
     if gpus % model_parallel:
         raise ValueError(f"--gpus {gpus} is not a multiple of parallel.tensor x parallel.pipeline = {model_parallel}")
-    return Layout(config.parallel.tensor, config.parallel.pipeline, gpus // model_parallel, config.train.zero_stage,
-                  config.sleep.checkpointing, config.train.micro_batch_size, config.train.grad_accumulation,
-                  config.parallel.pipeline_in_flight or config.parallel.pipeline)
+    return Layout(
+        config.parallel.tensor,
+        config.parallel.pipeline,
+        gpus // model_parallel,
+        config.train.zero_stage,
+        config.sleep.checkpointing,
+        config.train.micro_batch_size,
+        config.train.grad_accumulation,
+        config.parallel.pipeline_in_flight or config.parallel.pipeline,
+    )
 
 
 def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
@@ -140,24 +165,46 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`)."""
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length
-    sleep = config.sleep.model_copy(update={"passes": passes, "random_passes": None, "checkpoint": layout.checkpoint,
-                                            "grad_passes": None if config.sleep.grad_passes is None else min(config.sleep.grad_passes, passes)})
+    sleep = config.sleep.model_copy(
+        update={
+            "passes": passes,
+            "random_passes": None,
+            "checkpoint": layout.checkpoint,
+            "grad_passes": None if config.sleep.grad_passes is None else min(config.sleep.grad_passes, passes),
+        }
+    )
     stages = stage_ranges(config.model, layout.pipeline)
     precision = config.train.precision
     activation_bytes = 2 if precision == "bf16" else 4
-    activations = micro_batch_activations(tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch,
-                                          length, stages, precision)  # traces are cached in `activations`
+    activations = micro_batch_activations(
+        tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch, length, stages, precision
+    )  # traces are cached in `activations`
     in_flight = min(layout.in_flight, layout.grad_accumulation) if layout.pipeline > 1 else 1
-    run_config = config.model_copy(update={
-        "train": config.train.model_copy(update={"zero_stage": layout.zero_stage, "micro_batch_size": layout.micro_batch,
-                                                 "grad_accumulation": layout.grad_accumulation}),
-        "parallel": config.parallel.model_copy(update={"tensor": layout.tensor, "pipeline": layout.pipeline})})
+    run_config = config.model_copy(
+        update={
+            "train": config.train.model_copy(
+                update={
+                    "zero_stage": layout.zero_stage,
+                    "micro_batch_size": layout.micro_batch,
+                    "grad_accumulation": layout.grad_accumulation,
+                }
+            ),
+            "parallel": config.parallel.model_copy(update={"tensor": layout.tensor, "pipeline": layout.pipeline}),
+        }
+    )
     settings = deepspeed_config(run_config)
     per_stage = []
     for index in range(layout.pipeline):
-        states = model_state_bytes(list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
-                                   layout.zero_stage, layout.data, settings)
-        memory = (states, *(in_flight * part[index] for part in (activations.saved, activations.held, activations.states)))
+        states = model_state_bytes(
+            list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
+            layout.zero_stage,
+            layout.data,
+            settings,
+        )
+        memory = (
+            states,
+            *(in_flight * part[index] for part in (activations.saved, activations.held, activations.states)),
+        )
         per_stage.append((states.total + sum(memory[1:]), index, memory))
     _, stage, (states, saved, held, final) = max(per_stage)
 
@@ -166,21 +213,50 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     plans = [plan] * layout.grad_accumulation
     # A stage's tensor-parallel ranks reduce only for its own blocks: the whole model's bytes over the stages (the
     # splits hold about equal blocks; the embedding's and head's reductions, a small part, fall on the end stages).
-    tensor = tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) // layout.pipeline if layout.tensor > 1 else 0
+    tensor = (
+        tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) // layout.pipeline
+        if layout.tensor > 1
+        else 0
+    )
     pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
     parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
     data = data_parallel_bytes(parameters, layout.zero_stage, layout.data) if layout.data > 1 else 0
 
     flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
-    idle = _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
+    idle = (
+        _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
+    )
     compute = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
-    communication = (tensor * all_reduce_wire_factor(layout.tensor) / assumed.tensor_bandwidth
-                     + data_parallel_wire_bytes(parameters, layout.zero_stage, layout.data) / assumed.data_bandwidth)
+    communication = (
+        tensor * all_reduce_wire_factor(layout.tensor) / assumed.tensor_bandwidth
+        + data_parallel_wire_bytes(parameters, layout.zero_stage, layout.data) / assumed.data_bandwidth
+    )
     seconds = compute + communication
     tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
-    return Estimate(layout, passes, stage, states.weights, states.gradients, states.optimizer, states.buffers, saved, held,
-                    final, activations.largest_unit, assumed.reserve, tensor, pipeline, data, flops, idle, compute, communication, seconds,
-                    tokens / seconds, int(assumed.gpu_memory))
+    return Estimate(
+        layout,
+        passes,
+        stage,
+        states.weights,
+        states.gradients,
+        states.optimizer,
+        states.buffers,
+        saved,
+        held,
+        final,
+        activations.largest_unit,
+        assumed.reserve,
+        tensor,
+        pipeline,
+        data,
+        flops,
+        idle,
+        compute,
+        communication,
+        seconds,
+        tokens / seconds,
+        int(assumed.gpu_memory),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -235,8 +311,18 @@ def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
                 for checkpoint in ("none", "pass", "window"):
                     if checkpoint == "window" and pipeline > 1:
                         continue
-                    found.append(Layout(tensor, pipeline, data, zero, checkpoint, micro, per_rank // micro,
-                                        config.parallel.pipeline_in_flight or pipeline))
+                    found.append(
+                        Layout(
+                            tensor,
+                            pipeline,
+                            data,
+                            zero,
+                            checkpoint,
+                            micro,
+                            per_rank // micro,
+                            config.parallel.pipeline_in_flight or pipeline,
+                        )
+                    )
     return found
 
 
@@ -296,11 +382,25 @@ def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
     if layout.checkpoint == "none":
         levers.append(("sleep.checkpoint=pass", dataclasses.replace(layout, checkpoint="pass"), config))
     if best.passes > 1 and config.sleep.grad_passes is None:
-        levers.append(("sleep.grad_passes=1", layout, config.model_copy(update={"sleep": config.sleep.model_copy(update={"grad_passes": 1})})))
+        levers.append(
+            (
+                "sleep.grad_passes=1",
+                layout,
+                config.model_copy(update={"sleep": config.sleep.model_copy(update={"grad_passes": 1})}),
+            )
+        )
     if layout.micro_batch > 1:
         half = layout.micro_batch // 2
-        levers.append((f"train.micro_batch_size={half} (grad_accumulation={layout.grad_accumulation * layout.micro_batch // half})",
-                       dataclasses.replace(layout, micro_batch=half, grad_accumulation=layout.grad_accumulation * layout.micro_batch // half), config))
+        levers.append(
+            (
+                f"train.micro_batch_size={half} "
+                f"(grad_accumulation={layout.grad_accumulation * layout.micro_batch // half})",
+                dataclasses.replace(
+                    layout, micro_batch=half, grad_accumulation=layout.grad_accumulation * layout.micro_batch // half
+                ),
+                config,
+            )
+        )
     if layout.data > 1:
         for zero in range(layout.zero_stage + 1, 3 if layout.tensor * layout.pipeline > 1 else 4):
             levers.append((f"train.zero_stage={zero}", dataclasses.replace(layout, zero_stage=zero), config))
@@ -310,13 +410,17 @@ def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
         tried.append((not found.fits, -found.tokens_per_second, found.total, name))
     fitting = sorted(t for t in tried if not t[0])
     where = f" (pipeline stage {best.stage})" if layout.pipeline > 1 else ""
-    head = (f"does not fit: {layout.describe()} at N={best.passes} needs {best.total / GB:.1f} GB per GPU{where}, "
-            f"{over / GB:.1f} GB more than {best.gpu_memory / GB:.0f} GB")
+    head = (
+        f"does not fit: {layout.describe()} at N={best.passes} needs {best.total / GB:.1f} GB per GPU{where}, "
+        f"{over / GB:.1f} GB more than {best.gpu_memory / GB:.0f} GB"
+    )
     if fitting:
         _, speed, total, name = fitting[0]
         return f"{head}; {name} makes it fit ({total / GB:.1f} GB, {-speed:,.0f} tokens/s)"
     if tried:
         _, _, total, name = min(tried, key=lambda t: t[2])
-        return (f"{head}; no single setting makes it fit (the most memory is saved by {name}: {total / GB:.1f} GB); "
-                f"add GPUs for more tensor, pipeline or ZeRO sharding (sleepscale plan --search, --smallest-gpus)")
+        return (
+            f"{head}; no single setting makes it fit (the most memory is saved by {name}: {total / GB:.1f} GB); "
+            f"add GPUs for more tensor, pipeline or ZeRO sharding (sleepscale plan --search, --smallest-gpus)"
+        )
     return f"{head}; add GPUs for more tensor, pipeline or ZeRO sharding (sleepscale plan --search, --smallest-gpus)"

@@ -105,7 +105,9 @@ class ModelStateBytes:
         return self.weights + self.gradients + self.optimizer + self.buffers
 
 
-def model_state_bytes(parameter_sizes: list[int], zero_stage: int, data_parallel: int, settings: dict) -> ModelStateBytes:
+def model_state_bytes(
+    parameter_sizes: list[int], zero_stage: int, data_parallel: int, settings: dict
+) -> ModelStateBytes:
     """`parameter_sizes`: the numel of every trainable parameter this rank's model holds before ZeRO
     (after tensor or pipeline cuts), in module order; `settings`: the run's DeepSpeed settings
     (`deepspeed_config`), whose zero_optimization options, or DeepSpeed's defaults, size the buffers."""
@@ -116,8 +118,12 @@ def model_state_bytes(parameter_sizes: list[int], zero_stage: int, data_parallel
     bucket = int(zero.get("reduce_bucket_size", REDUCE_BUCKET_SIZE))
     contiguous = zero.get("contiguous_gradients", True)
     if zero_stage == 0:
-        return ModelStateBytes(weights=FLOAT32 * total, gradients=FLOAT32 * total, optimizer=2 * FLOAT32 * total,
-                               buffers=FLOAT32 * _largest_allreduce_bucket(parameter_sizes))
+        return ModelStateBytes(
+            weights=FLOAT32 * total,
+            gradients=FLOAT32 * total,
+            optimizer=2 * FLOAT32 * total,
+            buffers=FLOAT32 * _largest_allreduce_bucket(parameter_sizes),
+        )
     if zero_stage in (1, 2):
         overlap = zero.get("overlap_comm", False)  # DeepSpeed's default is on at ZeRO-3 only
         flat = _round_up(total, NCCL_START_ALIGNMENT_FACTOR * data_parallel)
@@ -126,16 +132,26 @@ def model_state_bytes(parameter_sizes: list[int], zero_stage: int, data_parallel
         gradients = overlapping + partition
         if zero_stage == 1:
             gradients = max(total, gradients)
-        return ModelStateBytes(weights=FLOAT32 * flat, gradients=FLOAT32 * gradients, optimizer=3 * FLOAT32 * partition,
-                               buffers=FLOAT32 * bucket * (2 if overlap else 1) if contiguous else 0)
+        return ModelStateBytes(
+            weights=FLOAT32 * flat,
+            gradients=FLOAT32 * gradients,
+            optimizer=3 * FLOAT32 * partition,
+            buffers=FLOAT32 * bucket * (2 if overlap else 1) if contiguous else 0,
+        )
     if zero_stage == 3:
         partition = sum(math.ceil(size / data_parallel) for size in parameter_sizes)
-        reach = (int(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))
-                 + int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET_SIZE)) + max(parameter_sizes, default=0))
+        reach = (
+            int(zero.get("stage3_max_reuse_distance", MAX_REUSE_DISTANCE))
+            + int(zero.get("stage3_prefetch_bucket_size", PREFETCH_BUCKET_SIZE))
+            + max(parameter_sizes, default=0)
+        )
         gathered = min(total, reach)
-        return ModelStateBytes(weights=FLOAT32 * partition, gradients=2 * FLOAT32 * partition,
-                               optimizer=3 * FLOAT32 * partition,
-                               buffers=FLOAT32 * ((bucket if contiguous else 0) + gathered))
+        return ModelStateBytes(
+            weights=FLOAT32 * partition,
+            gradients=2 * FLOAT32 * partition,
+            optimizer=3 * FLOAT32 * partition,
+            buffers=FLOAT32 * ((bucket if contiguous else 0) + gathered),
+        )
     raise ValueError(f"zero_stage must be 0, 1, 2 or 3, not {zero_stage}")
 
 

@@ -12,20 +12,32 @@ def breakdown(found: Estimate) -> str:
     lines += [f"  {name:<42} {size / GB:9.2f} GB" for name, size in found.rows()]
     verdict = "fits" if found.fits else "DOES NOT FIT"
     lines.append(f"  {'total':<42} {found.total / GB:9.2f} GB of {found.gpu_memory / GB:.0f} GB: {verdict}")
-    lines.append(f"communication per GPU per step: tensor {found.tensor_bytes / GB:.3f} GB, pipeline {found.pipeline_bytes / GB:.3f} GB, "
-                 f"data {found.data_bytes / GB:.3f} GB")
+    lines.append(
+        f"communication per GPU per step: tensor {found.tensor_bytes / GB:.3f} "
+        f"GB, pipeline {found.pipeline_bytes / GB:.3f} GB, "
+        f"data {found.data_bytes / GB:.3f} GB"
+    )
     idle = f", pipeline idle {found.pipeline_idle:.0%}" if layout.pipeline > 1 else ""
-    lines.append(f"FLOPs per step {found.flops:.3e} (all GPUs); step {found.step_seconds:.2f} s = compute "
-                 f"{found.compute_seconds:.2f} s{idle} + communication {found.communication_seconds:.2f} s; "
-                 f"{found.tokens_per_second:,.0f} tokens/s")
+    lines.append(
+        f"FLOPs per step {found.flops:.3e} (all GPUs); step {found.step_seconds:.2f} s = compute "
+        f"{found.compute_seconds:.2f} s{idle} + communication {found.communication_seconds:.2f} s; "
+        f"{found.tokens_per_second:,.0f} tokens/s"
+    )
     return "\n".join(lines)
 
 
 def table(found: list[Estimate]) -> str:
-    header = f"{'fits':<5} {'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'ckpt':<6} {'micro x acc':>11} {'GB/GPU':>8} {'tokens/s':>12}"
+    header = (
+        f"{'fits':<5} {'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'ckpt':<6} {'micro x acc':>11} {'GB/GPU':>8} "
+        f"{'tokens/s':>12}"
+    )
     rows = [header]
     for e in found:
-        l = e.layout
-        rows.append(f"{'yes' if e.fits else 'no':<5} {l.tensor:>3} {l.pipeline:>3} {l.data:>4} {l.zero_stage:>4} {l.checkpoint:<6} "
-                    f"{f'{l.micro_batch} x {l.grad_accumulation}':>11} {e.total / GB:>8.1f} {e.tokens_per_second:>12,.0f}")
+        layout = e.layout
+        rows.append(
+            f"{'yes' if e.fits else 'no':<5} {layout.tensor:>3} {layout.pipeline:>3} "
+            f"{layout.data:>4} {layout.zero_stage:>4} {layout.checkpoint:<6} "
+            f"{f'{layout.micro_batch} x {layout.grad_accumulation}':>11} {e.total / GB:>8.1f} "
+            f"{e.tokens_per_second:>12,.0f}"
+        )
     return "\n".join(rows)

@@ -75,8 +75,14 @@ class Checkpointer:
             raise RuntimeError(f"{pointer} names {path.name}, which is incomplete; remove {pointer} to start over")
         return path
 
-    def save(self, engine, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any],
-             shared_files: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        engine,
+        step: int,
+        trainer_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        shared_files: dict[str, Any] | None = None,
+    ) -> Path:
         """`shared_files`: name -> object, the same on every rank, written once by rank 0."""
         tag = f"step-{step:06d}"
         partial = self.root / PARTIAL
@@ -108,7 +114,9 @@ class Checkpointer:
 
     def load(self, engine, path: Path) -> None:
         """Loads model, optimizer and scheduler into `engine`, from a checkpoint of the same layout."""
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
 

@@ -31,6 +31,7 @@ def install(model: torch.nn.Module, progress, stop) -> list:
     `progress.step` is the step being run; `stop` is the trainer's StopSignal."""
     nan_steps, spike_steps = _steps("SLEEPSCALE_FAULT_NAN_LOSS_STEPS"), _steps("SLEEPSCALE_FAULT_SPIKE_LOSS_STEPS")
     if nan_steps or spike_steps:
+
         def corrupt_loss(module, inputs, output):
             if module.training and output.loss is not None:
                 if progress.step in nan_steps:
@@ -40,7 +41,11 @@ def install(model: torch.nn.Module, progress, stop) -> list:
             return output
 
         model.register_forward_hook(corrupt_loss)
-    after_step_variables = ("SLEEPSCALE_FAULT_SIGTERM_AT_STEP", "SLEEPSCALE_FAULT_EXIT_AT_STEP", "SLEEPSCALE_FAULT_PAUSE_AT_STEP")
+    after_step_variables = (
+        "SLEEPSCALE_FAULT_SIGTERM_AT_STEP",
+        "SLEEPSCALE_FAULT_EXIT_AT_STEP",
+        "SLEEPSCALE_FAULT_PAUSE_AT_STEP",
+    )
     if any(os.environ.get(name) for name in after_step_variables):
         return [lambda step: after_step(step, stop)]
     return []
@@ -60,7 +65,9 @@ def after_step(step: int, stop=None) -> None:
     if stop is not None and step in _steps("SLEEPSCALE_FAULT_PAUSE_AT_STEP"):
         # Said once a rank is past the previous step's stop check: a signal sent after this line
         # is certain to stop the run at this step.
-        print(f"fault injection: rank {rank} paused after step {step} until SIGTERM/SIGUSR1", file=sys.stderr, flush=True)
+        print(
+            f"fault injection: rank {rank} paused after step {step} until SIGTERM/SIGUSR1", file=sys.stderr, flush=True
+        )
         while stop.received is None:
             time.sleep(0.05)
 

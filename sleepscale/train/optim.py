@@ -65,9 +65,19 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow
     adam = [p for _, p in named if not p.use_muon]
     groups = []
     if muon:
-        groups.append(dict(params=muon, lr=config.muon_lr, momentum=config.momentum, weight_decay=config.weight_decay, use_muon=True))
+        groups.append(
+            dict(
+                params=muon,
+                lr=config.muon_lr,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                use_muon=True,
+            )
+        )
     if adam:
-        groups.append(dict(params=adam, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0, use_muon=False))
+        groups.append(
+            dict(params=adam, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0, use_muon=False)
+        )
     return Muon(groups)
 
 

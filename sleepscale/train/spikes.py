@@ -17,7 +17,11 @@ from sleepscale.config import TrainConfig
 
 class SpikeGuard:
     def __init__(self, train: TrainConfig, loss_history: list[float], grad_norm_history: list[float]):
-        self.loss_ratio, self.grad_ratio, self.window = train.loss_spike_ratio, train.grad_spike_ratio, train.spike_window
+        self.loss_ratio, self.grad_ratio, self.window = (
+            train.loss_spike_ratio,
+            train.grad_spike_ratio,
+            train.spike_window,
+        )
         self.loss_history, self.grad_norm_history = loss_history, grad_norm_history
 
     def is_loss_spike(self, loss: float) -> bool:

@@ -37,6 +37,7 @@ from sleepscale.eval import evaluate, evaluations, format_table, plot, plot_hist
 from sleepscale.eval import metrics as eval_metrics
 from sleepscale.flops import peak_flops, plan_flops, training_flops_per_token
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.precision import precision_context
 from sleepscale.parallel.distributed import Distributed, setup_processes
 from sleepscale.parallel.parallelism import MicroBatch, Parallelism, StepResult, micro_batch, parallelize
 from sleepscale.passes import draw_passes
@@ -45,7 +46,6 @@ from sleepscale.train import faults
 from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_states, rng_states
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
-from sleepscale.model.precision import precision_context
 from sleepscale.train.step import Decision, UpdateGuard
 
 log = logging.getLogger("sleepscale.train")
@@ -164,10 +164,16 @@ def _start(config: Config, ctx: Distributed) -> tuple[Run, list[TrainingStage], 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     dist.barrier()
     loader = ShardLoader(
-        data_path, "train", batch_size=config.train.micro_batch_size, num_workers=config.data.num_workers,
-        seed=config.train.seed, skip_bad_samples=config.data.skip_bad_samples,
+        data_path,
+        "train",
+        batch_size=config.train.micro_batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.train.seed,
+        skip_bad_samples=config.data.skip_bad_samples,
         max_skipped_fraction=config.data.max_skipped_fraction,
-        shard_url_prefix=config.data.shard_url_prefix, rank=ctx.data_rank, world_size=ctx.data_size,
+        shard_url_prefix=config.data.shard_url_prefix,
+        rank=ctx.data_rank,
+        world_size=ctx.data_size,
     )
     _check_vocabulary(config, loader)
     stages = _plan_stages(config, loader)
@@ -184,10 +190,27 @@ def _start(config: Config, ctx: Distributed) -> tuple[Run, list[TrainingStage], 
         progress.mlflow_run_id,
         {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags},
     )
-    run = Run(config, ctx, parallelism, loader, checkpointer, tracker, progress, stop, data_path, shapes,
-              faults.install(parallelism.model, progress, stop))
-    log.info("run %s: %d steps in %d stage(s), %s; MLflow %s", run_dir, stages[-1].end, len(stages),
-             parallelism.describe(), tracker.uri if tracker.enabled else "off")
+    run = Run(
+        config,
+        ctx,
+        parallelism,
+        loader,
+        checkpointer,
+        tracker,
+        progress,
+        stop,
+        data_path,
+        shapes,
+        faults.install(parallelism.model, progress, stop),
+    )
+    log.info(
+        "run %s: %d steps in %d stage(s), %s; MLflow %s",
+        run_dir,
+        stages[-1].end,
+        len(stages),
+        parallelism.describe(),
+        tracker.uri if tracker.enabled else "off",
+    )
     return run, stages, resume_from
 
 
@@ -230,10 +253,13 @@ def _run_steps(run: Run, engine, stage: TrainingStage, stage_sleep: SleepConfig,
         step_start = time.perf_counter()
         step_sleep = _sleep_at_step(stage_sleep, config, progress.step)
         loader_before = run.loader.state_dict()
-        micro_batches = [micro_batch(next(batches), run.shapes, step_sleep, run.ctx.device)
-                         for _ in range(config.train.grad_accumulation)]
-        stop_now, has_samples = _step_flags(run.stop.received is not None, any(b.tokens for b in micro_batches),
-                                            run.ctx.device)
+        micro_batches = [
+            micro_batch(next(batches), run.shapes, step_sleep, run.ctx.device)
+            for _ in range(config.train.grad_accumulation)
+        ]
+        stop_now, has_samples = _step_flags(
+            run.stop.received is not None, any(b.tokens for b in micro_batches), run.ctx.device
+        )
         if stop_now:  # the checkpoint resumes with this step's batches
             return _stop_by_signal(run, engine, loader_before)
         if not has_samples:
@@ -246,7 +272,9 @@ def _run_steps(run: Run, engine, stage: TrainingStage, stage_sleep: SleepConfig,
         bar.update(1)
         if progress.bad_steps_in_a_row >= config.train.max_bad_steps:
             return _stop_for_bad_steps(run, engine)
-        progress.seconds += time.perf_counter() - step_start  # (on a GPU: what the next step's flags wait for counts there)
+        progress.seconds += (
+            time.perf_counter() - step_start
+        )  # (on a GPU: what the next step's flags wait for counts there)
         if progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
             _save(run, engine)
         if config.eval.every and progress.step % config.eval.every == 0 and progress.step != stage.end:
@@ -263,8 +291,9 @@ def _sleep_at_step(stage_sleep: SleepConfig, config: Config, step: int) -> Sleep
     return stage_sleep.model_copy(update={"passes": draw_passes(stage_sleep.random_passes, config.train.seed, step)})
 
 
-def _step(run: Run, engine, guard: UpdateGuard, micro_batches: list[MicroBatch],
-          step_sleep: SleepConfig) -> tuple[StepResult, Decision, bool]:
+def _step(
+    run: Run, engine, guard: UpdateGuard, micro_batches: list[MicroBatch], step_sleep: SleepConfig
+) -> tuple[StepResult, Decision, bool]:
     """Forward and backward of the step's micro-batches, the decision, and the update: (the result, the
     decision, whether the step was skipped)."""
     skipped_before = engine.skipped_steps
@@ -275,8 +304,16 @@ def _step(run: Run, engine, guard: UpdateGuard, micro_batches: list[MicroBatch],
     return result, decision, engine.skipped_steps > skipped_before
 
 
-def _account(run: Run, micro_batches: list[MicroBatch], step_sleep: SleepConfig, since_log: LogWindow,
-             decision: Decision, bad: bool, spikes: SpikeGuard, result: StepResult) -> None:
+def _account(
+    run: Run,
+    micro_batches: list[MicroBatch],
+    step_sleep: SleepConfig,
+    since_log: LogWindow,
+    decision: Decision,
+    bad: bool,
+    spikes: SpikeGuard,
+    result: StepResult,
+) -> None:
     """The step counted: progress, spent tokens and FLOPs, skips and spikes, fault hooks."""
     progress, data_size = run.progress, run.ctx.data_size
     progress.step += 1
@@ -296,8 +333,17 @@ def _account(run: Run, micro_batches: list[MicroBatch], step_sleep: SleepConfig,
         spikes.accept(loss, decision.grad_norm)
 
 
-def _log_step(run: Run, engine, stage: TrainingStage, step_sleep: SleepConfig, micro_batches: list[MicroBatch],
-              result: StepResult, decision: Decision, since_log: LogWindow, bar) -> None:
+def _log_step(
+    run: Run,
+    engine,
+    stage: TrainingStage,
+    step_sleep: SleepConfig,
+    micro_batches: list[MicroBatch],
+    result: StepResult,
+    decision: Decision,
+    since_log: LogWindow,
+    bar,
+) -> None:
     """The step's metrics to MLflow and metrics.jsonl (reads the device: logging steps only)."""
     progress, data_size, world_size = run.progress, run.ctx.data_size, run.ctx.world_size
     norms, pass_norms = run.parallelism.state_norms(result.last)
@@ -332,32 +378,44 @@ def _log_step(run: Run, engine, stage: TrainingStage, step_sleep: SleepConfig, m
 
 def _stop_by_signal(run: Run, engine, loader_before: dict) -> int:
     _save(run, engine, loader_before)
-    log.warning("stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
-                run.progress.step, EXIT_PREEMPTED)
+    log.warning(
+        "stopped by signal at step %d after writing a checkpoint; exit code %d (restart to resume)",
+        run.progress.step,
+        EXIT_PREEMPTED,
+    )
     return EXIT_PREEMPTED
 
 
 def _stop_for_bad_steps(run: Run, engine) -> int:
     _save(run, engine)
-    log.error("stopping: %d consecutive steps were skipped (NaN/Inf loss or gradient, or a spike); the "
-              "checkpoint of the last good state is in %s", run.progress.bad_steps_in_a_row, run.checkpointer.root)
+    log.error(
+        "stopping: %d consecutive steps were skipped (NaN/Inf loss or gradient, or a spike); the "
+        "checkpoint of the last good state is in %s",
+        run.progress.bad_steps_in_a_row,
+        run.checkpointer.root,
+    )
     return EXIT_BAD_STEPS
 
 
 def _pass_over_padding(loader: ShardLoader, padding_epoch: int | None) -> int:
     """Says once per epoch that its batches of padding only are passed over; the epoch said."""
     if padding_epoch != loader.epoch:
-        log.warning("passing over the batches of padding only that end epoch %d (its bad samples were skipped); "
-                    "they are not steps", loader.epoch)
+        log.warning(
+            "passing over the batches of padding only that end epoch %d (its bad samples were skipped); "
+            "they are not steps",
+            loader.epoch,
+        )
     return loader.epoch
 
 
 def stage_sleep_settings(config: Config, stage: StageConfig) -> SleepConfig:
     """The sleep settings of a training stage: the run's, with the stage's N and eviction where it sets them."""
-    return config.sleep.model_copy(update={
-        "eviction": stage.eviction or config.sleep.eviction,
-        "passes": stage.passes or config.sleep.passes,
-    })
+    return config.sleep.model_copy(
+        update={
+            "eviction": stage.eviction or config.sleep.eviction,
+            "passes": stage.passes or config.sleep.passes,
+        }
+    )
 
 
 def build_stage_engine(parallelism: Parallelism, config: Config, stage: TrainingStage):
@@ -372,8 +430,16 @@ def build_stage_engine(parallelism: Parallelism, config: Config, stage: Training
     stage_sleep = stage_sleep_settings(config, stage.config)
     # a ZeRO-3 partitioned parameter is empty here; ds_numel is its whole size
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-    log.info("stage %d %r: steps %d-%d, N=%d, eviction %s, %s trainable parameters", stage.index, stage.config.name,
-             stage.start + 1, stage.end, stage_sleep.passes, stage_sleep.eviction, f"{trainable:,}")
+    log.info(
+        "stage %d %r: steps %d-%d, N=%d, eviction %s, %s trainable parameters",
+        stage.index,
+        stage.config.name,
+        stage.start + 1,
+        stage.end,
+        stage_sleep.passes,
+        stage_sleep.eviction,
+        f"{trainable:,}",
+    )
     return engine, stage_sleep
 
 
@@ -382,14 +448,21 @@ def _save(run: Run, engine, loader_state: dict | None = None) -> None:
     read so far)."""
     config = run.config
     trainer_state = {
-        "progress": dataclasses.asdict(run.progress), "fingerprint": config.fingerprint(),
-        **run.parallelism.layout(), "num_workers": config.data.num_workers, "config": config.model_dump(mode="json"),
+        "progress": dataclasses.asdict(run.progress),
+        "fingerprint": config.fingerprint(),
+        **run.parallelism.layout(),
+        "num_workers": config.data.num_workers,
+        "config": config.model_dump(mode="json"),
     }
     shared_files = {}
     whole_model = run.parallelism.whole_model_state(engine)
     if whole_model is not None:
-        shared_files[UNSHARDED] = {**whole_model, "lr_scheduler": engine.lr_scheduler.state_dict(),
-                                   "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps}
+        shared_files[UNSHARDED] = {
+            **whole_model,
+            "lr_scheduler": engine.lr_scheduler.state_dict(),
+            "global_steps": engine.global_steps,
+            "skipped_steps": engine.skipped_steps,
+        }
     rank_state = {"loader": loader_state or run.loader.state_dict(), "rng": rng_states()}
     run.checkpointer.save(engine, run.progress.step, trainer_state, rank_state, shared_files)
 
@@ -403,13 +476,19 @@ def _restore(run: Run, engine, path: Path) -> None:
         run.checkpointer.load(engine, path)
     else:
         written = path / UNSHARDED  # by model-parallel runs
-        state = torch.load(written, map_location="cpu", weights_only=False) if written.exists() else \
-            _unsharded_from_deepspeed(run, engine, path)
+        state = (
+            torch.load(written, map_location="cpu", weights_only=False)
+            if written.exists()
+            else _unsharded_from_deepspeed(run, engine, path)
+        )
         run.parallelism.load_whole_model_state(engine, state)
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
-        log.info("resumed a tensor-parallel %d checkpoint at tensor-parallel size %d", saved_tensor,
-                 run.config.parallel.tensor)
+        log.info(
+            "resumed a tensor-parallel %d checkpoint at tensor-parallel size %d",
+            saved_tensor,
+            run.config.parallel.tensor,
+        )
     # Ranks are laid out tensor-fastest, and the ranks of one data rank saved the same data position.
     source = ctx.rank if saved_tensor == run.config.parallel.tensor else ctx.data_rank * saved_tensor
     rank_state = run.checkpointer.rank_state(path, source)
@@ -431,8 +510,12 @@ def _unsharded_from_deepspeed(run: Run, engine, path: Path) -> dict:
         parameter.requires_grad_(name in trainable)
     optimizer = build_optimizer(plain, run.config.optimizer, skips_on_overflow=True)
     optimizer.load_state_dict(saved["optimizer"])
-    return {**unsharded_training_state(plain, optimizer, None), "lr_scheduler": saved["lr_scheduler"],
-            "global_steps": saved["global_steps"], "skipped_steps": saved["skipped_steps"]}
+    return {
+        **unsharded_training_state(plain, optimizer, None),
+        "lr_scheduler": saved["lr_scheduler"],
+        "global_steps": saved["global_steps"],
+        "skipped_steps": saved["skipped_steps"],
+    }
 
 
 def _final_report(run: Run, engine, last_stage: TrainingStage) -> None:
@@ -460,15 +543,23 @@ def _final_report(run: Run, engine, last_stage: TrainingStage) -> None:
 
 def _evaluate(run: Run, engine, stage_sleep: SleepConfig) -> list[dict]:
     config = run.config
-    loader = ShardLoader(run.data_path, "validation", batch_size=config.eval.batch_size, shuffle=False,
-                         seed=config.train.seed, shard_url_prefix=config.data.shard_url_prefix,
-                         rank=run.ctx.data_rank, world_size=run.ctx.data_size)
+    loader = ShardLoader(
+        run.data_path,
+        "validation",
+        batch_size=config.eval.batch_size,
+        shuffle=False,
+        seed=config.train.seed,
+        shard_url_prefix=config.data.shard_url_prefix,
+        rank=run.ctx.data_rank,
+        world_size=run.ctx.data_size,
+    )
     batches = _Limited(loader, config.eval.max_batches)
     was_training = engine.module.training
     engine.module.eval()
     forward = functools.partial(run.parallelism.evaluation_forward, engine)
-    rows = evaluate(engine.module.model, batches, stage_sleep, config.eval.passes, forward=forward,
-                    group=run.ctx.data_group)
+    rows = evaluate(
+        engine.module.model, batches, stage_sleep, config.eval.passes, forward=forward, group=run.ctx.data_group
+    )
     engine.module.train(was_training)
     return rows
 
@@ -531,7 +622,9 @@ def _ensure_dataset(config: Config, ctx: Distributed) -> str:
 def _check_vocabulary(config: Config, loader: ShardLoader) -> None:
     needed = loader.manifest["vocab_size"]
     if config.model.vocab_size < needed:
-        raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is smaller than the dataset's vocabulary ({needed})")
+        raise ConfigError(
+            f"model.vocab_size: {config.model.vocab_size} is smaller than the dataset's vocabulary ({needed})"
+        )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -554,5 +647,11 @@ def _step_flags(stop: bool, has_samples: bool, device: torch.device) -> tuple[bo
 
 def _progress_bar(ctx: Distributed, initial: int, stage: TrainingStage):
     # On rank 0 tqdm decides (None: shown on a terminal, not in a log file); other ranks never show one.
-    return tqdm(total=stage.end, initial=initial, desc=f"stage {stage.index}", unit="step",
-                disable=None if ctx.is_main else True, dynamic_ncols=True)
+    return tqdm(
+        total=stage.end,
+        initial=initial,
+        desc=f"stage {stage.index}",
+        unit="step",
+        disable=None if ctx.is_main else True,
+        dynamic_ncols=True,
+    )
