@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 from sleepscale import notices
-from sleepscale.cli import COMMANDS, USER_ERRORS_ELSEWHERE, _parser
+from sleepscale.cli import COMMANDS, USER_ERRORS_ELSEWHERE, _parser, main
 
 # What megatron-core, fla and DeepSpeed print as they load on a machine without Transformer Engine,
 # Triton or a GPU.
@@ -132,3 +132,11 @@ def test_plan_prints_no_library_notices_unless_verbose():
     assert all(line.startswith("notice: ") for line in lines), verbose.stderr
     assert len(set(lines)) == len(lines), verbose.stderr  # each at most once (megatron-core's modules each say theirs)
     assert sum("Triton is not supported" in line for line in lines) <= 1, verbose.stderr  # fla says it twice
+
+
+@pytest.mark.parametrize("option", ["--bits", "--strings"])
+def test_an_impossible_task_size_is_one_line(option, tmp_path, capsys):
+    assert main(["data", "rule110", option, "0", "--out", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be >= 1" in err, err
+    assert not (tmp_path / "data").exists()

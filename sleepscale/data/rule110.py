@@ -42,6 +42,8 @@ class Rule110Task:
     def __init__(self, t_values=(32,), bits: int = 24, strings: int = 4):
         if not t_values or min(t_values) < 0:
             raise ValueError("t_values must be a non-empty list of steps >= 0")
+        if bits < 1 or strings < 1:
+            raise ValueError(f"bits ({bits}) and strings ({strings}) must be >= 1")
         self.t_values, self.bits, self.strings = [int(t) for t in t_values], bits, strings
         self.vocabulary = SymbolVocabulary(["<pad>", "0", "1"] + [f"?{i + 1}" for i in range(strings)])
         self.sequence_length = strings * bits + strings
