@@ -163,18 +163,7 @@ def _start(config: Config, ctx: Distributed) -> tuple[Run, list[TrainingStage], 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     dist.barrier()
-    loader = ShardLoader(
-        data_path,
-        "train",
-        batch_size=config.train.micro_batch_size,
-        num_workers=config.data.num_workers,
-        seed=config.train.seed,
-        skip_bad_samples=config.data.skip_bad_samples,
-        max_skipped_fraction=config.data.max_skipped_fraction,
-        shard_url_prefix=config.data.shard_url_prefix,
-        rank=ctx.data_rank,
-        world_size=ctx.data_size,
-    )
+    loader = _train_loader(config, ctx, data_path)
     _check_vocabulary(config, loader)
     stages = _plan_stages(config, loader)
     checkpointer = Checkpointer(run_dir, config.checkpoint.keep, ctx)
@@ -190,19 +179,8 @@ def _start(config: Config, ctx: Distributed) -> tuple[Run, list[TrainingStage], 
         progress.mlflow_run_id,
         {"passes": str(config.sleep.passes), "eviction": config.sleep.eviction, **config.tracking.tags},
     )
-    run = Run(
-        config,
-        ctx,
-        parallelism,
-        loader,
-        checkpointer,
-        tracker,
-        progress,
-        stop,
-        data_path,
-        shapes,
-        faults.install(parallelism.model, progress, stop),
-    )
+    after_step = faults.install(parallelism.model, progress, stop)
+    run = Run(config, ctx, parallelism, loader, checkpointer, tracker, progress, stop, data_path, shapes, after_step)
     log.info(
         "run %s: %d steps in %d stage(s), %s; MLflow %s",
         run_dir,
@@ -212,6 +190,22 @@ def _start(config: Config, ctx: Distributed) -> tuple[Run, list[TrainingStage], 
         tracker.uri if tracker.enabled else "off",
     )
     return run, stages, resume_from
+
+
+def _train_loader(config: Config, ctx: Distributed, data_path: str) -> ShardLoader:
+    """This data rank's share of the training split."""
+    return ShardLoader(
+        data_path,
+        "train",
+        batch_size=config.train.micro_batch_size,
+        num_workers=config.data.num_workers,
+        seed=config.train.seed,
+        skip_bad_samples=config.data.skip_bad_samples,
+        max_skipped_fraction=config.data.max_skipped_fraction,
+        shard_url_prefix=config.data.shard_url_prefix,
+        rank=ctx.data_rank,
+        world_size=ctx.data_size,
+    )
 
 
 def _resumed_progress(config: Config, parallelism: Parallelism, resume_from: Path | None) -> Progress:
