@@ -111,7 +111,7 @@ def compare(case: dict, groups) -> dict:
             want_logits=True,
         )
 
-    grads = full_state_dict(stage, groups.tensor, gradients=True)
+    grads = full_state_dict(stage.model, groups.tensor, gradients=True)
     reference_grads = dict(reference.named_parameters())
     last = stage.is_last
     result = {
