@@ -368,6 +368,10 @@ class OptimizerConfig(Section):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (with muon: embeddings, head, norms, gates, biases)")
     muon_lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.95, ge=0, lt=1, description="Muon momentum")
+    muon_ns_steps: int = Field(5, ge=1, description="Newton-Schulz iterations per Muon update")
+    muon_ns_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="precision of the Newton-Schulz iteration (float32: updates exact across layouts)"
+    )
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -517,11 +521,11 @@ class Config(Section):
     def _trainable(self) -> Config:
         if not self.stages and self.train.steps is None:
             raise FieldError("train.steps", "required when no stages are given")
-        if self.optimizer.name == "muon" and self.train.zero_stage != 0:
+        if self.optimizer.name == "muon" and self.train.zero_stage == 3:
             raise FieldError(
-                "optimizer.name",
-                f"muon needs train.zero_stage 0 (DeepSpeed's ZeRO-{self.train.zero_stage} Muon update differs from "
-                "unsharded Muon); use zero_stage 0 or optimizer adamw",
+                "train.zero_stage",
+                "3 with optimizer muon: ZeRO-3 splits every weight over the data ranks, Muon orthogonalises whole "
+                "matrices; use zero_stage 1 or 2 (Muon's state is sharded by whole matrices there)",
             )
         problem = self.model.tensor_parallel_problem(self.parallel.tensor)
         if problem:
@@ -529,10 +533,6 @@ class Config(Section):
         if self.parallel.tensor > 1 and self.train.zero_stage == 3:
             raise FieldError(
                 "parallel.tensor", "tensor parallelism needs train.zero_stage <= 2 (ZeRO-3 would shard the shards)"
-            )
-        if self.parallel.tensor > 1 and self.optimizer.name == "muon":
-            raise FieldError(
-                "parallel.tensor", "muon orthogonalises whole matrices, not tensor-parallel shards; use adamw"
             )
         problem = self.model.pipeline_problem(self.parallel.pipeline)
         if problem:
@@ -575,6 +575,9 @@ class Config(Section):
     def fingerprint(self) -> str:
         """Hash of what a resumed run must share with the run it resumes (not tracking, eval, logging)."""
         shared = self.model_dump(mode="json", include={"model", "sleep", "data", "optimizer", "schedule", "stages"})
+        if self.optimizer.name != "muon":  # settings added with our Muon: AdamW runs written before still resume
+            for key in ("muon_ns_steps", "muon_ns_dtype"):
+                del shared["optimizer"][key]
         shared["train"] = self.train.model_dump(
             mode="json",
             include={"micro_batch_size", "grad_accumulation", "precision", "zero_stage", "grad_clip", "seed"},

@@ -79,7 +79,10 @@ def base():
         ),
         (["stages=[{name: a}]"], "stages.0.steps: give exactly one of steps and epochs"),
         (["train.steps=null"], "train.steps: required when no stages are given"),
-        (["optimizer.name=muon", "train.zero_stage=2"], "optimizer.name: muon needs train.zero_stage 0"),
+        (
+            ["optimizer.name=muon", "train.zero_stage=3"],
+            "train.zero_stage: 3 with optimizer muon: ZeRO-3 splits every weight over the data ranks",
+        ),
         (
             ["train.zero_stage=3", "stages=[{name: a, steps: 1, train: [x]}, {name: b, steps: 1}]"],
             "stages: stages that train different parameters need train.zero_stage <= 2",

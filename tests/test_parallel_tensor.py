@@ -69,10 +69,6 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
             "parallel.tensor: 2 does not divide model.gdn.num_heads (1)",
         ),
         ({"train": {"zero_stage": 3}}, "parallel.tensor: tensor parallelism needs train.zero_stage <= 2"),
-        (
-            {"optimizer": {"name": "muon"}},
-            "parallel.tensor: muon orthogonalises whole matrices, not tensor-parallel shards",
-        ),
     ],
 )
 def test_invalid_tensor_parallel_configs_fail_with_one_line(sections, message):

@@ -206,9 +206,9 @@ class Parallelism:
             )
         if saved_tensor != config.parallel.tensor and config.train.zero_stage != 0:
             raise ConfigError(
-                f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor} with DeepSpeed's "
-                f"own optimizer state (ZeRO-{config.train.zero_stage}); resume at that size (train.zero_stage 0 runs "
-                "resume at any size)"
+                f"parallel.tensor: the checkpoint was written at tensor-parallel size {saved_tensor} with optimizer "
+                f"state sharded over data ranks (ZeRO-{config.train.zero_stage}); resume at that size "
+                "(train.zero_stage 0 runs resume at any size)"
             )
 
 

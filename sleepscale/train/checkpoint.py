@@ -3,7 +3,8 @@
 Layout under `<run_dir>/checkpoints/`:
 
     step-000200/            DeepSpeed files, trainer.json (rank 0), trainer-rank00000.pt (each rank:
-                            data-loader position, RNG states), and with tensor parallelism at ZeRO-0
+                            data-loader position, RNG states; with Muon its optimizer state, which
+                            ZeRO-1/2 shard over data ranks), and with tensor parallelism at ZeRO-0
                             unsharded.pt (weights and optimizer state in unsharded form, by name)
     latest                  the tag of the newest complete checkpoint
 
@@ -112,10 +113,11 @@ class Checkpointer:
         for old in steps[: -self.keep]:
             shutil.rmtree(old)
 
-    def load(self, engine, path: Path) -> None:
-        """Loads model, optimizer and scheduler into `engine`, from a checkpoint of the same layout."""
+    def load(self, engine, path: Path, optimizer: bool = True) -> None:
+        """Loads model, optimizer (unless not `optimizer`: an optimizer whose state each rank saves
+        itself) and scheduler into `engine`, from a checkpoint of the same layout."""
         loaded, _ = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(path.parent), tag=path.name, load_optimizer_states=optimizer, load_lr_scheduler_states=True
         )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")

@@ -2,8 +2,8 @@
 
 AdamW: weight decay on matrices only. Muon (the paper's recipe): Muon for the 2-D hidden weight
 matrices, AdamW for embeddings, head, norms, gate projections, convolutions and biases, each with
-its own learning rate. Muon is DeepSpeed's `MuonWithAuxAdam` (a maintained implementation that
-DeepSpeed's engine knows), built here with its inline Adam so that no extension is compiled.
+its own learning rate (`sleepscale.train.muon`: sharded over data ranks, whole matrices under tensor
+parallelism).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sleepscale.config import ConfigError, OptimizerConfig, ScheduleConfig
+from sleepscale.train.muon import Muon, MuonLayout
 
 # Small per-head gate projections: decay (a_proj) and write strength (b_proj).
 _GATE_PROJECTIONS = ("a_proj.", "b_proj.")
@@ -41,9 +42,13 @@ def is_hidden_matrix(name: str, parameter: nn.Parameter) -> bool:
     return parameter.dim() == 2 and ".layers." in f".{name}" and not any(g in name for g in _GATE_PROJECTIONS)
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow: bool) -> torch.optim.Optimizer:
-    """`skips_on_overflow`: for ZeRO-0, where the trainer's guard sets `overflow` itself. ZeRO
-    optimizers have their own guard and accept only the exact optimizer types DeepSpeed tested."""
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, skips_on_overflow: bool, layout: MuonLayout | None = None
+) -> torch.optim.Optimizer:
+    """`skips_on_overflow`: for AdamW at ZeRO-0, where the trainer's guard sets `overflow` itself.
+    DeepSpeed's ZeRO optimizers have their own guard and accept only the exact optimizer types DeepSpeed
+    tested. Muon always skips on `overflow` (DeepSpeed runs it at its stage 0); `layout`: the ranks it
+    shares its work and state with (default: one rank)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("no parameter is trainable in this stage; check the stage's `train` patterns")
@@ -54,31 +59,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, skips_on_overflow
         adamw = AdamW if skips_on_overflow else torch.optim.AdamW
         return adamw([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps)
 
-    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam  # DeepSpeed, ~5 s: only for Muon
-
-    class Muon(_SkipsOnOverflow, MuonWithAuxAdam):  # only ever used at ZeRO-0 (the config enforces it)
-        pass
-
-    for name, p in named:
-        p.use_muon = is_hidden_matrix(name, p)  # read by DeepSpeed's engine
-    muon = [p for _, p in named if p.use_muon]
-    adam = [p for _, p in named if not p.use_muon]
-    groups = []
-    if muon:
-        groups.append(
-            dict(
-                params=muon,
-                lr=config.muon_lr,
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-                use_muon=True,
-            )
-        )
-    if adam:
-        groups.append(
-            dict(params=adam, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0, use_muon=False)
-        )
-    return Muon(groups)
+    muon = [p for name, p in named if is_hidden_matrix(name, p)]
+    adam = [p for name, p in named if not is_hidden_matrix(name, p)]
+    return Muon(muon, adam, config, layout or MuonLayout())
 
 
 def lr_factor(schedule: ScheduleConfig, total_steps: int) -> Callable[[int], float]:

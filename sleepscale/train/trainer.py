@@ -44,6 +44,7 @@ from sleepscale.passes import draw_passes
 from sleepscale.tracking import Tracker
 from sleepscale.train import faults
 from sleepscale.train.checkpoint import UNSHARDED, Checkpointer, restore_rng_states, rng_states
+from sleepscale.train.muon import MuonLayout
 from sleepscale.train.optim import build_optimizer, lr_factor
 from sleepscale.train.spikes import SpikeGuard
 from sleepscale.train.step import Decision, UpdateGuard
@@ -418,7 +419,8 @@ def build_stage_engine(parallelism: Parallelism, config: Config, stage: Training
     model = parallelism.model.model
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(any(fnmatch.fnmatchcase(name, p) for p in stage.config.train))
-    optimizer = build_optimizer(model, config.optimizer, skips_on_overflow=config.train.zero_stage == 0)
+    layout = _muon_layout(config, parallelism)
+    optimizer = build_optimizer(model, config.optimizer, skips_on_overflow=config.train.zero_stage == 0, layout=layout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, stage.end - stage.start))
     engine = parallelism.build_engine(optimizer, scheduler)
     stage_sleep = stage_sleep_settings(config, stage.config)
@@ -435,6 +437,19 @@ def build_stage_engine(parallelism: Parallelism, config: Config, stage: Training
         f"{trainable:,}",
     )
     return engine, stage_sleep
+
+
+def _muon_layout(config: Config, parallelism: Parallelism) -> MuonLayout:
+    """Muon shares its Newton-Schulz work over the data x tensor ranks of its stage, and at ZeRO-1/2 shards
+    its state over the data ranks (`sleepscale.train.muon`)."""
+    groups = parallelism.ctx.groups
+    if config.optimizer.name == "muon" and config.train.zero_stage == 2:
+        log.info("optimizer muon at train.zero_stage 2: state sharded as at ZeRO-1; gradients are reduced whole")
+    return MuonLayout(
+        data=dist.group.WORLD if groups is None else groups.data,
+        tensor=None if groups is None else groups.tensor,
+        shard_state=config.train.zero_stage > 0,
+    )
 
 
 def _save(run: Run, engine, loader_state: dict | None = None) -> None:
@@ -458,6 +473,8 @@ def _save(run: Run, engine, loader_state: dict | None = None) -> None:
             "skipped_steps": engine.skipped_steps,
         }
     rank_state = {"loader": loader_state or run.loader.state_dict(), "rng": rng_states()}
+    if _state_per_rank(engine):
+        rank_state["optimizer"] = engine.optimizer.state_dict()
     run.checkpointer.save(engine, run.progress.step, trainer_state, rank_state, shared_files)
 
 
@@ -467,7 +484,7 @@ def _restore(run: Run, engine, path: Path) -> None:
     saved = json.loads((path / "trainer.json").read_text())
     ctx, saved_tensor = run.ctx, saved.get("tensor", 1)
     if saved_tensor == run.config.parallel.tensor:
-        run.checkpointer.load(engine, path)
+        run.checkpointer.load(engine, path, optimizer=not _state_per_rank(engine))
     else:
         written = path / UNSHARDED  # by model-parallel runs
         state = (
@@ -488,6 +505,14 @@ def _restore(run: Run, engine, path: Path) -> None:
     rank_state = run.checkpointer.rank_state(path, source)
     run.loader.load_state_dict(rank_state["loader"])
     restore_rng_states(rank_state["rng"])
+    if _state_per_rank(engine) and saved_tensor == run.config.parallel.tensor:
+        engine.optimizer.load_state_dict(rank_state["optimizer"])
+
+
+def _state_per_rank(engine) -> bool:
+    """Whether the optimizer's state is saved by each rank itself (Muon: with ZeRO-1/2 each data rank
+    holds its own part) rather than in DeepSpeed's files (one data rank's copy)."""
+    return getattr(engine.optimizer, "state_per_rank", False)
 
 
 def _unsharded_from_deepspeed(run: Run, engine, path: Path) -> dict:
