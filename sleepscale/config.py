@@ -434,16 +434,6 @@ class TrainConfig(Section):
         50, ge=1, description="accepted steps a spike is judged against (detection starts after them)"
     )
 
-    @model_validator(mode="after")
-    def _grad_spikes_need_our_optimizer(self) -> TrainConfig:
-        if self.grad_spike_ratio is not None and (self.zero_stage != 0 or self.precision != "fp32"):
-            raise FieldError(
-                "grad_spike_ratio",
-                "needs zero_stage 0 and precision fp32 (DeepSpeed's ZeRO and bf16 optimizers take the gradient norm "
-                "inside their own step, too late to skip it); use loss_spike_ratio there",
-            )
-        return self
-
 
 class ParallelConfig(Section):
     """Model parallelism; data parallelism takes the remaining ranks (world size / (tensor x pipeline))."""
@@ -527,6 +517,14 @@ class Config(Section):
                 "3 with optimizer muon: ZeRO-3 splits every weight over the data ranks, Muon orthogonalises whole "
                 "matrices; use zero_stage 1 or 2 (Muon's state is sharded by whole matrices there)",
             )
+        if self.train.grad_spike_ratio is not None and (
+            self.deepspeed_zero_stage != 0 or self.train.precision != "fp32"
+        ):
+            raise FieldError(
+                "train.grad_spike_ratio",
+                "needs zero_stage 0 (or optimizer muon) and precision fp32 (DeepSpeed's ZeRO and bf16 optimizers "
+                "take the gradient norm inside their own step, too late to skip it); use loss_spike_ratio there",
+            )
         problem = self.model.tensor_parallel_problem(self.parallel.tensor)
         if problem:
             raise FieldError("parallel.tensor", problem)
@@ -567,6 +565,14 @@ class Config(Section):
                 "model.tie_embeddings",
                 f"true with {pipeline}: the embedding and the head live on different stages; untie them",
             )
+
+    @property
+    def deepspeed_zero_stage(self) -> int:
+        """The ZeRO stage DeepSpeed runs: `train.zero_stage`, except with Muon, which shards its own
+        state over the data ranks by whole matrices (`sleepscale.train.muon`): DeepSpeed then only
+        averages gradients (its stage 0), and its ZeRO-1/2/3 Muon paths, with their known defects,
+        are never taken."""
+        return 0 if self.optimizer.name == "muon" else self.train.zero_stage
 
     def stage_list(self) -> list[StageConfig]:
         """The stages, or the single default stage."""

@@ -23,7 +23,7 @@ def deepspeed_config(config) -> dict:
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
         "gradient_accumulation_steps": 1 if pipelined else config.train.grad_accumulation,
         "gradient_clipping": config.train.grad_clip,
-        "zero_optimization": {"stage": deepspeed_zero_stage(config)},
+        "zero_optimization": {"stage": config.deepspeed_zero_stage},
         # train.precision bf16 is autocast around the forward (`sleepscale.model.precision.precision_context`) over a
         # float32 engine, so that gradients of blocks reused N times sum in float32; DeepSpeed's bf16 mode would
         # cast the whole model to bf16.
@@ -50,13 +50,6 @@ def deepspeed_config(config) -> dict:
             min(loop_reuse_distance(config.model), DEEPSPEED_REUSE_DISTANCE) if reuse is None else reuse
         )
     return settings
-
-
-def deepspeed_zero_stage(config) -> int:
-    """The ZeRO stage DeepSpeed runs: `train.zero_stage`, except with Muon, which shards its own state
-    over the data ranks by whole matrices (`sleepscale.train.muon`): DeepSpeed then only averages
-    gradients (its stage 0), and its ZeRO-1/2/3 Muon paths, with their known defects, are never taken."""
-    return 0 if config.optimizer.name == "muon" else config.train.zero_stage
 
 
 DEEPSPEED_REUSE_DISTANCE = 10**9  # DeepSpeed's default stage3_max_reuse_distance

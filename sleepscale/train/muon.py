@@ -127,12 +127,23 @@ def _is_split(parameter: nn.Parameter) -> bool:
     return getattr(parameter, "tensor_model_parallel", False)
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon for `muon` parameters and AdamW for `adam` ones, over `layout` (see the module's text).
-    `overflow = True` makes the next step a no-op (read by DeepSpeed's engine to count the step as
-    skipped and hold the schedule). `newton_schulz_runs`: matrices this rank has orthogonalised."""
+class SkipsOnOverflow:
+    """`overflow = True` makes the next step() a no-op. DeepSpeed's engine reads the same flag to
+    count the step as skipped and hold the LR schedule; its ZeRO optimizers set it themselves, the
+    trainer's guard sets it for ours (`sleepscale.train.step`)."""
 
     overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class _Muon(torch.optim.Optimizer):
+    """Muon for `muon` parameters and AdamW for `adam` ones, over `layout` (see the module's text).
+    `newton_schulz_runs`: matrices this rank has orthogonalised."""
+
     state_per_rank = True  # the checkpoint keeps each rank's state (`state_dict`), not one data rank's
 
     def __init__(
@@ -195,8 +206,6 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("Muon takes no closure")
-        if self.overflow:
-            return None
         for group in self.param_groups:
             (self._muon_step if group["use_muon"] else self._adam_step)(group)
         self._share_updated()
@@ -304,3 +313,7 @@ class Muon(torch.optim.Optimizer):
                 "resume at the layout that wrote it"
             )
         super().load_state_dict(state_dict)
+
+
+class Muon(SkipsOnOverflow, _Muon):
+    __doc__ = _Muon.__doc__

@@ -15,25 +15,13 @@ import torch
 from torch import nn
 
 from sleepscale.config import ConfigError, OptimizerConfig, ScheduleConfig
-from sleepscale.train.muon import Muon, MuonLayout
+from sleepscale.train.muon import Muon, MuonLayout, SkipsOnOverflow
 
 # Small per-head gate projections: decay (a_proj) and write strength (b_proj).
 _GATE_PROJECTIONS = ("a_proj.", "b_proj.")
 
 
-class _SkipsOnOverflow:
-    """`overflow = True` makes the next step() a no-op. DeepSpeed's engine reads the same flag to
-    count the step as skipped and hold the LR schedule; its ZeRO optimizers set it themselves."""
-
-    overflow = False
-
-    def step(self, closure=None):
-        if self.overflow:
-            return None
-        return super().step(closure)
-
-
-class AdamW(_SkipsOnOverflow, torch.optim.AdamW):
+class AdamW(SkipsOnOverflow, torch.optim.AdamW):
     pass
 
 

@@ -5,8 +5,8 @@ The loop calls `parallelism.forward_backward(engine, micro_batches, sleep, guard
 
 Nothing here reads a device value on the host except what is opt-in or unavoidable, each named where
 it happens: the loss-spike guard (a host value per micro-batch), and the gradient check of our own
-ZeRO-0 fp32 optimizer (one per step; DeepSpeed's ZeRO and bf16 optimizers make the same check inside
-their own step).
+optimizers, which DeepSpeed runs at its stage 0 (AdamW at ZeRO-0, Muon at any stage; one per step;
+DeepSpeed's ZeRO and bf16 optimizers make the same check inside their own step).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sleepscale.train.spikes import SpikeGuard
 @dataclasses.dataclass
 class Decision:
     apply: bool
-    grad_norm: float | None  # before clipping, where we compute it (ZeRO-0 fp32); None: DeepSpeed's
+    grad_norm: float | None  # before clipping, where we compute it (our optimizers); None: DeepSpeed's
     loss_spike: bool
     grad_spike: bool
 
@@ -33,11 +33,12 @@ class UpdateGuard:
     """The one decision around the optimizer step: apply the update or skip it (no update, the LR
     schedule held, the step counted as skipped), for a non-finite loss or gradient or a spike.
 
-    How a skip reaches the optimizer depends on who owns it. Our ZeRO-0 fp32 optimizer skips when its
-    `overflow` flag is set, the flag DeepSpeed's engine reads to count the skip and hold the schedule
-    (`sleepscale.train.optim`). DeepSpeed's ZeRO and bf16 optimizers decide on overflow inside their
-    own step from the gradients, and take no request: they skip non-finite gradients themselves, and
-    for a loss spike the backward runs on a NaN loss, the one way to make them skip."""
+    How a skip reaches the optimizer depends on who owns it. Our optimizers (AdamW at ZeRO-0, Muon at
+    any stage: DeepSpeed runs both at its stage 0) skip when their `overflow` flag is set, the flag
+    DeepSpeed's engine reads to count the skip and hold the schedule (`sleepscale.train.optim`).
+    DeepSpeed's ZeRO and bf16 optimizers decide on overflow inside their own step from the gradients,
+    and take no request: they skip non-finite gradients themselves, and for a loss spike the backward
+    runs on a NaN loss, the one way to make them skip."""
 
     def __init__(self, train: TrainConfig, engine, parallelism: Parallelism, spikes: SpikeGuard):
         self.train, self.engine, self.parallelism, self.spikes = train, engine, parallelism, spikes
