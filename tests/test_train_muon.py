@@ -135,7 +135,7 @@ def test_orthogonalising_a_tensor_parallel_shard_alone_is_caught(setup, tmp_path
     run = tmp_path / "shard-alone"
     train(config, f"train.run_dir={run}", "parallel.tensor=2", ranks=2, env={"PYTHONPATH": str(tmp_path)})
     errors = relative_errors(parameters_at(run), parameters_at(tmp / "single"))
-    assert max(errors.values()) > 1e-4
+    assert max(errors.values()) > 1e-3  # 3e-2 measured; layouts agree to 5e-7
 
 
 def test_sharded_state_resumes_bit_exactly(setup, runs):
