@@ -8,7 +8,7 @@ import yaml
 from conftest import make_config
 
 from sleepscale.cli import main
-from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.hybrid import HybridLM, cut_to_blocks
 from sleepscale.planner.communication import muon_sent_bytes
 from sleepscale.planner.estimate import (
     GB,
@@ -24,6 +24,8 @@ from sleepscale.planner.estimate import (
     smallest_gpus,
     stage_ranges,
 )
+from sleepscale.planner.model_states import Parameter
+from sleepscale.train.optim import is_hidden_matrix
 
 TINY = Assumptions(length=40, gpu_memory=1 * GB, peak_flops=1e12, mfu=0.5, reserve=0)
 
@@ -202,3 +204,20 @@ def test_muon_layouts_leave_out_zero_3_and_the_lever_that_fits_is_muons_zero_1(t
     assumed = Assumptions(40, (zero0.total + zero1.total) / 2, 1e12, 0.5, reserve=0)
     answer = advice(config, estimate(config, zero0.layout, assumed), assumed)
     assert "train.zero_stage=1 makes it fit" in answer and "zero_stage=3" not in answer, answer
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_stages_parameters_are_its_models_in_the_optimizers_order(tied):
+    """What the planner gives Muon's assignment is the stage's model (`cut_to_blocks`), parameter by
+    parameter in module order, with Muon's matrices marked (tensor-parallel shards: the torchrun test
+    in test_planner_communication.py)."""
+    config = tiny(model={"tie_embeddings": True, "pattern": "AGAG"} if tied else {})
+    stages = config.model.stage_ranges
+    for index, blocks in enumerate(stages):
+        with torch.device("meta"):
+            model = cut_to_blocks(HybridLM(config.model), blocks)
+        expected = [
+            Parameter(tuple(p.shape), tuple(p.shape), is_hidden_matrix(n, p)) for n, p in model.named_parameters()
+        ]
+        assert list(_stage_optimized(config.model, 1, tuple(stages), index)) == expected
+        assert any(p.muon for p in expected) and not all(p.muon for p in expected)
