@@ -17,7 +17,7 @@ Communication per step (`communication`): the tensor-parallel all-reduces, the p
 the data-parallel gradient reduction; with `optimizer.name: muon`, DeepSpeed's stage-0 all-reduce
 (Muon runs DeepSpeed at its stage 0 at every `train.zero_stage`) and Muon's own collectives in its
 step (the gathers and scatters of its matrices over the tensor ranks, the broadcasts of the updated
-weights over the data ranks: `muon_sent_bytes`), whose model states are `muon_state_bytes`'. FLOPs per
+weights over the data ranks: `muon_sent_bytes`; its model states are `muon_state_bytes`). FLOPs per
 step are the trainer's own count
 (`sleepscale.flops.plan_flops`); compute time is FLOPs over (MFU x peak) per GPU, stretched by the
 pipeline's idle fraction (`sleepscale.parallel.pipeline_schedule.simulate` on the step's schedule).
