@@ -1,15 +1,19 @@
-"""Run under torchrun: for ZeRO 0, 1, 2 and 3 over the data-parallel ranks, the bytes of model
-states a rank holds, counted by a census of live tensors, next to `model_state_bytes`' prediction;
+"""Run under torchrun: for AdamW at ZeRO 0, 1, 2 and 3 and our Muon at `train.zero_stage` 0, 1 and 2
+over the data-parallel ranks (every rank a data rank), the bytes of model states a rank holds,
+counted by a census of live tensors, next to `model_state_bytes`' (`muon_state_bytes`') prediction;
 rank 0 writes them as JSON.
 
-    torchrun --nproc_per_node 2 tests/planner_model_states_ranks.py OUT.json
+    torchrun --nproc_per_node 2 tests/planner_model_states_ranks.py OUT.json [CASE ...]
+
+CASE: adamw0 ... adamw3, muon0 ... muon2 (default: all but adamw3 on one rank, all on more).
 
 Each stage builds the model and engine the way the trainer does (`build_rank_model`, then
 `_build_engine`: the stage's optimizer and `deepspeed_config`) and runs two training steps. The
 second is measured (optimizer states exist, and ZeRO-3 has recorded its module trace): a census is
 taken between the calls of the step and on entry to and return from the methods where a category
 peaks (the ZeRO optimizer's in `PROBES` and `HOOK`, ZeRO-0's `allreduce_bucket`, the base
-optimizer's `step`). Each category's largest value over those points is reported, and the largest
+optimizer's `step`; in Muon's step, the first scatter of an update, when every update is computed,
+and its collectives, `MUON_COLLECTIVES`). Each category's largest value over those points is reported, and the largest
 sum of the four at one point, for every rank (partitions differ between ranks); and the census
 after the step, when no activation is left.
 
@@ -22,8 +26,9 @@ holds on the C++ side), deduplicated by storage. A storage goes to the first cat
 - optimizer: the base optimizer's state tensors and the tensors it updates, and ZeRO's float32
   master partitions;
 - buffers: DeepSpeed's reduce buckets (`ipg_buckets`; gradients waiting there are buffers), the
-  flattened gradients ZeRO-0's `allreduce_bucket` returns, and under ZeRO-3 the gathered
-  parameters;
+  flattened gradients ZeRO-0's `allreduce_bucket` returns, under ZeRO-3 the gathered parameters,
+  and in Muon's step the tensors its frames hold (Nesterov inputs, gathered matrices, updates, the
+  flat buffers of updated weights), but for what another category claims (`momentum`, `grad`);
 - gradients: `.grad` of the parameters and of the tensors the optimizer updates, and DeepSpeed's
   gradient holders (`averaged_gradients`, ZeRO-1/2's `grads_in_partition`, ZeRO-3's
   `grad_partitions_flat_buffer`);
@@ -34,6 +39,7 @@ holds on the C++ side), deduplicated by storage. A storage goes to the first cat
 import gc
 import json
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -43,7 +49,9 @@ from sleepscale.parallel.distributed import setup_distributed
 from sleepscale.parallel.parallelism import Parallelism
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.parallel.zero import deepspeed_config
-from sleepscale.planner.model_states import model_state_bytes
+from sleepscale.planner.model_states import Parameter, model_state_bytes, muon_assignment, muon_state_bytes
+from sleepscale.train import muon
+from sleepscale.train.optim import is_hidden_matrix
 from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
 CATEGORIES = ("weights", "gradients", "optimizer", "buffers")
@@ -60,6 +68,11 @@ PROBES = (
     "step",
 )
 HOOK = "reduce_ready_partitions_and_remove_grads"
+MUON_COLLECTIVES = ("gather", "scatter", "broadcast")  # probed at entry, as `sleepscale.train.muon` calls them
+CASES = {
+    **{f"adamw{stage}": ("adamw", stage) for stage in (0, 1, 2, 3)},
+    **{f"muon{stage}": ("muon", stage) for stage in (0, 1, 2)},
+}
 
 
 def storages(tensors) -> dict[int, int]:
@@ -82,6 +95,28 @@ def bucket_tensors(zero) -> list[torch.Tensor]:
     found = []
     for bucket in getattr(zero, "ipg_buckets", {}).values():
         found += bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
+    return found
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    """The tensors a variable holds: itself, or a dict's values, a list's or tuple's items."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    return []
+
+
+def muon_step_tensors() -> list[torch.Tensor]:
+    """The tensors the frames of `sleepscale.train.muon` on the stack hold (in Muon's step)."""
+    found, frame = [], sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename == muon.__file__:
+            for value in frame.f_locals.values():
+                found += tensors_in(value)
+        frame = frame.f_back
     return found
 
 
@@ -128,6 +163,10 @@ class Census:
             found = {ptr: size for ptr, size in storages(claims[category]).items() if ptr not in seen}
             seen |= found.keys()
             measured[category] = sum(found.values())
+        # Muon's step's own tensors, but for the gradients and state its frames also hold
+        found = {ptr: size for ptr, size in storages(muon_step_tensors()).items() if ptr not in seen}
+        seen |= found.keys()
+        measured["buffers"] += sum(found.values())
         everything = storages(live_tensors())
         measured["other"] = sum(
             size for ptr, size in everything.items() if ptr not in seen and ptr not in self.baseline
@@ -161,8 +200,36 @@ class Census:
 
         setattr(owner, name, probed)
 
+    def probe_muon_collectives(self) -> None:
+        """A census on entry to each collective Muon's step calls: its module's `dist`, wrapped."""
+        wrapped = types.SimpleNamespace(**vars(dist))
 
-def run_stage(zero_stage: int, ctx) -> dict:
+        def probed(name):
+            def call(*args, **kwargs):
+                self.take(f"muon {name} (entry)")
+                return getattr(dist, name)(*args, **kwargs)
+
+            return call
+
+        for name in MUON_COLLECTIVES:
+            setattr(wrapped, name, probed(name))
+        muon.dist = wrapped
+
+
+def rank_parameters(model) -> list[Parameter]:
+    """This rank's trainable parameters as the planner describes them, from the model itself."""
+    return [
+        Parameter(tuple(p.shape), muon.whole_shape(p, 1), is_hidden_matrix(name, p))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    ]
+
+
+def state_elements(optimizer) -> int:
+    return sum(t.numel() for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def run_stage(optimizer: str, zero_stage: int, ctx) -> dict:
     """A model of ~0.9 M parameters (hidden size 128, four blocks): its states are megabytes,
     beside DeepSpeed's fixed-size buffers."""
     config = make_config(
@@ -178,7 +245,12 @@ def run_stage(zero_stage: int, ctx) -> dict:
             "init_std": 0.02,
         },
     )
-    config = config.model_copy(update={"train": config.train.model_copy(update={"zero_stage": zero_stage})})
+    config = config.model_copy(
+        update={
+            "train": config.train.model_copy(update={"zero_stage": zero_stage}),
+            "optimizer": config.optimizer.model_copy(update={"name": optimizer}),
+        }
+    )
     gc.collect()
     baseline = storages(live_tensors())
     parallelism = Parallelism(config, ctx, build_rank_model(config, None, ctx.device))
@@ -198,6 +270,9 @@ def run_stage(zero_stage: int, ctx) -> dict:
                         census.probe(zero, name)
                 census.probe(zero, HOOK, first_only=True)
             census.probe(engine.basic_optimizer, "step")
+            if optimizer == "muon":  # every update computed, none applied yet; the shares of updated weights
+                census.probe(engine.basic_optimizer, "_scatter_update", first_only=True, returns_buffer=True)
+                census.probe_muon_collectives()
         ids = torch.randint(0, 64, (2, 24), generator=generator)
         loss = engine(ids, ids.roll(-1, dims=1), sleep).loss
         if step == 1:
@@ -208,10 +283,21 @@ def run_stage(zero_stage: int, ctx) -> dict:
         engine.step()
         del loss
         gc.collect()
+    muon.dist = dist
     census.take("after step")
     after_step = dict(census.last)
-    predicted = model_state_bytes(sizes, zero_stage, ctx.world_size, deepspeed_config(config))
-    result = {
+    result = {}
+    if optimizer == "muon":
+        parameters = rank_parameters(model)
+        predicted = muon_state_bytes(parameters, zero_stage, ctx.world_size, 1, deepspeed_config(config))
+        every = sum(p.elements * (1 if p.muon else 2) for p in parameters)
+        result["state_elements"] = {  # this rank's: held by the optimizer, and from the planner's assignment
+            "measured": state_elements(engine.basic_optimizer),
+            "predicted": muon_assignment(parameters, ctx.world_size, 1).state[ctx.rank] if zero_stage else every,
+        }
+    else:
+        predicted = model_state_bytes(sizes, zero_stage, ctx.world_size, deepspeed_config(config))
+    result |= {
         "parameters": sum(sizes),
         "measured": {**census.peaks, "total": census.peak_total},
         "where": census.where,
@@ -222,13 +308,13 @@ def run_stage(zero_stage: int, ctx) -> dict:
     return result
 
 
-def main(out: str) -> None:
+def main(out: str, cases: list[str]) -> None:
     ctx = setup_distributed()
     report = {}
-    for zero_stage in (0, 1, 2, 3):
+    for case in cases or [c for c in CASES if ctx.world_size > 1 or c != "adamw3"]:
         ranks = [None] * ctx.world_size
-        dist.all_gather_object(ranks, run_stage(zero_stage, ctx))
-        report[f"zero{zero_stage}"] = ranks
+        dist.all_gather_object(ranks, run_stage(*CASES[case], ctx))
+        report[case] = ranks
         gc.collect()
     if ctx.rank == 0:
         with open(out, "w") as file:
@@ -238,4 +324,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

@@ -1,6 +1,7 @@
 """Communication per training step (`sleepscale.planner.communication`): predicted against measured
 on two gloo ranks (tensor parallelism: every collective's payload; pipeline: `run_step`'s sent
-bytes), and the formulas on small cases by hand."""
+bytes), Muon's collectives against `Muon.sent_bytes` on two and four ranks, and the formulas on small
+cases by hand."""
 
 import json
 import os
@@ -17,10 +18,12 @@ from sleepscale.plan import make_plan
 from sleepscale.planner.communication import (
     all_reduce_wire_factor,
     data_parallel_bytes,
+    muon_sent_bytes,
     pipeline_bytes,
     tensor_parallel_bytes,
     tensor_parallel_phases,
 )
+from sleepscale.planner.model_states import Parameter, muon_owners
 
 
 def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
@@ -57,6 +60,76 @@ def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelis
     # (windows of 2 x 8 tokens twice, of 3 x 8 once; hidden 16, float32); tying the embedding changes nothing
     forward, backward = tensor["N3-tied"]["measured"]
     assert tensor["N3-window"]["measured"][1] - backward == forward - 4 * 16 * (2 * 8 * 2 + 3 * 8)
+
+
+def run_ranks(script: str, out, ranks: int = 2, timeout: int = 300) -> dict:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            script,
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4], ids=["DP2-and-TP2", "TP2xDP2"])
+def test_muon_sent_bytes_equal_the_measured_per_rank(tmp_path, ranks):
+    """Per rank and group (tensor, data), at train.zero_stage 0 and 1: the prediction equals the bytes
+    counted at Muon's collectives, which equal `Muon.sent_bytes`; the planner's parameters, owners and
+    per-rank state are the optimizer's."""
+    report = run_ranks("tests/planner_optimizer_ranks.py", tmp_path / "report.json", ranks, timeout=600)
+    assert set(report) == (
+        {"TP2xDP2-zero0", "TP2xDP2-zero1"}
+        if ranks == 4
+        else {"TP1xDP2-zero0", "TP1xDP2-zero1", "TP2xDP1-zero0", "TP2xDP1-zero1"}
+    )
+    for case, results in report.items():
+        for rank in results:
+            assert rank["counted"] == rank["predicted"], (case, rank)
+            assert sum(rank["counted"]) == rank["sent_bytes"], (case, rank)
+            assert rank["state_elements"] == rank["predicted_state_elements"], (case, rank)
+            assert rank["description_is_the_planners"], (case, rank)
+        assert sum(rank["newton_schulz_runs"] for rank in results) == results[0]["matrices"], case  # once each
+    # the model's data ranks own different bytes (the check tells them apart); state sharding adds AdamW's
+    data = [tuple(rank["counted"]) for rank in report["TP1xDP2-zero1" if ranks == 2 else "TP2xDP2-zero1"]]
+    assert len(set(data)) > 1
+    zero0, zero1 = (report[f"TP1xDP2-zero{z}" if ranks == 2 else f"TP2xDP2-zero{z}"] for z in (0, 1))
+    assert all(a["counted"][1] < b["counted"][1] for a, b in zip(zero0, zero1))
+
+
+def test_muon_sent_bytes_by_hand():
+    """Two Muon matrices (an 8 x 4 shard of 16 x 4 split by rows, and a replicated 4 x 4) and an AdamW
+    vector, over T = 2 tensor and D = 2 data ranks."""
+    parameters = [Parameter((8, 4), (16, 4), True), Parameter((4, 4), (4, 4), True), Parameter((6,), (6,), False)]
+    owners = muon_owners(parameters, 2, 2)
+    (big, small, vector) = owners
+    assert big != small and vector[1] is None
+    for zero_stage in (0, 1):
+        sent = muon_sent_bytes(parameters, zero_stage, 2, 2)
+        expected = {(d, t): [0, 0] for d in (0, 1) for t in (0, 1)}
+        # the split matrix: gathered to its owner (4 x 32 from the other tensor rank), scattered back (4 x 32)
+        expected[big][0] += 4 * 32
+        expected[big[0], 1 - big[1]][0] += 4 * 32
+        # the replicated one: no gather, its update broadcast over the tensor group
+        expected[small][0] += 4 * 16
+        # each data rank broadcasts its matrices' shards (and with state sharding its AdamW parameters)
+        for (d, _), elements in ((big, 32), (small, 16)) + (((vector, 6),) if zero_stage else ()):
+            for t in (0, 1):
+                expected[d, t][1] += 4 * elements
+        assert sent == {rank: tuple(b) for rank, b in expected.items()}, zero_stage
+    assert muon_sent_bytes(parameters, 1, 1, 1) == {(0, 0): (0, 0)}
 
 
 def shapes(config) -> HybridLM:

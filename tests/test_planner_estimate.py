@@ -1,16 +1,21 @@
 """`sleepscale plan`: layouts, the per-GPU estimate, the searches and the one-line answer."""
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
 from conftest import make_config
 
 from sleepscale.cli import main
-from sleepscale.model.hybrid import HybridLM
+from sleepscale.model.hybrid import HybridLM, cut_to_blocks
+from sleepscale.planner.communication import muon_sent_bytes
 from sleepscale.planner.estimate import (
     GB,
     Assumptions,
     Layout,
+    _stage_optimized,
+    advice,
     candidate_layouts,
     config_layout,
     estimate,
@@ -19,6 +24,8 @@ from sleepscale.planner.estimate import (
     smallest_gpus,
     stage_ranges,
 )
+from sleepscale.planner.model_states import Parameter
+from sleepscale.train.optim import is_hidden_matrix
 
 TINY = Assumptions(length=40, gpu_memory=1 * GB, peak_flops=1e12, mfu=0.5, reserve=0)
 
@@ -162,3 +169,55 @@ def test_smallest_gpu_count_is_the_first_with_a_layout_that_fits():
     assumed = Assumptions(40, (one + two) / 2, 1e12, 0.5, reserve=0)
     found = smallest_gpus(config, assumed)
     assert found.layout.gpus == 2 and found.fits
+
+
+def test_muon_runs_deepspeed_at_stage_0_shards_its_own_state_and_counts_its_collectives():
+    """TP2 x DP2 (Muon under tensor parallelism): at train.zero_stage 1 and 2 each data rank holds about
+    half the optimizer state, DeepSpeed all-reduces the gradients (P) at every stage, and Muon's
+    gathers, scatters and broadcasts are counted and timed."""
+    config = tiny(optimizer={"name": "muon"})
+    found = {zero: estimate(config, Layout(2, 1, 2, zero, "pass", 8, 1, 1), TINY) for zero in (0, 1, 2)}
+    adamw = estimate(tiny(), Layout(2, 1, 2, 0, "pass", 8, 1, 1), TINY)
+    parameters = list(_stage_optimized(config.model, 2, (range(8),), 0))
+    elements = sum(p.elements for p in parameters)
+    for zero, muon in found.items():
+        assert (muon.weights, muon.gradients) == (adamw.weights, adamw.gradients) == (4 * elements, 4 * elements)
+        assert muon.data_bytes == 4 * elements  # DeepSpeed's stage-0 all-reduce, whatever train.zero_stage
+        assert muon.tensor_bytes == adamw.tensor_bytes
+        sent = muon_sent_bytes(parameters, zero, 2, 2)
+        assert muon.optimizer_bytes == max(sum(rank) for rank in sent.values()) > 0
+        assert muon.communication_seconds > adamw.communication_seconds
+    assert found[1].optimizer < 0.55 * found[0].optimizer < adamw.optimizer  # no master copy, 1 state a matrix element
+    assert found[1].optimizer_bytes > found[0].optimizer_bytes  # AdamW parameters shared too
+    assert dataclasses.replace(found[2], layout=found[1].layout) == found[1]  # ZeRO-2 is ZeRO-1 for Muon
+    assert adamw.optimizer_bytes == 0
+
+
+def test_muon_layouts_leave_out_zero_3_and_the_lever_that_fits_is_muons_zero_1(tmp_path, capsys):
+    config = tiny(optimizer={"name": "muon"}, train={"micro_batch_size": 1, "grad_accumulation": 2})
+    config = config.model_copy(update={"sleep": config.sleep.model_copy(update={"grad_passes": 1})})
+    layouts = candidate_layouts(config, 4)
+    assert not any(layout.zero_stage == 3 for layout in layouts)
+    assert any(layout.tensor == 2 and layout.zero_stage in (1, 2) for layout in layouts)
+    zero0, zero1 = (estimate(config, Layout(1, 1, 4, zero, "pass", 1, 2, 1), TINY) for zero in (0, 1))
+    assert zero1.total < zero0.total
+    assumed = Assumptions(40, (zero0.total + zero1.total) / 2, 1e12, 0.5, reserve=0)
+    answer = advice(config, estimate(config, zero0.layout, assumed), assumed)
+    assert "train.zero_stage=1 makes it fit" in answer and "zero_stage=3" not in answer, answer
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_stages_parameters_are_its_models_in_the_optimizers_order(tied):
+    """What the planner gives Muon's assignment is the stage's model (`cut_to_blocks`), parameter by
+    parameter in module order, with Muon's matrices marked (tensor-parallel shards: the torchrun test
+    in test_planner_communication.py)."""
+    config = tiny(model={"tie_embeddings": True, "pattern": "AGAG"} if tied else {})
+    stages = config.model.stage_ranges
+    for index, blocks in enumerate(stages):
+        with torch.device("meta"):
+            model = cut_to_blocks(HybridLM(config.model), blocks)
+        expected = [
+            Parameter(tuple(p.shape), tuple(p.shape), is_hidden_matrix(n, p)) for n, p in model.named_parameters()
+        ]
+        assert list(_stage_optimized(config.model, 1, tuple(stages), index)) == expected
+        assert any(p.muon for p in expected) and not all(p.muon for p in expected)

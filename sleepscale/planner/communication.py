@@ -52,7 +52,10 @@ every stage boundary it crosses, and from the stage where its source traversal e
 not its first stage (a sleep pass looping back); a traversal with gradient sends a gradient back
 over each boundary it crossed, and over the loop-back too when its source traversal has gradient.
 
-Data parallelism over D ranks, P parameters (`data_parallel_bytes`), from DeepSpeed's ZeRO.
+Data parallelism over D ranks, P parameters (`data_parallel_bytes`), from DeepSpeed's ZeRO. With
+`optimizer.name: muon` DeepSpeed runs at its stage 0 whatever `train.zero_stage` says (its gradient
+all-reduce, P, `sleepscale.parallel.zero.deepspeed_zero_stage`), and our Muon adds its own
+collectives inside the optimizer step (`muon_sent_bytes`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from sleepscale.flops import Live, liveness
 from sleepscale.model.attention import Attention
 from sleepscale.parallel.pipeline_schedule import traversals
 from sleepscale.plan import SleepPlan, WindowPlan
+from sleepscale.planner.model_states import MUON_NS_STEPS, Parameter, muon_owners
 
 FLOAT32 = 4
 
@@ -215,3 +219,50 @@ def data_parallel_wire_bytes(parameters: int, zero_stage: int, data_parallel: in
         return 0.0
     passes = 3 if zero_stage == 3 else 2
     return passes * (data_parallel - 1) / data_parallel * gradient_bytes * parameters
+
+
+def muon_sent_bytes(
+    parameters: list[Parameter],
+    zero_stage: int,
+    data_parallel: int,
+    tensor_parallel: int,
+    ns_steps: int = MUON_NS_STEPS,
+) -> dict[tuple[int, int], tuple[int, int]]:
+    """Bytes each rank of a pipeline stage, by (data rank, tensor rank), sends in our Muon's collectives
+    in one optimizer step (`sleepscale.train.muon`), as (over its tensor-parallel group, over its
+    data-parallel group); what `Muon.sent_bytes` counts. `parameters`: the stage's trainable parameters
+    as one rank holds them (`sleepscale.planner.model_states.Parameter`), in module order;
+    `zero_stage`: `train.zero_stage` (1 and 2 shard Muon's state over the data ranks).
+
+    Sent bytes, unlike the payloads above: the bytes of what a rank hands to a collective for other
+    ranks, once per rank they go to (a gather's input, from each rank but the root; a scatter's pieces
+    but the root's own; a broadcast's tensor, from its root, D - 1 times). All float32 (the Nesterov
+    inputs, the updates and the weights). Owners are `Muon`'s (`sleepscale.train.muon.assign`). For a
+    Muon matrix of e elements per tensor rank, owned by data rank d and tensor rank t, under T > 1:
+
+    - gather of the Nesterov input's shards to rank t (split matrices only), on data rank d: each other
+      tensor rank sends 4 e;
+    - scatter of the update's shards back: rank t sends 4 e (T - 1) (a matrix that is not split is
+      broadcast whole instead, the same bytes).
+
+    Over D > 1 data ranks each data rank broadcasts the weights it updated, in one flat buffer: its
+    Muon matrices, and with state sharding its AdamW parameters too (at `train.zero_stage` 0 every data
+    rank updates every AdamW parameter itself): each of its tensor ranks sends 4 S_d (D - 1), S_d the
+    buffer's elements, about (M + A) / D (zero_stage 1/2) or M / D (0) each.
+
+    Collectives of the model's forward and backward and DeepSpeed's gradient all-reduce (`data_parallel_bytes`
+    at stage 0) come on top."""
+    shard_state = zero_stage > 0
+    owners = muon_owners(parameters, data_parallel, tensor_parallel, ns_steps)
+    tensor_sent = {(d, t): 0 for d in range(data_parallel) for t in range(tensor_parallel)}
+    shared = [0] * data_parallel
+    for p, (data, tensor) in zip(parameters, owners):
+        if p.muon and tensor_parallel > 1:
+            for t in range(tensor_parallel):
+                if t == tensor:
+                    tensor_sent[data, t] += FLOAT32 * p.elements * (tensor_parallel - 1)
+                elif p.split:
+                    tensor_sent[data, t] += FLOAT32 * p.elements
+        if p.muon or shard_state:
+            shared[data] += p.elements
+    return {(d, t): (sent, FLOAT32 * shared[d] * (data_parallel - 1)) for (d, t), sent in tensor_sent.items()}

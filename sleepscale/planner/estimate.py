@@ -14,12 +14,19 @@ loaded pipeline stage, the bytes a GPU holds at the peak of a step:
   communication buffers of NCCL, temporaries of a single op), `Assumptions.reserve` (`assumptions`).
 
 Communication per step (`communication`): the tensor-parallel all-reduces, the pipeline's sends and
-the data-parallel gradient reduction. FLOPs per step are the trainer's own count
+the data-parallel gradient reduction; with `optimizer.name: muon`, DeepSpeed's stage-0 all-reduce
+(Muon runs DeepSpeed at its stage 0 at every `train.zero_stage`) and Muon's own collectives in its
+step (the gathers and scatters of its matrices over the tensor ranks, the broadcasts of the updated
+weights over the data ranks: `muon_sent_bytes`; its model states are `muon_state_bytes`). FLOPs per
+step are the trainer's own count
 (`sleepscale.flops.plan_flops`); compute time is FLOPs over (MFU x peak) per GPU, stretched by the
 pipeline's idle fraction (`sleepscale.parallel.pipeline_schedule.simulate` on the step's schedule).
 The tensor-parallel all-reduces run inside the forward and backward, and DeepSpeed reduces gradients
 after the backward (`overlap_comm` is off): both add their ring's wire bytes over the link's
-bandwidth to the step. Pipeline transfers overlap with compute (`run_step` posts them ahead).
+bandwidth to the step. Muon's collectives run in its step, after both: they add the busiest rank's
+sent bytes over each link's bandwidth (a ring broadcast relays about as many bytes per rank as the
+average root sends). Newton-Schulz's FLOPs are not counted. Pipeline transfers overlap with compute
+(`run_step` posts them ahead).
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ from sleepscale.planner.communication import (
     all_reduce_wire_factor,
     data_parallel_bytes,
     data_parallel_wire_bytes,
+    muon_sent_bytes,
     pipeline_bytes,
     tensor_parallel_bytes,
 )
-from sleepscale.planner.model_states import model_state_bytes
+from sleepscale.planner.model_states import Parameter, model_state_bytes, muon_state_bytes
+from sleepscale.train.optim import is_hidden_matrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Layout:
     tensor: int
     pipeline: int
     data: int
-    zero_stage: int
+    zero_stage: int  # `train.zero_stage` (with Muon, DeepSpeed runs its stage 0 and 1/2 shard Muon's state)
     checkpoint: str  # none | pass | window
     micro_batch: int
     grad_accumulation: int
@@ -78,7 +87,7 @@ class Estimate:
     weights: int
     gradients: int
     optimizer: int
-    buffers: int  # DeepSpeed's
+    buffers: int  # DeepSpeed's, or Muon's step's where larger
     activations: int  # saved for backward, all micro-batches in flight
     held_states: int  # recurrent states kept by checkpoints, all micro-batches in flight
     final_states: int  # the recurrent states each micro-batch in flight ends its sequence with
@@ -86,7 +95,8 @@ class Estimate:
     reserve: int
     tensor_bytes: int  # communication per GPU per step
     pipeline_bytes: int
-    data_bytes: int
+    data_bytes: int  # DeepSpeed's gradient reduction (and parameter gathers)
+    optimizer_bytes: int  # Muon's collectives in its step, sent by the busiest rank (0 with AdamW)
     flops: float  # per step, the whole run (all GPUs)
     pipeline_idle: float
     compute_seconds: float  # FLOPs at the assumed MFU, stretched by the pipeline's idle time
@@ -118,7 +128,7 @@ class Estimate:
             ("weights", self.weights),
             ("gradients", self.gradients),
             ("optimizer state", self.optimizer),
-            ("DeepSpeed buffers", self.buffers),
+            ("DeepSpeed buffers, optimizer temporaries", self.buffers),
             ("activations saved for backward", self.activations),
             ("states held by checkpoints", self.held_states),
             ("recurrent states at the sequence's end", self.final_states),
@@ -193,14 +203,27 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         }
     )
     settings = deepspeed_config(run_config)
+    deepspeed_stage = settings["zero_optimization"]["stage"]  # 0 with Muon
+    muon = config.optimizer.name == "muon"
+    ns_steps = config.optimizer.muon_ns_steps
     per_stage = []
     for index in range(layout.pipeline):
-        states = model_state_bytes(
-            list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
-            layout.zero_stage,
-            layout.data,
-            settings,
-        )
+        if muon:
+            states = muon_state_bytes(
+                list(_stage_optimized(config.model, layout.tensor, tuple(stages), index)),
+                layout.zero_stage,
+                layout.data,
+                layout.tensor,
+                settings,
+                ns_steps,
+            )
+        else:
+            states = model_state_bytes(
+                list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
+                layout.zero_stage,
+                layout.data,
+                settings,
+            )
         memory = (
             states,
             *(in_flight * part[index] for part in (activations.saved, activations.held, activations.states)),
@@ -220,7 +243,24 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     )
     pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
     parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
-    data = data_parallel_bytes(parameters, layout.zero_stage, layout.data) if layout.data > 1 else 0
+    data = data_parallel_bytes(parameters, deepspeed_stage, layout.data) if layout.data > 1 else 0
+    # Muon's collectives: each rank's (tensor, data) sent bytes; the busiest rank's sum, and its time
+    sent = (
+        muon_sent_bytes(
+            list(_stage_optimized(config.model, layout.tensor, tuple(stages), stage)),
+            layout.zero_stage,
+            layout.data,
+            layout.tensor,
+            ns_steps,
+        ).values()
+        if muon
+        else []
+    )
+    optimizer = max((sum(rank) for rank in sent), default=0)
+    optimizer_seconds = max(
+        (t / assumed.tensor_bandwidth + d / assumed.data_bandwidth for t, d in sent),
+        default=0.0,
+    )
 
     flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
     idle = (
@@ -229,7 +269,8 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     compute = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
     communication = (
         tensor * all_reduce_wire_factor(layout.tensor) / assumed.tensor_bandwidth
-        + data_parallel_wire_bytes(parameters, layout.zero_stage, layout.data) / assumed.data_bandwidth
+        + data_parallel_wire_bytes(parameters, deepspeed_stage, layout.data) / assumed.data_bandwidth
+        + optimizer_seconds
     )
     seconds = compute + communication
     tokens = layout.data * layout.grad_accumulation * layout.micro_batch * length
@@ -249,6 +290,7 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         tensor,
         pipeline,
         data,
+        optimizer,
         flops,
         idle,
         compute,
@@ -268,13 +310,30 @@ def _meta_model(model: ModelConfig):
 @functools.lru_cache(maxsize=256)
 def _stage_parameters(model: ModelConfig, tensor: int, stages: tuple[range, ...], index: int) -> tuple[int, ...]:
     """Elements of each parameter the ranks of pipeline stage `index` hold, one tensor-parallel shard each."""
+    return tuple(p.elements for p in _stage_optimized(model, tensor, stages, index))
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_optimized(model: ModelConfig, tensor: int, stages: tuple[range, ...], index: int) -> tuple[Parameter, ...]:
+    """The parameters the ranks of pipeline stage `index` hold, in module order (the optimizer's), as one
+    tensor-parallel rank holds them: its shard's shape, the whole weight's (a dimension the shard cuts
+    is T times the shard's) and whether Muon updates it (`is_hidden_matrix`, on the model's names)."""
     shard = _meta_model(tensor_parallel_shapes(model, tensor))
-    modules = [shard.layers[i] for i in stages[index]]
+    whole = dict(_meta_model(model).named_parameters())
+    modules = [(f"layers.{i}", shard.layers[i]) for i in stages[index]]
     if index == 0:
-        modules.insert(0, shard.embeddings)
+        modules.insert(0, ("embeddings", shard.embeddings))
     if index == len(stages) - 1:
-        modules += [shard.norm] + ([] if model.tie_embeddings and index == 0 else [shard.lm_head])
-    return tuple(p.numel() for module in modules for p in module.parameters())
+        modules += [("norm", shard.norm)] + (
+            [] if model.tie_embeddings and index == 0 else [("lm_head", shard.lm_head)]
+        )
+    found = []
+    for prefix, module in modules:
+        for name, p in module.named_parameters(prefix=prefix):
+            shape = tuple(p.shape)
+            cut = tuple(n * tensor if n != w else n for n, w in zip(shape, whole[name].shape))
+            found.append(Parameter(shape, cut, is_hidden_matrix(name, p)))
+    return tuple(found)
 
 
 @functools.lru_cache(maxsize=64)
@@ -288,7 +347,7 @@ def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
     """Every layout of `gpus` GPUs that keeps the config's global batch (micro-batch x accumulation x
     data ranks, the data ranks being those of the config's own layout on `gpus`): tensor ranks that
     divide the heads (at most 8, one node), pipeline stages up to the depth, ZeRO 0-3 (3 without
-    model parallelism), each checkpointing mode the layout allows."""
+    model parallelism, and not with Muon), each checkpointing mode the layout allows."""
     model_parallel = config.parallel.tensor * config.parallel.pipeline
     global_batch = config.train.micro_batch_size * config.train.grad_accumulation * max(gpus // model_parallel, 1)
     found = []
@@ -306,7 +365,7 @@ def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
             if per_rank % micro:
                 continue
             for zero in (0, 1, 2, 3):
-                if zero == 3 and (tensor > 1 or pipeline > 1):
+                if zero == 3 and (tensor > 1 or pipeline > 1 or config.optimizer.name == "muon"):
                     continue
                 for checkpoint in ("none", "pass", "window"):
                     if checkpoint == "window" and pipeline > 1:
@@ -402,7 +461,8 @@ def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
             )
         )
     if layout.data > 1:
-        for zero in range(layout.zero_stage + 1, 3 if layout.tensor * layout.pipeline > 1 else 4):
+        no_zero3 = layout.tensor * layout.pipeline > 1 or config.optimizer.name == "muon"
+        for zero in range(layout.zero_stage + 1, 3 if no_zero3 else 4):
             levers.append((f"train.zero_stage={zero}", dataclasses.replace(layout, zero_stage=zero), config))
     tried = []
     for name, candidate, changed in levers:

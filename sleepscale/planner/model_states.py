@@ -6,7 +6,7 @@ Every tensor is float32 (4 bytes an element): the project trains float32 weights
 AdamW state whatever `train.precision` (bf16 is autocast over a float32 engine; DeepSpeed's bf16 is
 off), so DeepSpeed's "bit16" tensors are float32 too, and its gradient-accumulation and
 communication dtypes are float32. The optimizer is torch's AdamW (`sleepscale.train.optim`), two
-states per element (exp_avg, exp_avg_sq).
+states per element (exp_avg, exp_avg_sq), or our Muon (below).
 
 Each field is that category's largest size during a training step (from the second on, when the
 optimizer states exist); `total`, their sum, bounds what model states take at any one moment. The
@@ -67,6 +67,34 @@ ZeRO-3 (`zero/stage3.py`, `DeepSpeedZeroOptimizer_Stage3`; `zero/partition_param
              elements are gathered ahead: at most min(N, reuse distance + prefetch bucket + the
              largest parameter) elements at once.
 
+Muon (`optimizer.name: muon`, `sleepscale.train.muon`; `muon_state_bytes`): DeepSpeed runs at its
+stage 0 whatever `train.zero_stage` says, so weights, gradients and the all-reduce's flat copy are
+ZeRO-0's above, at every data-parallel size. The optimizer is our `Muon`, with no master copy:
+  optimizer  one float32 momentum (`momentum_buffer`) per element of each Muon matrix (the 2-D hidden
+             matrices, `sleepscale.train.optim.is_hidden_matrix`; under tensor parallelism each rank's
+             momentum is shaped like its shard) and exp_avg and exp_avg_sq (2 per element) of every
+             other parameter (AdamW's; its `step` is a Python int). At `train.zero_stage` 0 every
+             data rank holds all of it: 4 (M + 2 A), M the Muon and A the AdamW elements of the rank.
+             At 1 and 2 (the same for Muon: DeepSpeed reduces whole gradients either way) a data rank
+             holds the state of the parameters it owns only, from the optimizer's own balanced
+             assignment (`sleepscale.train.muon.assign`, from shapes alone, so exactly the trainer's
+             owners): 4 x the largest data rank's elements, about 4 (M + 2 A) / D.
+  buffers    besides the all-reduce's flat copy (freed before the step), the step's own tensors,
+             which never coexist with it; the largest of the three. On data rank d, tensor rank t,
+             when the updates of its Muon matrices ("mine": those data rank d owns) are all
+             computed (`Muon._muon_step`, before the first update is applied): the Nesterov input of
+             every matrix it holds momentum for (all at ZeRO-0, mine at 1/2), I; on the tensor rank
+             that runs each of mine's Newton-Schulz (its owner), the gathered whole matrix when it is
+             split over T > 1 tensor ranks, W, and the whole update, U; and, under T > 1, while the
+             updates are scattered back, two of them (the one applied, the one arriving: this rank's
+             shard each) plus, on the owner, the contiguous copies of the update's pieces when a
+             matrix is split along its columns: I + W + U + that, the largest over the scatters.
+             Then each data rank's updated weights are broadcast one flat buffer after the other
+             (`Muon._share_updated`): every rank flattens each buffer while the previous one is still
+             held (by the views it was copied out of), so two consecutive owners' buffers at once.
+             Newton-Schulz's own working tensors (a few of one matrix, in `optimizer.muon_ns_dtype`)
+             and AdamW's per-parameter temporaries are left out.
+
 Left out: a 4-byte `step` tensor per optimized tensor; bookkeeping tensors of a few bytes (the
 overflow flag, norms); the straddling of partitions by optimizer param groups (ZeRO-1/2 flatten the
 weight-decay and no-decay groups separately, each padded, which shifts partition boundaries by a few
@@ -81,7 +109,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from sleepscale.train.muon import Assignment, assign
+
 FLOAT32 = 4
+MUON_NS_STEPS = 5  # `optimizer.muon_ns_steps`' default (it scales every cost alike: no owner depends on it)
 # DeepSpeed's defaults for what `deepspeed_config` leaves unset (deepspeed/runtime/zero/config.py
 # and, for ZeRO-0's all-reduce bucket, engine.py's MEMORY_OPT_ALLREDUCE_SIZE).
 REDUCE_BUCKET_SIZE = 500_000_000
@@ -97,8 +128,8 @@ class ModelStateBytes:
 
     weights: int  # the parameters as this rank keeps them (ZeRO-3: its partitions)
     gradients: int
-    optimizer: int  # AdamW's exp_avg and exp_avg_sq, plus DeepSpeed's float32 master partition where it keeps one
-    buffers: int  # DeepSpeed's reduce buckets and flattened copies; ZeRO-3's gathered parameters
+    optimizer: int  # AdamW's exp_avg and exp_avg_sq (and Muon's momentum), plus DeepSpeed's master partition if any
+    buffers: int  # DeepSpeed's reduce buckets and flattened copies; ZeRO-3's gathered parameters; Muon's step's
 
     @property
     def total(self) -> int:
@@ -182,3 +213,125 @@ def _largest_overlapping(parameter_sizes: list[int], partition: int, data_parall
                 overlapping[rank] += size
         start = end
     return max(overlapping)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A trainable parameter as one rank holds it, in the optimizer's order (`muon_state_bytes`)."""
+
+    shape: tuple[int, ...]  # this rank's (its tensor-parallel shard's)
+    whole: tuple[int, ...]  # of the weight it is a shard of: `shape` unless split over the tensor ranks
+    muon: bool  # a Muon matrix (`sleepscale.train.optim.is_hidden_matrix`); else AdamW updates it
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def split(self) -> bool:
+        return self.shape != self.whole
+
+    @property
+    def split_columns(self) -> bool:
+        """Split along a later dimension than the first (megatron's row-parallel layers): its pieces of a
+        whole tensor are not contiguous."""
+        return self.split and self.shape[0] == self.whole[0]
+
+
+def muon_assignment(
+    parameters: list[Parameter], data_parallel: int, tensor_parallel: int, ns_steps: int = MUON_NS_STEPS
+) -> Assignment:
+    """`Muon`'s owners for these parameters (`sleepscale.train.muon.assign`): `matrices` in the order of
+    the Muon matrices among `parameters`, `adam` in that of the others."""
+    return assign(
+        [(p.whole, p.elements) for p in parameters if p.muon],
+        [p.elements for p in parameters if not p.muon],
+        data_parallel,
+        tensor_parallel,
+        ns_steps,
+    )
+
+
+def muon_owners(
+    parameters: list[Parameter], data_parallel: int, tensor_parallel: int, ns_steps: int = MUON_NS_STEPS
+) -> list[tuple[int, int]]:
+    """Each parameter's owner, in `parameters`' order: (data rank, tensor rank) of a Muon matrix's
+    Newton-Schulz, (data rank, None) for an AdamW parameter."""
+    found = muon_assignment(parameters, data_parallel, tensor_parallel, ns_steps)
+    matrices, adam = iter(found.matrices), iter(found.adam)
+    return [next(matrices) if p.muon else (next(adam), None) for p in parameters]
+
+
+def muon_state_bytes(
+    parameters: list[Parameter],
+    zero_stage: int,
+    data_parallel: int,
+    tensor_parallel: int,
+    settings: dict,
+    ns_steps: int = MUON_NS_STEPS,
+) -> ModelStateBytes:
+    """`model_state_bytes` with our Muon as the optimizer (see the module's docstring), each category on
+    the rank that holds the most. `zero_stage`: `train.zero_stage` (0, 1 or 2; DeepSpeed runs its stage
+    0, which `settings`, the run's `deepspeed_config`, must say); `parameters`: this rank's trainable
+    parameters, in module order."""
+    if zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage must be 0, 1 or 2 with Muon, not {zero_stage}")
+    deepspeed = model_state_bytes([p.elements for p in parameters], 0, data_parallel, settings)
+    shard_state = zero_stage > 0
+    owners = muon_owners(parameters, data_parallel, tensor_parallel, ns_steps)
+    if shard_state:
+        state = max(muon_assignment(parameters, data_parallel, tensor_parallel, ns_steps).state)
+    else:
+        state = sum(p.elements * (1 if p.muon else 2) for p in parameters)
+    temporaries = max(
+        _muon_step_elements(parameters, owners, data, tensor, tensor_parallel, shard_state)
+        for data in range(data_parallel)
+        for tensor in range(tensor_parallel)
+    )
+    shared = _shared_elements(parameters, owners, data_parallel, shard_state)
+    flats = max((a + b for a, b in zip([0, *shared], shared)), default=0)  # a buffer and the one before it
+    return dataclasses.replace(
+        deepspeed,
+        optimizer=FLOAT32 * state,
+        buffers=max(deepspeed.buffers, FLOAT32 * temporaries, FLOAT32 * flats),
+    )
+
+
+def _muon_step_elements(
+    parameters: list[Parameter],
+    owners: list[tuple[int, int | None]],
+    data: int,
+    tensor: int,
+    tensor_parallel: int,
+    shard_state: bool,
+) -> int:
+    """Float32 elements Muon's step holds at its largest on rank (data, tensor): I + W + U and the
+    scatters' (see the module's docstring)."""
+    matrices = [(p, owner) for p, owner in zip(parameters, owners) if p.muon]
+    inputs = sum(p.elements for p, (d, _) in matrices if d == data or not shard_state)
+    mine = [(p, t) for p, (d, t) in matrices if d == data]
+    gathered = updates = 0
+    for p, t in mine:
+        whole = math.prod(p.whole)
+        gathered += whole if t == tensor and p.split and tensor_parallel > 1 else 0
+        updates += whole if t == tensor else 0
+    scatters, previous = 0, 0
+    if tensor_parallel > 1:
+        for p, t in mine:
+            pieces = math.prod(p.whole) if t == tensor and p.split_columns else 0
+            scatters, previous = max(scatters, previous + p.elements + pieces), p.elements
+    return inputs + gathered + updates + scatters
+
+
+def _shared_elements(
+    parameters: list[Parameter], owners: list[tuple[int, int | None]], data_parallel: int, shard_state: bool
+) -> list[int]:
+    """Elements of each data rank's flat buffer of updated weights (`Muon._share_updated`), on each of its
+    tensor ranks, for the data ranks that have one; [] with one data rank (nothing is shared)."""
+    if data_parallel == 1:
+        return []
+    shared = [0] * data_parallel
+    for p, (data, _) in zip(parameters, owners):
+        if p.muon or shard_state:
+            shared[data] += p.elements
+    return [elements for elements in shared if elements]

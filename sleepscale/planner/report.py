@@ -12,10 +12,11 @@ def breakdown(found: Estimate) -> str:
     lines += [f"  {name:<42} {size / GB:9.2f} GB" for name, size in found.rows()]
     verdict = "fits" if found.fits else "DOES NOT FIT"
     lines.append(f"  {'total':<42} {found.total / GB:9.2f} GB of {found.gpu_memory / GB:.0f} GB: {verdict}")
+    optimizer = f", Muon's step {found.optimizer_bytes / GB:.3f} GB" if found.optimizer_bytes else ""
     lines.append(
         f"communication per GPU per step: tensor {found.tensor_bytes / GB:.3f} "
         f"GB, pipeline {found.pipeline_bytes / GB:.3f} GB, "
-        f"data {found.data_bytes / GB:.3f} GB"
+        f"data {found.data_bytes / GB:.3f} GB{optimizer}"
     )
     idle = f", pipeline idle {found.pipeline_idle:.0%}" if layout.pipeline > 1 else ""
     lines.append(

@@ -10,8 +10,8 @@ tensor ranks), after DeepSpeed has averaged the gradients over the data group:
 2. **Whole matrices.** On the owning data rank, the shards of the Nesterov input meet on the matrix's
    owning tensor rank (one gather over the tensor group), which runs Newton-Schulz on the whole
    matrix: exactly one rank of the job orthogonalises each matrix, so a shard is never
-   orthogonalised alone, and the ranks share the work (owners by balanced assignment,
-   `assign_owners`).
+   orthogonalised alone, and the ranks share the work (owners by balanced assignment, `assign`,
+   from the parameters' shapes alone: `sleepscale plan` computes the same owners).
 3. **Update.** The update's shards go back to their tensor ranks (one scatter), each applies its own.
    AdamW parameters are updated, element-wise, by the data rank that owns them (every data rank at
    ZeRO-0).
@@ -86,6 +86,36 @@ def assign_owners(costs: list[float], ranks: int, loads: list[float] | None = No
         owners[index] = owner
         loads[owner] += costs[index]
     return owners
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """Who updates what (`assign`). `matrices`: each Muon matrix's Newton-Schulz rank, (data rank, tensor
+    rank); `adam`: each AdamW parameter's data rank; `state`: the float32 state elements each data rank
+    holds with state sharding (on each of its tensor ranks): one momentum per element of the Muon
+    matrices it owns, exp_avg and exp_avg_sq per element of its AdamW parameters."""
+
+    matrices: tuple[tuple[int, int], ...]
+    adam: tuple[int, ...]
+    state: tuple[int, ...]
+
+
+def assign(
+    muon: list[tuple[tuple[int, int], int]], adam: list[int], data: int, tensor: int, ns_steps: int
+) -> Assignment:
+    """The owners `Muon` uses, from shapes alone (the planner computes them too). `muon`: each Muon
+    matrix's whole shape and this rank's elements of it (its tensor-parallel shard); `adam`: each AdamW
+    parameter's elements on this rank; both in the optimizer's order. A Muon matrix goes to a (data,
+    tensor) rank balanced by its Newton-Schulz FLOPs over the data x tensor ranks; an AdamW parameter to
+    a data rank balanced by state elements on top of the Muon momentum each data rank holds."""
+    flops = [newton_schulz_flops(shape, ns_steps) for shape, _ in muon]
+    loads = [0.0] * data
+    matrices = []
+    for (_, elements), owner in zip(muon, assign_owners(flops, data * tensor)):
+        matrices.append(divmod(owner, tensor))
+        loads[owner // tensor] += elements  # one momentum per element
+    adam_owners = assign_owners([2.0 * elements for elements in adam], data, loads)
+    return Assignment(tuple(matrices), tuple(adam_owners), tuple(int(load) for load in loads))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,14 +210,11 @@ class _Muon(torch.optim.Optimizer):
         the data x tensor ranks; an AdamW parameter's data rank, balanced by state bytes on top of the
         Muon momentum each data rank holds."""
         data, tensor = self.layout.data_size, self.layout.tensor_size
-        flops = [newton_schulz_flops(whole_shape(p, tensor), self.ns_steps) for p in muon]
-        self.ns_owner = {}
-        data_loads = [0.0] * data
-        for p, owner in zip(muon, assign_owners(flops, data * tensor)):
-            self.ns_owner[p] = divmod(owner, tensor)
-            data_loads[owner // tensor] += p.numel()  # one momentum per element
-        adam_owners = assign_owners([2.0 * p.numel() for p in adam], data, data_loads)
-        self.data_owner = {p: self.ns_owner[p][0] for p in muon} | dict(zip(adam, adam_owners))
+        owners = assign(
+            [(whole_shape(p, tensor), p.numel()) for p in muon], [p.numel() for p in adam], data, tensor, self.ns_steps
+        )
+        self.ns_owner = dict(zip(muon, owners.matrices))
+        self.data_owner = {p: self.ns_owner[p][0] for p in muon} | dict(zip(adam, owners.adam))
 
     def holds_state(self, parameter: nn.Parameter) -> bool:
         return not self.layout.shard_state or self.data_owner[parameter] == self.layout.data_rank
