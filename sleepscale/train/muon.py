@@ -239,25 +239,35 @@ class _Muon(torch.optim.Optimizer):
         return None
 
     def _muon_step(self, group: dict) -> None:
+        """Momentum wherever the state is held; then, on the owning data rank, every matrix's Nesterov
+        input gathered whole on its Newton-Schulz rank (all gathers first, so that the tensor ranks
+        orthogonalise their matrices at the same time), orthogonalised, and the updates scattered back
+        and applied one by one. Beyond the momentum a rank holds, at its largest, the whole inputs and
+        updates of the matrices it orthogonalises, one of each per matrix, plus one more update."""
         layout, beta = self.layout, group["momentum"]
-        inputs = {}
+        mine = []
         for p in group["params"]:
             if not self.holds_state(p):
                 continue
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             momentum = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
             momentum.lerp_(grad.float(), 1 - beta)
-            inputs[p] = grad.float().lerp(momentum, beta)  # Nesterov
-        mine = [p for p in group["params"] if self.ns_owner[p][0] == layout.data_rank]
-        wholes = {p: self._gather_whole(inputs[p], p) for p in mine}  # all gathers before any Newton-Schulz
+            if self.ns_owner[p][0] == layout.data_rank:
+                mine.append(p)
+        wholes = {p: self._gather_whole(self._nesterov(p, beta), p) for p in mine}
         updates = {}
-        for p, whole in wholes.items():
+        for p in mine:
+            whole = wholes.pop(p)
             if whole is not None:
                 updates[p] = newton_schulz(whole, self.ns_steps, self.ns_dtype)
                 self.newton_schulz_runs += 1
         for p in mine:
-            update = self._scatter_update(updates.get(p), p)
+            update = self._scatter_update(updates.pop(p, None), p)
             p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _nesterov(self, parameter: nn.Parameter, beta: float) -> torch.Tensor:
+        grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+        return grad.float().lerp(self.state[parameter]["momentum_buffer"], beta)
 
     def _gather_whole(self, shard: torch.Tensor, parameter: nn.Parameter) -> torch.Tensor | None:
         """The whole matrix on its Newton-Schulz rank (None elsewhere): the tensor ranks' shards, gathered."""
@@ -317,13 +327,13 @@ class _Muon(torch.optim.Optimizer):
             owned = [p for p in shared if self.data_owner[p] == owner]
             if not owned:
                 continue
-            flat = torch._utils._flatten_dense_tensors([p.detach() for p in owned])
+            flat = torch.cat([p.detach().reshape(-1) for p in owned])
             dist.broadcast(flat, dist.get_global_rank(data, owner), group=data)
             if owner == data.rank():
                 self.sent_bytes += flat.numel() * flat.element_size() * (data.size() - 1)
                 continue
-            for p, value in zip(owned, torch._utils._unflatten_dense_tensors(flat, owned)):
-                p.copy_(value)
+            for p, value in zip(owned, flat.split([p.numel() for p in owned])):
+                p.copy_(value.view_as(p))
 
     def state_dict(self) -> dict:
         """This rank's state (with state sharding, of the parameters it owns), what layout it belongs to,
