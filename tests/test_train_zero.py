@@ -177,6 +177,13 @@ def test_model_parallel_2_x_data_2_matches_one_process_with_the_same_global_batc
             ("parallel.tensor=1", 1),
             "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1",
         ),
+        (  # Muon's momentum, shard-shaped, through the same unsharded state
+            "muon-tp2-then-tp1",
+            {"parallel": {"tensor": 2}, "optimizer": {"name": "muon", "muon_lr": 0.02, "muon_ns_dtype": "float32"}},
+            2,
+            ("parallel.tensor=1", 1),
+            "resumed a tensor-parallel 2 checkpoint at tensor-parallel size 1",
+        ),
         # through DeepSpeed's whole-model files
         (
             "tp1-then-tp2",
@@ -193,7 +200,7 @@ def test_model_parallel_2_x_data_2_matches_one_process_with_the_same_global_batc
             "resuming from",
         ),
     ],
-    ids=["tp2-then-tp1", "tp1-then-tp2", "pp2-then-pp2"],
+    ids=["tp2-then-tp1", "muon-tp2-then-tp1", "tp1-then-tp2", "pp2-then-pp2"],
 )
 def test_a_run_stopped_at_step_4_resumes_with_the_same_losses(setup, name, sections, ranks, resume, message):
     """ZeRO-0: SIGTERM at step 4, then a restart, possibly at another tensor-parallel size; one data rank throughout."""
