@@ -12,10 +12,13 @@ Each stage builds the model and engine the way the trainer does (`build_rank_mod
 second is measured (optimizer states exist, and ZeRO-3 has recorded its module trace): a census is
 taken between the calls of the step and on entry to and return from the methods where a category
 peaks (the ZeRO optimizer's in `PROBES` and `HOOK`, ZeRO-0's `allreduce_bucket`, the base
-optimizer's `step`; in Muon's step, the first scatter of an update, when every update is computed,
-and its collectives, `MUON_COLLECTIVES`). Each category's largest value over those points is reported, and the largest
-sum of the four at one point, for every rank (partitions differ between ranks); and the census
-after the step, when no activation is left.
+optimizer's `step`; in Muon's step, the return of each `newton_schulz` (where its tensors peak), the
+first scatter of an update, when every update is computed, and its collectives, `MUON_COLLECTIVES`).
+Each category's largest value over those points is reported, and the largest sum of the four at one
+point, for every rank (partitions differ between ranks); and the census after the step, when no
+activation is left. With Muon, also the most its step held (`muon_step`: its frames' tensors and the
+probed calls' results, less weights, gradients and state), next to `_muon_step_elements`' prediction
+for the rank.
 
 A census is every live tensor that Python can see (`gc.get_objects()`, plus the `.grad` a leaf
 holds on the C++ side), deduplicated by storage. A storage goes to the first category in
@@ -49,8 +52,17 @@ from sleepscale.parallel.distributed import setup_distributed
 from sleepscale.parallel.parallelism import Parallelism
 from sleepscale.parallel.rank_model import build_rank_model
 from sleepscale.parallel.zero import deepspeed_config
-from sleepscale.planner.model_states import Parameter, model_state_bytes, muon_assignment, muon_state_bytes
+from sleepscale.planner.model_states import (
+    FLOAT32,
+    Parameter,
+    _muon_step_elements,
+    model_state_bytes,
+    muon_assignment,
+    muon_owners,
+    muon_state_bytes,
+)
 from sleepscale.train import muon
+from sleepscale.train.muon import newton_schulz
 from sleepscale.train.optim import is_hidden_matrix
 from sleepscale.train.trainer import TrainingStage, build_stage_engine
 
@@ -109,15 +121,17 @@ def tensors_in(value) -> list[torch.Tensor]:
     return []
 
 
-def muon_step_tensors() -> list[torch.Tensor]:
-    """The tensors the frames of `sleepscale.train.muon` on the stack hold (in Muon's step)."""
-    found, frame = [], sys._getframe()
+def muon_step_tensors() -> tuple[list[torch.Tensor], bool]:
+    """The tensors the frames of `sleepscale.train.muon` on the stack hold (in Muon's step), and whether
+    `Muon._muon_step` is on the stack (rather than the sharing of updated weights, or no step at all)."""
+    found, frame, in_step = [], sys._getframe(), False
     while frame is not None:
         if frame.f_code.co_filename == muon.__file__:
+            in_step |= frame.f_code.co_name == "_muon_step"
             for value in frame.f_locals.values():
                 found += tensors_in(value)
         frame = frame.f_back
-    return found
+    return found, in_step
 
 
 def gradient_holders(zero) -> list[torch.Tensor]:
@@ -135,7 +149,8 @@ class Census:
         self.peaks = dict.fromkeys(CATEGORIES, 0)
         self.peak_total = 0
         self.where = {}
-        self.flat_copies = []  # what a probed method returned that is a DeepSpeed buffer
+        self.flat_copies = []  # what a probed method returned that is a DeepSpeed buffer (or Muon's)
+        self.muon_step = 0  # the most bytes `Muon._muon_step` held beyond weights, gradients and state
 
     def take(self, where: str) -> None:
         engine, basic = self.engine, self.engine.basic_optimizer
@@ -158,15 +173,20 @@ class Census:
             "gradients": [p.grad for p in parameters + optimized] + (gradient_holders(zero) if zero else []),
             "buffers": (bucket_tensors(zero) if zero else []) + gathered + self.flat_copies,
         }
-        seen, measured = set(), {}
+        seen, measured, states = set(), {}, set()
         for category in CLAIM_ORDER:
             found = {ptr: size for ptr, size in storages(claims[category]).items() if ptr not in seen}
             seen |= found.keys()
             measured[category] = sum(found.values())
+            states |= found.keys() if category != "buffers" else set()
         # Muon's step's own tensors, but for the gradients and state its frames also hold
-        found = {ptr: size for ptr, size in storages(muon_step_tensors()).items() if ptr not in seen}
+        held, in_step = muon_step_tensors()
+        found = {ptr: size for ptr, size in storages(held).items() if ptr not in seen}
         seen |= found.keys()
         measured["buffers"] += sum(found.values())
+        if in_step:  # what the step holds, the probed calls' results included: `_muon_step_elements`
+            step = storages(held + self.flat_copies)
+            self.muon_step = max(self.muon_step, sum(size for ptr, size in step.items() if ptr not in states))
         everything = storages(live_tensors())
         measured["other"] = sum(
             size for ptr, size in everything.items() if ptr not in seen and ptr not in self.baseline
@@ -180,9 +200,12 @@ class Census:
             self.peak_total, self.where["total"] = total, where
         self.last = measured
 
-    def probe(self, owner, name: str, first_only: bool = False, returns_buffer: bool = False) -> None:
-        """Takes a census when `owner.name` is entered and when it returns (`first_only`: at its
-        first call only). `returns_buffer`: what it returns is a DeepSpeed buffer."""
+    def probe(
+        self, owner, name: str, first_only: bool = False, returns_buffer: bool = False, entry: bool = True
+    ) -> None:
+        """Takes a census when `owner.name` is entered (unless not `entry`) and when it returns
+        (`first_only`: at its first call only). `returns_buffer`: what it returns is a DeepSpeed buffer
+        (or Muon's)."""
         method = getattr(owner, name)
         calls = []
 
@@ -190,7 +213,8 @@ class Census:
             calls.append(name)
             if first_only and len(calls) > 1:
                 return method(*args, **kwargs)
-            self.take(f"{name} (entry)")
+            if entry:
+                self.take(f"{name} (entry)")
             result = method(*args, **kwargs)
             if returns_buffer:
                 self.flat_copies.append(result)
@@ -270,7 +294,10 @@ def run_stage(optimizer: str, zero_stage: int, ctx) -> dict:
                         census.probe(zero, name)
                 census.probe(zero, HOOK, first_only=True)
             census.probe(engine.basic_optimizer, "step")
-            if optimizer == "muon":  # every update computed, none applied yet; the shares of updated weights
+            if optimizer == "muon":
+                # each update as it is made (the step's peak: the inputs and updates of the matrices, one
+                # of each, and one more matrix's); every update made, none applied yet; the collectives
+                census.probe(muon, "newton_schulz", returns_buffer=True, entry=False)
                 census.probe(engine.basic_optimizer, "_scatter_update", first_only=True, returns_buffer=True)
                 census.probe_muon_collectives()
         ids = torch.randint(0, 64, (2, 24), generator=generator)
@@ -283,7 +310,7 @@ def run_stage(optimizer: str, zero_stage: int, ctx) -> dict:
         engine.step()
         del loss
         gc.collect()
-    muon.dist = dist
+    muon.dist, muon.newton_schulz = dist, newton_schulz
     census.take("after step")
     after_step = dict(census.last)
     result = {}
@@ -294,6 +321,11 @@ def run_stage(optimizer: str, zero_stage: int, ctx) -> dict:
         result["state_elements"] = {  # this rank's: held by the optimizer, and from the planner's assignment
             "measured": state_elements(engine.basic_optimizer),
             "predicted": muon_assignment(parameters, ctx.world_size, 1).state[ctx.rank] if zero_stage else every,
+        }
+        owners = muon_owners(parameters, ctx.world_size, 1)
+        result["muon_step"] = {  # this rank's largest in Muon's step (beside DeepSpeed's buffers, in "buffers")
+            "measured": census.muon_step,
+            "predicted": FLOAT32 * _muon_step_elements(parameters, owners, ctx.rank, 0, 1),
         }
     else:
         predicted = model_state_bytes(sizes, zero_stage, ctx.world_size, deepspeed_config(config))

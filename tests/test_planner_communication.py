@@ -88,7 +88,8 @@ def run_ranks(script: str, out, ranks: int = 2, timeout: int = 300) -> dict:
 def test_muon_sent_bytes_equal_the_measured_per_rank(tmp_path, ranks):
     """Per rank and group (tensor, data), at train.zero_stage 0 and 1: the prediction equals the bytes
     counted at Muon's collectives, which equal `Muon.sent_bytes`; the planner's parameters, owners and
-    per-rank state are the optimizer's."""
+    per-rank state are the optimizer's; and each phase of the step holds at its largest the bytes the
+    planner gives it (`_muon_step_phases`, by a census)."""
     report = run_ranks("tests/planner_optimizer_ranks.py", tmp_path / "report.json", ranks, timeout=600)
     assert set(report) == (
         {"TP2xDP2-zero0", "TP2xDP2-zero1"}
@@ -101,6 +102,7 @@ def test_muon_sent_bytes_equal_the_measured_per_rank(tmp_path, ranks):
             assert sum(rank["counted"]) == rank["sent_bytes"], (case, rank)
             assert rank["state_elements"] == rank["predicted_state_elements"], (case, rank)
             assert rank["description_is_the_planners"], (case, rank)
+            assert rank["step_bytes"] == rank["predicted_step_bytes"], (case, rank)
         assert sum(rank["newton_schulz_runs"] for rank in results) == results[0]["matrices"], case  # once each
     # the model's data ranks own different bytes (the check tells them apart); state sharding adds AdamW's
     data = [tuple(rank["counted"]) for rank in report["TP1xDP2-zero1" if ranks == 2 else "TP2xDP2-zero1"]]

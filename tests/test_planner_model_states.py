@@ -17,6 +17,8 @@ from sleepscale.parallel.zero import deepspeed_config
 from sleepscale.planner.model_states import (
     REDUCE_BUCKET_SIZE,
     Parameter,
+    _muon_step_elements,
+    _muon_step_phases,
     model_state_bytes,
     muon_assignment,
     muon_owners,
@@ -76,7 +78,8 @@ CASES = ["adamw0", "adamw1", "adamw2", "adamw3", "muon0", "muon1", "muon2"]  # o
 def test_prediction_matches_a_census_of_the_engines_tensors(measured, case):
     """The total within 5% of the largest the four categories sum to at one moment of a step, and
     each category within 1% of its own largest, on the rank that holds the most. With Muon, each
-    rank's optimizer holds the state elements the planner's owners give it."""
+    rank's optimizer holds the state elements the planner's owners give it, and its step holds at its
+    largest the bytes the planner gives the rank (whether or not DeepSpeed's flat copy is larger)."""
     ranks = measured[case]
     predicted = ranks[0]["predicted"]
     for category in (*CATEGORIES, "total"):
@@ -89,6 +92,7 @@ def test_prediction_matches_a_census_of_the_engines_tensors(measured, case):
         assert rank["after_step"]["claimed_not_in_gc"] == 0, rank
         if case.startswith("muon"):
             assert rank["state_elements"]["measured"] == rank["state_elements"]["predicted"], rank
+            assert rank["muon_step"]["measured"] == rank["muon_step"]["predicted"], rank
 
 
 @pytest.mark.slow
@@ -194,8 +198,30 @@ def test_muon_holds_deepspeeds_stage_0_weights_and_gradients_and_its_own_state()
     state = muon_assignment(parameters, 2, 1).state  # each data rank's own parameters' state, no copy
     assert sum(state) == matrices + 2 * adam and two.optimizer == 4 * max(state) < one.optimizer
     assert muon_state_bytes(parameters, 2, 2, 1, muon_settings()) == two  # ZeRO-2 shards as ZeRO-1
-    # one data rank: the Nesterov inputs and the updates of every matrix at once, more than the flat gradients
-    assert one.buffers == 4 * 2 * matrices > 4 * every
+    # one data rank: the step's peak, each matrix's whole input or update plus the largest matrix's other
+    # (2304 + 768 elements), is under the flat gradients the all-reduce copies
+    assert _muon_step_elements(parameters, muon_owners(parameters, 1, 1), 0, 0, 1) == matrices + 48 * 16
+    assert one.buffers == 4 * every > 4 * (matrices + 48 * 16)
+
+
+def test_muon_step_phases_by_hand():
+    """Over 2 tensor ranks: a 16 x 4 matrix split by rows (Newton-Schulz on tensor rank 0), a 4 x 16 split
+    by columns (on 1) and a replicated 4 x 4 (on 0, the lighter Newton-Schulz to the rank with the least
+    load, a tie to the lower rank)."""
+    parameters = [Parameter((8, 4), (16, 4), True), Parameter((4, 8), (4, 16), True), Parameter((4, 4), (4, 4), True)]
+    assert muon_owners(parameters, 1, 2) == [(0, 0), (0, 1), (0, 0)]
+    # tensor rank 0: gathers its shard, the pieces and their concatenation (32 + 2 x 64); Newton-Schulz
+    # of the 16 x 4: both wholes and its update (64 + 16 + 64); the first scatter: the two updates, the
+    # replicated matrix's input (the loop's last) and the arriving shard (64 + 16 + 16 + 32; the pieces
+    # of a split by rows are views)
+    assert _muon_step_phases(parameters, muon_owners(parameters, 1, 2), 0, 0, 2) == dict(
+        gathers=160, newton_schulz=144, scatters=128
+    )
+    # tensor rank 1: the second scatter: its update, the previous shard applied, the arriving shard and
+    # the contiguous copies of the pieces (64 + 32 + 32 + 64)
+    assert _muon_step_phases(parameters, muon_owners(parameters, 1, 2), 0, 1, 2) == dict(
+        gathers=160, newton_schulz=128, scatters=192
+    )
 
 
 def test_muon_refuses_zero3_and_deepspeed_settings_of_another_stage():

@@ -80,20 +80,31 @@ ZeRO-0's above, at every data-parallel size. The optimizer is our `Muon`, with n
              assignment (`sleepscale.train.muon.assign`, from shapes alone, so exactly the trainer's
              owners): 4 x the largest data rank's elements, about 4 (M + 2 A) / D.
   buffers    besides the all-reduce's flat copy (freed before the step), the step's own tensors,
-             which never coexist with it; the largest of the three. On data rank d, tensor rank t,
-             when the updates of its Muon matrices ("mine": those data rank d owns) are all
-             computed (`Muon._muon_step`, before the first update is applied): the Nesterov input of
-             every matrix it holds momentum for (all at ZeRO-0, mine at 1/2), I; on the tensor rank
-             that runs each of mine's Newton-Schulz (its owner), the gathered whole matrix when it is
-             split over T > 1 tensor ranks, W, and the whole update, U; and, under T > 1, while the
-             updates are scattered back, two of them (the one applied, the one arriving: this rank's
-             shard each) plus, on the owner, the contiguous copies of the update's pieces when a
-             matrix is split along its columns: I + W + U + that, the largest over the scatters.
+             which never coexist with it: the largest of its three phases (`_muon_step_phases`). On
+             data rank d, tensor rank t (`Muon._muon_step`) every momentum held is updated in place,
+             and only d's own matrices ("mine", in the optimizer's order) get a Nesterov input: this
+             rank's shard, s elements (s = W, the whole matrix's, unless it is split over T > 1 tensor
+             ranks), which goes whole to the matrix's Newton-Schulz owner t_p. H: the W of each of
+             mine that t owns (its whole input, then its update: one of the two at a time, but for
+             the matrix being orthogonalised).
+             - gathers, matrix by matrix: the wholes gathered on t so far plus, on t_p of a split
+               matrix, its shard, the T gathered pieces and their `torch.cat` (s + 2 W, as the cat
+               returns); otherwise the input (s: kept as the whole on t_p, freed once sent elsewhere).
+             - Newton-Schulz, on t_p, as `newton_schulz` returns: H + W (the matrix's whole input,
+               still referenced, and its update); at most H + the largest W that t owns.
+             - scatters, matrix by matrix: the updates not yet applied (the one scattered among them),
+               the last of mine's whole input where t owns it (the Newton-Schulz loop's variable keeps
+               it), the previous matrix's update (s: the loop's variable keeps it while the next
+               arrives) and, under T > 1, the arriving shard (s) plus, on t_p of a matrix split along
+               its columns, the contiguous copies of the update's pieces (W; a split by rows scatters
+               views of the update).
              Then each data rank's updated weights are broadcast one flat buffer after the other
              (`Muon._share_updated`): every rank flattens each buffer while the previous one is still
              held (by the views it was copied out of), so two consecutive owners' buffers at once.
-             Newton-Schulz's own working tensors (a few of one matrix, in `optimizer.muon_ns_dtype`)
-             and AdamW's per-parameter temporaries are left out.
+             Exact for the tensors Python holds (by census, per rank: `tests/test_planner_model_states.py`
+             at T = 1, and per phase `tests/test_planner_communication.py` at TP2, DP2 and TP2 x DP2);
+             left out: Newton-Schulz's working tensors (a few of one matrix and of its short side
+             squared, in `optimizer.muon_ns_dtype`) and AdamW's per-parameter temporaries.
 
 Left out: a 4-byte `step` tensor per optimized tensor; bookkeeping tensors of a few bytes (the
 overflow flag, norms); the straddling of partitions by optimizer param groups (ZeRO-1/2 flatten the
@@ -284,7 +295,7 @@ def muon_state_bytes(
     else:
         state = sum(p.elements * (1 if p.muon else 2) for p in parameters)
     temporaries = max(
-        _muon_step_elements(parameters, owners, data, tensor, tensor_parallel, shard_state)
+        _muon_step_elements(parameters, owners, data, tensor, tensor_parallel)
         for data in range(data_parallel)
         for tensor in range(tensor_parallel)
     )
@@ -298,29 +309,39 @@ def muon_state_bytes(
 
 
 def _muon_step_elements(
-    parameters: list[Parameter],
-    owners: list[tuple[int, int | None]],
-    data: int,
-    tensor: int,
-    tensor_parallel: int,
-    shard_state: bool,
+    parameters: list[Parameter], owners: list[tuple[int, int | None]], data: int, tensor: int, tensor_parallel: int
 ) -> int:
-    """Float32 elements Muon's step holds at its largest on rank (data, tensor): I + W + U and the
-    scatters' (see the module's docstring)."""
-    matrices = [(p, owner) for p, owner in zip(parameters, owners) if p.muon]
-    inputs = sum(p.elements for p, (d, _) in matrices if d == data or not shard_state)
-    mine = [(p, t) for p, (d, t) in matrices if d == data]
-    gathered = updates = 0
-    for p, t in mine:
-        whole = math.prod(p.whole)
-        gathered += whole if t == tensor and p.split and tensor_parallel > 1 else 0
-        updates += whole if t == tensor else 0
-    scatters, previous = 0, 0
-    if tensor_parallel > 1:
-        for p, t in mine:
-            pieces = math.prod(p.whole) if t == tensor and p.split_columns else 0
-            scatters, previous = max(scatters, previous + p.elements + pieces), p.elements
-    return inputs + gathered + updates + scatters
+    """Float32 elements Muon's step holds at its largest on rank (data, tensor), beyond the weights,
+    gradients and momentum: the largest of its phases' (`_muon_step_phases`)."""
+    return max(_muon_step_phases(parameters, owners, data, tensor, tensor_parallel).values())
+
+
+def _muon_step_phases(
+    parameters: list[Parameter], owners: list[tuple[int, int | None]], data: int, tensor: int, tensor_parallel: int
+) -> dict[str, int]:
+    """The most float32 elements each phase of Muon's step holds on rank (data, tensor) beyond the
+    weights, gradients and momentum: "gathers", "newton_schulz", "scatters" (see the module's
+    docstring). The same at every `train.zero_stage`: only the matrices this data rank owns get a
+    Nesterov input."""
+    mine = [(p, math.prod(p.whole), t == tensor) for p, (d, t) in zip(parameters, owners) if p.muon and d == data]
+    split = tensor_parallel > 1
+    held = sum(whole for _, whole, here in mine if here)  # each a whole input, then an update
+    gathers = gathered = 0
+    for p, whole, here in mine:
+        if here and split and p.split:  # the shard, the gathered pieces and their concatenation
+            gathers = max(gathers, gathered + p.elements + 2 * whole)
+        else:  # the input: kept on its owner, sent and freed elsewhere
+            gathers = max(gathers, gathered + p.elements)
+        gathered += whole if here else 0
+    newton_schulz = held + max((whole for _, whole, here in mine if here), default=0)
+    last = mine[-1][1] if mine and mine[-1][2] else 0  # the last whole input, kept by the loop's variable
+    scatters, previous, waiting = 0, 0, held
+    for p, whole, here in mine:
+        arriving = p.elements + (whole if here and p.split_columns else 0) if split else 0
+        scatters = max(scatters, waiting + last + previous + arriving)
+        waiting -= whole if here else 0
+        previous = p.elements  # the update just applied, kept by the loop's variable
+    return {"gathers": gathers, "newton_schulz": newton_schulz, "scatters": scatters}
 
 
 def _shared_elements(
