@@ -371,7 +371,7 @@ def _large_model_dir(tmp_path):
 def test_each_rank_loads_only_its_part(tmp_path, mode):
     """From a model directory, or drawn from a seed (`-seed`): each rank holds only its part, peaks
     below 0.7x the whole model while building it, and its values equal the whole model's."""
-    from train_helpers import free_port
+    from train_helpers import torchrun_command
 
     model_dir = _large_model_dir(tmp_path)
     out = tmp_path / "ranks.json"
@@ -381,19 +381,13 @@ def test_each_rank_loads_only_its_part(tmp_path, mode):
     # what the ranks really hold at once.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            int("2"),
             str(TESTS / "convert_ranks.py"),
             str(model_dir),
             mode,
             str(out),
-        ],
+        ),
         check=True,
         cwd=TESTS,
         timeout=600,

@@ -4,11 +4,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 from conftest import make_config
-from train_helpers import free_port
+from train_helpers import torchrun_command
 
 from sleepscale.config import ConfigError, validate
 from sleepscale.parallel.groups import check_layout
@@ -18,17 +17,11 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
     """Also with every option of pretrained checkpoints on (case sliding-features-fp64)."""
     out = tmp_path / "report.json"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            int("2"),
             "tests/parallel_tensor_ranks.py",
             str(out),
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=300,

@@ -3,10 +3,9 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from train_helpers import free_port
+from train_helpers import torchrun_command
 
 
 @pytest.mark.parametrize(
@@ -17,18 +16,12 @@ from train_helpers import free_port
 def test_a_training_step_transfers_no_logits_while_an_evaluation_forward_does(tmp_path, layout, carrier):
     out = tmp_path / "report.json"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            int("2"),
             "tests/parallel_transfers_ranks.py",
             str(out),
             *layout,
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=300,

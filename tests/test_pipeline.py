@@ -5,10 +5,9 @@ thread but the main one during a step; saved-for-backward bytes bounded as M gro
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from train_helpers import free_port
+from train_helpers import torchrun_command
 
 CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sleep-on-context"}
 
@@ -18,19 +17,13 @@ CASES = {"hard", "sliding", "n1", "checkpointed-truncated", "prelude-coda", "sle
 def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks, tensor):
     out = tmp_path / "report.json"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            ranks,
             "tests/pipeline_ranks.py",
             str(out),
             "--tensor",
             str(tensor),
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=600,

@@ -6,12 +6,11 @@ cases by hand."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import make_config
-from train_helpers import free_port
+from train_helpers import torchrun_command
 
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.plan import make_plan
@@ -29,17 +28,11 @@ from sleepscale.planner.model_states import Parameter, muon_owners
 def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
     out = tmp_path / "report.json"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            int("2"),
             "tests/planner_communication_ranks.py",
             str(out),
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=300,
@@ -64,17 +57,11 @@ def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelis
 
 def run_ranks(script: str, out, ranks: int = 2, timeout: int = 300) -> dict:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            ranks,
             script,
             str(out),
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=timeout,

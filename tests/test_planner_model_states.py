@@ -5,12 +5,11 @@ on two gloo ranks (and on one, to compare), and the formulas' behaviour."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import make_config
-from train_helpers import free_port
+from train_helpers import torchrun_command
 
 from sleepscale.config import OptimizerConfig
 from sleepscale.parallel.zero import deepspeed_config
@@ -39,18 +38,12 @@ def settings(zero_stage: int, **zero) -> dict:
 
 def census(out, ranks: int, *cases: str) -> dict:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
+            ranks,
             "tests/planner_model_states_ranks.py",
             str(out),
             *cases,
-        ],
+        ),
         check=True,
         capture_output=True,
         timeout=900,

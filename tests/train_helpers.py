@@ -55,6 +55,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def torchrun_command(ranks: int, *target: str) -> list[str]:
+    """`torch.distributed.run` with `ranks` local processes on a free port, running `target` (a script
+    and its arguments, or "-m", a module and its arguments)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        *target,
+    ]
+
+
 def train(
     config: Path, *overrides: str, env: dict | None = None, ranks: int = 1, check: bool = True, timeout: int = 300
 ):
@@ -62,20 +77,14 @@ def train(
     if ranks == 1:
         command = [sys.executable, "-m", "sleepscale.cli", "train", str(config), *overrides]
     else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
+        command = torchrun_command(
+            ranks,
             "-m",
             "sleepscale.cli",
             "train",
             str(config),
             *overrides,
-        ]
+        )
     result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
