@@ -161,26 +161,33 @@ def test_sharded_state_resumes_bit_exactly(setup, runs):
                 assert torch.equal(torch.as_tensor(second["state"][index][key]), torch.as_tensor(value)), (index, key)
 
 
-def test_a_nan_step_is_skipped_with_the_schedule_held(setup, tmp_path):
-    """Muon with its state sharded over two data ranks: step 3's loss is NaN; no weight moves, the
-    learning rate stays, the step is counted as skipped."""
+def test_a_nan_step_and_a_loss_spike_are_skipped_with_the_schedule_held(setup, tmp_path):
+    """Muon with its state sharded over two data ranks: step 2's loss is NaN, step 5's spikes (1000x,
+    judged against the last two accepted steps); neither moves a weight or the learning rate, both
+    count as skipped, and the steps around them update."""
     tmp, config = setup
-    run = tmp_path / "nan"
+    run = tmp_path / "skips"
     train(
         config,
         f"train.run_dir={run}",
+        "train.steps=7",
         "train.zero_stage=1",
+        "train.loss_spike_ratio=3",
+        "train.spike_window=2",
         "checkpoint.every=1",
-        "schedule.warmup_steps=5",  # a learning rate that changes every step
+        "checkpoint.keep=10",
+        "schedule.warmup_steps=8",  # a learning rate that changes every step
         ranks=2,
-        env={"SLEEPSCALE_FAULT_NAN_LOSS_STEPS": "2"},
+        env={"SLEEPSCALE_FAULT_NAN_LOSS_STEPS": "1", "SLEEPSCALE_FAULT_SPIKE_LOSS_STEPS": "4"},
     )
-    assert [metric(run, "skipped_steps")[s] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert [metric(run, "skipped_steps")[s] for s in range(1, 8)] == [0, 1, 1, 1, 2, 2, 2]
+    assert metric(run, "loss_spikes")[7] == 1
     lr = metric(run, "lr")
-    assert lr[3] == lr[2] and lr[4] != lr[3]
-    before, after = parameters_at(run, 2), parameters_at(run, 3)
-    assert all(torch.equal(after[name], value) for name, value in before.items())
-    assert any(not torch.equal(parameters_at(run, 4)[name], value) for name, value in after.items())
+    weights = {step: parameters_at(run, step) for step in range(1, 7)}
+    for skipped in (2, 5):
+        assert lr[skipped] == lr[skipped - 1] and lr[skipped + 1] != lr[skipped]
+        assert all(torch.equal(weights[skipped][name], value) for name, value in weights[skipped - 1].items())
+        assert any(not torch.equal(weights[skipped + 1][name], value) for name, value in weights[skipped].items())
 
 
 # The shipped Muon recipes at toy size: the model and data shrunk, every other setting as shipped

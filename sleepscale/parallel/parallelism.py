@@ -275,8 +275,7 @@ class PipelineParallelism(Parallelism):
         """The loss, mean over data ranks, as the last stage has it (the loss lives there)."""
         loss = loss.detach().to(torch.float64)
         dist.broadcast(loss, dist.get_global_rank(self.group, self.group.size() - 1), group=self.group)
-        dist.all_reduce(loss)
-        return loss.item() / dist.get_world_size()
+        return super().loss_on_host(loss)
 
     def _model_parallel_sum(self, squares: torch.Tensor) -> torch.Tensor:
         """Stages hold disjoint parameters: their squares add up."""
