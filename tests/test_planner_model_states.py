@@ -204,11 +204,10 @@ def test_muon_step_phases_by_hand():
     parameters = [Parameter((8, 4), (16, 4), True), Parameter((4, 8), (4, 16), True), Parameter((4, 4), (4, 4), True)]
     assert muon_owners(parameters, 1, 2) == [(0, 0), (0, 1), (0, 0)]
     # tensor rank 0: gathers its shard, the pieces and their concatenation (32 + 2 x 64); Newton-Schulz
-    # of the 16 x 4: both wholes and its update (64 + 16 + 64); the first scatter: the two updates, the
-    # replicated matrix's input (the loop's last) and the arriving shard (64 + 16 + 16 + 32; the pieces
-    # of a split by rows are views)
+    # of the 16 x 4: both wholes and its update (64 + 16 + 64); the first scatter: the two updates and
+    # the arriving shard (64 + 16 + 32; the pieces of a split by rows are views; no input is left)
     assert _muon_step_phases(parameters, muon_owners(parameters, 1, 2), 0, 0, 2) == dict(
-        gathers=160, newton_schulz=144, scatters=128
+        gathers=160, newton_schulz=144, scatters=112
     )
     # tensor rank 1: the second scatter: its update, the previous shard applied, the arriving shard and
     # the contiguous copies of the pieces (64 + 32 + 32 + 64)

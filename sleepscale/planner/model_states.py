@@ -93,8 +93,7 @@ ZeRO-0's above, at every data-parallel size. The optimizer is our `Muon`, with n
              - Newton-Schulz, on t_p, as `newton_schulz` returns: H + W (the matrix's whole input,
                still referenced, and its update); at most H + the largest W that t owns.
              - scatters, matrix by matrix: the updates not yet applied (the one scattered among them),
-               the last of mine's whole input where t owns it (the Newton-Schulz loop's variable keeps
-               it), the previous matrix's update (s: the loop's variable keeps it while the next
+               the previous matrix's update (s: the loop's variable keeps it while the next
                arrives) and, under T > 1, the arriving shard (s) plus, on t_p of a matrix split along
                its columns, the contiguous copies of the update's pieces (W; a split by rows scatters
                views of the update).
@@ -334,11 +333,10 @@ def _muon_step_phases(
             gathers = max(gathers, gathered + p.elements)
         gathered += whole if here else 0
     newton_schulz = held + max((whole for _, whole, here in mine if here), default=0)
-    last = mine[-1][1] if mine and mine[-1][2] else 0  # the last whole input, kept by the loop's variable
     scatters, previous, waiting = 0, 0, held
     for p, whole, here in mine:
         arriving = p.elements + (whole if here and p.split_columns else 0) if split else 0
-        scatters = max(scatters, waiting + last + previous + arriving)
+        scatters = max(scatters, waiting + previous + arriving)
         waiting -= whole if here else 0
         previous = p.elements  # the update just applied, kept by the loop's variable
     return {"gathers": gathers, "newton_schulz": newton_schulz, "scatters": scatters}

@@ -255,15 +255,21 @@ class _Muon(torch.optim.Optimizer):
             if self.ns_owner[p][0] == layout.data_rank:
                 mine.append(p)
         wholes = {p: self._gather_whole(self._nesterov(p, beta), p) for p in mine}
-        updates = {}
+        updates = self._orthogonalise(wholes)
         for p in mine:
+            update = self._scatter_update(updates.pop(p, None), p)
+            p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.to(p.dtype), alpha=-group["lr"])
+
+    def _orthogonalise(self, wholes: dict) -> dict:
+        """Newton-Schulz on each whole matrix gathered here (None: another tensor rank's), each input
+        dropped as its update is made; none is left referenced when the updates are scattered."""
+        updates = {}
+        for p in list(wholes):
             whole = wholes.pop(p)
             if whole is not None:
                 updates[p] = newton_schulz(whole, self.ns_steps, self.ns_dtype)
                 self.newton_schulz_runs += 1
-        for p in mine:
-            update = self._scatter_update(updates.pop(p, None), p)
-            p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.to(p.dtype), alpha=-group["lr"])
+        return updates
 
     def _nesterov(self, parameter: nn.Parameter, beta: float) -> torch.Tensor:
         grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
