@@ -300,9 +300,11 @@ class SleepConfig(Section):
     sleep_on: Literal["evicted", "context"] = Field(
         "evicted", description="evicted: every window before the last; context: only windows without loss tokens"
     )
-    checkpoint: Literal["auto", "none", "pass", "window"] = Field(
+    checkpoint: Literal["auto", "none", "pass", "window", "block", "nested", "selective"] = Field(
         "auto",
-        description="activation checkpointing; auto: per pass when the model sleeps (N > 1 or random N), else none",
+        description="activation checkpointing: the unit recomputed in backward (sleepscale/model/recompute.py): "
+        "pass, block, nested (a pass, recomputed block by block), selective (each block, keeping its matmul "
+        "outputs) or window; auto: pass when the model sleeps (N > 1 or random N), else none",
     )
     grad_passes: int | None = Field(
         None,
@@ -320,7 +322,7 @@ class SleepConfig(Section):
     )
 
     @property
-    def checkpointing(self) -> Literal["none", "pass", "window"]:
+    def checkpointing(self) -> Literal["none", "pass", "window", "block", "nested", "selective"]:
         """The checkpointing mode in effect. Per pass by default once the model sleeps: activation
         memory then stays flat in N (benchmarks/results/sleep_cost.md: 0.85 GB instead of 2.3 GB
         peak at N=8, for 1.1x the step time; at N=2, 1.4x)."""

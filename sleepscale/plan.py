@@ -10,8 +10,9 @@ operations between them. It is the one place that decides
   coda and the head on a branch (`readout`); each sleep pass runs the loop blocks again, starting
   from the previous pass's loop output;
 - which passes carry gradient (`grad_passes`: only the last k of the N passes);
-- the checkpoint units (`pass`: each block range of a pass with gradient, `PassPlan.checkpoint_units`;
-  `window`: the whole window, `WindowPlan.is_checkpoint_unit`);
+- the checkpoint units (`pass` and `nested`: each block range of a pass with gradient, `block` and
+  `selective`: each block of those, `PassPlan.checkpoint_units`; `window`: the whole window,
+  `WindowPlan.is_checkpoint_unit`; the forms: `sleepscale.model.recompute`);
 - the state operations: before a sleep pass the loop blocks restart their context (`next_pass`),
   after it their GDN states may be bounded; after the window the sleepers keep their slept states,
   then hard eviction and `detach_every` apply; so which windows' states reach a later window with
@@ -36,8 +37,10 @@ import torch
 
 from sleepscale.config import SleepConfig
 from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.model.recompute import Form
 
-Checkpointing = Literal["none", "pass", "window"]
+# `sleep.checkpoint` in effect: "window", or the recomputation form of each pass's block ranges
+Checkpointing = Literal["none", "pass", "window", "block", "nested", "selective"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,9 @@ class PassPlan:
     grad: bool  # recorded by autograd (False: truncated backprop runs the pass without it)
     next_pass: bool  # before the pass, loop blocks restart from the window's starting context
     bound: float | None  # after the pass, loop GDN states are rescaled to at most this norm
-    checkpointed: bool  # each of its block ranges is a checkpoint unit (`checkpoint: pass`, on a pass with gradient)
+    # the recomputation form of its block ranges (`sleepscale.model.recompute`): `sleep.checkpoint` on a pass
+    # with gradient under pass, block, nested or selective; "none" otherwise
+    checkpoint: Form
 
     @property
     def block_ranges(self) -> tuple[range, ...]:
@@ -61,11 +66,17 @@ class PassPlan:
     @property
     def checkpoint_units(self) -> tuple[range, ...]:
         """The block ranges that are each recomputed as one unit in backward (non-reentrant
-        checkpointing keeps only a unit's inputs): under `checkpoint: pass`, every block range of a
-        pass with gradient, the coda too (not the head); none otherwise (a pass without gradient runs
-        without autograd, so nothing of it is checkpointed; under `window` the unit is the whole
-        window, `WindowPlan.is_checkpoint_unit`). A unit is recomputed only when backward reaches it."""
-        return self.block_ranges if self.checkpointed else ()
+        checkpointing keeps only a unit's inputs), in order: under `pass` and `nested`, every block
+        range of a pass with gradient, the coda too (not the head; a `nested` unit's recomputation
+        runs its blocks as units of their own); under `block` and `selective`, every block of those
+        ranges; none otherwise (a pass without gradient runs without autograd, so nothing of it is
+        checkpointed; under `window` the unit is the whole window, `WindowPlan.is_checkpoint_unit`). A
+        unit is recomputed only when backward reaches it."""
+        if self.checkpoint in ("pass", "nested"):
+            return self.block_ranges
+        if self.checkpoint in ("block", "selective"):
+            return tuple(range(i, i + 1) for blocks in self.block_ranges for i in blocks)
+        return ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +178,7 @@ def make_plan(
         grad=True,
         next_pass=False,
         bound=None,
-        checkpointed=checkpoint == "pass",
+        checkpoint=_pass_form(checkpoint, grad=True),
     )
     grads = {number: number > sleep.passes - grad_passes for number in range(2, sleep.passes + 1)}
     sleep_passes = tuple(
@@ -178,7 +189,7 @@ def make_plan(
             grad=grad,
             next_pass=True,
             bound=sleep.state_norm_bound,
-            checkpointed=checkpoint == "pass" and grad,
+            checkpoint=_pass_form(checkpoint, grad),
         )
         for number, grad in grads.items()
     )
@@ -208,6 +219,11 @@ def make_plan(
         )
         carried_in = carries_states
     return SleepPlan(batch, loop, num_blocks, tuple(windows))
+
+
+def _pass_form(checkpoint: Checkpointing, grad: bool) -> Form:
+    """A pass's recomputation form: none without gradient, or under `none` and `window`."""
+    return checkpoint if grad and checkpoint not in ("none", "window") else "none"
 
 
 def _sleepers(sleep: SleepConfig, batch: int, evicted: bool, window_carries_loss: list[bool] | None) -> list[bool]:

@@ -12,9 +12,10 @@ For every window of L tokens (the last may be shorter):
    next window. Under sliding eviction the attention keeps the last L-1 keys/values and the short
    convolutions their last inputs, all from the final pass over the window.
 
-N = 1 is exactly the plain hybrid. Activation checkpointing (`checkpoint: pass | window`, always
-non-reentrant so that blocks reused N times work under ZeRO-2/3) changes memory and time, never
-values or gradients.
+N = 1 is exactly the plain hybrid. Activation checkpointing (`checkpoint: window`, or a form of
+recomputation of each pass's blocks, `pass | block | nested | selective`: `sleepscale.model.recompute`;
+always non-reentrant so that blocks reused N times work under ZeRO-2/3) changes memory and time,
+never values or gradients.
 
 Which windows sleep, which passes carry gradient, what is checkpointed and which state operations
 run between passes is decided up front, on the host, by `sleepscale.plan.make_plan`; this file only
@@ -186,18 +187,18 @@ def run_pass(
     stage after the loop receives the branch itself as `hidden`, which its (empty) part of the main
     line passes on to its part of the coda. `window_start`: the states the window started from
     (each sleep pass restarts the loop blocks' context from them)."""
-    loop, per_pass = model.loop_range, planned.checkpointed
+    loop, form = model.loop_range, planned.checkpoint
     out = PassOutput(hidden, states)
     with torch.set_grad_enabled(torch.is_grad_enabled() and planned.grad):
         if planned.number == 1 and model.holds_embedding:
             hidden = model.embed(window_ids)
         states = before_pass(planned, states, window_start, loop)
         for blocks in planned.blocks:
-            hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=per_pass)
+            hidden, states = model.run_blocks(hidden, states, blocks, checkpoint=form)
         if planned.readout is not None:  # the wake pass: coda and head on a branch, the loop output goes on
             out.readout = hidden
             if planned.readout:
-                out.readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=per_pass)
+                out.readout, states = model.run_blocks(hidden, states, planned.readout, checkpoint=form)
             if model.holds_head:
                 out.logits, out.loss = head_and_loss(model, out.readout, window_targets, want_logits)
             out.woke = states

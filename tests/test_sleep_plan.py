@@ -72,6 +72,11 @@ SETTINGS = [
 
 def _loss_and_grads(engine_forward, config, tokens, targets):
     model = make_model(config, dtype=torch.float32)
+    if engine_forward is frozen_engine.sleep_forward:  # it names per-pass checkpointing by a bool
+        run_blocks = model.run_blocks
+        model.run_blocks = lambda hidden, states, blocks, checkpoint: run_blocks(
+            hidden, states, blocks, "pass" if checkpoint else "none"
+        )
     out = engine_forward(model, tokens, config.sleep, targets=targets)
     out.loss.backward()
     return out, {name: p.grad for name, p in model.named_parameters()}
@@ -95,6 +100,25 @@ def test_plan_driven_engine_is_bit_identical_to_the_engine_it_replaced(passes, s
         assert (grad is None and new_grads[name] is None) or torch.equal(new_grads[name], grad), name
     if old.pass_state_norms is not None:
         assert torch.equal(new.pass_state_norms, old.pass_state_norms)
+
+
+@pytest.mark.parametrize("form", ["block", "nested", "selective"])
+@pytest.mark.parametrize("passes", [1, 2, 3])
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_every_recomputation_form_is_bit_identical_to_no_checkpointing(form, passes, setting, tokens):
+    """The identity grid above, each finer form of `sleep.checkpoint` against `checkpoint: none`."""
+    setting = {key: value for key, value in setting.items() if key != "checkpoint"}
+    if setting.get("grad_passes", 0) > passes:
+        setting["grad_passes"] = passes
+    plain = make_config("AGAG", passes=passes, checkpoint="none", **setting)
+    recomputed = make_config("AGAG", passes=passes, checkpoint=form, **setting)
+    targets = context_targets(tokens) if plain.sleep.sleep_on == "context" else tokens.roll(-1, dims=1)
+    old, old_grads = _loss_and_grads(sleep_forward, plain, tokens, targets)
+    new, new_grads = _loss_and_grads(sleep_forward, recomputed, tokens, targets)
+    assert torch.equal(new.loss, old.loss)
+    assert torch.equal(new.logits, old.logits)
+    for name, grad in old_grads.items():
+        assert (grad is None and new_grads[name] is None) or torch.equal(new_grads[name], grad), name
 
 
 @pytest.mark.parametrize("eviction", ["hard", "sliding"])
@@ -186,8 +210,8 @@ def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens):
     plan = plan_for(model, tokens, config.sleep, targets)
     checkpointed, run_blocks = [], model.run_blocks
 
-    def recorded(hidden, states, blocks, checkpoint=False):
-        if checkpoint and torch.is_grad_enabled():
+    def recorded(hidden, states, blocks, checkpoint="none"):
+        if checkpoint != "none" and torch.is_grad_enabled():
             checkpointed.append(blocks)
         return run_blocks(hidden, states, blocks, checkpoint)
 

@@ -8,9 +8,10 @@ norm, lm_head) so that checkpoints convert by renaming (`sleepscale.convert.fami
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from sleepscale.config import ModelConfig
@@ -18,7 +19,9 @@ from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
+from sleepscale.model import recompute
 from sleepscale.model.norm import RMSNorm
+from sleepscale.model.recompute import Form
 from sleepscale.model.state import MixerState, NotHeld
 
 
@@ -96,19 +99,17 @@ class HybridLM(nn.Module):
         return self.embeddings(input_ids)
 
     def run_blocks(
-        self, hidden: torch.Tensor, states: list[MixerState], blocks: range, checkpoint: bool = False
+        self, hidden: torch.Tensor, states: list[MixerState], blocks: range, checkpoint: Form = "none"
     ) -> tuple[torch.Tensor, list[MixerState]]:
         """Runs blocks[i] for i in `blocks` that this rank holds (`held`; a contiguous part of them,
         possibly none), reading and replacing states[i]; other states are untouched. `checkpoint`:
-        keep only the inputs and recompute the blocks' activations in backward (non-reentrant, so
-        that blocks reused N times work under ZeRO-2/3)."""
+        the recomputation form of the range (`sleepscale.model.recompute`: "none", or "pass", "block",
+        "nested", "selective", each non-reentrant so that blocks reused N times work under ZeRO-2/3)."""
         blocks = range(max(blocks.start, self.held.start), min(blocks.stop, self.held.stop))
         if not blocks:
             return hidden, states
-        if checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(
-                HybridLM.run_blocks, self, hidden, states, blocks, use_reentrant=False
-            )
+        if checkpoint != "none" and torch.is_grad_enabled():
+            return recompute.run(functools.partial(HybridLM.run_blocks, self), hidden, states, blocks, checkpoint)
         states = list(states)
         for i in blocks:
             hidden, states[i] = self.layers[i](hidden, states[i])

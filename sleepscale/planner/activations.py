@@ -320,8 +320,8 @@ def _attributed(model, counter: SavedStorages):
         )
     run_blocks = model.run_blocks
 
-    def attributed_run_blocks(hidden, states, blocks, checkpoint=False):
-        if checkpoint and torch.is_grad_enabled():
+    def attributed_run_blocks(hidden, states, blocks, checkpoint="none"):
+        if checkpoint != "none" and torch.is_grad_enabled():
             counter.key = (window[0], ("unit", blocks.start))
             hold(states, blocks)
         return run_blocks(hidden, states, blocks, checkpoint)

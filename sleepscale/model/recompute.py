@@ -1,0 +1,83 @@
+"""Recomputation forms: how a run of blocks keeps, or recomputes, its activations for backward.
+
+The sleep plan (`sleepscale.plan`) says which block ranges of which passes are checkpointed, and in
+which form (`sleep.checkpoint`); `HybridLM.run_blocks` runs a range in that form through `run`.
+Every form is non-reentrant checkpointing (blocks reused N times then work under ZeRO-2/3) and
+changes memory and time, never values or gradients:
+
+- `pass`: the range is one unit. Forward keeps its input (hidden states, and the recurrent states
+  it starts from); backward recomputes the whole range at once, so one range's activations exist
+  together (the recomputation floor).
+- `block`: every block is its own unit. Forward keeps every block's input; backward recomputes one
+  block at a time. More kept than `pass` (one hidden state per block, not per range), a floor of
+  one block.
+- `nested`: the range is one unit whose recomputation runs its blocks as `block` units. Forward
+  keeps only the range's input, as `pass`; backward recomputes the range keeping each block's
+  input, then each block once more as backward reaches it: the floor of `block` at the forward
+  memory of `pass`, for about one more forward of the range.
+- `selective`: every block is its own unit under torch's selective activation checkpointing: the
+  outputs of its matrix products (linear layers, attention and the delta rule's chunk products) are
+  kept, the element-wise and normalisation work between them is recomputed. Its recomputation adds
+  no matrix products, only memory-bound element-wise work.
+
+Why ours, not torch's `checkpoint_sequential` or Megatron's `recompute_granularity`: the units must
+thread per-block recurrent states through the passes and be chosen per pass by the plan (a pass
+without gradient is not checkpointed at all), which neither offers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+Form = Literal["none", "pass", "block", "nested", "selective"]
+FORMS: tuple[str, ...] = ("none", "pass", "block", "nested", "selective")
+
+# The matrix products `selective` keeps (their outputs), by the aten ops CPU and CUDA dispatch them as.
+_KEPT = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts():
+    """The forward and recomputation contexts of a `selective` unit (torch's selective checkpointing)."""
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def run(run_blocks: Callable, hidden, states, blocks: range, form: Form):
+    """`run_blocks(hidden, states, blocks, form)` in recomputation form `form` (the module docstring).
+    `run_blocks` runs the range plainly under "none", and as `block` units under "block" (the inside
+    of a `nested` unit)."""
+    if form == "none" or not torch.is_grad_enabled():
+        return run_blocks(hidden, states, blocks, "none")
+    if form == "pass":
+        return checkpoint(run_blocks, hidden, states, blocks, "none", use_reentrant=False)
+    if form == "nested":
+        return checkpoint(run_blocks, hidden, states, blocks, "block", use_reentrant=False)
+    if form not in ("block", "selective"):
+        raise ValueError(f"recomputation form {form!r}: use one of {', '.join(FORMS)}")
+    context = selective_contexts if form == "selective" else noop_context_fn
+    for i in blocks:
+        hidden, states = checkpoint(
+            run_blocks, hidden, states, range(i, i + 1), "none", use_reentrant=False, context_fn=context
+        )
+    return hidden, states
