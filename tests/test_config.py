@@ -43,7 +43,10 @@ def base():
         (["model.attention.num_kv_heads=3"], "model.attention.num_kv_heads: 3 must divide attention.num_heads 2"),
         (["sleep.eviction=soft"], "sleep.eviction: Input should be 'hard' or 'sliding'"),
         (["sleep.sleep_on=always"], "sleep.sleep_on: Input should be 'evicted' or 'context'"),
-        (["sleep.checkpoint=layer"], "sleep.checkpoint: Input should be 'auto', 'none', 'pass', 'window', 'block', 'nested' or 'selective'"),
+        (
+            ["sleep.checkpoint=layer"],
+            "sleep.checkpoint: Input should be 'auto', 'none', 'pass', 'window', 'block', 'nested' or 'selective'",
+        ),
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch', 'fla' or 'window'"),
         (
             ["model.gdn.head_dim=512"],

@@ -16,10 +16,10 @@ from torch import nn
 
 from sleepscale.config import ModelConfig
 from sleepscale.data.sample import IGNORE_INDEX
+from sleepscale.model import recompute
 from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
-from sleepscale.model import recompute
 from sleepscale.model.norm import RMSNorm
 from sleepscale.model.recompute import Form
 from sleepscale.model.state import MixerState, NotHeld
