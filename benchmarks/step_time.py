@@ -1,8 +1,12 @@
 """Training step time against an older commit: the bare step and the trainer's step, old and new side
-by side in one run.
+by side in one run; or, with `--old none`, the working tree alone, each checkpointing form's step as a
+ratio to `none` and to `pass` measured in the same run (what each recomputation form costs).
 
     python benchmarks/step_time.py [--models narrow wide] [--passes 1 3 8] [--checkpoint none pass]
-                                   [--repeats 3] [--old 278da2f] [--no-trainer] [--wide-batch 4] [--out FILE]
+                                   [--repeats 3] [--old 278da2f | none] [--no-trainer] [--wide-batch 4] [--out FILE]
+
+    python benchmarks/step_time.py --old none --passes 4 --no-trainer \
+        --checkpoint none pass block nested selective window --out benchmarks/results/recompute_cost.md
 
 Bare step: forward + backward + AdamW through `sleep_forward` (`return_logits=False`), on random
 tokens in [0, vocab) with loss on the last 4 positions only, as Rule 110 has it. Trainer step: the
@@ -176,14 +180,16 @@ def machine() -> str:
 
 
 def prepare(tmp: Path, old: str, trainer: bool) -> tuple[dict[str, Path], Path]:
-    """The two packages to compare, and the Rule 110 dataset (written by the old code: its format is
-    the fixed point) when the trainer is timed."""
-    versions = {"old": tmp / "old", "new": tmp / "new"}
-    versions["old"].mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", old], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(versions["old"])], input=archive, check=True)
+    """The packages to compare (the working tree's alone under `--old none`), and the Rule 110 dataset
+    (written by the old code: its format is the fixed point) when the trainer is timed."""
+    versions = {"new": tmp / "new"} if old == "none" else {"old": tmp / "old", "new": tmp / "new"}
+    if "old" in versions:
+        versions["old"].mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", old], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(versions["old"])], input=archive, check=True)
     shutil.copytree(REPO / "sleepscale", versions["new"] / "sleepscale", ignore=shutil.ignore_patterns("__pycache__"))
     data = tmp / "rule110"
+    writer = versions.get("old", versions["new"])
     if trainer:
         subprocess.run(
             [
@@ -203,8 +209,8 @@ def prepare(tmp: Path, old: str, trainer: bool) -> tuple[dict[str, Path], Path]:
             ],
             check=True,
             capture_output=True,
-            env={**os.environ, "PYTHONPATH": str(versions["old"])},
-            cwd=versions["old"],
+            env={**os.environ, "PYTHONPATH": str(writer)},
+            cwd=writer,
         )
     return versions, data
 
@@ -285,13 +291,51 @@ def table(rows: list[tuple], args, batches: dict[str, int], head: str, seconds: 
     return "\n".join(lines) + "\n"
 
 
+def forms_table(rows: list[tuple], args, batches: dict[str, int], head: str, seconds: float, planned: int) -> str:
+    """`--old none`: each configuration's step, and its ratio to `none` and to `pass` at the same model and N."""
+    command = shlex.join([Path(sys.executable).name, os.path.relpath(__file__), *sys.argv[1:]])
+    steps = {(model, passes, checkpoint): t for model, passes, checkpoint, t in rows}
+
+    def ratio(model, passes, t, kind, baseline):
+        base = steps.get((model, passes, baseline), {}).get(("new", kind))
+        return "-" if base is None or t["new", kind] is None else f"{t['new', kind] / base:.2f}"
+
+    kinds = ["bare"] + ([] if args.no_trainer else ["trainer"])
+    lines = [
+        f"`{command}`",
+        "",
+        f"{datetime.date.today()}; {machine()}; the working tree ({head}); medians of {args.repeats} round(s) "
+        f"per configuration, configurations one after another; {LENGTH} tokens per sequence, windows of {WINDOW}, batch "
+        + ", ".join(f"{model} {batches[model]}" for model in args.models)
+        + f"; the run took {seconds / 60:.0f} min"
+        + ("" if len(rows) == planned else f" ({len(rows)} of {planned} configurations measured)"),
+        "",
+        "| model | N | checkpoint | " + " | ".join(f"{k} s | {k} / none | {k} / pass" for k in kinds) + " |",
+        "|---|---|---|" + "---|---|---|" * len(kinds),
+    ]
+    for model, passes, checkpoint, t in rows:
+        cells = [
+            f"{t['new', k]:.3f} | {ratio(model, passes, t, k, 'none')} | {ratio(model, passes, t, k, 'pass')}"
+            for k in kinds
+        ]
+        lines.append(f"| {model} | {passes} | {checkpoint} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--passes", type=int, nargs="+", default=[1, 3, 8])
-    parser.add_argument("--checkpoint", nargs="+", choices=["none", "pass", "window"], default=["none", "pass"])
+    parser.add_argument(
+        "--checkpoint",
+        nargs="+",
+        choices=["none", "pass", "window", "block", "nested", "selective"],
+        default=["none", "pass"],
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--old", default="278da2f", help="the commit to compare with")
+    parser.add_argument(
+        "--old", default="278da2f", help="the commit to compare with; none: the working tree alone, forms as ratios"
+    )
     parser.add_argument("--no-trainer", action="store_true", help="bare steps only")
     parser.add_argument("--wide-batch", type=int, default=MODELS["wide"]["batch"])
     parser.add_argument(
@@ -324,7 +368,8 @@ def main():
                 )
             )
             # Written after every configuration: a long run stopped early keeps what it measured.
-            text = table(rows, args, batches, head, time.perf_counter() - started, len(configurations))
+            write = forms_table if args.old == "none" else table
+            text = write(rows, args, batches, head, time.perf_counter() - started, len(configurations))
             args.out.write_text(text)
     print(text, end="")
 

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import write_config
 
 from sleepscale.config_loading import load_config
-from sleepscale.model import build_model
+from sleepscale.model import build_model, recompute
 from sleepscale.plan import loss_windows, make_plan
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
 
@@ -169,7 +169,7 @@ def test_the_plan_says_what_runs(tokens):
 
 
 @pytest.mark.parametrize("loop", [(1, 4), (0, 5)], ids=["prelude-loop-coda", "all-loop"])
-@pytest.mark.parametrize("checkpoint", ["none", "pass", "window"])
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "window", "block", "nested", "selective"])
 @pytest.mark.parametrize("passes", [1, 2, 3])
 def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
     config = make_config(
@@ -177,15 +177,26 @@ def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
     )
     plan = make_plan(config.sleep, 3, 30, 5, range(*loop))
     ranges = tuple(blocks for blocks in (range(0, loop[0]), range(*loop), range(loop[1], 5)) if blocks)
+
+    def units(block_ranges):  # a pass with gradient: its ranges (pass, nested) or their blocks (block, selective)
+        if checkpoint in ("pass", "nested"):
+            return block_ranges
+        if checkpoint in ("block", "selective"):
+            return tuple(range(i, i + 1) for blocks in block_ranges for i in blocks)
+        return ()
+
     for window in plan.windows:
         wake, *sleep = window.passes
         assert len(sleep) == (passes - 1 if window.index < 3 else 0)  # the last window is not slept on
         assert wake.block_ranges == ranges  # the prelude, the loop, then the coda on the readout branch
         assert all(p.block_ranges == (range(*loop),) for p in sleep)
-        # under `pass` each block range of a pass with gradient is one unit: the wake pass and the last 2 passes
-        assert wake.checkpoint_units == (ranges if checkpoint == "pass" else ())
+        # the wake pass and the last 2 passes carry gradient; the others are not checkpointed in any form
+        assert wake.checkpoint_units == units(ranges)
         assert [p.checkpoint_units for p in sleep] == [
-            (range(*loop),) if checkpoint == "pass" and p.number > passes - 2 else () for p in sleep
+            units((range(*loop),)) if p.number > passes - 2 else () for p in sleep
+        ]
+        assert [p.checkpoint for p in window.passes] == [
+            checkpoint if p.grad and checkpoint not in ("none", "window") else "none" for p in window.passes
         ]
         assert window.is_checkpoint_unit == (checkpoint == "window")
 
@@ -196,31 +207,39 @@ def test_the_plan_says_what_is_checkpointed(passes, checkpoint, loop):
         {"checkpoint": "pass"},
         {"checkpoint": "pass", "grad_passes": 1, "state_norm_bound": 0.5},
         {"checkpoint": "pass", "sleep_on": "context", "eviction": "sliding"},
+        {"checkpoint": "block"},
+        {"checkpoint": "nested", "grad_passes": 1},
+        {"checkpoint": "selective", "eviction": "sliding"},
         {"checkpoint": "window"},
         {"checkpoint": "none"},
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
-def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens):
-    """Under `pass` the engine checkpoints exactly the plan's `PassPlan.checkpoint_units`, in order (under
-    `window` it checkpoints the window, and no block range on its own)."""
+def test_the_engine_checkpoints_the_units_the_plan_names(setting, tokens, monkeypatch):
+    """The engine checkpoints exactly the plan's `PassPlan.checkpoint_units`, in order; under `nested`
+    each unit's forward checkpoints its blocks as units of their own (under `window` the engine
+    checkpoints the window, and no block range on its own)."""
     config = make_config("GAGAG", passes=3, model={"loop": [1, 4]}, **setting)
     model = make_model(config, dtype=torch.float32)
     targets = context_targets(tokens)
     plan = plan_for(model, tokens, config.sleep, targets)
-    checkpointed, run_blocks = [], model.run_blocks
+    checkpointed, checkpoint = [], recompute.checkpoint
 
-    def recorded(hidden, states, blocks, checkpoint="none"):
-        if checkpoint != "none" and torch.is_grad_enabled():
-            checkpointed.append(blocks)
-        return run_blocks(hidden, states, blocks, checkpoint)
+    def recorded(run_blocks, hidden, states, blocks, *args, **kwargs):
+        checkpointed.append(blocks)
+        return checkpoint(run_blocks, hidden, states, blocks, *args, **kwargs)
 
-    model.run_blocks = recorded
+    monkeypatch.setattr(recompute, "checkpoint", recorded)
     sleep_forward(model, tokens, config.sleep, targets=targets, return_logits=False, plan=plan)
-    assert checkpointed == [blocks for w in plan.windows for p in w.passes for blocks in p.checkpoint_units]
-    # 4 windows' prelude, loop and coda, and the loop of each sleep pass with gradient over the 3 slept on
-    per_pass = setting["checkpoint"] == "pass"
-    assert len(checkpointed) == (4 * 3 + 3 * (1 if "grad_passes" in setting else 2) if per_pass else 0)
+    units = [blocks for w in plan.windows for p in w.passes for blocks in p.checkpoint_units]
+    if setting["checkpoint"] == "nested":
+        units = [unit for blocks in units for unit in (blocks, *(range(i, i + 1) for i in blocks))]
+    assert checkpointed == units
+    # per pass: 4 windows' prelude, loop and coda, and the loop of each sleep pass with gradient over the 3 slept on
+    ranges = 4 * 3 + 3 * (1 if "grad_passes" in setting else 2)
+    blocks = 4 * 5 + 3 * 3 * (1 if "grad_passes" in setting else 2)
+    expected = {"pass": ranges, "block": blocks, "selective": blocks, "nested": ranges + blocks}
+    assert len(checkpointed) == expected.get(setting["checkpoint"], 0)
 
 
 @pytest.mark.parametrize(
