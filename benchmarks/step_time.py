@@ -304,8 +304,8 @@ def forms_table(rows: list[tuple], args, batches: dict[str, int], head: str, sec
     lines = [
         f"`{command}`",
         "",
-        f"{datetime.date.today()}; {machine()}; the working tree ({head}); medians of {args.repeats} round(s) "
-        f"per configuration, configurations one after another; {LENGTH} tokens per sequence, windows of {WINDOW}, batch "
+        f"{datetime.date.today()}; {machine()}; the working tree ({head}); medians of {args.repeats} round(s) per "
+        f"configuration, configurations one after another; {LENGTH} tokens per sequence, windows of {WINDOW}, batch "
         + ", ".join(f"{model} {batches[model]}" for model in args.models)
         + f"; the run took {seconds / 60:.0f} min"
         + ("" if len(rows) == planned else f" ({len(rows)} of {planned} configurations measured)"),
