@@ -40,14 +40,28 @@ plus the matmul in the backward of each triangular solve, 2 C^2 (d_k + d_v) per 
 Recomputation (non-reentrant checkpointing with torch's default early stop) re-runs a checkpointed
 unit whose backward runs, up to the last tensor its forward saved for backward. Autograd saves a
 matmul's inputs before computing it, so the unit's last matmul (the last block's down_proj, or its
-o_proj without MLP) is not re-run when nothing after it saves a tensor. Units: `pass`, every block
-range of a pass that carries gradient (the coda too, not the head; `PassPlan.checkpoint_units`);
-`window`, the whole window with the head, passes without gradient included
-(`WindowPlan.is_checkpoint_unit`; there a bound or a per-sequence choice of sleepers after the last
-pass saves tensors, so the last matmul is re-run too: `WindowPlan.ends_on_matmul`). A window
-whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`: large
-vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes under
-`window` then ends on its last chunk, which saved only its input: its recomputation stops before it.
+o_proj without MLP) is not re-run when nothing after it saves a tensor. What each form
+(`sleep.checkpoint`, `sleepscale.model.recompute`) re-runs, per pass with gradient
+(`recomputed_runs`; units: `PassPlan.checkpoint_units`):
+
+- `pass`: each block range reached (the coda too, not the head) but its last block's last matmul;
+- `block`: each block reached but its last matmul;
+- `nested`: each range reached but its last block, whole (its blocks are units of their own, whose
+  forward saved only their inputs: the last block's input ends the range's recomputation), then
+  each block reached as under `block`: about one more forward of the range than `pass`;
+- `selective`: each block reached, as under `block`, but its matrix products return the outputs its
+  forward kept: it re-runs no counted FLOP, only element-wise work;
+- `window`: the whole window with the head, passes without gradient included
+  (`WindowPlan.is_checkpoint_unit`; there a bound or a per-sequence choice of sleepers after the last
+  pass saves tensors, so the last matmul is re-run too: `WindowPlan.ends_on_matmul`).
+
+A window whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`:
+large vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes
+under `window` then ends on its last chunk, which saved only its input: its recomputation stops
+before it.
+
+The count is worked out once per block and liveness, per pass and per shape of window (`_Blocks`,
+`_pass_liveness`, `window_shape`): a step at large N repeats a few of each many times.
 
 Assumed: a training step (targets, so a loss on every window's wake pass) from fresh states (no
 `states=` carried in), training every parameter (a stage that freezes some skips their weight

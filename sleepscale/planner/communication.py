@@ -24,11 +24,18 @@ activation and L the window's length:
   `PassPlan.checkpoint_units`, `WindowPlan.is_checkpoint_unit`) up to the last tensor its forward
   saved for backward. Megatron's row-parallel matmul (an autograd Function) saves its inputs as it
   returns and the all-reduce after it saves nothing, so a unit ending on a block's last row-parallel
-  layer re-runs that matmul but not its all-reduce (measured): under `pass`, every unit (of a pass
-  with gradient) with a live output re-runs its all-reduces but the last; under `window`, the whole
-  window (embedding, passes without gradient, the cross-entropy) is re-run, and the last all-reduce
-  too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep passes, no bound after
-  the last and no per-sequence choice of sleepers);
+  layer re-runs that matmul but not its all-reduce (measured). Per pass with gradient, in the runs
+  `sleepscale.flops.recomputed_runs` gives: under `pass`, every unit with a live output re-runs its
+  all-reduces but the last; under `block`, every block reached re-runs its own but the last (the
+  mixer's o_proj one when it has an MLP); under `nested`, every range reached re-runs all those of
+  its blocks but the last, then each block reached as under `block`. Under `selective` as under
+  `block`: torch's selective checkpointing keeps the row-parallel matmul's output but re-runs
+  megatron's all-reduce (a c10d op, not a kept one), in place on that kept output, which the
+  forward's all-reduce had already reduced (measured; it reduces the sum again, so the recomputed
+  values after it are wrong under tensor parallelism: `tests/test_parallel_tensor.py`). Under
+  `window`, the whole window (embedding, passes without gradient, the cross-entropy) is re-run, and
+  the last all-reduce too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep
+  passes, no bound after the last and no per-sequence choice of sleepers);
 - a window whose logits exceed `sleepscale.sleep.LOSS_CHUNK_ELEMENTS` gets its loss in checkpointed
   token chunks: each chunk's cross-entropy (and its three all-reduces) is re-run in backward, and
   under `window` checkpointing once more, in the window's recomputation (nested checkpoints), but
