@@ -25,6 +25,7 @@ from sleepscale.planner.communication import (
 from sleepscale.planner.model_states import Parameter, muon_owners
 
 
+@pytest.mark.slow
 def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
     out = tmp_path / "report.json"
     subprocess.run(
