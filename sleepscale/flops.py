@@ -40,14 +40,28 @@ plus the matmul in the backward of each triangular solve, 2 C^2 (d_k + d_v) per 
 Recomputation (non-reentrant checkpointing with torch's default early stop) re-runs a checkpointed
 unit whose backward runs, up to the last tensor its forward saved for backward. Autograd saves a
 matmul's inputs before computing it, so the unit's last matmul (the last block's down_proj, or its
-o_proj without MLP) is not re-run when nothing after it saves a tensor. Units: `pass`, every block
-range of a pass that carries gradient (the coda too, not the head; `PassPlan.checkpoint_units`);
-`window`, the whole window with the head, passes without gradient included
-(`WindowPlan.is_checkpoint_unit`; there a bound or a per-sequence choice of sleepers after the last
-pass saves tensors, so the last matmul is re-run too: `WindowPlan.ends_on_matmul`). A window
-whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`: large
-vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes under
-`window` then ends on its last chunk, which saved only its input: its recomputation stops before it.
+o_proj without MLP) is not re-run when nothing after it saves a tensor. What each form
+(`sleep.checkpoint`, `sleepscale.model.recompute`) re-runs, per pass with gradient
+(`recomputed_runs`; units: `PassPlan.checkpoint_units`):
+
+- `pass`: each block range reached (the coda too, not the head) but its last block's last matmul;
+- `block`: each block reached but its last matmul;
+- `nested`: each range reached but its last block, whole (its blocks are units of their own, whose
+  forward saved only their inputs: the last block's input ends the range's recomputation), then
+  each block reached as under `block`: about one more forward of the range than `pass`;
+- `selective`: each block reached, as under `block`, but its matrix products return the outputs its
+  forward kept: it re-runs no counted FLOP, only element-wise work;
+- `window`: the whole window with the head, passes without gradient included
+  (`WindowPlan.is_checkpoint_unit`; there a bound or a per-sequence choice of sleepers after the last
+  pass saves tensors, so the last matmul is re-run too: `WindowPlan.ends_on_matmul`).
+
+A window whose loss is computed in checkpointed token chunks (`sleepscale.sleep.loss_chunk_length`:
+large vocabularies) re-runs each chunk's head once more in backward; a window without sleep passes
+under `window` then ends on its last chunk, which saved only its input: its recomputation stops
+before it.
+
+The count is worked out once per block and liveness, per pass and per shape of window (`_Blocks`,
+`_pass_liveness`, `window_shape`): a step at large N repeats a few of each many times.
 
 Assumed: a training step (targets, so a loss on every window's wake pass) from fresh states (no
 `states=` carried in), training every parameter (a stage that freezes some skips their weight
@@ -57,6 +71,7 @@ gradients, which this counts).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 
@@ -94,6 +109,10 @@ class Live:
     def __bool__(self) -> bool:
         return self.hidden or self.memory or self.context
 
+
+# The eight values of Live, one object each: tuples of them (a pass's) then compare by identity, fast
+_LIVE = {(h, m, c): Live(h, m, c) for h in (False, True) for m in (False, True) for c in (False, True)}
+_DEAD = _LIVE[False, False, False]
 
 # The outputs each linear layer of a mixer feeds (the MLP's feed only the hidden states).
 _FEEDS = {
@@ -133,6 +152,11 @@ def _last_matmul(block: nn.Module) -> int:
     return (block.mlp.down_proj if block.mlp is not None else block.attn.o_proj).weight.numel()
 
 
+def gdn_blocks(model: nn.Module) -> tuple[bool, ...]:
+    """Which of the model's blocks are Gated DeltaNet blocks (`liveness` reads it)."""
+    return tuple(isinstance(block.attn, GatedDeltaNet) for block in model.layers)
+
+
 def _attention(mixer: Attention, queries: int, keys: int, live: Live) -> tuple[float, float]:
     """(forward, backward) of scaled dot-product attention for `queries` queries over the batch,
     with FlopCounterMode's formulas (`sdpa_flop_count`, `sdpa_backward_flop_count`)."""
@@ -161,80 +185,153 @@ def _delta_rule(mixer: GatedDeltaNet, sequences: int, length: int, live: Live, s
     return float(scale * forward), float(scale * backward)
 
 
-def _block(
-    block: nn.Module, sequences: int, length: int, keys: int, live: Live, state_grad: bool
-) -> tuple[float, float]:
-    """(forward, backward) of one block's run over a window of `length` tokens for `sequences`
-    sequences; attention sees `keys` keys."""
-    tokens = sequences * length
-    forward = sum(2.0 * weights for weights, _ in _linears(block)) * tokens
-    backward = sum(4.0 * weights for weights, feeds in _linears(block) if any(getattr(live, f) for f in feeds)) * tokens
-    if isinstance(block.attn, Attention):
-        mixer = _attention(block.attn, tokens, keys, live)
-    else:
-        mixer = _delta_rule(block.attn, sequences, length, live, state_grad)
-    return forward + mixer[0], backward + mixer[1]
+class _Blocks:
+    """The FLOPs of the model's block runs over windows of one shape (`sequences` x `length` tokens,
+    `keys` keys per attention query), each worked out once: a step at large N runs every loop
+    block N times per window over a handful of distinct (block, live outputs, state gradient)."""
+
+    def __init__(self, model: nn.Module, sequences: int, length: int, keys: int):
+        self.layers = list(model.layers)  # indexing an nn.ModuleList is slow
+        self.sequences, self.length, self.keys = sequences, length, keys
+        self.linears = [_linears(block) for block in self.layers]
+        self.forwards = [self._run(i, _DEAD, False)[0] for i in range(len(self.layers))]  # whatever is live
+        # each block's last matmul, over the window: what early stop spares
+        self.last_matmuls = [2.0 * _last_matmul(block) * sequences * length for block in self.layers]
+        self.backwards: dict[tuple[int, Live, bool], float] = {}
+
+    def backward(self, block: int, live: Live, state_grad: bool) -> float:
+        key = (block, live, state_grad)
+        if key not in self.backwards:
+            self.backwards[key] = self._run(block, live, state_grad)[1]
+        return self.backwards[key]
+
+    def _run(self, index: int, live: Live, state_grad: bool) -> tuple[float, float]:
+        """(forward, backward) of one run of block `index`; `state_grad`: the fast weights it starts
+        from require grad."""
+        block, tokens = self.layers[index], self.sequences * self.length
+        forward = sum(2.0 * weights for weights, _ in self.linears[index]) * tokens
+        backward = (
+            sum(4.0 * weights for weights, feeds in self.linears[index] if any(getattr(live, f) for f in feeds))
+            * tokens
+        )
+        if isinstance(block.attn, Attention):
+            mixer = _attention(block.attn, tokens, self.keys, live)
+        else:
+            mixer = _delta_rule(block.attn, self.sequences, self.length, live, state_grad)
+        return forward + mixer[0], backward + mixer[1]
 
 
-def liveness(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> dict[tuple[int, int], Live]:
-    """Live outputs of each (pass number, block) run over `window`, walked from its last pass back.
-    The states after the window reach the loss when a next window reads them with their gradient
-    (`WindowPlan.carries_states`)."""
+def liveness(plan: SleepPlan, window: WindowPlan, gdn: tuple[bool, ...]) -> dict[int, tuple[Live, ...]]:
+    """Live outputs of each block's run over `window`, per pass number and block (Live() for the
+    blocks a pass does not run), walked from its last pass back; `gdn`: which blocks are Gated
+    DeltaNet blocks (`gdn_blocks`). The states after the window reach the loss when a next window
+    reads them with their gradient (`WindowPlan.carries_states`)."""
     carried = window.carries_states
-    partial = (
-        window.sleepers is not None
-    )  # then the window's states are the wake pass's or the last pass's, per sequence
+    partial = window.sleepers is not None  # the window's states: the wake pass's or the last pass's, per sequence
     context = carried and not window.evict  # the context the window ends with is read by the next window
-    live, hidden_read, memory_read = {}, False, {}
+    live, hidden_read, memory_read = {}, False, (False,) * len(gdn)
     for planned in reversed(window.passes):
         final = planned is window.passes[-1] or (planned.number == 1 and partial)  # its states end the window
-        read = {}  # per block: whether this pass reads the fast weights it starts from with gradient
-
-        def back(blocks: list[int] | range, hidden: bool) -> bool:
-            """Marks the runs of `blocks` (in order on this pass) given whether their output hidden
-            states are read with gradient; returns whether their input's are."""
-            for i in reversed(blocks):
-                ends = final or i not in plan.loop  # prelude and coda blocks run on the wake pass only
-                gdn = isinstance(model.layers[i].attn, GatedDeltaNet)
-                outputs = Live(hidden, gdn and (ends and carried or memory_read.get(i, False)), ends and context)
-                live[planned.number, i] = outputs if planned.grad else Live()
-                read[i] = planned.grad and (outputs.hidden or outputs.memory)  # the fast weights feed both
-                hidden = planned.grad and bool(outputs)  # every output depends on the block's input
-            return hidden
-
-        if planned.readout is not None:  # the wake pass: the coda and the head read its loop output
-            back(planned.readout, True)
-        hidden_read = back(_flat(planned.blocks), planned.readout is not None or hidden_read)
-        memory_read = read
+        live[planned.number], hidden_read, memory_read = _pass_liveness(
+            planned, plan.loop, gdn, final, carried, context, hidden_read, memory_read
+        )
     return live
+
+
+@functools.lru_cache(maxsize=4096)
+def _pass_liveness(
+    planned: PassPlan,
+    loop: range,
+    gdn: tuple[bool, ...],
+    final: bool,
+    carried: bool,
+    context: bool,
+    hidden_read: bool,
+    memory_read: tuple[bool, ...],
+) -> tuple[tuple[Live, ...], bool, tuple[bool, ...]]:
+    """One pass of `liveness`: (the Live of each block's run; whether the pass reads its input hidden
+    states with gradient; per block, whether it reads the fast weights it starts from with gradient),
+    given whether the passes after it read its output hidden states (`hidden_read`) and each block's
+    fast weights (`memory_read`) with gradient. `final`: its states end the window. Memoised: a
+    window's sleep passes repeat it, mostly with the same arguments."""
+    lives, read = [_DEAD] * len(gdn), [False] * len(gdn)
+
+    def back(blocks: list[int] | range, hidden: bool) -> bool:
+        """Marks the runs of `blocks` (in order on this pass) given whether their output hidden
+        states are read with gradient; returns whether their input's are."""
+        for i in reversed(blocks):
+            ends = final or i not in loop  # prelude and coda blocks run on the wake pass only
+            outputs = _LIVE[hidden, gdn[i] and (ends and carried or memory_read[i]), ends and context]
+            lives[i] = outputs if planned.grad else _DEAD
+            read[i] = planned.grad and (outputs.hidden or outputs.memory)  # the fast weights feed both
+            hidden = planned.grad and bool(outputs)  # every output depends on the block's input
+        return hidden
+
+    if planned.readout is not None:  # the wake pass: the coda and the head read its loop output
+        back(planned.readout, True)
+    hidden_read = back(_flat(planned.blocks), planned.readout is not None or hidden_read)
+    return tuple(lives), hidden_read, tuple(read)
 
 
 def _flat(ranges: tuple[range, ...]) -> list[int]:
     return [i for blocks in ranges for i in blocks]
 
 
+def recomputed_runs(planned: PassPlan, live: tuple[Live, ...]) -> list[tuple[range, bool]]:
+    """What backward re-runs of a pass's checkpoint units (`PassPlan.checkpoint_units`, in the pass's
+    form, `sleepscale.model.recompute`), as runs of blocks, each (blocks, stops_early); `live`: the
+    pass's `liveness`. A unit is re-run only when backward reaches it (one of its blocks has a live
+    output), and then, under non-reentrant checkpointing's early stop, only up to the last tensor its
+    forward saved for backward: `stops_early` says the run ends inside its last block, at that block's
+    last saved tensor (what that spares, a matmul or an all-reduce, is the caller's to count); without
+    it the run's blocks run whole.
+
+    - `pass`: each range reached re-runs to its early stop;
+    - `block` and `selective`: each block reached, the same (`selective` keeps its matmuls' outputs,
+      so its re-run repeats no matrix product);
+    - `nested`: a range reached re-runs its blocks but the last whole, stopping at the last block's
+      input: its blocks are units of their own, whose forward saved only their inputs, so that input
+      is the range's last saved tensor. Then each block reached re-runs to its early stop, as under
+      `block`."""
+    runs = []
+    for blocks in planned.block_ranges:
+        reached = [i for i in blocks if live[i]]
+        if not reached or planned.checkpoint == "none":
+            continue
+        if planned.checkpoint == "pass":
+            runs.append((blocks, True))
+            continue
+        if planned.checkpoint == "nested" and len(blocks) > 1:
+            runs.append((blocks[:-1], False))
+        runs += [(range(i, i + 1), True) for i in reached]
+    return runs
+
+
 def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) -> float:
     """FLOPs of one window: forward, backward and recomputation. `keys`: keys each attention query
     sees."""
     sequences, length = plan.batch, window.length
-    live = liveness(plan, window, model)
+    blocks = _Blocks(model, sequences, length, keys)
+    live = liveness(plan, window, gdn_blocks(model))
     head = 2.0 * model.lm_head.weight.numel() * sequences * length
     forward = backward = recompute = 0.0
     previous: PassPlan | None = None
     for planned in window.passes:
+        lives = live[planned.number]
         # whether the fast weights the pass starts from require grad
         starts_with_grad = window.starts_with_carried_states if previous is None else previous.grad
         for unit in planned.block_ranges:
             unit_forward = 0.0
             for i in unit:
-                block_forward, block_backward = _block(
-                    model.layers[i], sequences, length, keys, live[planned.number, i], starts_with_grad
-                )
-                unit_forward += block_forward
-                backward += block_backward
+                unit_forward += blocks.forwards[i]
+                backward += blocks.backward(i, lives[i], starts_with_grad)
             forward += unit_forward
-            if unit in planned.checkpoint_units and any(live[planned.number, i] for i in unit):  # backward reaches it
-                recompute += unit_forward - 2.0 * _last_matmul(model.layers[unit[-1]]) * sequences * length
+        if planned.checkpoint != "selective":  # its re-runs repeat no matrix product
+            for run, stops_early in recomputed_runs(planned, lives):
+                rerun = 0.0
+                for i in run:
+                    rerun += blocks.forwards[i]
+                recompute += rerun - (blocks.last_matmuls[run[-1]] if stops_early else 0.0)
         if planned.readout is not None:
             forward, backward = forward + head, backward + 2 * head
         previous = planned
@@ -244,7 +341,7 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) ->
     if window.is_checkpoint_unit:
         not_rerun = 0.0
         if window.ends_on_matmul:  # the last matmul of the last sleep pass's last block
-            not_rerun = 2.0 * _last_matmul(model.layers[window.passes[-1].blocks[-1][-1]]) * sequences * length
+            not_rerun = blocks.last_matmuls[window.passes[-1].blocks[-1][-1]]
         recompute += forward - not_rerun
         if (
             chunk is not None and len(window.passes) == 1
@@ -253,13 +350,22 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) ->
     return forward + backward + recompute
 
 
+def window_shape(window: WindowPlan) -> WindowPlan:
+    """`window` moved to the sequence's start: what its counts depend on, with the keys its attention
+    sees, so that windows of one shape are counted once."""
+    return dataclasses.replace(window, index=0, start=0, end=window.length)
+
+
 def plan_flops(plan: SleepPlan, model: nn.Module, window: int) -> float:
     """FLOPs of one training forward, backward and recomputation of the batch `plan` describes
     (`sleepscale.sleep.plan_for`), for `model` (the meta-device twin will do: only shapes are read);
     `window`: `sleep.window`, the attention span."""
-    total, tail = 0.0, 0
+    total, tail, counted = 0.0, 0, {}
     for planned in plan.windows:
-        total += _window(plan, planned, model, tail + planned.length)
+        shape = (window_shape(planned), tail + planned.length)
+        if shape not in counted:
+            counted[shape] = _window(plan, planned, model, tail + planned.length)
+        total += counted[shape]
         tail = 0 if planned.evict else min(window - 1, tail + planned.length)  # keys the next window starts with
     return total
 

@@ -142,6 +142,41 @@ def collectives_per_block_pass(tp) -> dict:
     return counts
 
 
+# The recomputation forms `recomputation_forms` checks against `checkpoint: none`, and the sleep options each
+# runs with: the final pass alone with gradient under sliding eviction, and every pass with gradient.
+FORMS = ("block", "nested", "selective")
+FORM_OPTIONS = {"grad1-sliding": {"grad_passes": 1, "eviction": "sliding"}, "hard": {}}
+
+
+def recomputation_forms(tp) -> dict:
+    """Per recomputation form and options: whether the tensor-parallel model's loss, logits and every
+    gradient (this rank's shards, on every rank) equal, bit for bit, those of the same tensor-parallel
+    run with `checkpoint: none` (N=3)."""
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    targets = ids.roll(-1, dims=1)
+    report = {}
+    for name, options in FORM_OPTIONS.items():
+        runs = {}
+        for form in ("none", *FORMS):
+            config = make_config(
+                passes=3,
+                checkpoint=form,
+                vocab_size=VOCAB,
+                model={"attention": {"num_heads": 4, "num_kv_heads": 2}, "gdn": {"num_heads": 4, "expand_v": 1.5}},
+                **options,
+            )
+            model = parallelize_tensor(build(config, torch.float32), tp)
+            out = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=True)
+            out.loss.backward()
+            runs[form] = [out.loss.detach(), out.logits.detach(), *(p.grad for p in model.parameters())]
+        for form in FORMS:
+            equal = all(torch.equal(a, b) for a, b in zip(runs[form], runs["none"], strict=True))
+            ranks = [None] * tp.size()
+            dist.all_gather_object(ranks, equal, group=tp)
+            report[f"{form}-{name}"] = all(ranks)
+    return report
+
+
 def main():
     dist.init_process_group("gloo")
     groups = init_parallel_groups(tensor=dist.get_world_size())
@@ -156,6 +191,7 @@ def main():
     }
     report = {name: compare(*case, groups.tensor) for name, case in cases.items()}
     report["collectives"] = collectives_per_block_pass(groups.tensor)
+    report["forms"] = recomputation_forms(groups.tensor)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as out:
             json.dump(report, out, indent=1)

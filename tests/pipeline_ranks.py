@@ -145,6 +145,43 @@ def compare(case: dict, groups) -> dict:
     }
 
 
+FORMS = ("block", "nested", "selective")
+
+
+def recomputation_forms(groups) -> dict:
+    """Per recomputation form: whether the pipeline step's loss and every gradient (on every rank)
+    equal, bit for bit, those of the same pipeline step with `checkpoint: none`: N=3, the last two
+    passes with gradient, sliding eviction, a prelude and a coda (the loop spans the stages)."""
+    case = {
+        "pattern": "GA|GA" if groups.pipeline.size() == 2 else "G|A|G|A",
+        "eviction": "sliding",
+        "grad_passes": 2,
+        "loop": [1, 3],
+    }
+    batches = micro_batches(3)
+    runs = {}
+    for form in ("none", *FORMS):
+        config, stage = build({**case, "checkpoint": form}, groups)
+        plans = [plan_for(stage.model, ids, config.sleep, targets) for ids, targets in batches]
+        step = run_step(
+            stage,
+            groups.pipeline,
+            plans,
+            [ids for ids, _ in batches],
+            [t for _, t in batches],
+            config.sleep.window,
+            in_flight=groups.pipeline.size(),
+        )
+        runs[form] = [step.loss, *(p.grad for p in stage.model.parameters())]
+    report = {}
+    for form in FORMS:
+        equal = all(torch.equal(a, b) for a, b in zip(runs[form], runs["none"], strict=True))
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, equal)
+        report[form] = all(ranks)
+    return report
+
+
 def saved_bytes(groups) -> dict:
     """Peak saved-for-backward bytes per stage with M = P and M = 8 micro-batches (same lengths)."""
     case = {"pattern": "AG|GA" if groups.pipeline.size() == 2 else "A|G|G|A", "eviction": "hard", "passes": 3}
@@ -194,6 +231,7 @@ def main():
     }
     report = {name: compare(case, groups) for name, case in cases.items()}
     report["saved_bytes"] = saved_bytes(groups)
+    report["forms"] = recomputation_forms(groups)
     if dist.get_rank() == 0:
         with open(args.out, "w") as out:
             json.dump(report, out, indent=1)

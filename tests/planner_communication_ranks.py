@@ -151,6 +151,20 @@ TENSOR_CASES = {
     "chunked-pass": {"passes": 3, "checkpoint": "pass", "chunk": True},
     "chunked-window": {"passes": 3, "checkpoint": "window", "chunk": True},
     "bf16-pass-sliding": {"passes": 3, "checkpoint": "pass", "eviction": "sliding", "bf16": True},
+    "N3-block": {"passes": 3, "checkpoint": "block"},
+    "N3-nested": {"passes": 3, "checkpoint": "nested"},
+    "N3-selective": {"passes": 3, "checkpoint": "selective"},
+    "grad1-nested-sliding": {"passes": 3, "grad_passes": 1, "checkpoint": "nested", "eviction": "sliding"},
+    "grad1-selective-sliding": {"passes": 3, "grad_passes": 1, "checkpoint": "selective", "eviction": "sliding"},
+    "prelude-coda-block-sliding": {
+        "passes": 3,
+        "checkpoint": "block",
+        "eviction": "sliding",
+        "model": {"loop": [1, 3]},
+    },
+    "prelude-coda-nested": {"passes": 3, "checkpoint": "nested", "model": {"loop": [1, 3]}},
+    "context-nested": {"passes": 3, "checkpoint": "nested", "sleep_on": "context"},
+    "chunked-block": {"passes": 3, "checkpoint": "block", "chunk": True},
 }
 
 

@@ -5,6 +5,7 @@ import torch
 from conftest import make_config, make_model
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from sleepscale import flops
 from sleepscale.data.sample import IGNORE_INDEX
 from sleepscale.flops import plan_flops, training_flops_per_token
 from sleepscale.sleep import plan_for, sleep_forward
@@ -46,20 +47,31 @@ def planned_and_counted(config, ids, targets):
     return plan_flops(plan, model, config.sleep.window), counter.get_total_flops()
 
 
+FORMS = ("none", "pass", "window", "block", "nested", "selective")
+
+
 @pytest.mark.parametrize(
-    "passes, checkpoint, grad_passes",
+    "passes, checkpoint, grad_passes, loop",
     [
-        *[(1, checkpoint, None) for checkpoint in ("none", "pass", "window")],
-        *[(3, checkpoint, k) for checkpoint in ("none", "pass", "window") for k in (None, 1)],
+        *[(1, checkpoint, None, None) for checkpoint in FORMS],
+        *[(3, checkpoint, k, None) for checkpoint in FORMS for k in (None, 1)],
+        # a prelude and a coda: ranges of one block and of two (a nested unit re-runs all but its last block)
+        *[(3, checkpoint, None, [1, 3]) for checkpoint in FORMS],
     ],
 )
-def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes):
-    config = make_config("AGAG", window=WINDOW, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes)
+def test_plan_flops_are_what_flop_counter_counts(passes, checkpoint, grad_passes, loop):
+    """Exact, for every recomputation form: `block` re-runs each block reached but its last matmul,
+    `nested` each range reached but its last block then each block as `block` does, `selective` no
+    matmul (it keeps their outputs)."""
+    model = {} if loop is None else {"loop": loop}
+    config = make_config(
+        "AGAG", window=WINDOW, passes=passes, checkpoint=checkpoint, grad_passes=grad_passes, model=model
+    )
     planned, counted = planned_and_counted(config, *batch())
-    assert planned == pytest.approx(counted, rel=0.02)
+    assert planned == counted
 
 
-@pytest.mark.parametrize("checkpoint", ["none", "pass"])
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "nested"])
 def test_plan_flops_with_the_options_of_pretrained_checkpoints(checkpoint):
     """q_proj's doubled rows (output gate) count through its weight; biases, q/k norms and partial
     rotary add nothing; the delta rule runs per value head (two per key head)."""
@@ -81,7 +93,9 @@ def test_plan_flops_with_the_options_of_pretrained_checkpoints(checkpoint):
     assert planned == pytest.approx(counted, rel=0.02)
 
 
-@pytest.mark.parametrize(("passes", "checkpoint"), [(1, "none"), (3, "pass"), (1, "window"), (3, "window")])
+@pytest.mark.parametrize(
+    ("passes", "checkpoint"), [(1, "none"), (3, "pass"), (1, "window"), (3, "window"), (3, "block"), (3, "selective")]
+)
 def test_plan_flops_with_the_loss_in_chunks(monkeypatch, passes, checkpoint):
     """A large vocabulary's loss is computed in checkpointed chunks of tokens (here 3 per chunk, so
     a window of 8 has a short last chunk), whose head backward recomputes."""
@@ -93,10 +107,11 @@ def test_plan_flops_with_the_loss_in_chunks(monkeypatch, passes, checkpoint):
     assert planned == pytest.approx(counted, rel=0.005)
 
 
-def test_plan_flops_when_some_sequences_sleep():
+@pytest.mark.parametrize("checkpoint", ["window", "nested"])
+def test_plan_flops_when_some_sequences_sleep(checkpoint):
     """sleep_on: context, the first window slept on by one sequence of two (the other keeps its wake
     states): the sleep passes still run for both."""
-    config = make_config("AGAG", window=WINDOW, passes=3, checkpoint="window", sleep_on="context")
+    config = make_config("AGAG", window=WINDOW, passes=3, checkpoint=checkpoint, sleep_on="context")
     ids, targets = batch()
     targets[0, :WINDOW] = IGNORE_INDEX
     planned, counted = planned_and_counted(config, ids, targets)
@@ -127,3 +142,22 @@ def test_flops_follow_the_plan():
     assert training_flops_per_token([plan, short], model, WINDOW) == (
         (plan_flops(plan, model, WINDOW) + plan_flops(short, model, WINDOW)) / (2 * 20 + 12)
     )
+
+
+@pytest.mark.parametrize("checkpoint", FORMS)
+def test_plan_flops_count_each_window_shape_once_as_each_window_alone(checkpoint):
+    """`plan_flops` counts windows of one shape once: the same as counting every window on its own,
+    over windows that differ in length, carried states, detaching, eviction and sleepers."""
+    config = make_config(
+        "AGAG", window=WINDOW, passes=4, checkpoint=checkpoint, grad_passes=2, eviction="sliding", detach_every=2
+    )
+    model = make_model(config)
+    ids, targets = batch(length=44)  # windows of 8 x 5 and a short 4
+    targets[1, 16:24] = IGNORE_INDEX
+    for sleep in (config.sleep, config.sleep.model_copy(update={"sleep_on": "context"})):
+        plan = plan_for(model, ids, sleep, targets)
+        alone, tail = 0.0, 0
+        for window in plan.windows:
+            alone += flops._window(plan, window, model, tail + window.length)
+            tail = min(WINDOW - 1, tail + window.length)
+        assert plan_flops(plan, model, WINDOW) == alone

@@ -31,6 +31,7 @@ def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks
     )
     report = json.loads(out.read_text())
     saved = report.pop("saved_bytes")
+    forms = report.pop("forms")
     assert set(report) == CASES
     # float64 throughout, but the vocab-parallel cross-entropy of tensor parallelism computes in float32
     tolerance = 1e-12 if tensor == 1 else 1e-6
@@ -39,3 +40,6 @@ def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks
         assert result["threads"] == 1, (case, result)
         assert max(result["logits"], result["loss"], result["grads"]) < tolerance, (case, result)
     assert saved["many"] <= 2 * saved["few"], saved  # M = 8 against M = P micro-batches
+    # every recomputation form equals checkpoint none bit for bit; selective but under tensor parallelism, where
+    # it re-runs megatron's all-reduce on an output it kept (tests/test_parallel_tensor.py)
+    assert forms == {"block": True, "nested": True, "selective": tensor == 1}, forms

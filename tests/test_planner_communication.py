@@ -25,6 +25,7 @@ from sleepscale.planner.communication import (
 from sleepscale.planner.model_states import Parameter, muon_owners
 
 
+@pytest.mark.slow
 def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
     out = tmp_path / "report.json"
     subprocess.run(
@@ -53,6 +54,14 @@ def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelis
     # (windows of 2 x 8 tokens twice, of 3 x 8 once; hidden 16, float32); tying the embedding changes nothing
     forward, backward = tensor["N3-tied"]["measured"]
     assert tensor["N3-window"]["measured"][1] - backward == forward - 4 * 16 * (2 * 8 * 2 + 3 * 8)
+    # selective checkpointing keeps the row-parallel matmuls' outputs but re-runs megatron's all-reduces after
+    # them, as block checkpointing does; nested re-runs more than pass, pass more than block
+    assert tensor["N3-selective"]["measured"] == tensor["N3-block"]["measured"]
+    assert (
+        tensor["N3-block"]["measured"][1]
+        < tensor["N3-pass-sliding"]["measured"][1]
+        < tensor["N3-nested"]["measured"][1]
+    )
 
 
 def run_ranks(script: str, out, ranks: int = 2, timeout: int = 300) -> dict:
@@ -130,7 +139,7 @@ def plan_of(config, batch: int, length: int):
     return make_plan(config.sleep, batch, length, len(config.model.blocks), range(*config.model.loop_range))
 
 
-@pytest.mark.parametrize("checkpoint", ["none", "pass"])
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "block", "nested", "selective"])
 def test_tensor_parallel_bytes_of_one_window_by_hand(checkpoint):
     """An attention block and a GDN block, both with MLP, one window of 2 x 8 tokens at hidden 16."""
     config = make_config(pattern="AG", passes=1, checkpoint=checkpoint)
@@ -140,8 +149,9 @@ def test_tensor_parallel_bytes_of_one_window_by_hand(checkpoint):
     forward = activation + 3 * 4 * 2 * 8 + 4 * activation
     # the head's input gradient, mixer and MLP input gradients per block, GDN's output-norm weight gradient
     backward = activation + 4 * activation + 4 * model.layers[1].attn.head_v_dim
-    if checkpoint == "pass":  # the pass is re-run but for its last all-reduce
-        backward += 3 * activation
+    # re-run: the pass but its last all-reduce; each block but its last (selective: the same, the all-reduce
+    # after a kept matmul is re-run); nested: the first block whole, then each block but its last
+    backward += {"none": 0, "pass": 3, "block": 2, "selective": 2, "nested": 2 + 2}[checkpoint] * activation
     assert tensor_parallel_phases([plan_of(config, 2, 8)], model, tensor=2) == (forward, backward)
     assert tensor_parallel_bytes([plan_of(config, 2, 8)], model, tensor=1) == 0
 
@@ -184,3 +194,27 @@ def test_data_parallel_bytes_per_zero_stage():
     assert data_parallel_bytes(1000, zero_stage=3, data_parallel=4, gradient_bytes=2) == 2000 + 1000
     assert data_parallel_bytes(1000, zero_stage=3, data_parallel=1) == 0
     assert all_reduce_wire_factor(2) == 1.0 and all_reduce_wire_factor(8) == 1.75
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "pass", "window", "block", "nested", "selective"])
+def test_tensor_parallel_bytes_count_each_window_shape_once_as_each_window_alone(checkpoint):
+    """Windows of one shape are counted once: the same as counting every window of every plan on its
+    own, over windows that differ in length, carried states, detaching, eviction and sleepers."""
+    from sleepscale.planner import communication
+
+    config = make_config(
+        pattern="AGag", passes=4, checkpoint=checkpoint, grad_passes=2, eviction="sliding", detach_every=2
+    )
+    model = shapes(config)
+    carries_loss = [[True, False, True, False, True, True], [False, False, True, True, True, True]]
+    plans = [
+        plan_of(config, 2, 44),
+        plan_of(config, 3, 20),
+        make_plan(config.sleep.model_copy(update={"sleep_on": "context"}), 2, 44, 4, range(4), carries_loss),
+    ]
+    blocks = communication._Blocks(model)
+    alone = [0, len(plans) * blocks.head_norm_bytes]
+    for plan in plans:
+        for window in plan.windows:
+            alone = [a + b for a, b in zip(alone, communication._window(plan, window, blocks, 2))]
+    assert tensor_parallel_phases(plans, model, tensor=2, activation_bytes=2) == tuple(alone)

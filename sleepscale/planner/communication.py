@@ -24,11 +24,18 @@ activation and L the window's length:
   `PassPlan.checkpoint_units`, `WindowPlan.is_checkpoint_unit`) up to the last tensor its forward
   saved for backward. Megatron's row-parallel matmul (an autograd Function) saves its inputs as it
   returns and the all-reduce after it saves nothing, so a unit ending on a block's last row-parallel
-  layer re-runs that matmul but not its all-reduce (measured): under `pass`, every unit (of a pass
-  with gradient) with a live output re-runs its all-reduces but the last; under `window`, the whole
-  window (embedding, passes without gradient, the cross-entropy) is re-run, and the last all-reduce
-  too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep passes, no bound after
-  the last and no per-sequence choice of sleepers);
+  layer re-runs that matmul but not its all-reduce (measured). Per pass with gradient, in the runs
+  `sleepscale.flops.recomputed_runs` gives: under `pass`, every unit with a live output re-runs its
+  all-reduces but the last; under `block`, every block reached re-runs its own but the last (the
+  mixer's o_proj one when it has an MLP); under `nested`, every range reached re-runs all those of
+  its blocks but the last, then each block reached as under `block`. Under `selective` as under
+  `block`: torch's selective checkpointing keeps the row-parallel matmul's output but re-runs
+  megatron's all-reduce (a c10d op, not a kept one), in place on that kept output, which the
+  forward's all-reduce had already reduced (measured; it reduces the sum again, so the recomputed
+  values after it are wrong under tensor parallelism: `tests/test_parallel_tensor.py`). Under
+  `window`, the whole window (embedding, passes without gradient, the cross-entropy) is re-run, and
+  the last all-reduce too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep
+  passes, no bound after the last and no per-sequence choice of sleepers);
 - a window whose logits exceed `sleepscale.sleep.LOSS_CHUNK_ELEMENTS` gets its loss in checkpointed
   token chunks: each chunk's cross-entropy (and its three all-reduces) is re-run in backward, and
   under `window` checkpointing once more, in the window's recomputation (nested checkpoints), but
@@ -63,7 +70,7 @@ from __future__ import annotations
 from torch import nn
 
 from sleepscale import sleep as engine
-from sleepscale.flops import Live, liveness
+from sleepscale.flops import Live, gdn_blocks, liveness, recomputed_runs, window_shape
 from sleepscale.model.attention import Attention
 from sleepscale.parallel.pipeline_schedule import traversals
 from sleepscale.plan import SleepPlan, WindowPlan
@@ -92,13 +99,37 @@ def tensor_parallel_phases(
     """`tensor_parallel_bytes` split into (forward, backward with its recomputation)."""
     if tensor == 1:
         return 0, 0
+    blocks = _Blocks(model)
     forward = backward = 0
+    counted = {}  # per shape of window (and batch): its bytes, counted once
     for plan in plans:
-        backward += FLOAT32 * sum(norm.weight.numel() for block in model.layers for norm in _head_norms(block.attn))
+        backward += blocks.head_norm_bytes
         for window in plan.windows:
-            window_forward, window_backward = _window(plan, window, model, activation_bytes)
-            forward, backward = forward + window_forward, backward + window_backward
+            shape = (plan.batch, plan.loop, window_shape(window))
+            if shape not in counted:
+                counted[shape] = _window(plan, window, blocks, activation_bytes)
+            forward, backward = forward + counted[shape][0], backward + counted[shape][1]
     return forward, backward
+
+
+class _Blocks:
+    """What the count reads of the model, taken from it once (walking its modules for every block
+    run would dominate the planner's time at large N)."""
+
+    def __init__(self, model: nn.Module):
+        layers = list(model.layers)
+        self.hidden_size, self.vocab_size = model.config.hidden_size, model.config.vocab_size
+        self.gdn = gdn_blocks(model)
+        self.mlp = [block.mlp is not None for block in layers]
+        self.row_parallel = [1 + mlp for mlp in self.mlp]  # the mixer's o_proj, and the MLP's down_proj
+        # per backward call: each per-head norm's weight gradient, summed over the group
+        norms = [norm for block in layers for norm in _head_norms(block.attn)]
+        self.head_norm_bytes = FLOAT32 * sum(norm.weight.numel() for norm in norms)
+
+    def input_gradients(self, block: int, live: Live) -> int:
+        """Input-gradient all-reduces of one block run's backward: the mixer's when any output is live,
+        the MLP's when the hidden output is."""
+        return bool(live) + (live.hidden and self.mlp[block])
 
 
 def _head_norms(mixer: nn.Module) -> list[nn.Module]:
@@ -108,45 +139,33 @@ def _head_norms(mixer: nn.Module) -> list[nn.Module]:
     return [mixer.o_norm]
 
 
-def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, activation_bytes: int) -> tuple[int, int]:
+def _window(plan: SleepPlan, window: WindowPlan, blocks: _Blocks, activation_bytes: int) -> tuple[int, int]:
     """(forward, backward with recomputation) bytes of one window."""
     tokens = plan.batch * window.length
-    activation = tokens * model.config.hidden_size
+    activation = tokens * blocks.hidden_size
     reduced = activation_bytes * activation  # one row-parallel all-reduce, or the head's input gradient
     loss = 3 * FLOAT32 * tokens
-    live = liveness(plan, window, model)
+    live = liveness(plan, window, blocks.gdn)
     forward, backward, recompute = FLOAT32 * activation + loss, reduced, 0
     for planned in window.passes:
+        lives = live[planned.number]
         for unit in planned.block_ranges:
-            unit_forward = reduced * sum(_row_parallel(model.layers[i]) for i in unit)
-            forward += unit_forward
+            forward += reduced * sum(blocks.row_parallel[i] for i in unit)
             if planned.grad:
-                backward += (
-                    FLOAT32 * activation * sum(_input_gradients(model.layers[i], live[planned.number, i]) for i in unit)
-                )
-            if unit in planned.checkpoint_units and any(live[planned.number, i] for i in unit):  # backward reaches it
-                recompute += unit_forward - reduced
-    last_chunk = _last_loss_chunk(plan, window, model)
+                backward += FLOAT32 * activation * sum(blocks.input_gradients(i, lives[i]) for i in unit)
+        for run, stops_early in recomputed_runs(planned, lives):  # early stop spares the run's last all-reduce
+            recompute += reduced * (sum(blocks.row_parallel[i] for i in run) - stops_early)
+    last_chunk = _last_loss_chunk(plan, window, blocks.vocab_size)
     if window.is_checkpoint_unit:
         recompute += forward - _not_recomputed(window, reduced, 3 * FLOAT32 * plan.batch * last_chunk)
     recompute += loss if last_chunk else 0  # each chunk's own recomputation
     return forward, backward + recompute
 
 
-def _row_parallel(block: nn.Module) -> int:
-    return 1 + (block.mlp is not None)
-
-
-def _input_gradients(block: nn.Module, live: Live) -> int:
-    """Input-gradient all-reduces of one block run's backward: the mixer's when any output is live,
-    the MLP's when the hidden output is."""
-    return bool(live) + (live.hidden and block.mlp is not None)
-
-
-def _last_loss_chunk(plan: SleepPlan, window: WindowPlan, model: nn.Module) -> int:
+def _last_loss_chunk(plan: SleepPlan, window: WindowPlan, vocab_size: int) -> int:
     """Tokens of the last of the checkpointed token chunks the window's loss is computed in
     (`sleepscale.sleep.head_and_loss`); 0 when it is computed at once."""
-    chunk = engine.loss_chunk_length(plan.batch, window.length, model.config.vocab_size)
+    chunk = engine.loss_chunk_length(plan.batch, window.length, vocab_size)
     return 0 if chunk is None else (window.length - 1) % chunk + 1
 
 
