@@ -16,6 +16,7 @@ from sleepscale.parallel.pipeline_schedule import (
     build_schedule,
     check_programs,
     idle_fraction,
+    idle_lower_bound,
     simulate,
     traversals,
 )
@@ -188,12 +189,16 @@ def test_the_cost_aware_schedule_idles_near_the_ideal(passes):
 @pytest.mark.parametrize("seed", range(24))
 def test_the_planners_idle_fraction_is_simulates_on_the_trainers_schedule(seed):
     """`idle_fraction` (no ticks; a step whose micro-batch entries repeat a state simulated only up to
-    the repeat) equals `simulate(build_schedule(...)).idle_fraction()` to the last bit."""
+    the repeat) equals `simulate(build_schedule(...)).idle_fraction()` to the last bit, and
+    `idle_lower_bound` is at most that."""
     stages, micro_batches, in_flight = _random_case(seed)
     rng = random.Random(seed)
     walks, count, in_flight = micro_batches[0], rng.randint(1, 20), rng.choice([1, 2, in_flight])
     expected = simulate(build_schedule([walks] * count, stages, in_flight)).idle_fraction()
     assert idle_fraction(walks, count, stages, in_flight) == expected
+    # a budget too small to finish gives up; the bound a planner then uses is below the answer
+    assert idle_fraction(walks, count, stages, in_flight, budget=0) is None
+    assert idle_lower_bound(walks, count, stages) <= expected + 1e-12
 
 
 def test_a_long_step_is_simulated_up_to_its_first_repeated_entry():

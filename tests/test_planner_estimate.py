@@ -236,7 +236,7 @@ def test_a_stages_parameters_are_its_models_in_the_optimizers_order(tied):
 
 def test_the_search_tries_every_recomputation_form_and_fewer_micro_batches_in_flight():
     """Without pipelining every form of `sleep.checkpoint` (window included); with it every form but
-    window, each with the pipeline's depth in flight and its halvings down to 1, at most the step's
+    window, each with the pipeline's depth in flight and half of it and 1, at most the step's
     micro-batches; a layout says its in-flight count and the overrides that run it."""
     config = tiny(train={"micro_batch_size": 1, "grad_accumulation": 8})
     layouts = candidate_layouts(config, 4)
@@ -249,7 +249,7 @@ def test_the_search_tries_every_recomputation_form_and_fewer_micro_batches_in_fl
         )
         assert {l.in_flight for l in shaped} == ({1} if pipeline == 1 else {2, 1})
         assert len(shaped) == len(set(shaped)) == len(forms) * (1 if pipeline == 1 else 2)
-    assert in_flight_choices(config, 8, 32) == [8, 4, 2, 1] and in_flight_choices(config, 8, 3) == [3, 2, 1]
+    assert in_flight_choices(config, 8, 32) == [8, 4, 1] and in_flight_choices(config, 8, 3) == [3, 1]
     layout = Layout(2, 2, 1, 1, "nested", 1, 8, 1)
     assert layout.describe() == "TP2 x PP2 x DP1, ZeRO-1, checkpoint nested, micro-batch 1 x 8, 1 in flight"
     assert layout.overrides().endswith(

@@ -252,7 +252,8 @@ def idle_fraction(
     forward_cost: float = 1.0,
     backward_cost: float = 2.0,
     priorities: tuple[str, ...] = tuple(PRIORITIES),
-) -> float:
+    budget: int | None = None,
+) -> float | None:
     """`simulate(build_schedule([walks] * micro_batches, stages, in_flight, ...), forward_cost,
     backward_cost).idle_fraction()`: the planner's question, for a fraction of the time.
 
@@ -271,14 +272,24 @@ def idle_fraction(
       A run that never repeats within its micro-batches is simulated whole.
 
     The costs must add up exactly in floating point (integers, as the defaults) for the result to
-    equal `simulate`'s to the last bit; otherwise they agree up to rounding."""
+    equal `simulate`'s to the last bit; otherwise they agree up to rounding. `budget`: the most ops
+    one list schedule may start before the answer is given up (None: the step is too long to simulate
+    at that cost; `idle_lower_bound` bounds it)."""
     one = _identical(tuple(walks), 1)
     replay_cost = [forward_cost if op.kind == "F" else backward_cost for op in one.ops]
+    # A run simulates whole micro-batches before any repeat (micro-batch in_flight enters once one has ended), and
+    # `budget` ops are at most that many micro-batches' ops: only those are built; a run that ends them all
+    # without a repeat, short of M, is over the budget too.
+    simulated = micro_batches if budget is None else min(micro_batches, budget // len(one.ops) + 1)
+    if simulated < min(micro_batches, in_flight + 1):
+        return None
     makespans = []
     for cost, priority in _variants(forward_cost, backward_cost, priorities, in_flight):
-        remaining = _remaining(one, [cost[op.kind] for op in one.ops]) * micro_batches  # a micro-batch's own
-        graph = _identical(tuple(walks), micro_batches)
-        found = _list_schedule(graph, stages, in_flight, cost, priority, remaining, replay_cost * micro_batches)
+        remaining = _remaining(one, [cost[op.kind] for op in one.ops]) * simulated  # a micro-batch's own
+        graph = _identical(tuple(walks), simulated)
+        found = _list_schedule(graph, stages, in_flight, cost, priority, remaining, replay_cost * simulated, budget)
+        if found is None or (simulated < micro_batches and not isinstance(found, _Period)):
+            return None
         if isinstance(found, _Period):  # M micro-batches end `shift` later than M - length
             repeats = (micro_batches - found.first - 1) // found.length
             graph = _identical(tuple(walks), micro_batches - repeats * found.length)
@@ -290,6 +301,28 @@ def idle_fraction(
             makespans.append(_replay(found, graph, stages, replay_cost * micro_batches))
     busy = sum(replay_cost) * micro_batches
     return 1 - busy / (stages * min(makespans))
+
+
+def idle_lower_bound(
+    walks: list[Traversal],
+    micro_batches: int,
+    stages: int,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+) -> float:
+    """The least idle fraction any schedule of `micro_batches` micro-batches of `walks` can have (what
+    `idle_fraction` answers is at least this): a step lasts at least as long as its busiest stage
+    works and as a micro-batch's critical path, whatever the micro-batches in flight. (Not
+    ceil(M / in_flight) critical paths: the order `simulate` replays keeps the in-flight limit only
+    as its list scheduler timed it, so that bound need not hold for it.)"""
+    one = _identical(tuple(walks), 1)
+    cost = [forward_cost if op.kind == "F" else backward_cost for op in one.ops]
+    busy = [0.0] * stages
+    for op, c in zip(one.ops, cost):
+        busy[op.stage] += c * micro_batches
+    critical_path = max(_remaining(one, cost))
+    shortest = max(max(busy), critical_path)
+    return 1 - sum(busy) / (stages * shortest)
 
 
 @functools.lru_cache(maxsize=4)
@@ -402,7 +435,8 @@ def _list_schedule(
     priority: Callable[[Op, float, bool, float], tuple],
     remaining: list[float],
     replay_cost: list[float] | None = None,
-) -> list[int] | _Period:
+    budget: int | None = None,
+) -> list[int] | _Period | None:
     """The ops in the order an event-driven list scheduler starts them: whenever a stage is free, it
     starts the ready op that `priority` ranks first (an op of a micro-batch that has not entered the
     pipe only while fewer than `in_flight` micro-batches hold activations); an op is ready when the
@@ -418,7 +452,8 @@ def _list_schedule(
     micro-batch enters, records the state both are in (`idle_fraction`); the first time a state
     recurs it returns the `_Period` instead of the order. A micro-batch's done ops are those not
     reachable from its ready and running ops, so those, the replay's stage free times and the
-    replay's ends of ops that an op on another stage still waits for say the whole state."""
+    replay's ends of ops that an op on another stage still waits for say the whole state. None:
+    more than `budget` ops started without a repeat."""
     ops = graph.ops
     unmet = [len(inputs) for inputs in graph.needs]
     ops_left: dict[int, int] = defaultdict(int)  # micro-batch -> its ops not yet finished
@@ -477,6 +512,8 @@ def _list_schedule(
             heapq.heappush(running, (now + cost[ops[i].kind], stage, i))
             if replay_cost is None:
                 continue
+            if budget is not None and len(started) > budget:
+                return None
             ready_at.pop(i, None)
             needs = graph.needs[i]
             replay_end[i] = replay_free[stage] = (

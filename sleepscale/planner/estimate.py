@@ -32,7 +32,9 @@ average root sends). Newton-Schulz's FLOPs are not counted. Pipeline transfers o
 A layout whose model states and reserve alone exceed the GPU memory cannot fit whatever its
 activations: they are not traced (`Estimate.traced`). `search` estimates every `candidate_layouts`
 layout (tensor and pipeline ranks, ZeRO stage, every checkpointing form, in-flight counts from the
-pipeline's depth down to 1), fitting ones first, fastest first. Layouts share their expensive parts,
+pipeline's depth, half of it and 1), fitting ones first, fastest first; a schedule longer than
+`SEARCH_SIMULATED_OPS` to simulate gets a lower bound of its idle time (the speed an upper bound),
+and is listed after those simulated. Layouts share their expensive parts,
 each evaluated once per distinct argument: activation traces (cached in `activations`, by shard
 shapes, sleep settings and micro-batch), FLOPs and tensor-parallel bytes (by the micro-batch's plan
 and the shard's shapes: not by ZeRO, data ranks or accumulation), pipeline bytes (plan and stages)
@@ -51,7 +53,7 @@ from sleepscale.config import Config, ModelConfig, SleepConfig
 from sleepscale.flops import plan_flops
 from sleepscale.model.hybrid import HybridLM
 from sleepscale.model.recompute import FORMS
-from sleepscale.parallel.pipeline_schedule import Traversal, idle_fraction, traversals
+from sleepscale.parallel.pipeline_schedule import Traversal, idle_fraction, idle_lower_bound, traversals
 from sleepscale.parallel.zero import deepspeed_config
 from sleepscale.plan import make_plan
 from sleepscale.planner.activations import micro_batch_activations, tensor_parallel_shapes
@@ -130,6 +132,7 @@ class Estimate:
     tokens_per_second: float
     gpu_memory: int
     traced: bool = True  # False: model states and reserve alone exceed the GPU memory, activations left out
+    idle_simulated: bool = True  # False: the schedule was over the simulation's budget, `pipeline_idle` a lower bound
 
     @property
     def total(self) -> int:
@@ -203,10 +206,13 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(pipeline)]
 
 
-def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None) -> Estimate:
+def estimate(
+    config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None, budget: int | None = None
+) -> Estimate:
     """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`). A layout
     whose model states and reserve alone exceed the GPU memory cannot fit: its activations are not
-    traced (`Estimate.traced` False, counted as 0)."""
+    traced (`Estimate.traced` False, counted as 0). `budget`: the most ops the pipeline's simulation
+    may take (`_pipeline_idle`; None: no limit, as the trainer)."""
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length
     sleep = config.sleep.model_copy(
@@ -311,10 +317,12 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     )
 
     flops = _plan_flops(plan, config.model, sleep.window) * layout.grad_accumulation * layout.data
-    idle = (
-        _pipeline_idle(tuple(traversals(plan, list(stages))), layout.pipeline, layout.grad_accumulation, in_flight)
+    idle, idle_simulated = (
+        _pipeline_idle(
+            tuple(traversals(plan, list(stages))), layout.pipeline, layout.grad_accumulation, in_flight, budget
+        )
         if layout.pipeline > 1
-        else 0.0
+        else (0.0, True)
     )
     compute = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
     communication = (
@@ -349,6 +357,7 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         tokens / seconds,
         int(assumed.gpu_memory),
         traced,
+        idle_simulated,
     )
 
 
@@ -406,11 +415,22 @@ def _stage_optimized(model: ModelConfig, tensor: int, stages: tuple[range, ...],
     return tuple(found)
 
 
+SEARCH_SIMULATED_OPS = 20_000  # the most ops one list schedule may start for a layout of a search (~0.1 s)
+
+
 @functools.lru_cache(maxsize=256)
-def _pipeline_idle(walks: tuple[Traversal, ...], stages: int, micro_batches: int, in_flight: int) -> float:
+def _pipeline_idle(
+    walks: tuple[Traversal, ...], stages: int, micro_batches: int, in_flight: int, budget: int | None
+) -> tuple[float, bool]:
     """The idle fraction of the trainer's schedule of `micro_batches` micro-batches of `walks`
-    (`simulate(build_schedule(...))`, computed by `pipeline_schedule.idle_fraction`)."""
-    return idle_fraction(list(walks), micro_batches, stages, in_flight)
+    (`simulate(build_schedule(...))`, computed exactly by `pipeline_schedule.idle_fraction`), and
+    True; or, for a step too long to simulate within `budget` ops (deep pipelines with many
+    micro-batches in flight: the trainer takes minutes to build such a schedule too), a lower
+    bound (`idle_lower_bound`) and False."""
+    found = idle_fraction(list(walks), micro_batches, stages, in_flight, budget=budget)
+    if found is None:
+        return idle_lower_bound(list(walks), micro_batches, stages), False
+    return found, True
 
 
 CHECKPOINT_FORMS = (*FORMS, "window")  # the `sleep.checkpoint` settings a search tries
@@ -452,13 +472,12 @@ def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
 
 def in_flight_choices(config: Config, pipeline: int, micro_batches: int) -> list[int]:
     """Micro-batches in flight a search tries, most first: the pipeline's depth (the trainer's default), the
-    config's `parallel.pipeline_in_flight`, and halvings down to 1 (less activation memory, more idle time);
+    config's `parallel.pipeline_in_flight`, half the depth and 1 (less activation memory, more idle time);
     none above the micro-batches of a step (the same schedule). 1 without pipelining."""
     if pipeline == 1:
         return [1]
-    asked = {pipeline, config.parallel.pipeline_in_flight or pipeline}
-    halvings = {pipeline // 2**i for i in range(pipeline.bit_length())}
-    return sorted({min(count, micro_batches) for count in asked | halvings}, reverse=True)
+    asked = {pipeline, pipeline // 2, 1, config.parallel.pipeline_in_flight or pipeline}
+    return sorted({min(count, micro_batches) for count in asked}, reverse=True)
 
 
 def _divisors(n: int) -> list[int]:
@@ -467,9 +486,12 @@ def _divisors(n: int) -> list[int]:
 
 def search(config: Config, gpus: int, assumed: Assumptions) -> list[Estimate]:
     """Every candidate layout's estimate, those that fit first, fastest first, then least memory
-    (those whose model states alone do not fit, untraced, last)."""
-    found = [estimate(config, layout, assumed) for layout in candidate_layouts(config, gpus)]
-    return sorted(found, key=lambda e: (not e.fits, not e.traced, -e.tokens_per_second, e.total))
+    (those whose model states alone do not fit, untraced, last; those whose speed is only a bound,
+    `Estimate.idle_simulated` False, after those with a simulated one)."""
+    found = [
+        estimate(config, layout, assumed, budget=SEARCH_SIMULATED_OPS) for layout in candidate_layouts(config, gpus)
+    ]
+    return sorted(found, key=lambda e: (not e.fits, not e.traced, not e.idle_simulated, -e.tokens_per_second, e.total))
 
 
 LARGEST_PASSES = 128  # how far `largest_passes` looks (each N is a trace of N passes)

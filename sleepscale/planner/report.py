@@ -21,18 +21,22 @@ def breakdown(found: Estimate) -> str:
         f"GB, pipeline {found.pipeline_bytes / GB:.3f} GB, "
         f"data {found.data_bytes / GB:.3f} GB{optimizer}"
     )
-    idle = f", pipeline idle {found.pipeline_idle:.0%}" if layout.pipeline > 1 else ""
+    bound = "" if found.idle_simulated else "at least "
+    idle = f", pipeline idle {bound}{found.pipeline_idle:.0%}" if layout.pipeline > 1 else ""
     lines.append(
-        f"FLOPs per step {found.flops:.3e} (all GPUs); step {found.step_seconds:.2f} s = compute "
+        f"FLOPs per step {found.flops:.3e} (all GPUs); step {bound}{found.step_seconds:.2f} s = compute "
         f"{found.compute_seconds:.2f} s{idle} + communication {found.communication_seconds:.2f} s; "
-        f"{found.tokens_per_second:,.0f} tokens/s"
+        f"{'' if found.idle_simulated else 'at most '}{found.tokens_per_second:,.0f} tokens/s"
     )
+    if not found.idle_simulated:
+        lines.append("  (schedule too long to simulate: its idle time is bounded from below, not simulated)")
     return "\n".join(lines)
 
 
 def table(found: list[Estimate]) -> str:
-    """One row per layout whose activations were traced; the layouts whose model states and reserve alone
-    exceed the GPU memory (not traced) in one line after them."""
+    """One row per layout whose activations were traced (tokens/s "<=": an upper bound, its schedule too long
+    to simulate); the layouts whose model states and reserve alone exceed the GPU memory (not traced) in one
+    line after them."""
     header = (
         f"{'fits':<5} {'TP':>3} {'PP':>3} {'DP':>4} {'ZeRO':>4} {'ckpt':<9} {'in flight':>9} {'micro x acc':>11} "
         f"{'GB/GPU':>8} {'tokens/s':>12}"
@@ -47,7 +51,7 @@ def table(found: list[Estimate]) -> str:
             f"{'yes' if e.fits else 'no':<5} {layout.tensor:>3} {layout.pipeline:>3} "
             f"{layout.data:>4} {layout.zero_stage:>4} {layout.checkpoint:<9} {in_flight:>9} "
             f"{f'{layout.micro_batch} x {layout.grad_accumulation}':>11} {e.total / GB:>8.1f} "
-            f"{e.tokens_per_second:>12,.0f}"
+            f"{'<=' if not e.idle_simulated else '':>2}{e.tokens_per_second:>10,.0f}"
         )
     untraced = [e for e in found if not e.traced]
     if untraced:
