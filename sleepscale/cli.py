@@ -208,9 +208,16 @@ def _parser() -> argparse.ArgumentParser:
         "(default %(default).2f)",
     )
     plan.add_argument(
-        "--search", action="store_true", help="every layout of --gpus GPUs, those that fit first, fastest first"
+        "--search",
+        action="store_true",
+        help="every layout of --gpus GPUs (tensor, pipeline and data ranks, ZeRO stage, recomputation form, "
+        "micro-batches in flight), those that fit first, fastest first",
     )
-    plan.add_argument("--largest-n", action="store_true", help="also the largest N whose step fits the layout")
+    plan.add_argument(
+        "--largest-n",
+        action="store_true",
+        help="also the largest N (up to 128) whose step fits the layout (with --search: the best one)",
+    )
     plan.add_argument(
         "--smallest-gpus",
         action="store_true",

@@ -8,8 +8,18 @@ import random
 
 import pytest
 
+import sleepscale.parallel.pipeline_schedule as pipeline_schedule
 from sleepscale.config import SleepConfig
-from sleepscale.parallel.pipeline_schedule import Op, Traversal, build_schedule, check_programs, simulate, traversals
+from sleepscale.parallel.pipeline_schedule import (
+    Op,
+    Traversal,
+    build_schedule,
+    check_programs,
+    idle_fraction,
+    idle_lower_bound,
+    simulate,
+    traversals,
+)
 from sleepscale.plan import make_plan
 
 
@@ -174,3 +184,35 @@ def test_the_cost_aware_schedule_idles_near_the_ideal(passes):
                 costed,
                 ideal,
             )
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_the_planners_idle_fraction_is_simulates_on_the_trainers_schedule(seed):
+    """`idle_fraction` (no ticks; a step whose micro-batch entries repeat a state simulated only up to
+    the repeat) equals `simulate(build_schedule(...)).idle_fraction()` to the last bit, and
+    `idle_lower_bound` is at most that."""
+    stages, micro_batches, in_flight = _random_case(seed)
+    rng = random.Random(seed)
+    walks, count, in_flight = micro_batches[0], rng.randint(1, 20), rng.choice([1, 2, in_flight])
+    expected = simulate(build_schedule([walks] * count, stages, in_flight)).idle_fraction()
+    assert idle_fraction(walks, count, stages, in_flight) == expected
+    # a budget too small to finish gives up; the bound a planner then uses is below the answer
+    assert idle_fraction(walks, count, stages, in_flight, budget=0) is None
+    assert idle_lower_bound(walks, count, stages) <= expected + 1e-12
+
+
+def test_a_long_step_is_simulated_up_to_its_first_repeated_entry():
+    """Sixty micro-batches, two in flight: the scheduler's state at an entry recurs within the first
+    few micro-batches, and the shortcut's answer is the whole simulation's."""
+    stages = [range(0, 2), range(2, 4)]
+    walks = traversals(_plan(passes=3, windows=2), stages)
+    graph = pipeline_schedule._identical(tuple(walks), 60)
+    cost = {"F": 1.0, "B": 2.0}
+    remaining = pipeline_schedule._remaining(graph, [cost[op.kind] for op in graph.ops])
+    replay_cost = [cost[op.kind] for op in graph.ops]
+    period = pipeline_schedule._list_schedule(
+        graph, 2, 2, cost, pipeline_schedule.PRIORITIES["waited"], remaining, replay_cost
+    )
+    assert isinstance(period, pipeline_schedule._Period) and period.first + period.length < 10
+    expected = simulate(build_schedule([walks] * 60, 2, 2)).idle_fraction()
+    assert idle_fraction(walks, 60, 2, 2) == expected

@@ -1,17 +1,25 @@
 """`sleepscale plan`: layouts, the per-GPU estimate, the searches and the one-line answer."""
 
 import dataclasses
+import re
+import types
 
 import pytest
 import torch
 import yaml
 from conftest import make_config
 
+import sleepscale.planner.estimate as estimate_module
 from sleepscale.cli import main
+from sleepscale.flops import plan_flops
 from sleepscale.model.hybrid import HybridLM, cut_to_blocks
-from sleepscale.planner.communication import muon_sent_bytes
+from sleepscale.parallel.pipeline_schedule import build_schedule, simulate, traversals
+from sleepscale.plan import make_plan
+from sleepscale.planner.communication import muon_sent_bytes, pipeline_bytes, tensor_parallel_bytes
 from sleepscale.planner.estimate import (
+    CHECKPOINT_FORMS,
     GB,
+    LARGEST_PASSES,
     Assumptions,
     Layout,
     _stage_optimized,
@@ -19,12 +27,14 @@ from sleepscale.planner.estimate import (
     candidate_layouts,
     config_layout,
     estimate,
+    in_flight_choices,
     largest_passes,
     search,
     smallest_gpus,
     stage_ranges,
 )
 from sleepscale.planner.model_states import Parameter
+from sleepscale.planner.report import table
 from sleepscale.train.optim import is_hidden_matrix
 
 TINY = Assumptions(length=40, gpu_memory=1 * GB, peak_flops=1e12, mfu=0.5, reserve=0)
@@ -135,7 +145,8 @@ def test_a_config_that_does_not_fit_gets_one_line_with_how_much_and_which_lever(
     answer = out[-1]
     assert answer.startswith("sleepscale plan: does not fit: TP1 x PP1 x DP1, ZeRO-0, checkpoint none")
     assert "GB more than 0 GB" in answer or "more than" in answer
-    assert "sleep.checkpoint=pass makes it fit" in answer, answer
+    # the fastest fitting lever is a recomputation form (pass and block recompute the same FLOPs)
+    assert re.search(r"sleep\.checkpoint=(pass|block|nested|selective|window) makes it fit", answer), answer
 
 
 def test_a_config_that_fits_exits_0_with_the_breakdown(tmp_path, capsys):
@@ -221,3 +232,96 @@ def test_a_stages_parameters_are_its_models_in_the_optimizers_order(tied):
         ]
         assert list(_stage_optimized(config.model, 1, tuple(stages), index)) == expected
         assert any(p.muon for p in expected) and not all(p.muon for p in expected)
+
+
+def test_the_search_tries_every_recomputation_form_and_fewer_micro_batches_in_flight():
+    """Without pipelining every form of `sleep.checkpoint` (window included); with it every form but
+    window, each with the pipeline's depth in flight and half of it and 1, at most the step's
+    micro-batches; a layout says its in-flight count and the overrides that run it."""
+    config = tiny(train={"micro_batch_size": 1, "grad_accumulation": 8})
+    layouts = candidate_layouts(config, 4)
+    for pipeline, forms in ((1, set(CHECKPOINT_FORMS)), (2, set(CHECKPOINT_FORMS) - {"window"})):
+        shaped = [l for l in layouts if l.pipeline == pipeline and l.tensor == 1 and l.zero_stage == 0]
+        assert (
+            {l.checkpoint for l in shaped}
+            == forms
+            == {"none", "pass", "block", "nested", "selective", "window"} & forms
+        )
+        assert {l.in_flight for l in shaped} == ({1} if pipeline == 1 else {2, 1})
+        assert len(shaped) == len(set(shaped)) == len(forms) * (1 if pipeline == 1 else 2)
+    assert in_flight_choices(config, 8, 32) == [8, 4, 1] and in_flight_choices(config, 8, 3) == [3, 1]
+    layout = Layout(2, 2, 1, 1, "nested", 1, 8, 1)
+    assert layout.describe() == "TP2 x PP2 x DP1, ZeRO-1, checkpoint nested, micro-batch 1 x 8, 1 in flight"
+    assert layout.overrides().endswith(
+        "sleep.checkpoint=nested train.micro_batch_size=1 train.grad_accumulation=8 parallel.pipeline_in_flight=1"
+    )
+    assert "in flight" not in Layout(2, 1, 2, 1, "pass", 1, 8, 1).describe()
+    fewer = estimate(config, layout, TINY)
+    more = estimate(config, dataclasses.replace(layout, in_flight=2), TINY)
+    assert fewer.activations * 2 == more.activations and fewer.pipeline_idle > more.pipeline_idle
+
+
+def test_layouts_whose_model_states_alone_do_not_fit_are_not_traced(monkeypatch, capsys):
+    """Model states and reserve over the GPU memory: no activation trace (counted), the layout listed
+    as not fitting with its model states, in the table's summary line."""
+    config = tiny(train={"micro_batch_size": 1, "grad_accumulation": 8})
+    traced = []
+    real = estimate_module.micro_batch_activations
+    monkeypatch.setattr(estimate_module, "micro_batch_activations", lambda *a, **k: traced.append(a) or real(*a, **k))
+    model_states = lambda e: e.weights + e.gradients + e.optimizer + e.buffers  # noqa: E731
+    whole = estimate(config, Layout(1, 1, 4, 0, "none", 1, 2, 1), TINY)
+    assumed = Assumptions(40, model_states(whole) - 1, 1e12, 0.5, reserve=0)  # ZeRO-0 without model parallelism: out
+    traced.clear()
+    found = search(config, 4, assumed)
+    untraced = [e for e in found if not e.traced]
+    assert untraced and len(traced) == len(found) - len(untraced) > 0
+    for e in untraced:
+        assert not e.fits and e.activations == e.held_states == e.recompute == 0
+        assert e.total == model_states(e) > assumed.gpu_memory
+    assert all(model_states(e) <= assumed.gpu_memory for e in found if e.traced)
+    lines = table(found).splitlines()
+    assert len(lines) == 1 + len(found) - len(untraced) + 1
+    assert lines[-1].startswith(f"and {len(untraced)} layouts not traced") and "TP1 x PP1 ZeRO-0" in lines[-1]
+
+
+def test_the_parts_a_search_shares_equal_their_uncached_evaluation():
+    """FLOPs, tensor-parallel and pipeline bytes cached per micro-batch plan (times the accumulation)
+    and the pipeline's idle fraction cached per traversals equal the step's own evaluation."""
+    config = tiny(train={"micro_batch_size": 2, "grad_accumulation": 3})
+    layout = Layout(2, 2, 1, 1, "nested", 2, 3, 2)
+    found = estimate(config, layout, TINY)
+    sleep = config.sleep.model_copy(update={"checkpoint": "nested"})
+    plan = make_plan(sleep, 2, TINY.length, len(config.model.blocks), range(*config.model.loop_range))
+    stages = stage_ranges(config.model, 2)
+    with torch.device("meta"):
+        model = HybridLM(config.model)
+    plans = [plan] * 3
+    assert found.tensor_bytes == tensor_parallel_bytes(plans, model, 2, 4) // 2 > 0
+    assert found.pipeline_bytes == max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) > 0
+    assert found.flops == plan_flops(plan, model, sleep.window) * 3
+    schedule = build_schedule([traversals(plan, stages)] * 3, 2, 2)
+    assert found.pipeline_idle == simulate(schedule).idle_fraction() > 0
+    # the checkpointing form changes neither the traversals nor the schedule: one simulation for both
+    estimate_module._pipeline_idle.cache_clear()
+    estimate(config, dataclasses.replace(layout, checkpoint="pass"), TINY)
+    estimate(config, layout, TINY)
+    assert estimate_module._pipeline_idle.cache_info().misses == 1
+
+
+def test_largest_n_looks_up_to_128(monkeypatch):
+    """`largest_passes` bisects up to LARGEST_PASSES = 128 (each N asked is a trace of N passes)."""
+    assert LARGEST_PASSES == 128
+    asked = []
+
+    def fits_up_to(limit):
+        def fake(config, layout, assumed, passes=None):
+            asked.append(passes)
+            return types.SimpleNamespace(fits=passes <= limit)
+
+        return fake
+
+    for limit, expected in ((100, 100), (127, 127), (128, 128), (500, 128), (0, 0)):
+        monkeypatch.setattr(estimate_module, "estimate", fits_up_to(limit))
+        asked.clear()
+        assert largest_passes(tiny(), None, TINY) == expected
+        assert max(asked) <= 128 and len(asked) <= 16

@@ -36,6 +36,10 @@ op costs (its idle fraction, not the ticks' `Schedule.idle_fraction`, is the one
 measurement). Waiting for a tensor, `run_step` waits for the whole group that brought it; a group
 that a stage receives in has a single peer, so that wait ends when the tensor's producer ends.
 
+The planner asks only how idle a step of identical micro-batches is: `idle_fraction` answers what
+`simulate(build_schedule(...))` would, exactly, without the ticks and simulating only up to the first
+micro-batch whose entry repeats an earlier entry's state (a few groups of `in_flight`, not M).
+
 Why our own schedule and not `torch.distributed.pipelining` or Megatron's or DeepSpeed's: they run
 each micro-batch once through a fixed chain of stages, carrying one activation and no state. Sleep
 re-enters the same stages N times per window, with recurrent state that must stay on its stage, and
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import heapq
 from collections import defaultdict
 from collections.abc import Callable
@@ -233,96 +238,329 @@ def build_schedule(
     with these costs and once as if every op took one tick; the order that `simulate` finishes
     first with these costs is kept (the earliest tried on ties). The unit-time list schedule alone:
     `backward_cost=1.0, priorities=("waited",)`."""
+    needs = _dependencies(micro_batches, backward)
+    graph = _Graph(needs)
+    order = _best_order(graph, stages, in_flight, forward_cost, backward_cost, priorities)
+    return _schedule_of([graph.ops[i] for i in order], needs, stages)
+
+
+def idle_fraction(
+    walks: list[Traversal],
+    micro_batches: int,
+    stages: int,
+    in_flight: int,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+    priorities: tuple[str, ...] = tuple(PRIORITIES),
+    budget: int | None = None,
+) -> float | None:
+    """`simulate(build_schedule([walks] * micro_batches, stages, in_flight, ...), forward_cost,
+    backward_cost).idle_fraction()`: the planner's question, for a fraction of the time.
+
+    Two shortcuts, both exact (`tests/test_pipeline_schedule.py` holds them to `simulate`):
+
+    - no ticks: `simulate` runs each stage's ops in the order the list scheduler started them,
+      each after the ops it needs, which is `_replay` of that order; so its makespan is the one
+      `build_schedule` chose the order by, and a stage is busy for the sum of its ops' costs.
+    - periodic steps: micro-batches enter in order, and a scheduler's decisions from the entry of
+      one on depend only on the state then (what each micro-batch in flight has ready, running and
+      done, at times relative to now; ranks compare times and micro-batch numbers only relatively;
+      the ops not entered yet all wait since time 0 and rank as they did), and likewise `_replay`'s.
+      `_list_schedule` records that state at each entry; once it recurs (entry e as entry e - d,
+      the replay `shift` later), every later entry repeats it, so M micro-batches end `shift`
+      later than M - d: the order is simulated for the fewest micro-batches with the same tail.
+      A run that never repeats within its micro-batches is simulated whole.
+
+    The costs must add up exactly in floating point (integers, as the defaults) for the result to
+    equal `simulate`'s to the last bit; otherwise they agree up to rounding. `budget`: the most ops
+    one list schedule may start before the answer is given up (None: the step is too long to simulate
+    at that cost; `idle_lower_bound` bounds it)."""
+    one = _identical(tuple(walks), 1)
+    replay_cost = [forward_cost if op.kind == "F" else backward_cost for op in one.ops]
+    # A run simulates whole micro-batches before any repeat (micro-batch in_flight enters once one has ended), and
+    # `budget` ops are at most that many micro-batches' ops: only those are built; a run that ends them all
+    # without a repeat, short of M, is over the budget too.
+    simulated = micro_batches if budget is None else min(micro_batches, budget // len(one.ops) + 1)
+    if simulated < min(micro_batches, in_flight + 1):
+        return None
+    makespans = []
+    for cost, priority in _variants(forward_cost, backward_cost, priorities, in_flight):
+        remaining = _remaining(one, [cost[op.kind] for op in one.ops]) * simulated  # a micro-batch's own
+        graph = _identical(tuple(walks), simulated)
+        found = _list_schedule(graph, stages, in_flight, cost, priority, remaining, replay_cost * simulated, budget)
+        if found is None or (simulated < micro_batches and not isinstance(found, _Period)):
+            return None
+        if isinstance(found, _Period):  # M micro-batches end `shift` later than M - length
+            repeats = (micro_batches - found.first - 1) // found.length
+            graph = _identical(tuple(walks), micro_batches - repeats * found.length)
+            order = _list_schedule(graph, stages, in_flight, cost, priority, remaining)
+            makespans.append(
+                _replay(order, graph, stages, replay_cost * (len(graph.ops) // len(one.ops))) + repeats * found.shift
+            )
+        else:
+            makespans.append(_replay(found, graph, stages, replay_cost * micro_batches))
+    busy = sum(replay_cost) * micro_batches
+    return 1 - busy / (stages * min(makespans))
+
+
+def idle_lower_bound(
+    walks: list[Traversal],
+    micro_batches: int,
+    stages: int,
+    forward_cost: float = 1.0,
+    backward_cost: float = 2.0,
+) -> float:
+    """The least idle fraction any schedule of `micro_batches` micro-batches of `walks` can have (what
+    `idle_fraction` answers is at least this): a step lasts at least as long as its busiest stage
+    works and as a micro-batch's critical path, whatever the micro-batches in flight. (Not
+    ceil(M / in_flight) critical paths: the order `simulate` replays keeps the in-flight limit only
+    as its list scheduler timed it, so that bound need not hold for it.)"""
+    one = _identical(tuple(walks), 1)
+    cost = [forward_cost if op.kind == "F" else backward_cost for op in one.ops]
+    busy = [0.0] * stages
+    for op, c in zip(one.ops, cost):
+        busy[op.stage] += c * micro_batches
+    critical_path = max(_remaining(one, cost))
+    shortest = max(max(busy), critical_path)
+    return 1 - sum(busy) / (stages * shortest)
+
+
+@functools.lru_cache(maxsize=4)
+def _identical(walks: tuple[Traversal, ...], micro_batches: int) -> _Graph:
+    """The graph of `micro_batches` micro-batches of `walks` each, as `_Graph(_dependencies(...))`
+    numbers it (micro-batch by micro-batch), one micro-batch's built and repeated."""
+    if micro_batches == 1:
+        return _Graph(_dependencies([list(walks)], True))
+    one = _identical(walks, 1)
+    size = len(one.ops)
+    graph = _Graph({})
+    graph.ops = [Op(op.kind, m, op.traversal, op.stage) for m in range(micro_batches) for op in one.ops]
+    graph.needs = [[n + m * size for n in needs] for m in range(micro_batches) for needs in one.needs]
+    graph.dependents = [
+        [d + m * size for d in dependents] for m in range(micro_batches) for dependents in one.dependents
+    ]
+    return graph
+
+
+@dataclasses.dataclass(frozen=True)
+class _Period:
+    """Entry `first + length` of a micro-batch repeats the scheduler's and the replay's state at entry
+    `first`, with the replay `shift` later."""
+
+    first: int
+    length: int
+    shift: float
+
+
+class _Graph:
+    """The ops of a step numbered 0.. (in `needs`' order), with the numbers of the ops each needs
+    and of the ops that need it: the schedulers below work on numbers, not on hashed `Op`s."""
+
+    def __init__(self, needs: dict[Op, list[Op]]):
+        self.ops = list(needs)
+        number = {op: i for i, op in enumerate(self.ops)}
+        self.needs = [[number[need] for need in needs[op]] for op in self.ops]
+        self.dependents: list[list[int]] = [[] for _ in self.ops]
+        for i, inputs in enumerate(self.needs):
+            for need in inputs:
+                self.dependents[need].append(i)
+
+    @functools.cached_property
+    def other_stage_dependents(self) -> list[int]:
+        """Per op: how many of its dependents run on another stage."""
+        return [sum(self.ops[d].stage != op.stage for d in ds) for op, ds in zip(self.ops, self.dependents)]
+
+
+def _best_order(
+    graph: _Graph,
+    stages: int,
+    in_flight: int,
+    forward_cost: float,
+    backward_cost: float,
+    priorities: tuple[str, ...],
+) -> list[int]:
+    """The order (op numbers) `build_schedule` keeps: of `_variants`' list schedules, the one
+    `_replay` ends first with the true costs (the earliest tried on ties)."""
+    costed = [forward_cost if op.kind == "F" else backward_cost for op in graph.ops]
+    best, best_time, remaining = None, None, {}
+    for cost, priority in _variants(forward_cost, backward_cost, priorities, in_flight):
+        key = (cost["F"], cost["B"])
+        if key not in remaining:
+            remaining[key] = _remaining(graph, [cost[op.kind] for op in graph.ops])
+        started = _list_schedule(graph, stages, in_flight, cost, priority, remaining[key])
+        time = _replay(started, graph, stages, costed)
+        if best is None or time < best_time:
+            best, best_time = started, time
+    return best
+
+
+def _variants(
+    forward_cost: float, backward_cost: float, priorities: tuple[str, ...], in_flight: int
+) -> list[tuple[dict[str, float], Callable]]:
+    """The list schedules `build_schedule` tries, in order: (op costs, priority) for each of
+    `priorities` with the true costs, then with unit time."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
     if not (forward_cost > 0 and backward_cost > 0):
         raise ValueError(f"op costs must be > 0, got forward {forward_cost} and backward {backward_cost}")
     if not priorities or any(name not in PRIORITIES for name in priorities):
         raise ValueError(f"priorities must be names from {sorted(PRIORITIES)}, got {priorities}")
-    needs = _dependencies(micro_batches, backward)
-    dependents: dict[Op, list[Op]] = defaultdict(list)
-    for op, inputs in needs.items():
-        for need in inputs:
-            dependents[need].append(op)
-    best, best_time = None, None
-    for costs in dict.fromkeys([(forward_cost, backward_cost), (1.0, 1.0)]):  # as costed, then unit time
-        cost = {"F": costs[0], "B": costs[1]}
-        remaining = _remaining(needs, dependents, cost)
-        for name in priorities:
-            started = _list_schedule(needs, dependents, stages, in_flight, cost, PRIORITIES[name], remaining)
-            time = _replay(started, needs, stages, {"F": forward_cost, "B": backward_cost})
-            if best is None or time < best_time:
-                best, best_time = started, time
-    return _schedule_of(best, needs, stages)
+    return [
+        ({"F": costs[0], "B": costs[1]}, PRIORITIES[name])
+        for costs in dict.fromkeys([(forward_cost, backward_cost), (1.0, 1.0)])
+        for name in priorities
+    ]
 
 
-def _remaining(needs: dict[Op, list[Op]], dependents: dict[Op, list[Op]], cost: dict[str, float]) -> dict[Op, float]:
+def _remaining(graph: _Graph, cost: list[float]) -> list[float]:
     """Per op: the costliest chain of ops from it (itself included) to the end of the step."""
-    unmet = {op: len(inputs) for op, inputs in needs.items()}
-    order = [op for op, count in unmet.items() if count == 0]
-    for op in order:  # grows while it is walked: a topological order
-        for dependent in dependents[op]:
+    unmet = [len(inputs) for inputs in graph.needs]
+    order = [i for i, count in enumerate(unmet) if count == 0]
+    for i in order:  # grows while it is walked: a topological order
+        for dependent in graph.dependents[i]:
             unmet[dependent] -= 1
             if unmet[dependent] == 0:
                 order.append(dependent)
-    remaining: dict[Op, float] = {}
-    for op in reversed(order):
-        remaining[op] = cost[op.kind] + max((remaining[d] for d in dependents[op]), default=0.0)
+    remaining = [0.0] * len(unmet)
+    for i in reversed(order):
+        remaining[i] = cost[i] + max((remaining[d] for d in graph.dependents[i]), default=0.0)
     return remaining
 
 
 def _list_schedule(
-    needs: dict[Op, list[Op]],
-    dependents: dict[Op, list[Op]],
+    graph: _Graph,
     stages: int,
     in_flight: int,
     cost: dict[str, float],
     priority: Callable[[Op, float, bool, float], tuple],
-    remaining: dict[Op, float],
-) -> list[Op]:
+    remaining: list[float],
+    replay_cost: list[float] | None = None,
+    budget: int | None = None,
+) -> list[int] | _Period | None:
     """The ops in the order an event-driven list scheduler starts them: whenever a stage is free, it
     starts the ready op that `priority` ranks first (an op of a micro-batch that has not entered the
     pipe only while fewer than `in_flight` micro-batches hold activations); an op is ready when the
     ops it needs have finished, `cost[kind]` after they started. A micro-batch stops holding
-    activations when its last op finishes."""
-    unmet = {op: len(inputs) for op, inputs in needs.items()}
+    activations when its last op finishes.
+
+    Each stage keeps its ready ops in two heaps by rank: those of micro-batches in flight, and those
+    of micro-batches not yet entered (only their first ops: nothing of theirs has run). Ranks are
+    distinct (they end in the op's kind, micro-batch and traversal, and a stage holds one op of each),
+    so the heaps start exactly the op a scan of all ready ops would.
+
+    With `replay_cost` (per op), it also replays the order as it grows (`_replay`) and, right after a
+    micro-batch enters, records the state both are in (`idle_fraction`); the first time a state
+    recurs it returns the `_Period` instead of the order. A micro-batch's done ops are those not
+    reachable from its ready and running ops, so those, the replay's stage free times and the
+    replay's ends of ops that an op on another stage still waits for say the whole state. None:
+    more than `budget` ops started without a repeat."""
+    ops = graph.ops
+    unmet = [len(inputs) for inputs in graph.needs]
     ops_left: dict[int, int] = defaultdict(int)  # micro-batch -> its ops not yet finished
-    for op in needs:
+    for op in ops:
         ops_left[op.micro_batch] += 1
-    ready: list[dict[Op, float]] = [{} for _ in range(stages)]  # per stage: ready op -> when it became ready
-    for op, count in unmet.items():
+    in_pipe: list[list[tuple[tuple, int]]] = [[] for _ in range(stages)]  # per stage: (rank, op) of entered ones
+    new: list[list[tuple[tuple, int]]] = [[] for _ in range(stages)]  # per stage: (rank, op) of not entered ones
+    first_ops: dict[int, list[int]] = defaultdict(list)  # micro-batch -> its ops ready at the start
+    for i, count in enumerate(unmet):
         if count == 0:
-            ready[op.stage][op] = 0.0
+            op = ops[i]
+            first_ops[op.micro_batch].append(i)
+            heapq.heappush(new[op.stage], (priority(op, 0.0, False, remaining[i]), i))
     entered: set[int] = set()
     holding, now, started = 0, 0.0, []
-    running: list[tuple[float, int, Op]] = []  # heap of (finish time, stage, op)
+    running: list[tuple[float, int, int]] = []  # heap of (finish time, stage, op)
     busy = [False] * stages
+    if replay_cost is not None:
+        ready_at: dict[int, float] = {}  # ready ops of micro-batches in flight -> when they became ready
+        replay_free, replay_end = [0.0] * stages, [0.0] * len(ops)
+        # per op: its dependents on other stages not yet replayed (one on its own stage starts after the stage is
+        # free, so after the op's end: only the stage's free time matters to it)
+        unstarted_dependents = list(graph.other_stage_dependents)
+        still_needed: set[int] = set()  # replayed ops with a dependent on another stage not yet replayed
+        seen: dict[tuple, tuple[int, float]] = {}  # state -> (micro-batch entering, replay time)
+
+    def make_ready(i: int, at: float) -> None:
+        heapq.heappush(in_pipe[ops[i].stage], (priority(ops[i], at, True, remaining[i]), i))
+        if replay_cost is not None:
+            ready_at[i] = at
+
     while True:
-        for stage, waiting in enumerate(ready):
-            allowed = [] if busy[stage] else [op for op in waiting if op.micro_batch in entered or holding < in_flight]
-            if not allowed:
+        for stage in range(stages):
+            if busy[stage]:
                 continue
-            op = min(allowed, key=lambda op: priority(op, waiting[op], op.micro_batch in entered, remaining[op]))
-            if op.micro_batch not in entered:
-                entered.add(op.micro_batch)
+            waiting, fresh = in_pipe[stage], new[stage]
+            heap = waiting
+            if holding < in_flight:
+                while fresh and ops[fresh[0][1]].micro_batch in entered:  # entered since: in `in_pipe` now
+                    heapq.heappop(fresh)
+                if fresh and (not waiting or fresh[0][0] < waiting[0][0]):
+                    heap = fresh
+            if not heap:
+                continue
+            _, i = heapq.heappop(heap)
+            micro_batch = ops[i].micro_batch
+            entering = micro_batch not in entered
+            if entering:
+                entered.add(micro_batch)
                 holding += 1
-            del waiting[op]
-            started.append(op)
+                for j in first_ops[micro_batch]:  # its other first ops now rank as in flight
+                    if j != i:
+                        make_ready(j, 0.0)
+            started.append(i)
             busy[stage] = True
-            heapq.heappush(running, (now + cost[op.kind], stage, op))
+            heapq.heappush(running, (now + cost[ops[i].kind], stage, i))
+            if replay_cost is None:
+                continue
+            if budget is not None and len(started) > budget:
+                return None
+            ready_at.pop(i, None)
+            needs = graph.needs[i]
+            replay_end[i] = replay_free[stage] = (
+                max([replay_free[stage]] + [replay_end[n] for n in needs]) + replay_cost[i]
+            )
+            for need in needs:
+                if ops[need].stage != stage:
+                    unstarted_dependents[need] -= 1
+                    if not unstarted_dependents[need]:
+                        still_needed.discard(need)
+            if unstarted_dependents[i]:
+                still_needed.add(i)
+            if entering:
+                base = replay_end[i]
+
+                def relative(j: int, tag: str, time: float) -> tuple:
+                    return (ops[j].micro_batch - micro_batch, ops[j].kind, ops[j].traversal, ops[j].stage, tag, time)
+
+                state = (
+                    len(entered) < len(first_ops),
+                    tuple(free - base for free in replay_free),
+                    tuple(
+                        sorted(
+                            [relative(j, "ready", at - now) for j, at in ready_at.items()]
+                            + [relative(j, "running", end - now) for end, _, j in running]
+                            + [relative(j, "replayed", replay_end[j] - base) for j in still_needed]
+                        )
+                    ),
+                )
+                if state in seen:
+                    first, then = seen[state]
+                    return _Period(first, micro_batch - first, base - then)
+                seen[state] = (micro_batch, base)
         if not running:
             break
         now = running[0][0]
         while running and running[0][0] == now:
-            _, stage, op = heapq.heappop(running)
+            _, stage, i = heapq.heappop(running)
             busy[stage] = False
-            ops_left[op.micro_batch] -= 1
-            holding -= ops_left[op.micro_batch] == 0
-            for dependent in dependents[op]:
+            micro_batch = ops[i].micro_batch
+            ops_left[micro_batch] -= 1
+            holding -= ops_left[micro_batch] == 0
+            for dependent in graph.dependents[i]:
                 unmet[dependent] -= 1
                 if unmet[dependent] == 0:
-                    ready[dependent.stage][dependent] = now
-    if len(started) < len(needs):
+                    make_ready(dependent, now)
+    if len(started) < len(ops):
         raise RuntimeError("pipeline schedule stalled: no op can run (a dependency cycle)")
     return started
 
@@ -422,12 +660,14 @@ def simulate(
     return SimulatedRun(max(free), busy, start)
 
 
-def _replay(ops: list[Op], needs: dict[Op, list[Op]], stages: int, cost: dict[str, float]) -> float:
-    """When `simulate` would end `ops` (each after the ops it needs; per stage, in program order),
-    transfers instant."""
-    free, end = [0.0] * stages, {}
-    for op in ops:
-        end[op] = free[op.stage] = max([free[op.stage]] + [end[need] for need in needs[op]]) + cost[op.kind]
+def _replay(order: list[int], graph: _Graph, stages: int, cost: list[float]) -> float:
+    """When `simulate` would end the ops `order` numbers (each after the ops it needs; per stage, in
+    program order), transfers instant."""
+    free, end = [0.0] * stages, [0.0] * len(graph.ops)
+    ops, needs = graph.ops, graph.needs
+    for i in order:
+        stage = ops[i].stage
+        end[i] = free[stage] = max([free[stage]] + [end[need] for need in needs[i]]) + cost[i]
     return max(free)
 
 

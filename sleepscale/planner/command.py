@@ -58,6 +58,8 @@ def plan(args) -> int:
             raise ConfigError(str(error)) from None
         best = planner.estimate(config, layout, assumed)
     print(breakdown(best))
+    if args.search:
+        print(f"config overrides for it: {best.layout.overrides()}")
     if args.largest_n:
         largest = planner.largest_passes(config, best.layout, assumed)
         text = {0: "none (not even N=1)", planner.LARGEST_PASSES: f"{planner.LARGEST_PASSES} or more (looked up to it)"}

@@ -1,8 +1,9 @@
 """What one training layout of a config costs per GPU: memory, communication, FLOPs and time.
 
-A *layout* is how a run spreads over its GPUs (tensor x pipeline x data ranks, ZeRO stage,
-activation checkpointing, micro-batch size and accumulation). `estimate` predicts, for the most
-loaded pipeline stage, the bytes a GPU holds at the peak of a step:
+A *layout* is how a run spreads over its GPUs (tensor x pipeline x data ranks, ZeRO stage, the
+recomputation form `sleep.checkpoint`, micro-batch size and accumulation, and with pipelining the
+micro-batches in flight, `parallel.pipeline_in_flight`). `estimate` predicts, for the most loaded
+pipeline stage, the bytes a GPU holds at the peak of a step:
 
 - model states (`model_states`): weights, gradients, optimizer state and DeepSpeed's buffers of the
   parameters this rank holds (its tensor-parallel shard of its stage's blocks);
@@ -27,6 +28,18 @@ bandwidth to the step. Muon's collectives run in its step, after both: they add 
 sent bytes over each link's bandwidth (a ring broadcast relays about as many bytes per rank as the
 average root sends). Newton-Schulz's FLOPs are not counted. Pipeline transfers overlap with compute
 (`run_step` posts them ahead).
+
+A layout whose model states and reserve alone exceed the GPU memory cannot fit whatever its
+activations: they are not traced (`Estimate.traced`). `search` estimates every `candidate_layouts`
+layout (tensor and pipeline ranks, ZeRO stage, every checkpointing form, in-flight counts from the
+pipeline's depth, half of it and 1), fitting ones first, fastest first; a schedule longer than
+`SEARCH_SIMULATED_OPS` to simulate gets a lower bound of its idle time (the speed an upper bound),
+and is listed after those simulated. Layouts share their expensive parts,
+each evaluated once per distinct argument: activation traces (cached in `activations`, by shard
+shapes, sleep settings and micro-batch), FLOPs and tensor-parallel bytes (by the micro-batch's plan
+and the shard's shapes: not by ZeRO, data ranks or accumulation), pipeline bytes (plan and stages)
+and the pipeline's idle fraction (traversals, stages, micro-batches and in-flight count: not the
+checkpointing form). `largest_passes` looks up to N = `LARGEST_PASSES`.
 """
 
 from __future__ import annotations
@@ -39,7 +52,8 @@ import torch
 from sleepscale.config import Config, ModelConfig, SleepConfig
 from sleepscale.flops import plan_flops
 from sleepscale.model.hybrid import HybridLM
-from sleepscale.parallel.pipeline_schedule import build_schedule, simulate, traversals
+from sleepscale.model.recompute import FORMS
+from sleepscale.parallel.pipeline_schedule import Traversal, idle_fraction, idle_lower_bound, traversals
 from sleepscale.parallel.zero import deepspeed_config
 from sleepscale.plan import make_plan
 from sleepscale.planner.activations import micro_batch_activations, tensor_parallel_shapes
@@ -62,21 +76,34 @@ class Layout:
     pipeline: int
     data: int
     zero_stage: int  # `train.zero_stage` (with Muon, DeepSpeed runs its stage 0 and 1/2 shard Muon's state)
-    checkpoint: str  # none | pass | window
+    checkpoint: str  # `sleep.checkpoint` in effect: one of CHECKPOINT_FORMS
     micro_batch: int
     grad_accumulation: int
-    in_flight: int  # micro-batches holding activations on a stage at once (pipelining)
+    in_flight: int  # micro-batches holding activations on a stage at once (pipelining; 1 without)
 
     @property
     def gpus(self) -> int:
         return self.tensor * self.pipeline * self.data
 
     def describe(self) -> str:
+        in_flight = f", {self.in_flight} in flight" if self.pipeline > 1 else ""
         return (
             f"TP{self.tensor} x PP{self.pipeline} x DP{self.data}, "
             f"ZeRO-{self.zero_stage}, checkpoint {self.checkpoint}, "
-            f"micro-batch {self.micro_batch} x {self.grad_accumulation}"
+            f"micro-batch {self.micro_batch} x {self.grad_accumulation}{in_flight}"
         )
+
+    def overrides(self) -> str:
+        """The config overrides that run this layout (the data ranks follow from the GPUs given)."""
+        found = [
+            f"parallel.tensor={self.tensor}",
+            f"parallel.pipeline={self.pipeline}",
+            f"train.zero_stage={self.zero_stage}",
+            f"sleep.checkpoint={self.checkpoint}",
+            f"train.micro_batch_size={self.micro_batch}",
+            f"train.grad_accumulation={self.grad_accumulation}",
+        ]
+        return " ".join(found + ([f"parallel.pipeline_in_flight={self.in_flight}"] if self.pipeline > 1 else []))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +131,8 @@ class Estimate:
     step_seconds: float
     tokens_per_second: float
     gpu_memory: int
+    traced: bool = True  # False: model states and reserve alone exceed the GPU memory, activations left out
+    idle_simulated: bool = True  # False: the schedule was over the simulation's budget, `pipeline_idle` a lower bound
 
     @property
     def total(self) -> int:
@@ -121,7 +150,7 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.gpu_memory
+        return self.traced and self.total <= self.gpu_memory
 
     def rows(self) -> list[tuple[str, int]]:
         return [
@@ -158,8 +187,14 @@ def config_layout(config: Config, gpus: int) -> Layout:
         config.sleep.checkpointing,
         config.train.micro_batch_size,
         config.train.grad_accumulation,
-        config.parallel.pipeline_in_flight or config.parallel.pipeline,
+        _in_flight(config.parallel.pipeline_in_flight or config.parallel.pipeline, config.parallel.pipeline),
     )
+
+
+def _in_flight(asked: int, pipeline: int) -> int:
+    """Micro-batches in flight on a stage: without pipelining each micro-batch's backward ends before the
+    next forward (1)."""
+    return asked if pipeline > 1 else 1
 
 
 def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
@@ -171,8 +206,13 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(pipeline)]
 
 
-def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None) -> Estimate:
-    """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`)."""
+def estimate(
+    config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None, budget: int | None = None
+) -> Estimate:
+    """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`). A layout
+    whose model states and reserve alone exceed the GPU memory cannot fit: its activations are not
+    traced (`Estimate.traced` False, counted as 0). `budget`: the most ops the pipeline's simulation
+    may take (`_pipeline_idle`; None: no limit, as the trainer)."""
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length
     sleep = config.sleep.model_copy(
@@ -183,12 +223,9 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
             "grad_passes": None if config.sleep.grad_passes is None else min(config.sleep.grad_passes, passes),
         }
     )
-    stages = stage_ranges(config.model, layout.pipeline)
+    stages = tuple(stage_ranges(config.model, layout.pipeline))
     precision = config.train.precision
     activation_bytes = 2 if precision == "bf16" else 4
-    activations = micro_batch_activations(
-        tensor_parallel_shapes(config.model, layout.tensor), sleep, layout.micro_batch, length, stages, precision
-    )  # traces are cached in `activations`
     in_flight = min(layout.in_flight, layout.grad_accumulation) if layout.pipeline > 1 else 1
     run_config = config.model_copy(
         update={
@@ -206,48 +243,65 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
     deepspeed_stage = settings["zero_optimization"]["stage"]  # 0 with Muon
     muon = config.optimizer.name == "muon"
     ns_steps = config.optimizer.muon_ns_steps
-    per_stage = []
-    for index in range(layout.pipeline):
-        if muon:
-            states = muon_state_bytes(
-                list(_stage_optimized(config.model, layout.tensor, tuple(stages), index)),
-                layout.zero_stage,
-                layout.data,
-                layout.tensor,
-                settings,
-                ns_steps,
-            )
-        else:
-            states = model_state_bytes(
-                list(_stage_parameters(config.model, layout.tensor, tuple(stages), index)),
-                layout.zero_stage,
-                layout.data,
-                settings,
-            )
-        memory = (
-            states,
-            *(in_flight * part[index] for part in (activations.saved, activations.held, activations.states)),
+    states_per_stage = [
+        muon_state_bytes(
+            list(_stage_optimized(config.model, layout.tensor, stages, index)),
+            layout.zero_stage,
+            layout.data,
+            layout.tensor,
+            settings,
+            ns_steps,
         )
-        per_stage.append((states.total + sum(memory[1:]), index, memory))
-    _, stage, (states, saved, held, final) = max(per_stage)
+        if muon
+        else model_state_bytes(
+            list(_stage_parameters(config.model, layout.tensor, stages, index)),
+            layout.zero_stage,
+            layout.data,
+            settings,
+        )
+        for index in range(layout.pipeline)
+    ]
+    traced = max(states.total for states in states_per_stage) + assumed.reserve <= assumed.gpu_memory
+    if traced:
+        activations = micro_batch_activations(
+            tensor_parallel_shapes(config.model, layout.tensor),
+            sleep,
+            layout.micro_batch,
+            length,
+            list(stages),
+            precision,
+        )  # traces are cached in `activations`
+        parts = (activations.saved, activations.held, activations.states)
+        largest_unit = activations.largest_unit
+    else:  # it cannot fit: no trace
+        parts, largest_unit = ([0] * layout.pipeline,) * 3, 0
+    per_stage = [
+        (states.total + sum(in_flight * part[index] for part in parts), index)
+        for index, states in enumerate(states_per_stage)
+    ]
+    _, stage = max(per_stage)
+    states = states_per_stage[stage]
+    saved, held, final = (in_flight * part[stage] for part in parts)
 
-    model = _meta_model(config.model)
     plan = make_plan(sleep, layout.micro_batch, length, len(config.model.blocks), range(*config.model.loop_range))
-    plans = [plan] * layout.grad_accumulation
     # A stage's tensor-parallel ranks reduce only for its own blocks: the whole model's bytes over the stages (the
     # splits hold about equal blocks; the embedding's and head's reductions, a small part, fall on the end stages).
     tensor = (
-        tensor_parallel_bytes(plans, model, layout.tensor, activation_bytes) // layout.pipeline
-        if layout.tensor > 1
+        _tensor_parallel_bytes(plan, config.model, layout.tensor, activation_bytes)
+        * layout.grad_accumulation
+        // layout.pipeline
+    )
+    pipeline = (
+        max(_pipeline_bytes(plan, stages, config.model.hidden_size)) * layout.grad_accumulation
+        if layout.pipeline > 1
         else 0
     )
-    pipeline = max(pipeline_bytes(plans, stages, config.model.hidden_size, 4)) if layout.pipeline > 1 else 0
-    parameters = sum(_stage_parameters(config.model, layout.tensor, tuple(stages), stage))
+    parameters = sum(_stage_parameters(config.model, layout.tensor, stages, stage))
     data = data_parallel_bytes(parameters, deepspeed_stage, layout.data) if layout.data > 1 else 0
     # Muon's collectives: each rank's (tensor, data) sent bytes; the busiest rank's sum, and its time
     sent = (
         muon_sent_bytes(
-            list(_stage_optimized(config.model, layout.tensor, tuple(stages), stage)),
+            list(_stage_optimized(config.model, layout.tensor, stages, stage)),
             layout.zero_stage,
             layout.data,
             layout.tensor,
@@ -262,9 +316,13 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         default=0.0,
     )
 
-    flops = plan_flops(plan, model, sleep.window) * layout.grad_accumulation * layout.data
-    idle = (
-        _pipeline_idle(plan, tuple(stages), layout.grad_accumulation, layout.in_flight) if layout.pipeline > 1 else 0.0
+    flops = _plan_flops(plan, config.model, sleep.window) * layout.grad_accumulation * layout.data
+    idle, idle_simulated = (
+        _pipeline_idle(
+            tuple(traversals(plan, list(stages))), layout.pipeline, layout.grad_accumulation, in_flight, budget
+        )
+        if layout.pipeline > 1
+        else (0.0, True)
     )
     compute = flops / layout.gpus / (assumed.mfu * assumed.peak_flops) / (1 - idle)
     communication = (
@@ -285,7 +343,7 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         saved,
         held,
         final,
-        activations.largest_unit,
+        largest_unit,
         assumed.reserve,
         tensor,
         pipeline,
@@ -298,7 +356,28 @@ def estimate(config: Config, layout: Layout, assumed: Assumptions, passes: int |
         seconds,
         tokens / seconds,
         int(assumed.gpu_memory),
+        traced,
+        idle_simulated,
     )
+
+
+# What a search shares between layouts, each evaluated once per distinct argument: FLOPs and tensor-parallel bytes
+# depend on the micro-batch's plan and the shard's shapes (not on ZeRO, the data ranks or the accumulation: a step's
+# are its micro-batches' sum); the pipeline's bytes on the plan and the stages; its idle fraction on the traversals
+# (not on the checkpointing form), the stages, micro-batches and in-flight count.
+@functools.lru_cache(maxsize=256)
+def _plan_flops(plan, model: ModelConfig, window: int) -> float:
+    return plan_flops(plan, _meta_model(model), window)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_parallel_bytes(plan, model: ModelConfig, tensor: int, activation_bytes: int) -> int:
+    return tensor_parallel_bytes([plan], _meta_model(model), tensor, activation_bytes) if tensor > 1 else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _pipeline_bytes(plan, stages: tuple[range, ...], hidden_size: int) -> list[int]:
+    return pipeline_bytes([plan], list(stages), hidden_size, 4)
 
 
 @functools.lru_cache(maxsize=16)
@@ -336,18 +415,33 @@ def _stage_optimized(model: ModelConfig, tensor: int, stages: tuple[range, ...],
     return tuple(found)
 
 
-@functools.lru_cache(maxsize=64)
-def _pipeline_idle(plan, stages: tuple[range, ...], micro_batches: int, in_flight: int) -> float:
-    walks = traversals(plan, list(stages))
-    schedule = build_schedule([walks] * micro_batches, len(stages), in_flight)
-    return simulate(schedule).idle_fraction()
+SEARCH_SIMULATED_OPS = 20_000  # the most ops one list schedule may start for a layout of a search (~0.1 s)
+
+
+@functools.lru_cache(maxsize=256)
+def _pipeline_idle(
+    walks: tuple[Traversal, ...], stages: int, micro_batches: int, in_flight: int, budget: int | None
+) -> tuple[float, bool]:
+    """The idle fraction of the trainer's schedule of `micro_batches` micro-batches of `walks`
+    (`simulate(build_schedule(...))`, computed exactly by `pipeline_schedule.idle_fraction`), and
+    True; or, for a step too long to simulate within `budget` ops (deep pipelines with many
+    micro-batches in flight: the trainer takes minutes to build such a schedule too), a lower
+    bound (`idle_lower_bound`) and False."""
+    found = idle_fraction(list(walks), micro_batches, stages, in_flight, budget=budget)
+    if found is None:
+        return idle_lower_bound(list(walks), micro_batches, stages), False
+    return found, True
+
+
+CHECKPOINT_FORMS = (*FORMS, "window")  # the `sleep.checkpoint` settings a search tries
 
 
 def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
     """Every layout of `gpus` GPUs that keeps the config's global batch (micro-batch x accumulation x
     data ranks, the data ranks being those of the config's own layout on `gpus`): tensor ranks that
     divide the heads (at most 8, one node), pipeline stages up to the depth, ZeRO 0-3 (3 without
-    model parallelism, and not with Muon), each checkpointing mode the layout allows."""
+    model parallelism, and not with Muon), each checkpointing form the layout allows (`window` not
+    with pipelining) and, with pipelining, each count of micro-batches in flight of `in_flight_choices`."""
     model_parallel = config.parallel.tensor * config.parallel.pipeline
     global_batch = config.train.micro_batch_size * config.train.grad_accumulation * max(gpus // model_parallel, 1)
     found = []
@@ -364,25 +458,26 @@ def candidate_layouts(config: Config, gpus: int) -> list[Layout]:
             micro = min(config.train.micro_batch_size, per_rank)
             if per_rank % micro:
                 continue
+            accumulation = per_rank // micro
             for zero in (0, 1, 2, 3):
                 if zero == 3 and (tensor > 1 or pipeline > 1 or config.optimizer.name == "muon"):
                     continue
-                for checkpoint in ("none", "pass", "window"):
+                for checkpoint in CHECKPOINT_FORMS:
                     if checkpoint == "window" and pipeline > 1:
                         continue
-                    found.append(
-                        Layout(
-                            tensor,
-                            pipeline,
-                            data,
-                            zero,
-                            checkpoint,
-                            micro,
-                            per_rank // micro,
-                            config.parallel.pipeline_in_flight or pipeline,
-                        )
-                    )
+                    for in_flight in in_flight_choices(config, pipeline, accumulation):
+                        found.append(Layout(tensor, pipeline, data, zero, checkpoint, micro, accumulation, in_flight))
     return found
+
+
+def in_flight_choices(config: Config, pipeline: int, micro_batches: int) -> list[int]:
+    """Micro-batches in flight a search tries, most first: the pipeline's depth (the trainer's default), the
+    config's `parallel.pipeline_in_flight`, half the depth and 1 (less activation memory, more idle time);
+    none above the micro-batches of a step (the same schedule). 1 without pipelining."""
+    if pipeline == 1:
+        return [1]
+    asked = {pipeline, pipeline // 2, 1, config.parallel.pipeline_in_flight or pipeline}
+    return sorted({min(count, micro_batches) for count in asked}, reverse=True)
 
 
 def _divisors(n: int) -> list[int]:
@@ -390,12 +485,16 @@ def _divisors(n: int) -> list[int]:
 
 
 def search(config: Config, gpus: int, assumed: Assumptions) -> list[Estimate]:
-    """Every candidate layout's estimate, those that fit first, fastest first, then least memory."""
-    found = [estimate(config, layout, assumed) for layout in candidate_layouts(config, gpus)]
-    return sorted(found, key=lambda e: (not e.fits, -e.tokens_per_second, e.total))
+    """Every candidate layout's estimate, those that fit first, fastest first, then least memory
+    (those whose model states alone do not fit, untraced, last; those whose speed is only a bound,
+    `Estimate.idle_simulated` False, after those with a simulated one)."""
+    found = [
+        estimate(config, layout, assumed, budget=SEARCH_SIMULATED_OPS) for layout in candidate_layouts(config, gpus)
+    ]
+    return sorted(found, key=lambda e: (not e.fits, not e.traced, not e.idle_simulated, -e.tokens_per_second, e.total))
 
 
-LARGEST_PASSES = 64  # how far `largest_passes` looks (each N is a trace of N passes)
+LARGEST_PASSES = 128  # how far `largest_passes` looks (each N is a trace of N passes)
 
 
 def largest_passes(config: Config, layout: Layout, assumed: Assumptions, limit: int = LARGEST_PASSES) -> int:
@@ -434,12 +533,21 @@ def smallest_gpus(config: Config, assumed: Assumptions, limit: int = SMALLEST_GP
 
 
 def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
-    """One line for a layout that does not fit: by how much, and which single change makes it fit."""
+    """One line for a layout that does not fit: by how much, and which single change makes it fit (the
+    fastest of those that do): another checkpointing form, fewer micro-batches in flight, truncated
+    backpropagation, a smaller micro-batch or more ZeRO sharding."""
     over = best.total - best.gpu_memory
     layout = best.layout
-    levers = []
-    if layout.checkpoint == "none":
-        levers.append(("sleep.checkpoint=pass", dataclasses.replace(layout, checkpoint="pass"), config))
+    levers = [
+        (f"sleep.checkpoint={form}", dataclasses.replace(layout, checkpoint=form), config)
+        for form in CHECKPOINT_FORMS
+        if form != layout.checkpoint and not (form == "window" and layout.pipeline > 1)
+    ]
+    levers += [
+        (f"parallel.pipeline_in_flight={count}", dataclasses.replace(layout, in_flight=count), config)
+        for count in in_flight_choices(config, layout.pipeline, layout.grad_accumulation)
+        if count < min(layout.in_flight, layout.grad_accumulation)
+    ]
     if best.passes > 1 and config.sleep.grad_passes is None:
         levers.append(
             (
@@ -467,11 +575,13 @@ def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
     tried = []
     for name, candidate, changed in levers:
         found = estimate(changed, candidate, assumed)
-        tried.append((not found.fits, -found.tokens_per_second, found.total, name))
+        if found.traced:  # an untraced total leaves out the activations: no measure of what the lever saves
+            tried.append((not found.fits, -found.tokens_per_second, found.total, name))
     fitting = sorted(t for t in tried if not t[0])
     where = f" (pipeline stage {best.stage})" if layout.pipeline > 1 else ""
+    needs = "" if best.traced else "for model states and reserve alone "
     head = (
-        f"does not fit: {layout.describe()} at N={best.passes} needs {best.total / GB:.1f} GB per GPU{where}, "
+        f"does not fit: {layout.describe()} at N={best.passes} needs {needs}{best.total / GB:.1f} GB per GPU{where}, "
         f"{over / GB:.1f} GB more than {best.gpu_memory / GB:.0f} GB"
     )
     if fitting:
