@@ -278,25 +278,27 @@ def _flat(ranges: tuple[range, ...]) -> list[int]:
 
 
 def recomputed_runs(planned: PassPlan, live: tuple[Live, ...]) -> list[tuple[range, bool]]:
-    """What backward re-runs of a pass's checkpoint units (`PassPlan.checkpoint_units`, in the pass's
-    form, `sleepscale.model.recompute`), as runs of blocks, each (blocks, stops_early); `live`: the
-    pass's `liveness`. A unit is re-run only when backward reaches it (one of its blocks has a live
-    output), and then, under non-reentrant checkpointing's early stop, only up to the last tensor its
-    forward saved for backward: `stops_early` says the run ends inside its last block, at that block's
-    last saved tensor (what that spares, a matmul or an all-reduce, is the caller's to count); without
-    it the run's blocks run whole.
+    """Where backward repeats matrix products (and, under tensor parallelism, the all-reduces after
+    them) of a pass's checkpoint units (`PassPlan.checkpoint_units`, in the pass's form,
+    `sleepscale.model.recompute`), as runs of blocks, each (blocks, stops_early); `live`: the pass's
+    `liveness`. A unit is re-run only when backward reaches it (one of its blocks has a live output),
+    and then, under non-reentrant checkpointing's early stop, only up to the last tensor its forward
+    saved for backward: `stops_early` says the run ends inside its last block, at that block's last
+    saved tensor (what that spares, a matmul or an all-reduce, is the caller's to count); without it
+    the run's blocks run whole.
 
     - `pass`: each range reached re-runs to its early stop;
-    - `block` and `selective`: each block reached, the same (`selective` keeps its matmuls' outputs,
-      so its re-run repeats no matrix product);
+    - `block`: each block reached, the same;
     - `nested`: a range reached re-runs its blocks but the last whole, stopping at the last block's
       input: its blocks are units of their own, whose forward saved only their inputs, so that input
       is the range's last saved tensor. Then each block reached re-runs to its early stop, as under
-      `block`."""
+      `block`;
+    - `selective`: none. Its blocks reached re-run as under `block`, but their matrix products and
+      all-reduces return the outputs their forward kept: only element-wise work runs again."""
     runs = []
     for blocks in planned.block_ranges:
         reached = [i for i in blocks if live[i]]
-        if not reached or planned.checkpoint == "none":
+        if not reached or planned.checkpoint in ("none", "selective"):
             continue
         if planned.checkpoint == "pass":
             runs.append((blocks, True))
@@ -326,12 +328,11 @@ def _window(plan: SleepPlan, window: WindowPlan, model: nn.Module, keys: int) ->
                 unit_forward += blocks.forwards[i]
                 backward += blocks.backward(i, lives[i], starts_with_grad)
             forward += unit_forward
-        if planned.checkpoint != "selective":  # its re-runs repeat no matrix product
-            for run, stops_early in recomputed_runs(planned, lives):
-                rerun = 0.0
-                for i in run:
-                    rerun += blocks.forwards[i]
-                recompute += rerun - (blocks.last_matmuls[run[-1]] if stops_early else 0.0)
+        for run, stops_early in recomputed_runs(planned, lives):
+            rerun = 0.0
+            for i in run:
+                rerun += blocks.forwards[i]
+            recompute += rerun - (blocks.last_matmuls[run[-1]] if stops_early else 0.0)
         if planned.readout is not None:
             forward, backward = forward + head, backward + 2 * head
         previous = planned

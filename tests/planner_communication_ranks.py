@@ -6,16 +6,13 @@
 One launch for both (process start-up is most of the time): the tensor-parallel cases over the two
 ranks as megatron's tensor-parallel group, then the pipeline cases with the two ranks as two stages.
 
-Tensor parallelism: every collective torch.distributed offers is wrapped, and so is every other
-reference to one held by a loaded module outside torch (megatron-core's `dist_all_gather_func` and
-`dist_reduce_scatter_func`); each call's payload (the tensor this rank hands in) is counted by
-process group, in forward (`sleep_forward`) and in backward (`loss.backward()`, recomputation
-included), one forward and backward per micro-batch as the trainer runs them.
+Tensor parallelism: the payload of every collective that reaches a process group (`Payloads`), by
+group, in forward (`sleep_forward`) and in backward (`loss.backward()`, recomputation included), one
+forward and backward per micro-batch as the trainer runs them.
 Pipeline parallelism: `run_step`'s own count of the bytes each stage sent.
 """
 
 import contextlib
-import inspect
 import json
 import sys
 import time
@@ -24,6 +21,8 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from conftest import make_config
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sleepscale import sleep as engine
 from sleepscale.model import build_model
@@ -37,68 +36,41 @@ from sleepscale.planner.communication import pipeline_bytes, tensor_parallel_pha
 from sleepscale.sleep import IGNORE_INDEX, plan_for, sleep_forward
 
 VOCAB = 39
-# Each collective and the argument holding the payload this rank hands in.
-PAYLOADS = {
-    "all_reduce": "tensor",
-    "broadcast": "tensor",
-    "reduce": "tensor",
-    "all_gather": "tensor",
-    "all_gather_into_tensor": "input_tensor",
-    "_all_gather_base": "input_tensor",
-    "reduce_scatter": "input_list",
-    "reduce_scatter_tensor": "input",
-    "_reduce_scatter_base": "input",
-    "all_to_all": "input_tensor_list",
-    "all_to_all_single": "input",
-}
 
 
-class Payloads:
-    """Wraps the collectives while `counting`; `bytes[group]` sums the payloads handed in per group
-    (None: the default group)."""
+class Payloads(TorchDispatchMode):
+    """While entered, counts the payload (the tensors this rank hands in) of each collective that
+    reaches a process group, by group: `bytes[group]`, and `calls["op dtype"]`.
+
+    Counted where the communication happens, not at the Python API: every collective of
+    `torch.distributed` (and every caller's, megatron's and DeepSpeed's included) dispatches a `c10d`
+    op whose kernel runs it on the group's backend, and this mode, entered around the step, sees each
+    one that gets there. Torch dispatch modes stack: selective checkpointing's cache
+    (`sleepscale.model.recompute`) is a mode entered later, inside this one, that sees an op first;
+    an all-reduce it answers from its cache goes no further, sends nothing and is not counted, while
+    one it lets run comes on to this mode. Functional collectives (`_c10d_functional`) name their group
+    by a string this does not resolve: none may run."""
+
+    # Of a c10d op's arguments, the one holding the tensors this rank hands in (the first present).
+    PAYLOAD = ("input_tensors", "input_tensor", "input_list", "inputs", "input", "tensors", "tensor")
 
     def __init__(self):
+        super().__init__()
         self.bytes, self.calls = {}, {}
 
-    @contextlib.contextmanager
-    def counting(self):
-        originals = {name: getattr(dist, name) for name in PAYLOADS if hasattr(dist, name)}
-        by_id = {id(function): name for name, function in originals.items()}
-        # references outside torch (torch's own are the originals, which call each other)
-        aliases = [
-            (module, attribute, by_id[id(value)])
-            for module_name, module in list(sys.modules.items())
-            if module is not None and module_name.split(".")[0] != "torch"
-            for attribute, value in list(vars(module).items())
-            if id(value) in by_id
-        ]
-        wrapped = {name: self._wrap(name, function) for name, function in originals.items()}
-        try:
-            for name, function in wrapped.items():
-                setattr(dist, name, function)
-            for module, attribute, name in aliases:
-                setattr(module, attribute, wrapped[name])
-            yield
-        finally:
-            for name, function in originals.items():
-                setattr(dist, name, function)
-            for module, attribute, name in aliases:
-                setattr(module, attribute, originals[name])
-
-    def _wrap(self, name, function):
-        signature = inspect.signature(function)
-
-        def counted(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs).arguments
-            payload = bound[PAYLOADS[name]]
-            tensors = payload if isinstance(payload, (list, tuple)) else [payload]
-            group = bound.get("group")
-            self.bytes[group] = self.bytes.get(group, 0) + sum(t.numel() * t.element_size() for t in tensors)
-            key = f"{name} {tensors[0].dtype}"
-            self.calls[key] = self.calls.get(key, 0) + 1
-            return function(*args, **kwargs)
-
-        return counted
+    def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        assert op.namespace != "_c10d_functional", f"{op}: a functional collective, not counted"
+        if op.namespace == "c10d":
+            bound = {**dict(zip((a.name for a in op._schema.arguments), args)), **kwargs}
+            if "process_group" in bound:
+                payload = bound[next(name for name in self.PAYLOAD if name in bound)]
+                tensors = pytree.tree_leaves(payload)
+                group = dist.ProcessGroup.unbox(bound["process_group"])
+                self.bytes[group] = self.bytes.get(group, 0) + sum(t.numel() * t.element_size() for t in tensors)
+                key = f"{op.name()} {tensors[0].dtype}"
+                self.calls[key] = self.calls.get(key, 0) + 1
+        return op(*args, **kwargs)
 
 
 def batches():
@@ -190,7 +162,7 @@ def tensor_case(case: dict, tp) -> dict:
         for ids, targets in batches():
             plan = plan_for(shapes, ids, config.sleep, targets)
             plans.append(plan)
-            with counter.counting():
+            with counter:
                 loss = sleep_forward(model, ids, config.sleep, targets=targets, return_logits=False, plan=plan).loss
                 forward = dict(counter.bytes)
                 loss.backward()

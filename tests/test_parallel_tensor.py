@@ -56,23 +56,7 @@ def test_two_tensor_parallel_ranks_equal_the_unsharded_model_with_three_sleep_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("options", ["grad1-sliding", "hard"])
-@pytest.mark.parametrize(
-    "form",
-    [
-        "block",
-        "nested",
-        pytest.param(
-            "selective",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="selective checkpointing keeps a row-parallel matmul's output, which megatron's all-reduce "
-                "then reduces in place, and re-runs that all-reduce in recomputation: the sum is reduced twice "
-                "(sleepscale.planner.communication). Keeping the all-reduce too (torch.ops.c10d.allreduce_ in "
-                "sleepscale.model.recompute._KEPT) makes it bit-identical.",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("form", ["block", "nested", "selective"])
 def test_recomputation_forms_equal_no_checkpointing_under_tensor_parallelism(report, form, options):
     """Loss, logits and every gradient shard on both ranks, bit for bit, N=3."""
     assert report["forms"][f"{form}-{options}"]

@@ -18,7 +18,8 @@ changes memory and time, never values or gradients:
 - `selective`: every block is its own unit under torch's selective activation checkpointing: the
   outputs of its matrix products (linear layers, attention and the delta rule's chunk products) are
   kept, the element-wise and normalisation work between them is recomputed. Its recomputation adds
-  no matrix products, only memory-bound element-wise work.
+  no matrix products, only memory-bound element-wise work, and under tensor parallelism no
+  all-reduce (`_KEPT`).
 
 Why ours, not torch's `checkpoint_sequential` or Megatron's `recompute_granularity`: the units must
 thread per-block recurrent states through the passes and be chosen per pass by the plan (a pass
@@ -41,7 +42,21 @@ from torch.utils.checkpoint import (
 Form = Literal["none", "pass", "block", "nested", "selective"]
 FORMS: tuple[str, ...] = ("none", "pass", "block", "nested", "selective")
 
-# The matrix products `selective` keeps (their outputs), by the aten ops CPU and CUDA dispatch them as.
+# What `selective` keeps (the outputs), by the ops CPU and CUDA dispatch them as: the matrix products,
+# and tensor parallelism's all-reduce.
+#
+# The all-reduce is kept for correctness. A row-parallel layer (`sleepscale.parallel.tensor`) reduces
+# its matmul's output with megatron's `torch.distributed.all_reduce`, the in-place `c10d.allreduce_`,
+# summing the very tensor kept as the matmul's output. Were the all-reduce recomputed, recomputation
+# would get that kept tensor, already summed, from the cache and sum it again (T times the sum over
+# T ranks). Kept, recomputation returns it from the cache too: it runs no collective (no bytes, no
+# rank waiting for another), and keeping it costs no memory, its output being the matmul's kept
+# tensor itself. c10d's schema does not declare the mutation (no version-counter bump), so SAC's
+# check that kept tensors are not mutated (`allow_cache_entry_mutation`) neither saw the double sum
+# nor fires now. It is tensor parallelism's only collective in a block's forward: the column-parallel
+# layers' is in backward, which recomputation does not run; the embedding's and the loss's are outside
+# the blocks; megatron's functional collectives (`_c10d_functional`) and sequence parallelism's
+# all-gathers and reduce-scatters are not used.
 _KEPT = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -51,6 +66,7 @@ _KEPT = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.c10d.allreduce_.default,
 }
 
 

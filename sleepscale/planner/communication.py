@@ -28,14 +28,13 @@ activation and L the window's length:
   `sleepscale.flops.recomputed_runs` gives: under `pass`, every unit with a live output re-runs its
   all-reduces but the last; under `block`, every block reached re-runs its own but the last (the
   mixer's o_proj one when it has an MLP); under `nested`, every range reached re-runs all those of
-  its blocks but the last, then each block reached as under `block`. Under `selective` as under
-  `block`: torch's selective checkpointing keeps the row-parallel matmul's output but re-runs
-  megatron's all-reduce (a c10d op, not a kept one), in place on that kept output, which the
-  forward's all-reduce had already reduced (measured; it reduces the sum again, so the recomputed
-  values after it are wrong under tensor parallelism: `tests/test_parallel_tensor.py`). Under
-  `window`, the whole window (embedding, passes without gradient, the cross-entropy) is re-run, and
-  the last all-reduce too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep
-  passes, no bound after the last and no per-sequence choice of sleepers);
+  its blocks but the last, then each block reached as under `block`. Under `selective`, none:
+  torch's selective checkpointing keeps the row-parallel matmul's output and megatron's all-reduce
+  of it (`sleepscale.model.recompute._KEPT`), and recomputation takes both from its cache, sending
+  nothing (measured where the collectives reach the process group). Under `window`, the whole
+  window (embedding, passes without gradient, the cross-entropy) is re-run, and the last all-reduce
+  too unless the window ends on it (`WindowPlan.ends_on_matmul`: it has sleep passes, no bound after
+  the last and no per-sequence choice of sleepers);
 - a window whose logits exceed `sleepscale.sleep.LOSS_CHUNK_ELEMENTS` gets its loss in checkpointed
   token chunks: each chunk's cross-entropy (and its three all-reduces) is re-run in backward, and
   under `window` checkpointing once more, in the window's recomputation (nested checkpoints), but
