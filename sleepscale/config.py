@@ -541,6 +541,12 @@ class Config(Section):
             self._check_pipeline()
         if self.train.zero_stage == 3 and len({tuple(stage.train) for stage in self.stages}) > 1:
             raise FieldError("stages", "stages that train different parameters need train.zero_stage <= 2")
+        if self.train.zero_stage == 3 and self.sleep.checkpoint == "selective":
+            raise FieldError(
+                "sleep.checkpoint",
+                "selective with train.zero_stage 3: ZeRO-3 gathers weights inside each block, which selective "
+                "checkpointing would cache or replay; use block or nested (or zero_stage <= 2)",
+            )
         if self.model.backend == "window" and self.sleep.window > WINDOW_MAX_LENGTH:
             raise FieldError(
                 "model.backend",

@@ -47,6 +47,10 @@ def base():
             ["sleep.checkpoint=layer"],
             "sleep.checkpoint: Input should be 'auto', 'none', 'pass', 'window', 'block', 'nested' or 'selective'",
         ),
+        (
+            ["sleep.checkpoint=selective", "train.zero_stage=3"],
+            "sleep.checkpoint: selective with train.zero_stage 3: ZeRO-3 gathers weights inside each block",
+        ),
         (["model.backend=cuda"], "model.backend: Input should be 'auto', 'torch', 'fla' or 'window'"),
         (
             ["model.gdn.head_dim=512"],
