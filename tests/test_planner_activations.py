@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_config
+from planner_recomputed import recomputed_peak_bytes
 
 from sleepscale.model import build_model
+from sleepscale.planner import activations
 from sleepscale.planner.activations import micro_batch_activations, saved_bytes, tensor_parallel_shapes
 
 TESTS = Path(__file__).parent
@@ -56,6 +58,78 @@ def test_predicted_saved_bytes_match_the_engine(pattern, passes, checkpoint, gra
     # The issue asks for 10%; the trace is exact up to a few scalars, so hold it to 1% (per-window checkpointing
     # saves only the windows' token ids: there a few scalars are more than 1%).
     assert abs(predicted.saved[0] - measured) <= max(0.01 * measured, 64), (predicted.saved[0], measured)
+
+
+FORMS = ("block", "nested", "selective")
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize(("pattern", "passes", "checkpoint", "grad_passes", "window", "batch", "length", "extra"), GRID)
+def test_recomputation_forms_save_and_recompute_what_the_planner_predicts(
+    form, pattern, passes, checkpoint, grad_passes, window, batch, length, extra
+):
+    """Each finer recomputation form over the grid (its own checkpoint setting replaced): what the
+    forward saves for backward (under `selective` the matmul outputs its cache keeps too) and the
+    recomputation floor, the most bytes backward's recomputations create and keep at once
+    (`planner_recomputed.RecomputedStorages`: storages that ops create while a checkpoint recomputes,
+    followed until freed; transients and a unit's existing inputs do not count, as they cost no memory
+    beyond what the forward kept), against the planner's prediction."""
+    extra = dict(extra)
+    precision = extra.pop("precision", "fp32")
+    config = make_config(
+        pattern=pattern,
+        passes=passes,
+        checkpoint=form,
+        grad_passes=grad_passes,
+        window=window,
+        hidden_size=32,
+        vocab_size=64,
+        **extra,
+    )
+    ids = torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(0))
+    model = build_model(config.model)
+    measured = saved_bytes(model, ids, ids.roll(-1, 1), config.sleep, precision)
+    recomputed = recomputed_peak_bytes(model, ids, ids.roll(-1, 1), config.sleep, precision)
+    predicted = micro_batch_activations(config.model, config.sleep, batch, length, precision=precision, kernels="cpu")
+    assert abs(predicted.saved[0] - measured) <= max(0.01 * measured, 64), (predicted.saved[0], measured)
+    assert abs(predicted.largest_unit - recomputed) <= 0.01 * recomputed, (predicted.largest_unit, recomputed)
+
+
+# (pattern, form, grad_passes, extra): each form, grad_passes, the state bound, sliding eviction, sleeping on
+# context, a prelude, loop and coda
+REDUCED = [
+    ("AGag", "none", None, {}),
+    ("AGag", "pass", None, {}),
+    ("AGag", "block", 2, {}),
+    ("AGag", "nested", 3, {"eviction": "sliding"}),
+    ("AGag", "selective", None, {"state_norm_bound": 1.0}),
+    ("AGag", "window", 1, {}),
+    ("GgGA", "pass", 4, {"sleep_on": "context", "state_norm_bound": 1.0}),
+    ("GGGAGGGA", "nested", None, {"model": {"loop": [2, 6]}}),
+    ("GGGAGGGA", "block", 2, {"model": {"loop": [2, 6]}, "eviction": "sliding"}),
+]
+
+
+@pytest.mark.parametrize("passes", [6, 9])
+@pytest.mark.parametrize(("pattern", "form", "grad_passes", "extra"), REDUCED)
+def test_the_passes_reduction_is_exact(pattern, form, grad_passes, extra, passes, monkeypatch):
+    """The trace over a few passes standing for N (the module docstring) equals the trace over all N."""
+    config = make_config(
+        pattern=pattern,
+        passes=passes,
+        checkpoint=form,
+        grad_passes=grad_passes,
+        window=8,
+        hidden_size=32,
+        vocab_size=64,
+        **extra,
+    )
+    stages = [range(0, len(pattern) // 2 + 1), range(len(pattern) // 2 + 1, len(pattern))]  # a cut inside the loop
+    reduced = micro_batch_activations(config.model, config.sleep, 2, 30, stages=stages, kernels="cpu")
+    assert activations._passes_reduced(config.sleep)[0].passes < passes  # the reduction applies
+    monkeypatch.setattr(activations, "REDUCE_PASSES", False)
+    full = micro_batch_activations(config.model, config.sleep, 2, 30, stages=stages, kernels="cpu")
+    assert reduced == full
 
 
 def test_pipeline_stages_split_the_same_bytes():
