@@ -1,6 +1,8 @@
-"""The README's planning table: 1B, 8B and 70B hybrids (configs/plan/) at N = 1, 4, 8 on 80 GB GPUs,
-without checkpointing, with per-pass checkpointing, and with per-pass checkpointing and
-`grad_passes: 2`, each under its config's layout; `sleepscale plan` predicts every cell.
+"""The README's planning table: 1B, 8B and 70B hybrids (configs/plan/) at N = 1, 8, 64 on 80 GB GPUs,
+under each recomputation form (`sleep.checkpoint`: none, pass, block, nested, selective), per-pass
+with `grad_passes: 2`, and nested with 2 micro-batches in flight (fewer activations held on a
+pipeline stage, more idle time), each under its config's layout; then the largest N (up to 128) per
+model and setting. `sleepscale plan` predicts every cell.
 
     python benchmarks/plan_table.py [--out benchmarks/results/plan_table.md]
 """
@@ -12,7 +14,7 @@ from pathlib import Path
 from sleepscale.config_loading import load_config
 from sleepscale.flops import PEAK_FLOPS
 from sleepscale.planner.assumptions import GB, GPU, MFU, Assumptions
-from sleepscale.planner.estimate import config_layout, estimate, largest_passes
+from sleepscale.planner.estimate import LARGEST_PASSES, config_layout, estimate, largest_passes
 
 MODELS = {
     "1B": ("configs/plan/hybrid-1b.yaml", 1),
@@ -20,10 +22,15 @@ MODELS = {
     "70B": ("configs/plan/hybrid-70b.yaml", 64),
 }
 SETTINGS = {
-    "no checkpointing": ["sleep.checkpoint=none"],
-    "per-pass checkpointing": ["sleep.checkpoint=pass"],
-    "per-pass, grad_passes 2": ["sleep.checkpoint=pass", "sleep.grad_passes=2"],
+    "none": ["sleep.checkpoint=none"],
+    "pass": ["sleep.checkpoint=pass"],
+    "block": ["sleep.checkpoint=block"],
+    "nested": ["sleep.checkpoint=nested"],
+    "selective": ["sleep.checkpoint=selective"],
+    "pass, grad_passes 2": ["sleep.checkpoint=pass", "sleep.grad_passes=2"],
+    "nested, 2 in flight": ["sleep.checkpoint=nested", "parallel.pipeline_in_flight=2"],
 }
+PASSES = (1, 8, 64)
 LENGTH, MEMORY, PEAK = 8192, 80 * GB, PEAK_FLOPS[GPU]  # the configs train in bf16
 ASSUMED = Assumptions(LENGTH, MEMORY, PEAK, MFU)
 
@@ -36,11 +43,14 @@ def main():
     rows = ["| model | GPUs, layout | N | " + " | ".join(SETTINGS) + " |", "|---|---|---|" + "---|" * len(SETTINGS)]
     largest = []
     for name, (path, gpus) in MODELS.items():
-        for passes in (1, 4, 8):
+        for passes in PASSES:
             cells = []
             for setting, overrides in SETTINGS.items():
                 if passes == 1 and "sleep.grad_passes=2" in overrides:
-                    cells.append("(as per-pass)")
+                    cells.append("(as pass)")
+                    continue
+                if "parallel.pipeline_in_flight=2" in overrides and load_config(path).parallel.pipeline == 1:
+                    cells.append("(no pipeline)")
                     continue
                 config = load_config(path, [*overrides, f"sleep.passes={passes}"])
                 layout = config_layout(config, gpus)
@@ -52,11 +62,16 @@ def main():
                 print(name, passes, setting, found.total / GB, found.fits, flush=True)
             layout_text = f"{gpus}: TP{layout.tensor} PP{layout.pipeline} DP{layout.data} ZeRO-{layout.zero_stage}"
             rows.append(f"| {name} | {layout_text} | {passes} | " + " | ".join(cells) + " |")
+        found = []
         for setting, overrides in SETTINGS.items():
             config = load_config(path, overrides)
-            largest.append(
-                f"| {name} | {setting} | {largest_passes(config, config_layout(config, gpus), ASSUMED, limit=64)} |"
-            )
+            if "parallel.pipeline_in_flight=2" in overrides and config.parallel.pipeline == 1:
+                found.append("-")
+                continue
+            n = largest_passes(config, config_layout(config, gpus), ASSUMED, limit=LARGEST_PASSES)
+            found.append(f"{n}+" if n == LARGEST_PASSES else str(n))
+            print(name, "largest N", setting, n, flush=True)
+        largest.append(f"| {name} | " + " | ".join(found) + " |")
     text = "\n".join(
         [
             "# Planned memory and speed per GPU (`sleepscale plan`)",
@@ -75,10 +90,10 @@ def main():
             "",
             *rows,
             "",
-            "Largest N that fits each model's layout (up to 64):",
+            f"Largest N that fits each model's layout (looked up to {LARGEST_PASSES}; 0: not even N=1):",
             "",
-            "| model | setting | largest N |",
-            "|---|---|---|",
+            "| model | " + " | ".join(SETTINGS) + " |",
+            "|---|" + "---|" * len(SETTINGS),
             *largest,
             "",
         ]

@@ -21,6 +21,15 @@ changes memory and time, never values or gradients:
   no matrix products, only memory-bound element-wise work, and under tensor parallelism no
   all-reduce (`_KEPT`).
 
+Chosen by measurement (an AGAGAGAG model of width 256, N=4, windows of 24, fp32, one CPU thread,
+all in one process; step times at the benchmark shapes in `benchmarks/results/recompute_cost.md`):
+kept for backward, `none` 94 MB, `pass` and `nested` 1.1 MB, `block` 3.0 MB, `selective` 42 MB;
+keeping only the linear layers' outputs and recomputing the attention and delta-rule cores instead
+kept 32 MB but stepped 6% slower, so `selective` keeps every matrix product. On a CPU `selective` is
+the slowest form (2.7x `none` there, against 1.6x for `pass`): torch's selective checkpointing
+dispatches every op of the unit through a Python mode, twice; its use is the memory between `none`
+and `block` at small N, at `none`'s FLOPs.
+
 Why ours, not torch's `checkpoint_sequential` or Megatron's `recompute_granularity`: the units must
 thread per-block recurrent states through the passes and be chosen per pass by the plan (a pass
 without gradient is not checkpointed at all), which neither offers.
