@@ -20,6 +20,7 @@ TESTS = Path(__file__).parent
 # with prelude and coda, repeated block letters (the depth reduction), long sequences (the length
 # reduction), bf16 autocast and the state-norm bound.
 # (pattern, N, checkpoint, grad_passes, window, batch, length, extra)
+GRID_FIELDS = ("pattern", "passes", "checkpoint", "grad_passes", "window", "batch", "length", "extra")
 GRID = [
     ("AGag", 1, "none", None, 8, 2, 30, {}),
     ("AGag", 3, "none", None, 8, 2, 30, {}),
@@ -55,7 +56,7 @@ def _grid_case(pattern, passes, checkpoint, grad_passes, window, batch, length, 
     return config, precision, torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize(("pattern", "passes", "checkpoint", "grad_passes", "window", "batch", "length", "extra"), GRID)
+@pytest.mark.parametrize(GRID_FIELDS, GRID)
 def test_predicted_saved_bytes_match_the_engine(pattern, passes, checkpoint, grad_passes, window, batch, length, extra):
     config, precision, ids = _grid_case(pattern, passes, checkpoint, grad_passes, window, batch, length, extra)
     measured = saved_bytes(build_model(config.model), ids, ids.roll(-1, 1), config.sleep, precision)
@@ -71,7 +72,7 @@ FORM_GRID = list({(*row[:2], None, *row[3:7], repr(row[7])): row for row in GRID
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize(("pattern", "passes", "checkpoint", "grad_passes", "window", "batch", "length", "extra"), FORM_GRID)
+@pytest.mark.parametrize(GRID_FIELDS, FORM_GRID)
 def test_recomputation_forms_save_and_recompute_what_the_planner_predicts(
     form, pattern, passes, checkpoint, grad_passes, window, batch, length, extra
 ):
