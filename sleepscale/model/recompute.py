@@ -21,14 +21,15 @@ changes memory and time, never values or gradients:
   no matrix products, only memory-bound element-wise work, and under tensor parallelism no
   all-reduce (`_KEPT`).
 
-Chosen by measurement (an AGAGAGAG model of width 256, N=4, windows of 24, fp32, one CPU thread,
-all in one process; step times at the benchmark shapes in `benchmarks/results/recompute_cost.md`):
-kept for backward, `none` 94 MB, `pass` and `nested` 1.1 MB, `block` 3.0 MB, `selective` 42 MB;
-keeping only the linear layers' outputs and recomputing the attention and delta-rule cores instead
-kept 32 MB but stepped 6% slower, so `selective` keeps every matrix product. On a CPU `selective` is
-the slowest form (2.7x `none` there, against 1.6x for `pass`): torch's selective checkpointing
-dispatches every op of the unit through a Python mode, twice; its use is the memory between `none`
-and `block` at small N, at `none`'s FLOPs.
+Chosen by measurement (`benchmarks/recompute_forms.py`: an AGAGAGAG model of width 256, N=4, fp32,
+one CPU thread, alternating steps in one process; `benchmarks/results/recompute_cost.md`): kept for
+backward, `none` 375 MB, `pass` and `nested` 2.2 MB, `block` 11 MB, `selective` 167 MB; steps 1.48x
+(`pass`), 1.36x (`block`), 1.71x (`nested`), 1.96x (`selective`) `none`'s. Keeping only the linear
+layers' products and recomputing the attention and delta-rule cores kept 129 MB at about the same
+CPU step (1.89x; 2.91x against 2.74x in another run): not adopted, since on a GPU those cores are
+the FLOPs a recomputation pays, which keeping every product avoids. On a CPU `selective` is the
+slowest form: torch's selective checkpointing dispatches every op of the unit through a Python
+mode, twice; its use is the memory between `none` and `block` at small N, at `none`'s FLOPs.
 
 Why ours, not torch's `checkpoint_sequential` or Megatron's `recompute_granularity`: the units must
 thread per-block recurrent states through the passes and be chosen per pass by the plan (a pass
