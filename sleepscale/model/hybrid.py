@@ -16,12 +16,12 @@ from torch import nn
 
 from sleepscale.config import ModelConfig
 from sleepscale.data.sample import IGNORE_INDEX
-from sleepscale.model import recompute
 from sleepscale.model.attention import Attention
 from sleepscale.model.blocks import Block
 from sleepscale.model.gdn import GatedDeltaNet
 from sleepscale.model.norm import RMSNorm
 from sleepscale.model.recompute import Form
+from sleepscale.model.recompute import run as run_in_form
 from sleepscale.model.state import MixerState, NotHeld
 
 
@@ -109,7 +109,7 @@ class HybridLM(nn.Module):
         if not blocks:
             return hidden, states
         if checkpoint != "none" and torch.is_grad_enabled():
-            return recompute.run(functools.partial(HybridLM.run_blocks, self), hidden, states, blocks, checkpoint)
+            return run_in_form(functools.partial(HybridLM.run_blocks, self), hidden, states, blocks, checkpoint)
         states = list(states)
         for i in blocks:
             hidden, states[i] = self.layers[i](hidden, states[i])
