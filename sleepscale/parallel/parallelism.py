@@ -53,8 +53,13 @@ class SleepingModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids, targets, sleep, plan=None, return_logits=False):
-        """Training asks for the loss only: no logits are gathered or kept (evaluation asks for them)."""
-        return sleep_forward(self.model, input_ids, sleep, targets=targets, plan=plan, return_logits=return_logits)
+        """Training asks for the loss only: no logits are gathered or kept (evaluation asks for them). The
+        trainer reads the states the sequence ends with but never differentiates through them: returned
+        detached, their graph (the last window's state updates) is freed with the forward rather than
+        kept, and recomputed, through backward (`sleepscale.planner.activations` counts it so)."""
+        out = sleep_forward(self.model, input_ids, sleep, targets=targets, plan=plan, return_logits=return_logits)
+        out.states = [state.detached() for state in out.states]
+        return out
 
 
 @dataclasses.dataclass

@@ -12,7 +12,10 @@ reductions keep that cheap at any scale, each exact for the engine as it is:
 - *depth*: blocks of the same letter in the same part of the stack (prelude, loop, coda) save the
   same bytes per run, so the traced model keeps, per part, its first block (it reads the previous
   part's output, which may already be saved) and one block of each letter after it; their bytes
-  are multiplied by how many such blocks the full model has;
+  are multiplied by how many such blocks the full model has. The loop's tail stays whole: from its
+  last GDN block on (its last block, without one), each block is traced: the last sleep pass's hidden
+  output is read by nobody, so what its blocks save after their last state update is freed unread
+  (`SavedStorages`), and how much of a block that is depends on where it stands;
 - *length*: windows after the first see the same shapes (the same key span under sliding eviction,
   the same carried states), so at most three windows are traced, the first, one middle one and the
   last (which may be shorter and is never slept on), and the middle one counts for all middle ones;
@@ -40,8 +43,9 @@ saved tensors are, but `saved_tensors_hooks` do not see them.
 
 `largest_unit`, the recomputation floor: the most bytes that backward's recomputation of one unit
 creates and keeps at once, on top of what the forward kept (a unit's inputs are not recomputed;
-neither are the outputs `selective` keeps). It comes from a trace of one pass without checkpoints
-over up to three windows, whose bytes per block are split into the block's inputs (hidden states,
+neither are the outputs `selective` keeps; nor what nobody reads, as a graph branch freed in the
+forward is not recomputed). It comes from a trace of the same passes without checkpoints over up to
+three windows, whose bytes per pass and block are split into the block's inputs (hidden states,
 recurrent state), the matrix products' outputs, and the rest: a `pass` unit recomputes its blocks
 together; `block` one block; `selective` what a block does not keep; a `nested` unit first
 recomputes its range keeping each block's hidden input, then, as backward reaches them, each block
@@ -64,6 +68,7 @@ import copy
 import dataclasses
 import functools
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -98,28 +103,39 @@ REDUCE_PASSES = True
 
 class SavedStorages:
     """Counts the distinct storages autograd saves for backward while active (a context manager),
-    leaving out `excluded` ones (the parameters). `key` says what the bytes are attributed to, unless
-    `attribute` (storage id -> key) says better."""
+    leaving out `excluded` ones (the parameters), as long as they live: a storage saved only by graph
+    nodes that nobody reads (the branch of a pass whose outputs no later pass with gradient uses, as
+    the states of a pass followed by passes without gradient, or the blocks after the last pass's last
+    state) is freed during the forward, costs nothing in backward and is not recomputed there, so
+    `bytes` counts what is saved and still alive when it is read (read it while the forward's output
+    lives). `key` says what the bytes are attributed to, unless `attribute` (storage id -> key) says
+    better."""
 
     def __init__(self, excluded: Iterator[torch.Tensor] = ()):
         self.excluded = {_storage_id(t) for t in excluded}
-        self.seen: dict[int, torch.Tensor] = {}
-        self.bytes: dict = defaultdict(int)
+        self.alive: dict[int, tuple] = {}  # storage id -> (key, bytes), from its first save until it is freed
         self.key = None
         self.attribute = lambda storage: self.key
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = _storage_id(tensor)
-        if storage not in self.excluded and storage not in self.seen:
-            # kept, so that its storage's address is not reused by a later one while counting (a graph branch
-            # nobody reads, such as an evicted state's, can be freed during the forward)
-            self.seen[storage] = tensor
-            self.bytes[self.attribute(storage)] += tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self.excluded and key not in self.alive:
+            self.alive[key] = (self.attribute(key), storage.nbytes())
+            weakref.finalize(storage, self.alive.pop, key, None)  # an id is reused only once its storage is freed
         return tensor
 
     @property
+    def bytes(self) -> dict:
+        """Bytes per key of the saved storages alive now."""
+        found = defaultdict(int)
+        for key, size in self.alive.values():
+            found[key] += size
+        return found
+
+    @property
     def total(self) -> int:
-        return sum(self.bytes.values())
+        return sum(size for _, size in self.alive.values())
 
     @contextlib.contextmanager
     def counting(self):
@@ -193,8 +209,10 @@ def saved_bytes(
     the outputs `selective` units keep among them (what `MicroBatchActivations.saved` predicts)."""
     counter = SavedStorages(model.parameters())
     with counter.counting(), precision_context(precision, input_ids.device):
-        sleep_forward(model, input_ids, sleep, targets=targets, return_logits=False)
-    return counter.total
+        loss = sleep_forward(model, input_ids, sleep, targets=targets, return_logits=False).loss
+    saved = counter.total  # while the loss, and so the graph backward reads, lives (the trainer's states are detached)
+    del loss
+    return saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,13 +249,21 @@ def _reduced(config: ModelConfig) -> _Reduced:
     blocks, loop_part = config.blocks, range(*config.loop_range)
     pattern, stands_for, loop = "", [], None
     for part in _parts(config):
-        first, rest = part[0], part[1:]
+        first, rest = part[0], list(part[1:])
+        tail = []
+        if part == loop_part and rest:  # the loop's tail, from its last GDN block on (the module docstring)
+            gdn = [i for i in rest if blocks[i] in "Gg"]
+            tail = rest[rest.index(gdn[-1] if gdn else rest[-1]) :]
+            rest = rest[: len(rest) - len(tail)]
         start = len(pattern)
         pattern += blocks[first]
         stands_for.append([first])
         for letter in dict.fromkeys(blocks[i] for i in rest):
             pattern += letter
             stands_for.append([i for i in rest if blocks[i] == letter])
+        for i in tail:
+            pattern += blocks[i]
+            stands_for.append([i])
         if part == loop_part:
             loop = (start, len(pattern))
     return _Reduced(config.model_copy(update={"pattern": pattern, "loop": loop, "init_from": None}), stands_for)
@@ -336,6 +362,8 @@ class _Trace:
                 ((0, 1), (BLOCK, i)): sum(t.untyped_storage().nbytes() for t in _tensors(state))
                 for i, state in enumerate(out.states)
             }
+            loss = out.loss  # what the trainer keeps through backward (`SleepingModel` detaches the states)
+            del out
         self.saved = defaultdict(int, counter.bytes)
         # The embedding and the loss save their window's slice of the micro-batch's ids and targets: a view of the
         # whole [batch, length] tensor, so its storage counts once, at the full length.
@@ -343,9 +371,10 @@ class _Trace:
         self.saved[(0, 1), EMBEDDING] += untraced
         self.saved[(0, 1), HEAD] += untraced
         self.held = {
-            key: sum(size for storage, size in found.items() if storage not in counter.seen)
+            key: sum(size for storage, size in found.items() if storage not in counter.alive)
             for key, found in held.items()
         }
+        del loss  # read: the graph may go
 
     def weighted(self, pass_weights: dict[int, int]) -> _Trace:
         """This trace with its passes standing for `pass_weights` (`_passes_reduced`)."""
@@ -392,12 +421,12 @@ class _Trace:
                 totals[stage] += size * count * self.weight(when)
         return [round(total) for total in totals]
 
-    def recomputed(self, window: int, unit: range, form: str) -> int:
+    def recomputed(self, when: tuple[int, int], unit: range, form: str) -> int:
         """Bytes backward's recomputation of the full model's blocks `unit` (a unit in `form`, in traced
-        window `window`'s first pass) creates and keeps at once, at its peak (the module docstring)."""
+        (window, pass number) `when`) creates and keeps at once, at its peak (the module docstring)."""
 
         def block(kind: str, full_block: int) -> int:
-            return self.saved.get(((window, 1), (kind, self.reduced.traced_block[full_block])), 0)
+            return self.saved.get((when, (kind, self.reduced.traced_block[full_block])), 0)
 
         def recomputed_block(full_block: int) -> int:  # a block recomputed alone: all but its inputs
             kept = 0 if form == "selective" else block(KEPT, full_block)
@@ -409,7 +438,10 @@ class _Trace:
         if form == "pass":
             return sum(recomputed_block(b) for b in unit) + sum(block(HIDDEN_IN, b) for b in later)
         if form == "nested":  # the range recomputed keeping each block's hidden input, then block by block
-            hidden = [self.inputs.get(((window, 1), self.reduced.traced_block[b]), 0) for b in later]
+            # (an inner unit whose block saves nothing alive, its output unread, keeps no input either)
+            hidden = [
+                self.inputs.get((when, self.reduced.traced_block[b]), 0) if recomputed_block(b) else 0 for b in later
+            ]
             return max(sum(hidden[:i]) + recomputed_block(b) for i, b in enumerate(unit))
         raise ValueError(f"recomputation form {form!r}")
 
@@ -421,14 +453,17 @@ class _KeepingTrackOfMatmuls(FakeTensorMode):
     def __init__(self):
         super().__init__()
         self.policy = recompute._keep_matmuls  # as it is, before `_selective_kept` wraps it
-        self.matmul_outputs: dict[int, torch.Tensor] = {}  # storage id -> a tensor on it (kept: ids stay unique)
+        self.matmul_outputs: set[int] = set()  # storage ids, each until its storage is freed (ids get reused)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.policy(None, func) == CheckpointPolicy.MUST_SAVE:
             for output in pytree.tree_leaves(out):
                 if isinstance(output, torch.Tensor):
-                    self.matmul_outputs[_storage_id(output)] = output
+                    storage = output.untyped_storage()
+                    if storage._cdata not in self.matmul_outputs:
+                        self.matmul_outputs.add(storage._cdata)
+                        weakref.finalize(storage, self.matmul_outputs.discard, storage._cdata)
         return out
 
 
@@ -447,7 +482,7 @@ def _full_part(model: ModelConfig, block: int) -> range:
 
 
 @contextlib.contextmanager
-def _attributed(model, counter: SavedStorages, matmul_outputs: dict[int, torch.Tensor]):
+def _attributed(model, counter: SavedStorages, matmul_outputs: set[int]):
     """Sets `counter.key` to ((window, pass), what runs) as the engine runs `model`; yields, per key,
     the state storages (id -> bytes) that checkpointed units keep as arguments, and per ((window,
     pass), block) the bytes of the hidden states the block started from."""
@@ -568,10 +603,12 @@ def _largest_unit(
     reduce_passes: bool,
 ) -> int:
     """The recomputation floor (the module docstring): under `pass`, `nested`, `block` and `selective`,
-    the largest over the wake pass's block ranges (prelude, loop, coda; a sleep pass runs the loop
-    again; a pipeline stage runs its share of each as a unit) and over the first, a middle and the
-    last window (under sliding eviction, later windows attend to more keys); under `window`, a whole
-    window with its passes (a middle one, when there are several)."""
+    the largest over the traced passes with gradient and their block ranges (the wake pass's prelude,
+    loop and coda; a sleep pass's loop; a pipeline stage runs its share of each as a unit) and over the
+    first, a middle and the last window (under sliding eviction, later windows attend to more keys),
+    from a trace without checkpoints of the same passes: what a unit keeps depends on its pass (a pass
+    whose states feed only passes without gradient, or the last pass's blocks after its last state,
+    keep less); under `window`, a whole window with its passes (a middle one, when there are several)."""
     form, window = sleep.checkpointing, min(sleep.window, length)
     if form == "none":
         return 0
@@ -581,19 +618,18 @@ def _largest_unit(
         middle = min(1, trace.traced_windows - 1)
         found = {key: size for key, size in trace.saved.items() if key[0][0] == middle}
         return sum(trace.per_stage(found, [range(len(model.blocks))])) // trace.window_weight(middle)
-    one_pass = plain.model_copy(update={"passes": 1, "random_passes": None, "grad_passes": None})
-    trace = _trace(model, one_pass, batch, min(length, 3 * window), precision, kernels)
-    wake = make_plan(sleep, batch, window, len(model.blocks), range(*model.loop_range)).windows[0].passes[0]
-    units = [
-        range(max(blocks.start, stage.start), min(blocks.stop, stage.stop))
-        for blocks in wake.block_ranges
-        for stage in stages
-    ]
+    trace = _traced(model, plain, batch, min(length, 3 * window), precision, kernels, reduce_passes)
+    # the traced passes (with the pass reduction: those the trace ran) of a window that sleeps
+    traced_sleep = _passes_reduced(plain)[0] if reduce_passes else plain
+    passes = make_plan(traced_sleep, batch, 2 * window, len(model.blocks), range(*model.loop_range)).windows[0].passes
     return max(
-        trace.recomputed(traced_window, unit, form)
+        trace.recomputed((traced_window, planned.number), unit, form)
         for traced_window in range(trace.traced_windows)
-        for unit in units
-        if len(unit)
+        for planned in passes
+        if planned.grad
+        for blocks in planned.block_ranges
+        for stage in stages
+        if len(unit := range(max(blocks.start, stage.start), min(blocks.stop, stage.stop)))
     )
 
 
