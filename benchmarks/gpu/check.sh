@@ -3,14 +3,16 @@
 # installs what it needs, then runs benchmarks/gpu/check.py, which writes benchmarks/results/gpu.md
 # (device named) and prints it.
 #
-#   bash benchmarks/gpu/bundle.sh && bash benchmarks/gpu/check.sh   # offline: the machine's own torch
-#                                                # (python3) plus the wheels bundle.sh put in .whl
-#   SLEEPSCALE_WHEELS=DIR ...                    # offline, with the wheels in DIR (no index)
-#   SLEEPSCALE_PYTHON=python3 ...                # a Python that already has CUDA torch
-#   SLEEPSCALE_ONLINE=1 ...                      # ignore .whl: install into .venv-gpu from PyPI /
-#                                                # download.pytorch.org (when SLEEPSCALE_PYTHON is unset)
-#   ... check.sh --smoke                         # on the CPU, no CUDA nor Triton: one tiny training step
-#                                                # and decode (check.py --cpu-smoke), no results file
+#   bash benchmarks/gpu/bundle.sh                # first, where pip reaches PyPI: the wheels into .whl
+#   bash benchmarks/gpu/check.sh                 # then on the GPU machine, offline: its own torch
+#                                                # (python3) plus the wheels in .whl, no index
+#   SLEEPSCALE_WHEELS=DIR ...                    # the same with the wheels in DIR
+#   SLEEPSCALE_PYTHON=python3 ...                # a Python that already has CUDA torch (with no wheels:
+#                                                # pip install -e . from the network)
+#   SLEEPSCALE_ONLINE=1 ...                      # ignore .whl: without SLEEPSCALE_PYTHON, install into
+#                                                # .venv-gpu from PyPI / download.pytorch.org
+#   ... check.sh --smoke  (or SLEEPSCALE_SMOKE=1)  # on the CPU, no CUDA nor Triton: one tiny training
+#                                                # step and decode (check.py --cpu-smoke), no results file
 #
 # torch and Triton are never installed from the wheels: the machine's own CUDA build is the one that
 # works there. A torch or Triton too old or too new for our kernels is refused in one line (exit 2,
@@ -56,8 +58,13 @@ if [ -n "$wheels" ]; then
     # Into a folder of their own put first on PYTHONPATH, not into the interpreter's site-packages:
     # no root needed, and the machine's torch and Triton stay untouched (--no-deps: pip resolves nothing).
     site=${SLEEPSCALE_SITE:-${TMPDIR:-/tmp}/sleepscale-site}
-    "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$site" "$wheels"/*.whl
+    if ! "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$site" "$wheels"/*.whl; then
+        # Most often wheels built for another CPython (bundle.sh makes 3.12's by default).
+        version=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        echo "benchmarks/gpu/check.sh: the wheels in $wheels do not install on $python (Python $version); empty $wheels and run SLEEPSCALE_BUNDLE_PYTHON=$version bash benchmarks/gpu/bundle.sh $wheels" >&2
+        exit 1
+    fi
     # The project itself travels as source, uninstalled.
     export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
