@@ -8,6 +8,10 @@
 3. A ~380M-parameter AGAG... hybrid (bf16 autocast, fused AdamW): tokens/s, peak memory and MFU at
    N in {1, 2, 4}, with per-pass checkpointing and with `grad_passes: 1`, on each backend; and the
    host synchronisations in one step (torch.cuda.set_sync_debug_mode).
+
+`--cpu-smoke` (`check.sh --smoke`) runs none of that: the tiny model, one eager training step and a
+short decode on the CPU with the PyTorch backend, one table row, no file; it shows that the bundle
+of wheels (benchmarks/gpu/bundle.sh) holds everything this script imports, in seconds, without Triton.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from sleepscale.config import validate
 from sleepscale.flops import peak_flops, plan_flops
+from sleepscale.inference import SleepingSession
 from sleepscale.model import HybridLM, build_model
 from sleepscale.ops import gated_delta_rule
 from sleepscale.sleep import plan_for, sleep_forward
@@ -224,6 +229,38 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
     return rows
 
 
+def cpu_smoke() -> None:
+    """One eager training step and a 4-token decode of the tiny model on the CPU (PyTorch backend)."""
+    config = validate(
+        {
+            "model": {**SMOKE_MODEL, "backend": "torch"},
+            "sleep": {"window": 8, "passes": 2, "checkpoint": "pass"},
+            "train": {"steps": 1},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(config.model, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, SMOKE_MODEL["vocab_size"], (1, 16))
+    start = time.perf_counter()
+    loss = sleep_forward(model, ids, config.sleep, targets=ids.roll(-1, 1), return_logits=False).loss
+    loss.backward()
+    optimizer.step()
+    train_ms = (time.perf_counter() - start) * 1e3
+    if not torch.isfinite(loss):
+        raise SystemExit(f"check.py --cpu-smoke: the training step's loss is {loss.item()}")
+    session = SleepingSession(model, config.sleep)
+    session.feed(ids[:, :5])
+    start = time.perf_counter()
+    tokens = [int(token) for token in session.generate(4)]
+    decode_ms = (time.perf_counter() - start) * 1e3
+    print(
+        f"| torch | N | loss | train step ms | decoded | decode ms |\n| --- | --- | --- | --- | --- | --- |\n"
+        f"| {torch.__version__} | {config.sleep.passes} | {loss.item():.3f} | {train_ms:.0f} | {tokens} | "
+        f"{decode_ms:.0f} |"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per setting")
@@ -234,7 +271,15 @@ def main():
         help="tiny shapes on the CPU under TRITON_INTERPRET=1 "
         "(tests/test_gpu_check.py runs it so that the script itself is tested without a GPU)",
     )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="one eager training step and decode of the tiny model on the CPU, no Triton; "
+        "prints one row, writes nothing",
+    )
     args = parser.parse_args()
+    if args.cpu_smoke:
+        return cpu_smoke()
     device = torch.device("cpu" if args.smoke else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.device("meta"):
