@@ -99,8 +99,24 @@ def gdn_inputs(q, k, a, b, A_log, dt_bias) -> tuple[torch.Tensor, ...]:
     sigmoid(b), all in at least float32. The Triton backends compute the same inside."""
     dtype = torch.promote_types(a.dtype, torch.float32)
     beta = torch.sigmoid(b.to(dtype))
-    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    g = -A_log.to(dtype).exp() * _ContiguousGrad.apply(F.softplus(a.to(dtype) + dt_bias.to(dtype)))
     return l2_normalize(q.to(dtype)), l2_normalize(k.to(dtype)), g, beta
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient contiguous. Under torch.compile, softplus's
+    backward (`aten.softplus_backward`) is traced with a contiguous output (its meta kernel) but, given
+    the transposed gradient the delta rule's chunking sends back, runs in eager with the gradient's
+    strides, and the compiled backward's `view` of it fails (torch 2.13). Applied to softplus's output,
+    it makes the gradient softplus's backward receives contiguous; values are unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -618,7 +618,8 @@ def _largest_unit(
         middle = min(1, trace.traced_windows - 1)
         found = {key: size for key, size in trace.saved.items() if key[0][0] == middle}
         return sum(trace.per_stage(found, [range(len(model.blocks))])) // trace.window_weight(middle)
-    trace = _traced(model, plain, batch, min(length, 3 * window), precision, kernels, reduce_passes)
+    # the trace a `none` layout's activations come from (cached: shared with it)
+    trace = _traced(model, plain, batch, length, precision, kernels, reduce_passes)
     # the traced passes (with the pass reduction: those the trace ran) of a window that sleeps
     traced_sleep = _passes_reduced(plain)[0] if reduce_passes else plain
     passes = make_plan(traced_sleep, batch, 2 * window, len(model.blocks), range(*model.loop_range)).windows[0].passes

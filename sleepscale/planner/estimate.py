@@ -207,12 +207,18 @@ def stage_ranges(model: ModelConfig, pipeline: int) -> list[range]:
 
 
 def estimate(
-    config: Config, layout: Layout, assumed: Assumptions, passes: int | None = None, budget: int | None = None
+    config: Config,
+    layout: Layout,
+    assumed: Assumptions,
+    passes: int | None = None,
+    budget: int | None = None,
+    trace: bool = True,
 ) -> Estimate:
     """The estimate for `config` under `layout` at N = `passes` (default: `passes_for_memory`). A layout
     whose model states and reserve alone exceed the GPU memory cannot fit: its activations are not
-    traced (`Estimate.traced` False, counted as 0). `budget`: the most ops the pipeline's simulation
-    may take (`_pipeline_idle`; None: no limit, as the trainer)."""
+    traced (`Estimate.traced` False, counted as 0); nor are they with `trace` False (its speed, which
+    no activation changes, for the price of no trace). `budget`: the most ops the pipeline's
+    simulation may take (`_pipeline_idle`; None: no limit, as the trainer)."""
     passes = passes or passes_for_memory(config.sleep)
     length = assumed.length
     sleep = config.sleep.model_copy(
@@ -261,7 +267,7 @@ def estimate(
         )
         for index in range(layout.pipeline)
     ]
-    traced = max(states.total for states in states_per_stage) + assumed.reserve <= assumed.gpu_memory
+    traced = trace and max(states.total for states in states_per_stage) + assumed.reserve <= assumed.gpu_memory
     if traced:
         activations = micro_batch_activations(
             tensor_parallel_shapes(config.model, layout.tensor),
@@ -572,11 +578,18 @@ def advice(config: Config, best: Estimate, assumed: Assumptions) -> str:
         no_zero3 = layout.tensor * layout.pipeline > 1 or config.optimizer.name == "muon"
         for zero in range(layout.zero_stage + 1, 3 if no_zero3 else 4):
             levers.append((f"train.zero_stage={zero}", dataclasses.replace(layout, zero_stage=zero), config))
+    # Fastest first (speed needs no trace): the first lever that fits is the answer, and the slower ones
+    # are not traced. Only when none fits are they all traced, to name the one that saves the most. (Not
+    # under Muon, whose collectives' time is the most loaded stage's, which the activations choose.)
+    levers.sort(key=lambda lever: -estimate(lever[2], lever[1], assumed, trace=False).tokens_per_second)
+    first_fit_is_fastest = config.optimizer.name != "muon"
     tried = []
     for name, candidate, changed in levers:
         found = estimate(changed, candidate, assumed)
         if found.traced:  # an untraced total leaves out the activations: no measure of what the lever saves
             tried.append((not found.fits, -found.tokens_per_second, found.total, name))
+            if found.fits and first_fit_is_fastest:
+                break
     fitting = sorted(t for t in tried if not t[0])
     where = f" (pipeline stage {best.stage})" if layout.pipeline > 1 else ""
     needs = "" if best.traced else "for model states and reserve alone "
