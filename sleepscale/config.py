@@ -11,6 +11,7 @@ values against are defined here, e.g. the sizes the kernels take (`WINDOW_MAX_LE
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -435,6 +436,11 @@ class TrainConfig(Section):
     spike_window: int = Field(
         50, ge=1, description="accepted steps a spike is judged against (detection starts after them)"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each block once, its graph replayed for every window and pass "
+        "(sleepscale/parallel/compile.py says what compiles)",
+    )
 
 
 class ParallelConfig(Section):
@@ -547,6 +553,8 @@ class Config(Section):
                 "selective with train.zero_stage 3: ZeRO-3 gathers weights inside each block, which selective "
                 "checkpointing would cache or replay; use block or nested (or zero_stage <= 2)",
             )
+        if self.train.compile:
+            self._check_compile()
         if self.model.backend == "window" and self.sleep.window > WINDOW_MAX_LENGTH:
             raise FieldError(
                 "model.backend",
@@ -554,6 +562,36 @@ class Config(Section):
                 f"{self.sleep.window}; use model.backend=auto (fla's chunked kernel beyond)",
             )
         return self
+
+    def _check_compile(self) -> None:
+        """What `train.compile` cannot compile yet (`sleepscale.parallel.compile`), refused in one line."""
+        refused = [
+            (
+                "model.backend",
+                self.model.backend in ("fla", "window"),
+                "fla's and our Triton kernels are not yet "
+                "registered as custom ops torch.compile keeps opaque; use model.backend torch or auto (on a CPU)",
+            ),
+            ("parallel.tensor", self.parallel.tensor > 1, "tensor parallelism's collectives are not compiled yet"),
+            ("parallel.pipeline", self.parallel.pipeline > 1, "the pipeline stage is not compiled yet"),
+            (
+                "train.zero_stage",
+                self.train.zero_stage == 3,
+                "ZeRO-3 gathers weights in hooks around each block, "
+                "which a compiled block does not run; use zero_stage <= 2",
+            ),
+            (
+                "sleep.checkpoint",
+                self.sleep.checkpoint == "selective",
+                "selective checkpointing's dispatch mode "
+                "does not run inside a compiled block; use none, pass, block, nested or window",
+            ),
+        ]
+        for field, problem, why in refused:
+            if problem:
+                raise FieldError(
+                    field, f"{functools.reduce(getattr, field.split('.'), self)} with train.compile: {why}"
+                )
 
     def _check_pipeline(self) -> None:
         pipeline = f"parallel.pipeline {self.parallel.pipeline}"

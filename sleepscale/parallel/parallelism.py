@@ -32,6 +32,7 @@ from torch import nn
 from sleepscale.config import Config, ConfigError, SleepConfig
 from sleepscale.model.gdn import GDNState
 from sleepscale.model.hybrid import HybridLM
+from sleepscale.parallel.compile import compile_blocks
 from sleepscale.parallel.distributed import Distributed
 from sleepscale.parallel.pipeline import evaluate_step, run_step
 from sleepscale.parallel.pipeline_stage import PipelineStage
@@ -91,6 +92,8 @@ class StepResult:
 def parallelize(config: Config, ctx: Distributed) -> Parallelism:
     """This rank's part of the model, in the run's layout."""
     model = build_rank_model(config, ctx.groups, ctx.device)
+    if config.train.compile:
+        compile_blocks(model, ctx.device)
     if config.parallel.pipeline > 1:
         return PipelineParallelism(config, ctx, model)
     return Parallelism(config, ctx, model)
