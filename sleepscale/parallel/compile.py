@@ -14,7 +14,10 @@ What a block's graph depends on, and how the sleep engine keeps it steady:
   later windows' states carry gradient, which torch.compile guards on; under compile the fresh
   states are made to require gradient too (`_steady_initial_states`: a leaf nobody reads the
   gradient of, a few kB), so the first window replays the later windows' graph;
-- the grad mode: passes without gradient (`sleep.grad_passes`) have a graph of their own.
+- the grad mode: passes without gradient (`sleep.grad_passes`) have a graph of their own;
+- under sliding eviction, the attention and convolution caches: the first window has none, the
+  next ones a growing then steady span (the quickstart's blocks at N=3: 7 graphs, against 4 under
+  hard eviction).
 N, random or not, changes how often a graph is replayed, not which. torch.compile's per-function
 limit of graphs is made an error (`fail_on_recompile_limit_hit`) rather than a silent fall back to
 eager.
@@ -35,6 +38,9 @@ from sleepscale.config import ConfigError
 from sleepscale.model.hybrid import HybridLM
 
 
+RECOMPILE_LIMIT = 16  # graphs of `Block.forward`, all block kinds together (the quickstart needs 4; sliding 7)
+
+
 def compile_blocks(model: HybridLM, device: torch.device, backend: str = "inductor") -> HybridLM:
     """Compiles, in place, each block `model` holds; returns `model`. `backend`: torch.compile's."""
     if device.type == "cuda" and model.config.backend in ("auto", "fla", "window"):
@@ -42,6 +48,9 @@ def compile_blocks(model: HybridLM, device: torch.device, backend: str = "induct
             "train.compile on CUDA: fla's and our Triton delta-rule kernels are not yet registered as custom ops "
             "torch.compile can keep opaque (issue #29); set model.backend=torch or train.compile=false"
         )
+    # Blocks of every kind share `Block.forward`, whose graphs torch.compile counts together: room for
+    # each kind's few (the module docstring; sliding eviction's caches add the first windows'), then an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     for index in model.held:
         model.layers[index].compile(fullgraph=True, dynamic=False, backend=backend)
