@@ -37,7 +37,6 @@ import torch._dynamo
 from sleepscale.config import ConfigError
 from sleepscale.model.hybrid import HybridLM
 
-
 RECOMPILE_LIMIT = 16  # graphs of `Block.forward`, all block kinds together (the quickstart needs 4; sliding 7)
 
 
