@@ -568,9 +568,9 @@ class Config(Section):
         refused = [
             (
                 "model.backend",
-                self.model.backend in ("fla", "window"),
-                "fla's and our Triton kernels are not yet "
-                "registered as custom ops torch.compile keeps opaque; use model.backend torch or auto (on a CPU)",
+                self.model.backend == "fla",
+                "fla's kernels are not yet registered as custom operators torch.compile keeps opaque; use "
+                "model.backend window (our Triton kernel, windows of at most 64 tokens) or torch",
             ),
             ("parallel.tensor", self.parallel.tensor > 1, "tensor parallelism's collectives are not compiled yet"),
             ("parallel.pipeline", self.parallel.pipeline > 1, "the pipeline stage is not compiled yet"),

@@ -2,6 +2,11 @@
 graph break, and one graph per block kind and window length whatever N."""
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from sleepscale.parallel.compile import compile_blocks
 from sleepscale.sleep import sleep_forward
 
 CPU = torch.device("cpu")
+TESTS = Path(__file__).parent
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +149,21 @@ def test_a_compiled_training_run_follows_the_eager_one(tmp_path):
     assert sorted(compiled) == [1, 2, 3, 4]
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-4), (step, compiled[step], loss)
+
+
+@pytest.mark.slow
+def test_the_triton_window_kernel_stays_opaque_under_compile():
+    """Our Triton window kernel (`sleepscale::window_delta_rule`, a custom operator) under torch.compile
+    through Triton's CPU interpreter: no graph break, and outputs and gradients equal to eager, for the
+    operator and for a model on `model.backend: window`."""
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "kernel_window_compiled.py")],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found == {"graph_breaks": 0, "op": 0.0, "model": 0.0}

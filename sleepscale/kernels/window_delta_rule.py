@@ -19,9 +19,9 @@ state in registers) and the backward is one launch too, with the L2 norms and th
 
 Backward: each program first re-runs its forward, writing the states S_0 .. S_{T-1} to a transient
 global scratch, then walks the tokens in reverse with the running gradient of the state (the
-derivation is in `_window_bwd_kernel`'s comments). The scratch is allocated by the autograd Function
-in `backward` and freed when it returns: 4 * T * K * V bytes per (batch, value head) in float32
-(8 in float64), e.g. 4 MiB at T = 64, K = V = 128, so 512 MiB for 8 sequences x 16 value heads.
+derivation is in `_window_bwd_kernel`'s comments). The scratch is allocated by the backward operator
+(`sleepscale::window_delta_rule_backward`) and freed when it returns: 4 * T * K * V bytes per (batch,
+value head) in float32 (8 in float64), e.g. 4 MiB at T = 64, K = V = 128, so 512 MiB for 8 sequences x 16 value heads.
 Between forward and backward only the inputs are kept, nothing per step. Gradients of q and k are
 computed per value head into [B, T, HV, K] buffers (compute dtype) and summed over each group of value
 heads in PyTorch (no atomics); those of A_log and dt_bias are written per (batch, token, value
@@ -300,93 +300,164 @@ def _launch_settings(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> di
     }
 
 
-class WindowGatedDeltaRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, a, b, A_log, dt_bias, initial_state, scale):
-        q, k, v, a, b, A_log, dt_bias = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias))
-        if initial_state is not None:
-            initial_state = initial_state.contiguous()
-        batch, length = q.shape[:2]
-        value_heads = v.shape[2]
-        dtype = _compute_dtype(q, k, v)
-        settings = _launch_settings(q, v, dtype)
-        o = torch.empty_like(v)
-        final_state = torch.empty(batch, value_heads, q.shape[-1], v.shape[-1], device=v.device, dtype=dtype)
-        _window_fwd_kernel[(batch * value_heads,)](
-            q,
-            k,
-            v,
-            a,
-            b,
-            A_log,
-            dt_bias,
-            initial_state if initial_state is not None else final_state,
-            o,
-            final_state,
-            torch.full((1,), scale, device=v.device, dtype=dtype),
-            length,
-            HAS_H0=initial_state is not None,
-            **settings,
-        )
-        ctx.save_for_backward(q, k, v, a, b, A_log, dt_bias, initial_state)
-        ctx.scale = scale
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
-        return o, final_state
+# The kernels as two PyTorch custom operators with an autograd formula linking them, rather than an
+# autograd.Function: torch.compile then keeps them opaque (one call each in a graph, never traced into
+# or broken on), and their fake implementations give shapes without launching Triton.
 
-    @staticmethod
-    def backward(ctx, d_output, d_final_state):
-        q, k, v, a, b, A_log, dt_bias, initial_state = ctx.saved_tensors
-        batch, length, heads, key_dim = q.shape
-        value_heads, value_dim = v.shape[2], v.shape[3]
-        dtype = _compute_dtype(q, k, v)
-        settings = _launch_settings(q, v, dtype)
-        if d_output is None:
-            d_output = torch.zeros_like(v)
-        d_output = d_output.contiguous()
-        if d_final_state is not None:
-            d_final_state = d_final_state.contiguous()
 
-        scratch = torch.empty(batch * value_heads, length, key_dim, value_dim, device=v.device, dtype=dtype)
-        dq = torch.empty(batch, length, value_heads, key_dim, device=q.device, dtype=dtype)  # per value head
-        dk = torch.empty_like(dq)
-        dv = torch.empty_like(v)
-        da, db, dA = (torch.empty(batch, length, value_heads, device=v.device, dtype=dtype) for _ in range(3))
-        dh0 = torch.empty(batch, value_heads, key_dim, value_dim, device=v.device, dtype=dtype)
-        _window_bwd_kernel[(batch * value_heads,)](
-            q,
-            k,
-            v,
-            a,
-            b,
-            A_log,
-            dt_bias,
-            initial_state if initial_state is not None else dh0,
-            d_output,
-            d_final_state if d_final_state is not None else dh0,
-            scratch,
-            dq,
-            dk,
-            dv,
-            da,
-            db,
-            dA,
-            dh0,
-            torch.full((1,), ctx.scale, device=v.device, dtype=dtype),
-            length,
-            HAS_H0=initial_state is not None,
-            HAS_DHT=d_final_state is not None,
-            **settings,
-        )
-        del scratch
+@torch.library.custom_op("sleepscale::window_delta_rule", mutates_args=())
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, a, b, A_log, dt_bias = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    batch, length = q.shape[:2]
+    dtype = _compute_dtype(q, k, v)
+    settings = _launch_settings(q, v, dtype)
+    o = torch.empty_like(v)
+    final_state = torch.empty(batch, v.shape[2], q.shape[-1], v.shape[-1], device=v.device, dtype=dtype)
+    _window_fwd_kernel[(batch * v.shape[2],)](
+        q,
+        k,
+        v,
+        a,
+        b,
+        A_log,
+        dt_bias,
+        initial_state if initial_state is not None else final_state,
+        o,
+        final_state,
+        torch.full((1,), scale, device=v.device, dtype=dtype),
+        length,
+        HAS_H0=initial_state is not None,
+        **settings,
+    )
+    return o, final_state
 
-        groups = value_heads // heads
-        dq = dq.view(batch, length, heads, groups, key_dim).sum(3).to(q.dtype)
-        dk = dk.view(batch, length, heads, groups, key_dim).sum(3).to(k.dtype)
-        d_A_log = dA.sum((0, 1)).to(A_log.dtype)
-        d_dt_bias = da.sum((0, 1)).to(dt_bias.dtype)
-        d_initial = dh0.to(initial_state.dtype) if initial_state is not None else None
-        grads = (dq, dk, dv, da.to(a.dtype), db.to(b.dtype), d_A_log, d_dt_bias, d_initial)
-        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None)
+
+@_forward.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, initial_state, scale):
+    dtype = _compute_dtype(q, k, v)
+    return torch.empty_like(v), v.new_empty((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), dtype=dtype)
+
+
+@torch.library.custom_op("sleepscale::window_delta_rule_backward", mutates_args=())
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    d_output: torch.Tensor,
+    d_final_state: torch.Tensor | None,
+    scale: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """The gradients of q, k, v, a, b, A_log, dt_bias and the initial state (zeros without one)."""
+    q, k, v, a, b, A_log, dt_bias, d_output = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias, d_output))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if d_final_state is not None:
+        d_final_state = d_final_state.contiguous()
+    batch, length, heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[2], v.shape[3]
+    dtype = _compute_dtype(q, k, v)
+    settings = _launch_settings(q, v, dtype)
+    scratch = torch.empty(batch * value_heads, length, key_dim, value_dim, device=v.device, dtype=dtype)
+    dq = torch.empty(batch, length, value_heads, key_dim, device=q.device, dtype=dtype)  # per value head
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    da, db, dA = (torch.empty(batch, length, value_heads, device=v.device, dtype=dtype) for _ in range(3))
+    dh0 = torch.empty(batch, value_heads, key_dim, value_dim, device=v.device, dtype=dtype)
+    _window_bwd_kernel[(batch * value_heads,)](
+        q,
+        k,
+        v,
+        a,
+        b,
+        A_log,
+        dt_bias,
+        initial_state if initial_state is not None else dh0,
+        d_output,
+        d_final_state if d_final_state is not None else dh0,
+        scratch,
+        dq,
+        dk,
+        dv,
+        da,
+        db,
+        dA,
+        dh0,
+        torch.full((1,), scale, device=v.device, dtype=dtype),
+        length,
+        HAS_H0=initial_state is not None,
+        HAS_DHT=d_final_state is not None,
+        **settings,
+    )
+    del scratch
+    groups = value_heads // heads
+    dq = dq.view(batch, length, heads, groups, key_dim).sum(3).to(q.dtype)
+    dk = dk.view(batch, length, heads, groups, key_dim).sum(3).to(k.dtype)
+    d_initial = dh0 if initial_state is None else dh0.to(initial_state.dtype)
+    return (
+        dq,
+        dk,
+        dv,
+        da.to(a.dtype),
+        db.to(b.dtype),
+        dA.sum((0, 1)).to(A_log.dtype),
+        da.sum((0, 1)).to(dt_bias.dtype),
+        d_initial,
+    )
+
+
+@_backward.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, initial_state, d_output, d_final_state, scale):
+    dtype = _compute_dtype(q, k, v)
+    state = v.new_empty((q.shape[0], v.shape[2], q.shape[-1], v.shape[-1]), dtype=dtype)
+    d_initial = state if initial_state is None else torch.empty_like(initial_state)
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(a),
+        torch.empty_like(b),
+        torch.empty_like(A_log),
+        torch.empty_like(dt_bias),
+        d_initial,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    *tensors, scale = inputs
+    ctx.save_for_backward(*tensors)  # the inputs only: nothing per token is kept
+    ctx.scale = scale
+
+
+def _autograd_backward(ctx, d_output, d_final_state):
+    q, k, v, a, b, A_log, dt_bias, initial_state = ctx.saved_tensors
+    if d_output is None:
+        d_output = torch.zeros_like(v)
+    grads = list(_backward(q, k, v, a, b, A_log, dt_bias, initial_state, d_output, d_final_state, ctx.scale))
+    if initial_state is None:
+        grads[-1] = None
+    return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check(q, k, v, a, b, A_log, dt_bias, initial_state) -> None:
@@ -448,4 +519,4 @@ def window_gated_delta_rule(
     float64 for float64 inputs). Differentiable in every tensor input, through both outputs."""
     _check(q, k, v, a, b, A_log, dt_bias, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return WindowGatedDeltaRule.apply(q, k, v, a, b, A_log, dt_bias, initial_state, scale)
+    return _forward(q, k, v, a, b, A_log, dt_bias, initial_state, scale)

@@ -22,9 +22,12 @@ N, random or not, changes how often a graph is replayed, not which. torch.compil
 limit of graphs is made an error (`fail_on_recompile_limit_hit`) rather than a silent fall back to
 eager.
 
-Only what can compile is let through (`Config` refuses the rest in one line): the PyTorch delta
-rule (`model.backend` torch, or auto on a CPU), no tensor or pipeline parallelism, ZeRO below 3,
-and recomputation forms none, pass, block, nested and window.
+The delta rule's kernels stay opaque: our Triton window kernel is a pair of custom operators
+(`sleepscale::window_delta_rule` and its backward, `sleepscale.kernels.window_delta_rule`), one call
+each in a graph; the PyTorch delta rule is traced like any other code. Only what can compile is let
+through (`Config` and `compile_blocks` refuse the rest in one line): `model.backend` torch or window,
+or auto on a CPU (on CUDA auto may pick fla's kernels, not custom operators yet); no tensor or
+pipeline parallelism; ZeRO below 3; recomputation forms none, pass, block, nested and window.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ RECOMPILE_LIMIT = 16  # graphs of `Block.forward`, all block kinds together (the
 
 def compile_blocks(model: HybridLM, device: torch.device, backend: str = "inductor") -> HybridLM:
     """Compiles, in place, each block `model` holds; returns `model`. `backend`: torch.compile's."""
-    if device.type == "cuda" and model.config.backend in ("auto", "fla", "window"):
+    if device.type == "cuda" and model.config.backend in ("auto", "fla"):
         raise ConfigError(
-            "train.compile on CUDA: fla's and our Triton delta-rule kernels are not yet registered as custom ops "
-            "torch.compile can keep opaque (issue #29); set model.backend=torch or train.compile=false"
+            f"train.compile on CUDA with model.backend {model.config.backend}: fla's kernels, which auto picks "
+            "beyond our window kernel's reach, are not yet custom operators torch.compile keeps opaque; set "
+            "model.backend=window (windows of at most 64 tokens) or torch"
         )
     # Blocks of every kind share `Block.forward`, whose graphs torch.compile counts together: room for
     # each kind's few (the module docstring; sliding eviction's caches add the first windows'), then an error.
