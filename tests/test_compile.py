@@ -78,8 +78,7 @@ def test_compiled_blocks_give_the_eager_values():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("passes", "checkpoint", "eviction"),
-    [  # with the fast test's N=3 `pass` hard and the trainer's N=2 `none` hard
-        (1, "none", "hard"),
+    [  # with the fast test's N=3 `pass` hard and the trainer's N=2 `none` hard (inductor's)
         (1, "pass", "sliding"),
         (3, "none", "sliding"),
         (3, "window", "hard"),
@@ -88,12 +87,6 @@ def test_compiled_blocks_give_the_eager_values():
 )
 def test_compiled_blocks_give_the_eager_values_in_every_setting(passes, checkpoint, eviction):
     _compare("aot_eager", passes=passes, checkpoint=checkpoint, eviction=eviction)
-
-
-@pytest.mark.slow
-def test_inductor_gives_the_eager_values():
-    """Inductor's generated CPU code (fused element-wise kernels: float32 rounding may differ)."""
-    _compare("inductor", passes=3, checkpoint="pass")
 
 
 def test_one_graph_per_block_kind_and_window_length_whatever_n():
@@ -137,8 +130,9 @@ def test_what_cannot_compile_is_refused_in_one_line(overrides, field):
 
 @pytest.mark.slow
 def test_a_compiled_training_run_follows_the_eager_one(tmp_path):
-    """`sleepscale train` with `train.compile: true` (DeepSpeed around compiled blocks, evaluation's
-    no-gradient graphs too): the losses of its steps follow the eager run's."""
+    """`sleepscale train` with `train.compile: true` (inductor's generated code, DeepSpeed around the
+    compiled blocks, evaluation's no-gradient graphs too): the losses of its steps follow the eager
+    run's (inductor's fused reductions round differently: 1e-4)."""
     data = tmp_path / "rule110"
     settings = {"train": {"steps": 4}, "eval": {"passes": [1, 2], "batch_size": 16, "every": 4}}
     eager_run, compiled_run = tmp_path / "eager", tmp_path / "compiled"
