@@ -305,6 +305,11 @@ def _launch_settings(q: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> di
 # or broken on), and their fake implementations give shapes without launching Triton.
 
 
+def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The kernels read dense row-major tensors; None (an absent initial state or gradient) stays None."""
+    return [None if x is None else x.contiguous() for x in tensors]
+
+
 @torch.library.custom_op("sleepscale::window_delta_rule", mutates_args=())
 def _forward(
     q: torch.Tensor,
@@ -317,9 +322,7 @@ def _forward(
     initial_state: torch.Tensor | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v, a, b, A_log, dt_bias = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
+    q, k, v, a, b, A_log, dt_bias, initial_state = _contiguous(q, k, v, a, b, A_log, dt_bias, initial_state)
     batch, length = q.shape[:2]
     dtype = _compute_dtype(q, k, v)
     settings = _launch_settings(q, v, dtype)
@@ -367,11 +370,9 @@ def _backward(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """The gradients of q, k, v, a, b, A_log, dt_bias and the initial state (zeros without one)."""
-    q, k, v, a, b, A_log, dt_bias, d_output = (x.contiguous() for x in (q, k, v, a, b, A_log, dt_bias, d_output))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    if d_final_state is not None:
-        d_final_state = d_final_state.contiguous()
+    q, k, v, a, b, A_log, dt_bias, initial_state, d_output, d_final_state = _contiguous(
+        q, k, v, a, b, A_log, dt_bias, initial_state, d_output, d_final_state
+    )
     batch, length, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2], v.shape[3]
     dtype = _compute_dtype(q, k, v)
