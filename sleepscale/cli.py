@@ -149,18 +149,42 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--data", help="dataset directory whose tokenizer to use (default: the run's data.path)")
-    evaluate = commands.add_parser("eval", help="accuracy per difficulty and per N of a checkpoint")
-    evaluate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    evaluate = commands.add_parser(
+        "eval", help="accuracy per difficulty and per N of a checkpoint, or lm-evaluation-harness tasks (--lm-eval)"
+    )
+    evaluate.add_argument(
+        "checkpoint",
+        help="a run directory (its latest checkpoint) or a checkpoint directory; with --lm-eval also a model directory",
+    )
     evaluate.add_argument("--data", help="dataset directory (default: the run's data.path)")
     evaluate.add_argument("--split", default="validation")
     evaluate.add_argument(
         "--passes", default=None, help="comma-separated N values, e.g. 1,2,4 (default: the run's eval.passes)"
     )
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int, default=32, help="samples (with --lm-eval: requests) at once")
     evaluate.add_argument("--max-batches", type=int, default=None)
-    evaluate.add_argument("--out", default=None, help="CSV file for the table (default: <checkpoint>/eval-<split>.csv)")
+    evaluate.add_argument(
+        "--out",
+        default=None,
+        help="CSV file for the table (default: <checkpoint>/eval-<split>.csv); with --lm-eval the harness's "
+        "results as JSON (default: <checkpoint>/lm-eval.json, or ./lm-eval.json for a model directory)",
+    )
     evaluate.add_argument(
         "--no-mlflow", action="store_true", help="do not log the table to the checkpoint's MLflow run"
+    )
+    evaluate.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="comma-separated lm-evaluation-harness tasks instead: harness task names, local tasks shipped "
+        "with sleepscale (rule110_choice, math_generation) or task YAML files with local data",
+    )
+    evaluate.add_argument("--limit", type=int, help="--lm-eval: at most this many documents per task")
+    evaluate.add_argument("--window", type=int, help="--lm-eval on a model directory: the sleep window L (tokens)")
+    evaluate.add_argument(
+        "--tokenizer", help="--lm-eval: a tokenizer.json (default: the run's dataset's, or the model directory's)"
+    )
+    evaluate.add_argument(
+        "--max-length", type=int, help="--lm-eval: read at most the last this-many tokens of a request (default: all)"
     )
     evaluate.add_argument(
         "--generate",

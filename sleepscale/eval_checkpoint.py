@@ -1,27 +1,27 @@
 """`sleepscale eval`: a checkpoint's accuracy table (`sleepscale.eval`) over a dataset split, printed,
-written as CSV and logged to the MLflow run that wrote the checkpoint."""
+written as CSV and logged to the MLflow run that wrote the checkpoint; with `--lm-eval`, the tasks of
+lm-evaluation-harness instead (`sleepscale.harness.command`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sleepscale.config import ConfigError
 from sleepscale.data.loader import ShardLoader
 from sleepscale.eval import evaluate, format_table, metrics, write_csv
-from sleepscale.tracking import Tracker
+from sleepscale.tracking import log_to_checkpoint_run
 from sleepscale.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
 
 
 def evaluate_checkpoint(args) -> None:
+    passes = parse_passes(args.passes)
+    if args.lm_eval:
+        from sleepscale.harness.command import run_harness  # imports lm-evaluation-harness (~2 s)
+
+        return run_harness(args, passes)
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, config = load_model_from_checkpoint(checkpoint)
-    try:
-        passes = [int(n) for n in args.passes.split(",")] if args.passes else config.eval.passes
-    except ValueError:
-        raise ConfigError(f"--passes {args.passes!r}: give comma-separated integers such as 1,2,4") from None
-    if min(passes) < 1:
-        raise ConfigError(f"--passes {args.passes!r}: every N must be >= 1")
+    passes = passes or config.eval.passes
     data = args.data or config.data.path
     loader = ShardLoader(data, args.split, batch_size=args.batch_size, shuffle=False)
     batches = [batch for index, batch in enumerate(loader) if args.max_batches is None or index < args.max_batches]
@@ -34,16 +34,19 @@ def evaluate_checkpoint(args) -> None:
         log_evaluation(checkpoint, config, rows, out, args.split)
 
 
+def parse_passes(text: str | None) -> list[int] | None:
+    """`--passes 1,2,4` (None when not given)."""
+    if not text:
+        return None
+    try:
+        passes = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--passes {text!r}: give comma-separated integers such as 1,2,4") from None
+    if min(passes) < 1:
+        raise ConfigError(f"--passes {text!r}: every N must be >= 1")
+    return passes
+
+
 def log_evaluation(checkpoint: Path, config, rows: list[dict], csv_path: Path, split: str) -> None:
     """Adds the table to the MLflow run that wrote the checkpoint, at the checkpoint's step."""
-    progress = json.loads((checkpoint / "trainer.json").read_text())["progress"]
-    if not progress.get("mlflow_run_id"):
-        print("the checkpoint's run had no MLflow run; table not logged")
-        return
-    tracker = Tracker(config, checkpoint.parent.parent, enabled=True)
-    if tracker.start(progress["mlflow_run_id"], tags={}) is None:
-        return  # the tracker has said why
-    tracker.log_metrics(metrics(rows, prefix=split), progress["step"])
-    tracker.log_artifact(csv_path)
-    tracker.finish()
-    print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")
+    log_to_checkpoint_run(checkpoint, config, metrics(rows, prefix=split), csv_path)

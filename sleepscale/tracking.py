@@ -123,3 +123,19 @@ class Tracker:
             import mlflow  # ~2 s: only with tracking on
 
             self._guard("end_run", mlflow.end_run, status=status)
+
+
+def log_to_checkpoint_run(checkpoint: Path, config, values: dict[str, float], artifact: Path) -> None:
+    """Adds `values` (metrics) and the file `artifact` to the MLflow run that wrote the checkpoint, at
+    the checkpoint's step."""
+    progress = json.loads((checkpoint / "trainer.json").read_text())["progress"]
+    if not progress.get("mlflow_run_id"):
+        print("the checkpoint's run had no MLflow run; results not logged")
+        return
+    tracker = Tracker(config, checkpoint.parent.parent, enabled=True)
+    if tracker.start(progress["mlflow_run_id"], tags={}) is None:
+        return  # the tracker has said why
+    tracker.log_metrics(values, progress["step"])
+    tracker.log_artifact(artifact)
+    tracker.finish()
+    print(f"logged to MLflow run {progress['mlflow_run_id']} ({tracker.uri})")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hf_models import COMMON, VOCAB, hf_config, hf_model
 
 from sleepscale.config import ConfigError, validate
 from sleepscale.config_loading import load_config
@@ -19,70 +20,8 @@ from sleepscale.model import build_model
 from sleepscale.model.weights import SafetensorsFiles, load_weights
 from sleepscale.sleep import sleep_forward
 
-VOCAB, LENGTH = 64, 24
+LENGTH = 24
 TESTS = Path(__file__).parent
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-
-
-def _hf_config(family: str):
-    import transformers
-
-    if family == "llama":  # biases on all four projections, Llama 3 RoPE scaling
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-        return transformers.LlamaConfig(**COMMON, attention_bias=True, rope_parameters=rope)
-    if family == "qwen2":  # q/k/v biases, tied embeddings
-        return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
-    if family == "qwen3":  # per-head q/k norms, head_dim not hidden / heads
-        return transformers.Qwen3Config(**COMMON, head_dim=16)
-    if family == "qwen3_5":  # GDN with grouped value heads, gated partial-rotary attention, zero-centred norms
-        return transformers.Qwen3_5TextConfig(
-            **COMMON,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=8,
-            linear_value_head_dim=12,
-            layer_types=["linear_attention", "full_attention"] * 2,
-        )
-    raise ValueError(family)
-
-
-def _torch_gdn_path():
-    """transformers picks fla's Triton kernels when fla is importable; use its PyTorch reference."""
-    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
-
-    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule"):
-        function = getattr(qwen3_5, name)
-        setattr(qwen3_5, name, getattr(function, "__wrapped__", function))
-
-
-def _hf_model(family: str):
-    import transformers
-
-    _torch_gdn_path()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_hf_config(family)).eval()
-    with torch.no_grad():  # values away from the initialisation everywhere, norms and biases included
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.3)
-    return model
-
-
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_5"]
 
 
@@ -90,7 +29,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_5"]
 def converted(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(family)
-    hf = _hf_model(family)
+    hf = hf_model(family)
     hf.save_pretrained(root / "hf", max_shard_size="40KB")  # several shards, read lazily
     ours_dir = convert_from_hf(root / "hf", root / "ours")
     description = read_description(ours_dir)
@@ -209,7 +148,7 @@ def test_config_fills_the_model_section_from_init_from(converted, tmp_path):
 
 
 def test_insertion_keeps_the_logits_and_writes_the_two_stage_config(tmp_path):
-    hf = _hf_model("llama")
+    hf = hf_model("llama")
     hf.save_pretrained(tmp_path / "hf")
     ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours", insert_gdn=2)
     description = read_description(ours_dir)
@@ -235,7 +174,7 @@ def test_insertion_recipe_trains_the_inserted_blocks_first(tmp_path):
     from sleepscale.data.build import build_task_dataset
     from sleepscale.data.rule110 import Rule110Task
 
-    hf = _hf_model("llama")
+    hf = hf_model("llama")
     hf.save_pretrained(tmp_path / "hf")
     ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours", insert_gdn=2)
     build_task_dataset(Rule110Task([0, 1], 8, 2), tmp_path / "data", 0, 64, 16, 32)
@@ -280,7 +219,7 @@ def _convert_cli(*args):
 def test_unsupported_checkpoints_are_one_line(tmp_path, config, message):
     source = tmp_path / "hf"
     source.mkdir()
-    base = json.loads(_hf_config("llama").to_json_string())
+    base = json.loads(hf_config("llama").to_json_string())
     (source / "config.json").write_text(json.dumps({**base, **config}))
     result = _convert_cli(source, tmp_path / "out")
     assert result.returncode == 2, result.stderr
@@ -411,7 +350,7 @@ def test_zero3_run_from_a_model_directory_trains_as_zero0(tmp_path):
     from sleepscale.data.build import build_task_dataset
     from sleepscale.data.rule110 import Rule110Task
 
-    _hf_model("qwen3_5").save_pretrained(tmp_path / "hf")
+    hf_model("qwen3_5").save_pretrained(tmp_path / "hf")
     ours_dir = convert_from_hf(tmp_path / "hf", tmp_path / "ours")
     build_task_dataset(Rule110Task([1], 8, 2), tmp_path / "data", 0, 64, 16, 32)
     recorded = {}
@@ -459,7 +398,7 @@ def test_the_text_model_of_a_multimodal_qwen3_5_checkpoint(tmp_path):
     text_config, beside a vision tower: the text model converts, and exports as Qwen3_5ForCausalLM."""
     from safetensors.torch import save_file
 
-    hf, root = _hf_model("qwen3_5"), tmp_path
+    hf, root = hf_model("qwen3_5"), tmp_path
     hf.save_pretrained(root / "hf")
     text = SafetensorsFiles(root / "hf")
     source = tmp_path / "multimodal"

@@ -125,7 +125,12 @@ def convert_from_hf(
         "inserted_blocks": inserted,
     }
     extra = {INSERTION_CONFIG: insertion_config(out, inserted)} if inserted else {}
+    # The source's tokenizer, for whoever evaluates or generates with the model (`sleepscale.harness`).
+    extra.update({name: (source / name).read_text() for name in TOKENIZER_FILES if (source / name).is_file()})
     return write_model_dir(out, description, tensors(), shard_bytes, extra)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 INSERTION_CONFIG = "train.yaml"
@@ -210,10 +215,12 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
         description = read_description(source)
         section, weights = description["model"], SafetensorsFiles(source)
         get = weights.get
+        model_dir = source
     else:
         model, config = load_model_from_checkpoint(_checkpoint_in(source))
         section = config.model.model_dump(mode="json")
-        description = read_description(config.model.init_from) if config.model.init_from else {"source": None}
+        model_dir = Path(config.model.init_from) if config.model.init_from else None
+        description = read_description(model_dir) if model_dir else {"source": None}
         state = dict(model.named_parameters())
         get = lambda name, rows=None: state[name].detach() if rows is None else state[name].detach()[rows[0] : rows[1]]  # noqa: E731
     if description.get("inserted_blocks"):
@@ -239,7 +246,10 @@ def export_to_hf(source: str | Path, out: str | Path, shard_bytes: int = SHARD_B
             parts = sorted(parts, key=lambda piece: piece.rows or (0, 0))
             yield name, torch.cat([get(piece.ours) for piece in parts]) if len(parts) > 1 else get(parts[0].ours)
 
-    return write_safetensors_dir(out, tensors(), {"config.json": json.dumps(hf, indent=2)}, shard_bytes)
+    files = {"config.json": json.dumps(hf, indent=2)}
+    if model_dir is not None:  # the tokenizer the import copied, back beside the weights
+        files.update({name: (model_dir / name).read_text() for name in TOKENIZER_FILES if (model_dir / name).is_file()})
+    return write_safetensors_dir(out, tensors(), files, shard_bytes)
 
 
 def _checkpoint_in(source: Path) -> Path:

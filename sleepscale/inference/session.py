@@ -81,17 +81,19 @@ class SleepingSession:
         return torch.stack(self._read(list(tokens), rectangle=tokens))
 
     @torch.no_grad()
-    def feed_each(self, tokens: Sequence[torch.Tensor | Sequence[int]]) -> list[torch.Tensor]:
+    def feed_each(self, tokens: Sequence[torch.Tensor | Sequence[int]], logits: bool = True) -> list[torch.Tensor]:
         """Reads a different number of tokens into each stream (`tokens[i]` [n_i], possibly empty)
-        and returns each stream's logits [n_i, vocab]. Streams of different lengths then decode
-        together: `generate` reads one token into every stream per step, in one forward."""
+        and returns each stream's logits [n_i, vocab] (nothing without `logits`: a prompt read only
+        to be continued, whose last logits `generate` still starts from). Streams of different
+        lengths then decode together: `generate` reads one token into every stream per step, in one
+        forward."""
         if len(tokens) != self.batch_size:
             raise ValueError(f"feed_each takes one token list per stream ({self.batch_size}), got {len(tokens)}")
         tokens = [torch.as_tensor(t, dtype=torch.long, device=self.device) for t in tokens]
         if any(t.dim() != 1 for t in tokens) or not any(t.numel() for t in tokens):
             raise ValueError("feed_each takes a flat list of token ids per stream, at least one token in all")
         self._check_vocabulary(torch.cat(tokens))
-        return self._read(tokens)
+        return self._read(tokens, keep_logits=logits)
 
     def _check_vocabulary(self, tokens: torch.Tensor) -> None:
         vocab = self.model.config.vocab_size
