@@ -264,3 +264,21 @@ def test_conversion_carries_the_tokenizer_there_and_back(converted, tmp_path):
     back = export_to_hf(ours_dir, tmp_path / "back")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (ours_dir / name).read_text() == (hf_dir / name).read_text() == (back / name).read_text()
+
+
+def test_max_length_cuts_as_the_harness_hf_model_does(converted):
+    """With max_length=6 the last 6 tokens of each request are read, and documents are scored in the
+    harness's rolling windows of 6: the same numbers as the `hf` model given that max_length."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf_dir, ours_dir = converted
+    harness_hf = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=1, max_length=6)
+    ours = SleepingLM(pretrained=str(ours_dir), window=128, batch_size=3, max_length=6)
+    requests = [(c, x) for c, x in LOGLIKELIHOOD if c and len(ours.tok_encode(c + x)) > 7 > len(ours.tok_encode(x))]
+    assert len(requests) >= 2
+    got = [score for score, _ in ours.loglikelihood(_requests("loglikelihood", requests))]
+    assert got == pytest.approx(
+        [s for s, _ in harness_hf.loglikelihood(_requests("loglikelihood", requests))], rel=1e-4
+    )
+    rolling = _requests("loglikelihood_rolling", [(TEXTS[1],)])
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(harness_hf.loglikelihood_rolling(rolling), rel=1e-4)
