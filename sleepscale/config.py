@@ -573,7 +573,6 @@ class Config(Section):
                 "model.backend window (our Triton kernel, windows of at most 64 tokens) or torch",
             ),
             ("parallel.tensor", self.parallel.tensor > 1, "tensor parallelism's collectives are not compiled yet"),
-            ("parallel.pipeline", self.parallel.pipeline > 1, "the pipeline stage is not compiled yet"),
             (
                 "train.zero_stage",
                 self.train.zero_stage == 3,

@@ -3,6 +3,8 @@ single-process engine, same weights, several micro-batches; rank 0 writes a JSON
 
     torchrun --nproc_per_node P tests/pipeline_ranks.py OUT.json [--tensor 2]
 
+Cases: eviction, N=1, recomputation with truncation, a loop spanning stages, sleep on the context,
+and (without tensor parallelism) each stage's blocks compiled as `train.compile` compiles them.
 Per case: the largest relative differences of loss, logits (forward only) and gradients; whether
 every parameter of the model has its gradient on exactly one stage; whether the transfers every
 rank posted pair up one to one with its peers'; the threads alive during the step; and the peak
@@ -18,6 +20,7 @@ import torch.distributed as dist
 from conftest import make_config
 
 from sleepscale.model import build_model
+from sleepscale.parallel.compile import compile_blocks
 from sleepscale.parallel.groups import init_parallel_groups
 from sleepscale.parallel.pipeline import run_step
 from sleepscale.parallel.pipeline_stage import PipelineStage
@@ -41,6 +44,11 @@ def micro_batches(count: int, lengths=(20, 20, 13)) -> list[tuple[torch.Tensor, 
     return batches
 
 
+def _threads() -> int:
+    """Threads alive, but tqdm's monitor, which torch.compile's first compilation starts (not the pipeline's)."""
+    return sum(thread.name != "tqdm_monitor" for thread in threading.enumerate())
+
+
 def build(case: dict, groups):
     config = make_config(
         pattern=case["pattern"],
@@ -54,7 +62,10 @@ def build(case: dict, groups):
     model = build_model(config.model).double()
     if groups.tensor.size() > 1:
         parallelize_tensor(model, groups.tensor)
-    return config, PipelineStage(model, config.model.stage_ranges, groups.pipeline.rank())
+    stage = PipelineStage(model, config.model.stage_ranges, groups.pipeline.rank())
+    if case.get("compiled"):  # the stage's blocks, as `train.compile` compiles them (aot_eager: no C++ build)
+        compile_blocks(stage.model, torch.device("cpu"), backend="aot_eager")
+    return config, stage
 
 
 def saved_bytes_peak(function) -> int:
@@ -95,7 +106,7 @@ def compare(case: dict, groups) -> dict:
         config.sleep.window,
         in_flight=groups.pipeline.size(),
         backward=lambda tensors, grads: (
-            threads.append(threading.active_count()),
+            threads.append(_threads()),
             torch.autograd.backward(tensors, grads),
         ),
     )
@@ -229,7 +240,11 @@ def main():
         "prelude-coda": {"pattern": "GA|GA" if two else "G|A|G|A", "eviction": "hard", "loop": [1, 3]},
         "sleep-on-context": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "hard", "sleep_on": "context"},
     }
+    if groups.tensor.size() == 1:  # train.compile refuses tensor parallelism
+        cases["compiled"] = {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "sliding", "compiled": True}
     report = {name: compare(case, groups) for name, case in cases.items()}
+    if "compiled" in report:  # graphs torch.compile made on this rank (the compiled case is the only one compiled)
+        report["compiled"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     report["saved_bytes"] = saved_bytes(groups)
     report["forms"] = recomputation_forms(groups)
     if dist.get_rank() == 0:

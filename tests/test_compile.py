@@ -110,7 +110,6 @@ def test_one_graph_per_block_kind_and_window_length_whatever_n():
     [
         ({"model": {"backend": "fla"}}, "model.backend"),
         ({"parallel": {"tensor": 2}}, "parallel.tensor"),
-        ({"parallel": {"pipeline": 2}, "model": {"pattern": "AG|AG"}}, "parallel.pipeline"),
         ({"train": {"zero_stage": 3}}, "train.zero_stage"),
         ({"sleep": {"checkpoint": "selective"}}, "sleep.checkpoint"),
     ],

@@ -32,7 +32,8 @@ def test_statically_scheduled_pipeline_equals_the_single_process(tmp_path, ranks
     report = json.loads(out.read_text())
     saved = report.pop("saved_bytes")
     forms = report.pop("forms")
-    assert set(report) == CASES
+    assert set(report) == CASES | ({"compiled"} if tensor == 1 else set())
+    assert tensor > 1 or report["compiled"].pop("graphs") > 0  # the stage's blocks did run compiled
     # float64 throughout, but the vocab-parallel cross-entropy of tensor parallelism computes in float32
     tolerance = 1e-12 if tensor == 1 else 1e-6
     for case, result in report.items():

@@ -26,8 +26,9 @@ The delta rule's kernels stay opaque: our Triton window kernel is a pair of cust
 (`sleepscale::window_delta_rule` and its backward, `sleepscale.kernels.window_delta_rule`), one call
 each in a graph; the PyTorch delta rule is traced like any other code. Only what can compile is let
 through (`Config` and `compile_blocks` refuse the rest in one line): `model.backend` torch or window,
-or auto on a CPU (on CUDA auto may pick fla's kernels, not custom operators yet); no tensor or
-pipeline parallelism; ZeRO below 3; recomputation forms none, pass, block, nested and window.
+or auto on a CPU (on CUDA auto may pick fla's kernels, not custom operators yet); no tensor
+parallelism (a pipeline stage compiles the blocks it holds); ZeRO below 3; recomputation forms none,
+pass, block, nested and window.
 """
 
 from __future__ import annotations
