@@ -566,12 +566,6 @@ class Config(Section):
     def _check_compile(self) -> None:
         """What `train.compile` cannot compile yet (`sleepscale.parallel.compile`), refused in one line."""
         refused = [
-            (
-                "model.backend",
-                self.model.backend == "fla",
-                "fla's kernels are not yet registered as custom operators torch.compile keeps opaque; use "
-                "model.backend window (our Triton kernel, windows of at most 64 tokens) or torch",
-            ),
             ("parallel.tensor", self.parallel.tensor > 1, "tensor parallelism's collectives are not compiled yet"),
             (
                 "train.zero_stage",

@@ -108,7 +108,6 @@ def test_one_graph_per_block_kind_and_window_length_whatever_n():
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"model": {"backend": "fla"}}, "model.backend"),
         ({"parallel": {"tensor": 2}}, "parallel.tensor"),
         ({"train": {"zero_stage": 3}}, "train.zero_stage"),
         ({"sleep": {"checkpoint": "selective"}}, "sleep.checkpoint"),
@@ -160,3 +159,20 @@ def test_the_triton_window_kernel_stays_opaque_under_compile():
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found == {"graph_breaks": 0, "op": 0.0, "model": 0.0}
+
+
+@pytest.mark.slow
+def test_fla_kernels_stay_opaque_under_compile():
+    """fla's Triton kernels (`model.backend: fla`, as custom operators) under torch.compile through
+    Triton's CPU interpreter: no graph break, and logits, loss and gradients equal to eager fla."""
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "kernel_fla_compiled.py")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["graph_breaks"] == 0 and found["graphs"] > 0 and found["model"] < 1e-6, found

@@ -82,7 +82,8 @@ def fla_kernel_for(length: int, needs_grad: bool) -> Literal["chunk", "fused_rec
     return "fused_recurrent" if not needs_grad and length <= FUSED_RECURRENT_MAX_LENGTH else "chunk"
 
 
-def _fla_kernel(name: str):
+def fla_kernel(name: str):
+    """fla's `<name>_gated_delta_rule` (chunk, fused_recurrent)."""
     try:
         from fla.ops import gated_delta_rule as kernels  # ~10 s, and needs a GPU driver: only for fla's kernels
     except ImportError as error:  # no silent fallback to the slow path on a GPU
@@ -160,7 +161,16 @@ def gated_delta_rule(
         return window_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, initial_state=initial_state, scale=scale)
     # fla's kernels do grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in
     # unrepeated, and compute the norms and gates in the kernel.
-    return _fla_kernel(kernel.removeprefix("fla_"))(
+    if torch.compiler.is_compiling():  # fla's entry points would break the graph: its custom operator
+        from sleepscale.ops.fla_operators import fla_gated_delta_rule
+
+        return fla_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, initial_state, scale, kernel.removeprefix("fla_"))
+    return fla_delta_rule(kernel.removeprefix("fla_"), q, k, v, a, b, A_log, dt_bias, initial_state, scale)
+
+
+def fla_delta_rule(kernel: str, q, k, v, a, b, A_log, dt_bias, initial_state, scale):
+    """fla's kernel `kernel` (chunk, fused_recurrent) with its in-kernel L2 norm, gate and beta."""
+    return fla_kernel(kernel)(
         q,
         k,
         v,

@@ -23,12 +23,12 @@ limit of graphs is made an error (`fail_on_recompile_limit_hit`) rather than a s
 eager.
 
 The delta rule's kernels stay opaque: our Triton window kernel is a pair of custom operators
-(`sleepscale::window_delta_rule` and its backward, `sleepscale.kernels.window_delta_rule`), one call
-each in a graph; the PyTorch delta rule is traced like any other code. Only what can compile is let
-through (`Config` and `compile_blocks` refuse the rest in one line): `model.backend` torch or window,
-or auto on a CPU (on CUDA auto may pick fla's kernels, not custom operators yet); no tensor
-parallelism (a pipeline stage compiles the blocks it holds); ZeRO below 3; recomputation forms none,
-pass, block, nested and window.
+(`sleepscale::window_delta_rule` and its backward, `sleepscale.kernels.window_delta_rule`), and so
+are fla's kernels (`sleepscale::fla_gated_delta_rule`, `sleepscale.ops.fla_operators`: its backward
+runs fla's forward again), one call each in a graph; the PyTorch delta rule is traced like any other
+code. Only what can compile is let through (`Config` refuses the rest in one line): no tensor
+parallelism (megatron-core's layers warn and reduce inside the block); a pipeline stage compiles the
+blocks it holds; ZeRO below 3; recomputation forms none, pass, block, nested and window.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import functools
 import torch
 import torch._dynamo
 
-from sleepscale.config import ConfigError
 from sleepscale.model.hybrid import HybridLM
 
 RECOMPILE_LIMIT = 16  # graphs of `Block.forward`, all block kinds together (the quickstart needs 4; sliding 7)
@@ -46,12 +45,6 @@ RECOMPILE_LIMIT = 16  # graphs of `Block.forward`, all block kinds together (the
 
 def compile_blocks(model: HybridLM, device: torch.device, backend: str = "inductor") -> HybridLM:
     """Compiles, in place, each block `model` holds; returns `model`. `backend`: torch.compile's."""
-    if device.type == "cuda" and model.config.backend in ("auto", "fla"):
-        raise ConfigError(
-            f"train.compile on CUDA with model.backend {model.config.backend}: fla's kernels, which auto picks "
-            "beyond our window kernel's reach, are not yet custom operators torch.compile keeps opaque; set "
-            "model.backend=window (windows of at most 64 tokens) or torch"
-        )
     # Blocks of every kind share `Block.forward`, whose graphs torch.compile counts together: room for
     # each kind's few (the module docstring; sliding eviction's caches add the first windows'), then an error.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
