@@ -38,6 +38,9 @@ def test_the_gpu_check_runs_and_writes_its_table(tmp_path):
         errors = [float(cells[3]), float(cells[4]), float(cells[5].split()[0])]
         assert max(errors) < (1e-4 if cells[1] == "float32" else 5e-2), line
     trained = [
-        line for line in table.splitlines() if re.match(r"\| 2 \| (pass|none) \| (all|1) \| (auto|fla) \|", line)
+        line
+        for line in table.splitlines()
+        if re.match(r"\| 2 \| (pass|none) \| (all|1) \| (auto|fla) \| (yes|no) \|", line)
     ]
-    assert len(trained) == 2, table  # the two training settings ran
+    assert len(trained) == 3, table  # the three training settings ran, one compiled
+    assert len([line for line in table.splitlines() if re.match(r"\| [14] \| [0-9.]+ \|$", line)]) == 2, table

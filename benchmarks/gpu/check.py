@@ -6,8 +6,10 @@
 2. Kernel time: ours against fla's chunked kernel, forward and forward+backward with a state, at
    window lengths 24, 64, 75 and 256 (ours takes at most 64).
 3. A ~380M-parameter AGAG... hybrid (bf16 autocast, fused AdamW): tokens/s, peak memory and MFU at
-   N in {1, 2, 4}, with per-pass checkpointing and with `grad_passes: 1`, on each backend; and the
-   host synchronisations in one step (torch.cuda.set_sync_debug_mode).
+   N in {1, 2, 4}, with per-pass checkpointing and with `grad_passes: 1`, on each backend, eager and
+   compiled (`train.compile`, with its compile time); and the host synchronisations in one step
+   (torch.cuda.set_sync_debug_mode).
+4. Decoding: milliseconds per token at N = 1 and 4.
 
 `--cpu-smoke` (`check.sh --smoke`) runs none of that: the tiny model, one eager training step and a
 short decode on the CPU with the PyTorch backend, one table row, no file; it shows that the bundle
@@ -29,6 +31,7 @@ from sleepscale.flops import peak_flops, plan_flops
 from sleepscale.inference import SleepingSession
 from sleepscale.model import HybridLM, build_model
 from sleepscale.ops import gated_delta_rule
+from sleepscale.parallel.compile import compile_blocks
 from sleepscale.sleep import plan_for, sleep_forward
 
 NAMES = ("output", "state", "q", "k", "v", "a", "b", "A_log", "dt_bias", "initial_state")
@@ -166,15 +169,16 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
     shapes = SMOKE_MODEL if smoke else MODEL
     batch, length, window = (1, 16, 8) if smoke else (8, 1024, 64)
     settings = (
-        [(1, "none", None, "auto")]
-        + [(n, "pass", None, "auto") for n in (1, 2, 4)]
-        + [(n, "none", 1, "auto") for n in (2, 4)]
-        + [(4, "pass", None, "fla")]
+        [(1, "none", None, "auto", False)]
+        + [(n, "pass", None, "auto", compiled) for n in (1, 4) for compiled in (False, True)]
+        + [(2, "pass", None, "auto", False)]
+        + [(n, "none", 1, "auto", False) for n in (2, 4)]
+        + [(4, "pass", None, "fla", False), (4, "pass", None, "fla", True)]
     )
     if smoke:
-        settings = [(2, "pass", None, "auto"), (2, "none", 1, "fla")]
+        settings = [(2, "pass", None, "auto", False), (2, "none", 1, "fla", False), (2, "pass", None, "auto", True)]
     cuda = device.type == "cuda"
-    for passes, checkpoint, grad_passes, backend in settings:
+    for passes, checkpoint, grad_passes, backend, compiled in settings:
         config = validate(
             {
                 "model": {**shapes, "backend": backend},
@@ -184,6 +188,8 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
         )
         torch.manual_seed(0)
         model = build_model(config.model, device)
+        if compiled:  # `train.compile`; the smoke run skips inductor's C++ build (aot_eager: the same graphs)
+            compile_blocks(model, device, backend="aot_eager" if smoke else "inductor")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         ids = torch.randint(0, shapes["vocab_size"], (batch, length), device=device)
         targets = ids.roll(-1, 1)
@@ -196,8 +202,10 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(0 if smoke else 2):  # compile and warm up
+        compile_start = time.perf_counter()
+        for _ in range(1 if compiled else 0 if smoke else 2):  # compile and warm up
             step()
+        compile_seconds = f"{time.perf_counter() - compile_start:.0f}" if compiled else "—"
         syncs = "—"
         if cuda:
             torch.cuda.synchronize()
@@ -219,13 +227,41 @@ def model_rows(device, steps: int, smoke: bool) -> list[str]:
         peak = peak_flops(device)
         mfu = f"{flops / seconds / peak:.3f}" if peak else "—"
         rows.append(
-            f"| {passes} | {checkpoint} | {grad_passes or 'all'} | {backend} | {ids.numel() / seconds:,.0f} | "
-            f"{torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | {mfu} | {syncs} |"
+            f"| {passes} | {checkpoint} | {grad_passes or 'all'} | {backend} | {'yes' if compiled else 'no'} | "
+            f"{ids.numel() / seconds:,.0f} | {torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.1f} | "
+            f"{mfu} | {syncs} | {compile_seconds} |"
         )
         print(rows[-1], flush=True)
         model = optimizer = None  # freed before the next setting is built
         if cuda:
             torch.cuda.empty_cache()
+    return rows
+
+
+def decode_rows(device, smoke: bool) -> list[str]:
+    """Milliseconds per decoded token at N = 1 and 4 (a decoded token is one pass whatever N is)."""
+    shapes = SMOKE_MODEL if smoke else MODEL
+    batch, window, tokens = (1, 8, 2) if smoke else (8, 64, 32)
+    rows = []
+    for passes in (1, 4):
+        config = validate({"model": shapes, "sleep": {"window": window, "passes": passes}, "train": {"steps": 1}})
+        torch.manual_seed(0)
+        model = build_model(config.model, device)
+        session = SleepingSession(model, config.sleep, batch_size=batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            # three windows and one token: the decoded tokens then fill the fourth window, no eviction among them
+            session.feed(torch.randint(0, shapes["vocab_size"], (batch, 3 * window + 1), device=device))
+            stream = session.generate(tokens + 1)
+            next(stream)  # the first token comes from the prompt's logits
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in stream:
+                pass
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        rows.append(f"| {passes} | {(time.perf_counter() - start) * 1e3 / tokens:.2f} |")
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -315,10 +351,20 @@ def main():
         f"## Training a {parameters / 1e6:.0f}M-parameter AGAG x6 hybrid (hidden 1024, window 64, 8 x 1024 tokens, "
         f"bf16 autocast, fused AdamW; mean of {args.steps} steps)",
         "",
-        "| N | checkpoint | grad_passes | backend | tokens/s | peak GiB | MFU | host syncs in a step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | checkpoint | grad_passes | backend | compiled | tokens/s | peak GiB | MFU | host syncs in a step | "
+        "compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ] + model_rows(device, args.steps, args.smoke)
-    Path(args.out).write_text("\n".join(lines + kernel + model) + "\n")
+    decode = [
+        "",
+        "## Decoding within a window after a 3-window prompt (`SleepingSession.generate`, batch 8, no CUDA graphs: "
+        "`train.cuda_graphs` does not exist yet)",
+        "",
+        "| N | ms per token |",
+        "| --- | --- |",
+    ] + decode_rows(device, args.smoke)
+    print("\n".join(decode), flush=True)
+    Path(args.out).write_text("\n".join(lines + kernel + model + decode) + "\n")
     print("\n".join(model[:5]), f"\nwritten to {args.out}")
 
 
