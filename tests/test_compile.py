@@ -143,36 +143,31 @@ def test_a_compiled_training_run_follows_the_eager_one(tmp_path):
         assert compiled[step] == pytest.approx(loss, rel=1e-4), (step, compiled[step], loss)
 
 
-@pytest.mark.slow
-def test_the_triton_window_kernel_stays_opaque_under_compile():
-    """Our Triton window kernel (`sleepscale::window_delta_rule`, a custom operator) under torch.compile
-    through Triton's CPU interpreter: no graph break, and outputs and gradients equal to eager, for the
-    operator and for a model on `model.backend: window`."""
+def _interpreted(script: str) -> dict:
+    """The JSON line `script` (in tests/) prints, run in a subprocess under Triton's CPU interpreter."""
     result = subprocess.run(
-        [sys.executable, str(TESTS / "kernel_window_compiled.py")],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
+        [sys.executable, str(TESTS / script)],
+        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
         cwd=TESTS,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    assert found == {"graph_breaks": 0, "op": 0.0, "model": 0.0}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_the_triton_window_kernel_stays_opaque_under_compile():
+    """Our Triton window kernel (`sleepscale::window_delta_rule`, a custom operator) under torch.compile
+    through Triton's CPU interpreter: no graph break, and outputs and gradients equal to eager, for the
+    operator and for a model on `model.backend: window`."""
+    assert _interpreted("kernel_window_compiled.py") == {"graph_breaks": 0, "op": 0.0, "model": 0.0}
 
 
 @pytest.mark.slow
 def test_fla_kernels_stay_opaque_under_compile():
     """fla's Triton kernels (`model.backend: fla`, as custom operators) under torch.compile through
     Triton's CPU interpreter: no graph break, and logits, loss and gradients equal to eager fla."""
-    result = subprocess.run(
-        [sys.executable, str(TESTS / "kernel_fla_compiled.py")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=TESTS,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = _interpreted("kernel_fla_compiled.py")
     assert found["graph_breaks"] == 0 and found["graphs"] > 0 and found["model"] < 1e-6, found
