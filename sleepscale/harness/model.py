@@ -200,22 +200,29 @@ class SleepingLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """`requests`: (cache key, context tokens, continuation tokens). Each stream reads its context
         but the last token without logits, then the last context token and the continuation but its
-        last token, whose logits score the continuation."""
+        last token, whose logits score the continuation: a window's worth of tokens at a time, so that
+        a long continuation (a whole document, `loglikelihood_rolling`) never holds its logits at once."""
         inputs = [self._scored_inputs(context, continuation) for _, context, continuation in requests]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for batch in self._batches(sorted(range(len(requests)), key=lambda i: -len(inputs[i]))):
             session = SleepingSession(self.model, self.sleep, batch_size=len(batch), device=self._device)
-            count = [len(requests[i][2]) for i in batch]
-            heads = [inputs[i][:-n] for i, n in zip(batch, count)]
+            targets = [requests[i][2] for i in batch]
+            heads = [inputs[i][: -len(target)] for i, target in zip(batch, targets)]
             if any(heads):
                 session.feed_each(heads, logits=False)
-            logits = session.feed_each([inputs[i][-n:] for i, n in zip(batch, count)])
-            for i, stream_logits in zip(batch, logits):
-                target = torch.tensor(requests[i][2], device=self._device)
-                logprobs = torch.log_softmax(stream_logits.float(), dim=-1)
-                score = logprobs.gather(-1, target[:, None]).sum().item()
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                results[i] = (score, greedy)
+            tails = [inputs[i][-len(target) :] for i, target in zip(batch, targets)]
+            scores, greedy = [0.0] * len(batch), [True] * len(batch)
+            for start in range(0, max(map(len, tails)), self.sleep.window):
+                pieces = [tail[start : start + self.sleep.window] for tail in tails]
+                for row, piece_logits in enumerate(session.feed_each(pieces)):
+                    if not len(piece_logits):
+                        continue  # this stream's continuation has ended
+                    target = torch.tensor(targets[row][start : start + self.sleep.window], device=self._device)
+                    logprobs = torch.log_softmax(piece_logits.float(), dim=-1)
+                    scores[row] += logprobs.gather(-1, target[:, None]).sum().item()
+                    greedy[row] = greedy[row] and bool((logprobs.argmax(-1) == target).all())
+            for row, i in enumerate(batch):
+                results[i] = (scores[row], greedy[row])
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
