@@ -44,6 +44,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from sleepscale.config import ConfigError, SleepConfig, validate
 from sleepscale.convert.model_dir import is_model_dir, read_description
+from sleepscale.data.sample import DataError
 from sleepscale.data.shards import read_manifest
 from sleepscale.data.tokenizer import HuggingFaceTokenizer, tokenizer_from_description
 from sleepscale.inference.session import SleepingSession
@@ -190,7 +191,10 @@ class SleepingLM(TemplateLM):
         return eos
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        try:
+            return self.tokenizer.encode(string)
+        except DataError as error:  # a task written in other tokens than the model's (text for a symbol task)
+            raise ConfigError(f"a request's text is not in the model's vocabulary: {error}") from None
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
