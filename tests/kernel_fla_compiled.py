@@ -1,6 +1,6 @@
 """Run by test_compile.py in a subprocess, fla's Triton kernels on the CPU through Triton's interpreter
 (`triton_cpu_interpreter`, imported before fla): a model on `model.backend: fla` with its blocks
-compiled (fla's kernels as the custom operators of `sleepscale.ops.fla_operators`) against the same
+compiled (fla's kernels as the custom operators of `sleepscale.ops.fla`) against the same
 model eager. Prints one JSON line: the graph breaks, the graphs compiled, and the largest relative
 difference of logits, loss and gradients."""
 

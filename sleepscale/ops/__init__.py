@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from sleepscale.config import WINDOW_MAX_HEAD_DIM, WINDOW_MAX_LENGTH
 from sleepscale.ops.delta_rule_torch import chunk_gated_delta_rule_torch
+from sleepscale.ops.fla import fla_delta_rule, fla_gated_delta_rule
 
 Backend = Literal["auto", "torch", "fla", "window"]
 BACKENDS = ("auto", "torch", "fla", "window")
@@ -80,18 +81,6 @@ def fla_kernel_for(length: int, needs_grad: bool) -> Literal["chunk", "fused_rec
     read at inference), where the chunked kernel would pad to a 64-token chunk and launch ~5 kernels;
     the chunked kernel otherwise."""
     return "fused_recurrent" if not needs_grad and length <= FUSED_RECURRENT_MAX_LENGTH else "chunk"
-
-
-def fla_kernel(name: str):
-    """fla's `<name>_gated_delta_rule` (chunk, fused_recurrent)."""
-    try:
-        from fla.ops import gated_delta_rule as kernels  # ~10 s, and needs a GPU driver: only for fla's kernels
-    except ImportError as error:  # no silent fallback to the slow path on a GPU
-        raise BackendUnavailable(
-            f"delta-rule backend 'fla' could not import fla ({error}); install flash-linear-attention and triton, "
-            "or set model.backend=torch"
-        ) from error
-    return getattr(kernels, f"{name}_gated_delta_rule")
 
 
 def gdn_inputs(q, k, a, b, A_log, dt_bias) -> tuple[torch.Tensor, ...]:
@@ -162,26 +151,5 @@ def gated_delta_rule(
     # fla's kernels do grouped value attention natively (GVA: v [B, T, HV, V] with HV > H), so q and k go in
     # unrepeated, and compute the norms and gates in the kernel.
     if torch.compiler.is_compiling():  # fla's entry points would break the graph: its custom operator
-        from sleepscale.ops.fla_operators import fla_gated_delta_rule
-
         return fla_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, initial_state, scale, kernel.removeprefix("fla_"))
     return fla_delta_rule(kernel.removeprefix("fla_"), q, k, v, a, b, A_log, dt_bias, initial_state, scale)
-
-
-def fla_delta_rule(kernel: str, q, k, v, a, b, A_log, dt_bias, initial_state, scale):
-    """fla's kernel `kernel` (chunk, fused_recurrent) with its in-kernel L2 norm, gate and beta."""
-    return fla_kernel(kernel)(
-        q,
-        k,
-        v,
-        a,
-        b,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=True,
-        use_qk_l2norm_in_kernel=True,
-        use_gate_in_kernel=True,
-        A_log=A_log,
-        dt_bias=dt_bias,
-        use_beta_sigmoid_in_kernel=True,
-    )

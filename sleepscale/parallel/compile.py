@@ -24,7 +24,7 @@ eager.
 
 The delta rule's kernels stay opaque: our Triton window kernel is a pair of custom operators
 (`sleepscale::window_delta_rule` and its backward, `sleepscale.kernels.window_delta_rule`), and so
-are fla's kernels (`sleepscale::fla_gated_delta_rule`, `sleepscale.ops.fla_operators`: its backward
+are fla's kernels (`sleepscale::fla_gated_delta_rule`, `sleepscale.ops.fla`: its backward
 runs fla's forward again), one call each in a graph; the PyTorch delta rule is traced like any other
 code. Only what can compile is let through (`Config` refuses the rest in one line): no tensor
 parallelism (megatron-core's layers warn and reduce inside the block); a pipeline stage compiles the

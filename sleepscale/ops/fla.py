@@ -1,4 +1,5 @@
-"""fla's gated delta-rule kernels as custom operators, for `train.compile`.
+"""fla's gated delta-rule kernels: imported on first use (~10 s, and they need a GPU driver or Triton's
+interpreter), called with our options (`fla_delta_rule`), and as custom operators for `train.compile`.
 
 fla marks its entry points `torch.compiler.disable`: under torch.compile with `fullgraph` each call
 would be a graph break, an error. A custom operator is one opaque call in the graph instead, as our
@@ -18,7 +19,36 @@ from __future__ import annotations
 
 import torch
 
-from sleepscale.ops import fla_delta_rule
+
+def fla_kernel(name: str):
+    """fla's `<name>_gated_delta_rule` (chunk, fused_recurrent)."""
+    try:
+        from fla.ops import gated_delta_rule as kernels  # ~10 s, and needs a GPU driver: only for fla's kernels
+    except ImportError as error:  # no silent fallback to the slow path on a GPU
+        raise ImportError(
+            f"delta-rule backend 'fla' could not import fla ({error}); install flash-linear-attention and triton, "
+            "or set model.backend=torch"
+        ) from error
+    return getattr(kernels, f"{name}_gated_delta_rule")
+
+
+def fla_delta_rule(kernel: str, q, k, v, a, b, A_log, dt_bias, initial_state, scale):
+    """fla's kernel `kernel` (chunk, fused_recurrent) with its in-kernel L2 norm, gate and beta."""
+    return fla_kernel(kernel)(
+        q,
+        k,
+        v,
+        a,
+        b,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+    )
 
 
 @torch.library.custom_op("sleepscale::fla_gated_delta_rule", mutates_args=())
