@@ -7,16 +7,14 @@ import os
 import subprocess
 import sys
 
+import lm_eval
 import pytest
 import torch
 from hf_models import hf_model
+from lm_eval.api.instance import Instance
 
 from sleepscale.convert import convert_from_hf
-
-lm_eval = pytest.importorskip("lm_eval")  # a dependency of sleepscale: present wherever it is installed
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from sleepscale.harness.model import SleepingLM  # noqa: E402
+from sleepscale.harness.model import SleepingLM
 
 EOS = "<|endoftext|>"
 TEXTS = [

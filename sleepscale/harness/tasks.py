@@ -98,8 +98,10 @@ def _absolute(files, base: Path, yaml_path: Path):
         return {split: _absolute(value, base, yaml_path) for split, value in files.items()}
     if isinstance(files, list):
         return [_absolute(value, base, yaml_path) for value in files]
-    if "://" in str(files) or any(mark in str(files) for mark in "*?["):
-        return str(base / files) if "://" not in str(files) else files  # globs are datasets' to expand
+    if "://" in str(files):  # a remote file: datasets' to fetch
+        return files
+    if any(mark in str(files) for mark in "*?["):  # a glob: datasets' to expand
+        return str(base / files)
     return str(_existing(base, files, yaml_path))
 
 
