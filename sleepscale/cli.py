@@ -113,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
         "in place under a constant learning rate (its evaluation at its own step count is the "
         "equal-token point), else as an added <name>-equal-flops run",
     )
+    sweep.add_argument(
+        "--flops-factor",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="with --equal-flops: also give the cheaper settings F times the largest run's FLOPs (e.g. 2: "
+        "the comparison the report calls 'at 2x training FLOPs'); extended in place as above, else added "
+        "as <name>-flops-xF",
+    )
     sweep_report = commands.add_parser("sweep-report", help="write (again) the comparison report of a sweep directory")
     sweep_report.add_argument("directory", help="a sweep directory (of `sleepscale sweep` or slurm/sweep.sbatch)")
     sweep_report.add_argument(

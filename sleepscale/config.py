@@ -490,6 +490,9 @@ class TrackingConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="steps between evaluations; 0: only at the end")
+    at_steps: list[int] = Field(
+        [], description="steps after which to evaluate too, e.g. a shorter run's end (`sweep --equal-flops`)"
+    )
     passes: list[int] = Field([1], min_length=1, description="sleep passes N to evaluate")
     batch_size: int = Field(32, ge=1)
     max_batches: int | None = Field(None, ge=1, description="per rank; default: the whole validation split")
@@ -500,6 +503,17 @@ class EvalConfig(Section):
         if min(passes) < 1:
             raise ValueError(f"every N must be >= 1, got {passes}")
         return passes
+
+    @field_validator("at_steps")
+    @classmethod
+    def _steps(cls, steps: list[int]) -> list[int]:
+        if steps and min(steps) < 1:
+            raise ValueError(f"every step must be >= 1, got {steps}")
+        return sorted(set(steps))
+
+    def due(self, step: int) -> bool:
+        """Whether a periodic evaluation follows `step` (the run's last step has the final one)."""
+        return bool(self.every and step % self.every == 0) or step in self.at_steps
 
 
 class Config(Section):

@@ -167,6 +167,13 @@ def _matches(first: float, first_steps: int, value: float, steps: int) -> bool:
     return abs(first - value) <= max(first / max(first_steps, 1), value / max(steps, 1))
 
 
+def _closest(run: RunResult, target: float, target_steps: int, position: int) -> int | None:
+    """The step of `run`'s periodic evaluation closest to the budget `target` (tokens: position 0,
+    FLOPs: 1), if one is within a training step of it."""
+    near = [entry for entry in run.history if entry[3] and _matches(target, target_steps, entry[position], entry[3])]
+    return min(near, key=lambda entry: abs(entry[position] - target))[3] if near else None
+
+
 def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, int | None]]]:
     """Runs compared at one budget (training tokens: position 0, FLOPs: 1), in groups of two or
     more: for every finished run's final budget, each finished run at its end (step None) or at a
@@ -181,10 +188,9 @@ def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, 
             if _matches(target, anchor.steps, (run.tokens, run.flops)[position], run.steps):
                 group.append((run, None))
                 continue
-            for entry in run.history:
-                if entry[3] and _matches(target, anchor.steps, entry[position], entry[3]):
-                    group.append((run, entry[3]))
-                    break
+            step = _closest(run, target, anchor.steps, position)
+            if step is not None:
+                group.append((run, step))
         key = tuple((run.name, step) for run, step in group)
         if len(group) > 1 and key not in seen:
             seen.add(key)
@@ -199,22 +205,54 @@ def _accuracy_at(run: RunResult, step: int | None, difficulty: str, value: str) 
     return entry[2].get((difficulty, value, run.eval_passes))
 
 
-def comparisons(runs: list[RunResult]) -> list[str]:
+def _at_multiple(runs: list[RunResult], factor: float) -> list[list[tuple[RunResult, int | None]]]:
+    """Each finished run at its end with every other finished run at `factor` times its training
+    FLOPs (at the other's end or at a periodic evaluation there), where any has one."""
+    finished = [run for run in runs if run.finished and run.flops is not None]
+    groups = []
+    for anchor in finished:
+        target, group = anchor.flops * factor, [(anchor, None)]
+        for run in finished:
+            if run is anchor:
+                continue
+            if _matches(target, anchor.steps, run.flops, run.steps):
+                group.append((run, None))
+                continue
+            step = _closest(run, target, anchor.steps, 1)
+            if step is not None:
+                group.append((run, step))
+        if len(group) > 1:
+            groups.append(group)
+    return groups
+
+
+def _describe(run: RunResult, step: int | None, items) -> str:
+    scores = ", ".join(f"{d}={v}: {_number(_accuracy_at(run, step, d, v), '.3f')}" for d, v in items)
+    where = "" if step is None else f", at step {step} of {run.steps}"
+    return f"{run.name} (N={run.passes}, eval N={run.eval_passes}{where}): {scores}"
+
+
+def comparisons(runs: list[RunResult], flops_factor: float = 1.0) -> list[str]:
+    """The report's comparison lines: at equal training tokens, at equal training FLOPs, and (for a
+    sweep run with `--flops-factor F`) each run against the others given F times its FLOPs."""
     items = _items(runs)
     lines = []
     for title, position, unit in (("equal training tokens", 0, "tokens"), ("equal training FLOPs", 1, "FLOPs")):
         for group in _points(runs, position):
-            parts = []
-            for run, step in group:
-                scores = ", ".join(f"{d}={v}: {_number(_accuracy_at(run, step, d, v), '.3f')}" for d, v in items)
-                where = "" if step is None else f", at step {step} of {run.steps}"
-                parts.append(f"{run.name} (N={run.passes}, eval N={run.eval_passes}{where}): {scores}")
             budget = (
                 (group[0][0].tokens, group[0][0].flops)[position]
                 if group[0][1] is None
                 else next(e for e in group[0][0].history if e[3] == group[0][1])[position]
             )
+            parts = [_describe(run, step, items) for run, step in group]
             lines.append(f"- At {title} (~{budget:.3g} {unit}): " + "; ".join(parts))
+    if flops_factor != 1:
+        for (anchor, _), *others in _at_multiple(runs, flops_factor):
+            parts = [_describe(run, step, items) for run, step in others]
+            lines.append(
+                f"- At {flops_factor:g}x training FLOPs (~{anchor.flops * flops_factor:.3g} FLOPs against "
+                f"{_describe(anchor, None, items)}): " + "; ".join(parts)
+            )
     return lines
 
 
@@ -264,7 +302,10 @@ def write_report(directory: str | Path, tracking: tuple[str, str | None] | None 
     header, rows = table(runs)
     lines = [f"# Sweep {directory.name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", sampling_note(runs), "", *(comparisons(runs) or ["No two finished runs share tokens or FLOPs."])]
+    recorded = directory / "sweep.json"  # a local sweep's command: its --flops-factor
+    factor = json.loads(recorded.read_text()).get("command", {}).get("flops_factor", 1.0) if recorded.exists() else 1.0
+    compared = comparisons(runs, factor) or ["No two finished runs share tokens or FLOPs."]
+    lines += ["", sampling_note(runs), "", *compared]
     text = "\n".join(lines) + "\n"
     (directory / "report.md").write_text(text)
     with (directory / "report.csv").open("w", newline="") as file:

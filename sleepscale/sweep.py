@@ -2,19 +2,21 @@
 their own run directories under one sweep directory, then the comparison report
 (`sleepscale.report`).
 
-    sleepscale sweep CONFIG sleep.passes=1,3 [model.pattern=AG,AGAG] [key=value ...] [--parallel 2] [--equal-flops]
+    sleepscale sweep CONFIG sleep.passes=1,3 [model.pattern=AG,AGAG] [key=value ...] [--parallel 2]
+        [--equal-flops [--flops-factor 2]]
 
 A `KEY=V1,V2,...` argument (commas outside brackets) is swept; a `key=value` with one value is a
 fixed override for every run. Run directories are named `<tag>-<value>` (tag: the key's last part,
 e.g. `passes-3`; several keys join with `_`), as `slurm/sweep.sbatch` names its elements, so the
 same report reads both. `--equal-flops` gives every run whose training FLOPs are below the largest
-that many FLOPs (more steps) too. Under a constant learning rate (`schedule.kind: constant`) with
-an evaluation at the run's own step count (`eval.every` divides it), the run is extended in place:
-its model at the original step count is the model a run of that length would have (same data
-order, same learning rate at every step), so its evaluation there is the equal-token point and its
-end the equal-FLOPs point, for the cost of one run. Otherwise (a cosine would have decayed
-differently) a separate run of the same settings on a schedule of the longer length is added,
-named `<name>-equal-flops`.
+that many FLOPs (more steps) too, and `--flops-factor F` also F times that many (the compute-matched
+baseline given more than its match). Under a constant learning rate (`schedule.kind: constant`) the
+run is extended in place and evaluated at its own step count and at each budget (`eval.at_steps`):
+its model at the original step count is the model a run of that length would have (same data order,
+same learning rate at every step), so its evaluation there is the equal-token point and the later
+ones the equal-FLOPs (and F-times) points, for the cost of one run. Otherwise (a cosine would have
+decayed differently) a separate run of the same settings on a schedule of each longer length is
+added, named `<name>-equal-flops` (and `<name>-flops-xF`).
 
 Runs go one after another, or `--parallel K` at a time, the cores split between them (threads
 per process = cores // K). They log to one MLflow store (default `<sweep dir>/mlflow.db`, or the
@@ -53,6 +55,7 @@ class SweepRun:
     name: str  # its directory under the sweep directory
     values: dict[str, str]  # swept key -> value, as given
     overrides: list[str]  # for `sleepscale train`, after the fixed ones
+    longer: bool = False  # given more steps by --equal-flops (started first when runs share the cores)
 
 
 def split_values(text: str) -> list[str]:
@@ -96,7 +99,7 @@ def run_name(values: dict[str, str]) -> str:
     )
 
 
-def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool) -> list[SweepRun]:
+def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool, flops_factor: float = 1.0) -> list[SweepRun]:
     runs = []
     for combination in product(*(values for _, values in axes)):
         values = {key: value for (key, _), value in zip(axes, combination)}
@@ -106,13 +109,14 @@ def plan_runs(config_path: str, axes, fixed: list[str], equal_flops: bool) -> li
         raise ConfigError(f"values {names} give the same run directory twice; give keys whose last parts differ")
     configs = [load_config(config_path, fixed + run.overrides) for run in runs]  # every combination must be valid
     if equal_flops:
-        runs = _with_equal_flops(runs, configs)
+        runs = _with_equal_flops(runs, configs, flops_factor)
     return runs
 
 
-def _with_equal_flops(runs: list[SweepRun], configs: list[Config]) -> list[SweepRun]:
-    """Each run below the largest training FLOPs given steps up to them: extended in place when its
-    learning rate is constant and it evaluates at its own step count, else as an added run."""
+def _with_equal_flops(runs: list[SweepRun], configs: list[Config], factor: float = 1.0) -> list[SweepRun]:
+    """Each run below the largest training FLOPs given steps up to them (and up to `factor` times
+    them): extended in place, evaluated where it meets each budget, when its learning rate is
+    constant; else one added run per budget."""
     totals = [training_flops(config) for config in configs]
     target = max(totals)
     planned, extra = [], []
@@ -120,27 +124,29 @@ def _with_equal_flops(runs: list[SweepRun], configs: list[Config]) -> list[Sweep
         if total >= target * 0.99:
             planned.append(run)
             continue
-        steps = round(config.train.steps * target / total)
-        longer = [*run.overrides, f"train.steps={steps}"]
+        budgets = {name: round(config.train.steps * target * times / total) for name, times in _budgets(factor)}
         if extends_exactly(config):
-            planned.append(SweepRun(run.name, run.values, longer))
+            meets = sorted({config.train.steps, *budgets.values(), *config.eval.at_steps})
+            longest = [f"train.steps={max(budgets.values())}", f"eval.at_steps=[{','.join(map(str, meets))}]"]
+            planned.append(SweepRun(run.name, run.values, [*run.overrides, *longest], longer=True))
         else:
             planned.append(run)
-            extra.append(SweepRun(f"{run.name}-equal-flops", run.values, longer))
+            for name, steps in budgets.items():
+                overrides = [*run.overrides, f"train.steps={steps}"]
+                extra.append(SweepRun(f"{run.name}-{name}", run.values, overrides, longer=True))
     return planned + extra
 
 
+def _budgets(factor: float) -> list[tuple[str, float]]:
+    """(run-name suffix, multiple of the largest run's FLOPs) for `--equal-flops [--flops-factor F]`."""
+    return [("equal-flops", 1.0)] + ([(f"flops-x{factor:g}", factor)] if factor != 1 else [])
+
+
 def extends_exactly(config: Config) -> bool:
-    """Whether a longer run of `config` passes through the model a run of `config` ends with and
-    evaluates it there: a constant learning rate after a warm-up shorter than the run, and an
-    evaluation every k steps with k dividing the run's steps."""
-    every, steps = config.eval.every, config.train.steps
-    return (
-        config.schedule.kind == "constant"
-        and config.schedule.warmup_steps <= steps
-        and every > 0
-        and steps % every == 0
-    )
+    """Whether a longer run of `config` passes through the model a run of `config` ends with: a
+    constant learning rate after a warm-up no longer than the run (the sweep adds evaluations
+    where it meets each budget, `eval.at_steps`)."""
+    return config.schedule.kind == "constant" and config.schedule.warmup_steps <= config.train.steps
 
 
 def training_flops(config: Config) -> float:
@@ -210,27 +216,36 @@ def sweep_command(args) -> int:
     """`sleepscale sweep`: `run_sweep` with the command's arguments."""
     if args.parallel < 1:
         raise ConfigError(f"--parallel {args.parallel}: give at least 1")
-    return run_sweep(args.config, args.settings, args.out, args.parallel, args.equal_flops)
+    if args.flops_factor != 1 and not args.equal_flops:
+        raise ConfigError(f"--flops-factor {args.flops_factor:g}: give it with --equal-flops")
+    if args.flops_factor < 1:
+        raise ConfigError(f"--flops-factor {args.flops_factor:g}: give a multiple >= 1 of the largest run's FLOPs")
+    return run_sweep(args.config, args.settings, args.out, args.parallel, args.equal_flops, args.flops_factor)
 
 
-def run_sweep(config_path: str, arguments: list[str], out: str | None, parallel: int, equal_flops: bool) -> int:
+def run_sweep(
+    config_path: str, arguments: list[str], out: str | None, parallel: int, equal_flops: bool, flops_factor: float = 1.0
+) -> int:
     from sleepscale.report import write_report  # loads torch (sleepscale.eval), ~2.5 s: only when a sweep runs
 
     axes, fixed = parse_arguments(arguments)
     base = load_config(config_path, fixed)
-    runs = plan_runs(config_path, axes, fixed, equal_flops)  # every run's config is valid before anything starts
+    runs = plan_runs(config_path, axes, fixed, equal_flops, flops_factor)  # every run's config is valid first
     for run in runs:
         ensure_dataset(load_config(config_path, fixed + run.overrides))
     directory = Path(out or f"runs/sweep-{Path(config_path).stem}")
     directory.mkdir(parents=True, exist_ok=True)
-    state = _State(directory, {"config": str(config_path), "arguments": list(arguments), "equal_flops": equal_flops})
+    command = {"config": str(config_path), "arguments": list(arguments), "equal_flops": equal_flops}
+    if flops_factor != 1:  # (sweeps recorded before --flops-factor existed resume unchanged)
+        command["flops_factor"] = flops_factor
+    state = _State(directory, command)
     uri = base.tracking.uri or f"sqlite:///{directory.resolve()}/mlflow.db"
     parent = _parent_run(state, base, uri, directory, axes)
 
     pending = [run for run in runs if not state.run(run.name)["finished"]]  # (records every run, in plan order)
     state.save()
     if parallel > 1:  # the longest first, so that the last to finish is a short one
-        pending.sort(key=lambda run: not run.name.endswith("-equal-flops"))
+        pending.sort(key=lambda run: not run.longer)
     done = len(runs) - len(pending)
     print(
         f"sweep {directory}: {len(runs)} runs ({done} already "

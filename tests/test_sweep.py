@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import yaml
 from train_helpers import losses, metric, write_config
 
 from sleepscale.config import ConfigError
@@ -93,23 +94,41 @@ def test_sweep_over_n_runs_nested_mlflow_runs_and_writes_the_report(tmp_path, co
 
 
 def test_under_a_constant_learning_rate_equal_flops_extends_the_shorter_run(tmp_path, config):
-    """With a constant learning rate the N=1 run is extended to N=2's FLOPs instead of repeated: its
-    first 6 steps are a 6-step run's (losses and evaluation), and the report compares it with N=2
-    at its step-6 evaluation (equal tokens) and at its end (equal FLOPs)."""
+    """With a constant learning rate the N=1 run is extended to twice N=2's FLOPs (`--flops-factor 2`)
+    instead of repeated: its first 6 steps are a 6-step run's (losses and evaluation), it is
+    evaluated where it meets N=2's FLOPs (`eval.at_steps`, not a multiple of `eval.every`), and the
+    report compares it with N=2 at its step-6 evaluation (equal tokens), there (equal FLOPs) and at
+    its end (2x FLOPs)."""
     from train_helpers import train
 
     out = tmp_path / "sweep"
-    sweep(config, "sleep.passes=1,2", "schedule.kind=constant", "--out", str(out), "--equal-flops")
+    arguments = [
+        "sleep.passes=1,2",
+        "schedule.kind=constant",
+        "--out",
+        str(out),
+        "--equal-flops",
+        "--flops-factor",
+        "2",
+    ]
+    sweep(config, *arguments)
     assert sorted(path.name for path in out.iterdir() if (path / "config.yaml").exists()) == ["passes-1", "passes-2"]
     extended, steps = losses(out / "passes-1"), max(losses(out / "passes-2"))
-    assert steps == 6 and max(extended) > 6
+    at_steps = yaml.safe_load((out / "passes-1" / "config.yaml").read_text())["eval"]["at_steps"]
+    assert steps == 6 and len(at_steps) == 3 and at_steps[0] == 6 and at_steps[2] == max(extended)
+    matched = at_steps[1]
+    flops = {run: metric(out / run, "training_flops") for run in ("passes-1", "passes-2")}
+    assert abs(flops["passes-1"][matched] - flops["passes-2"][6]) <= flops["passes-1"][6] / 6
+    assert abs(2 * matched - max(extended)) <= 1 and matched % 3 != 0
     short = tmp_path / "short"
     train(config, "sleep.passes=1", "schedule.kind=constant", f"train.run_dir={short}")
     assert [extended[step] for step in (2, 4, 6)] == pytest.approx(
         [losses(short)[step] for step in (2, 4, 6)], rel=1e-5
     )
     accuracy = "eval_accuracy_t1_N1"
-    assert metric(out / "passes-1", accuracy)[6] == pytest.approx(metric(short, accuracy)[6], abs=1e-9)
+    evaluated = metric(out / "passes-1", accuracy)
+    assert evaluated[6] == pytest.approx(metric(short, accuracy)[6], abs=1e-9) and matched in evaluated
+    zero = metric(out / "passes-1", "eval_accuracy_t0_N1")
     lines = (out / "report.md").read_text().splitlines()
     assert any(
         line.startswith("- At equal training tokens")
@@ -119,10 +138,20 @@ def test_under_a_constant_learning_rate_equal_flops_extends_the_shorter_run(tmp_
     ), lines
     assert any(
         line.startswith("- At equal training FLOPs")
-        and "passes-1 (N=1, eval N=1)" in line
+        and f"passes-1 (N=1, eval N=1, at step {matched} of {max(extended)})" in line
         and "passes-2 (N=2, eval N=2)" in line
         for line in lines
     ), lines
+    assert any(
+        line.startswith("- At 2x training FLOPs")
+        and "against passes-2 (N=2, eval N=2)" in line
+        and line.endswith(
+            f"): passes-1 (N=1, eval N=1): t=0: {zero[max(extended)]:.3f}, t=1: {evaluated[max(extended)]:.3f}"
+        )
+        for line in lines
+    ), lines
+    again = sweep(config, *arguments[:-2], check=False)  # the same directory, another command
+    assert again.returncode == 2 and "--flops-factor" not in again.stderr and "other arguments" in again.stderr
 
 
 def test_a_stopped_sweep_resumes_and_finishes_only_what_is_missing(tmp_path, config):

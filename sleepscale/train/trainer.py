@@ -272,7 +272,7 @@ def _run_steps(run: Run, engine, stage: TrainingStage, stage_sleep: SleepConfig,
         )  # (on a GPU: what the next step's flags wait for counts there)
         if progress.step % config.checkpoint.every == 0 or progress.step == stage.end:
             _save(run, engine)
-        if config.eval.every and progress.step % config.eval.every == 0 and progress.step != stage.end:
+        if config.eval.due(progress.step) and progress.step != stage.end:
             rows = _evaluate(run, engine, stage_sleep)
             run.tracker.log_metrics({**_budget(progress), **eval_metrics(rows)}, progress.step)
     return EXIT_DONE
@@ -548,7 +548,7 @@ def _final_report(run: Run, engine, last_stage: TrainingStage) -> None:
         plot(rows, run_dir / "eval.png")
         names = ["config.yaml", "eval.csv", "eval.md", "eval.png"]
         history = [(record["step"], rows) for record, rows in evaluations(run_dir / "metrics.jsonl")]
-        if len(history) > 1:  # periodic evaluation (eval.every)
+        if len(history) > 1:  # periodic evaluation (eval.every, eval.at_steps)
             plot_history(history, run_dir / "eval_steps.png")
             names.append("eval_steps.png")
         for name in names:
