@@ -65,6 +65,9 @@ def _add_data_commands(commands) -> None:
     rule110.add_argument("--t", type=int, nargs="+", default=[32], help="steps; several values are mixed")
     rule110.add_argument("--bits", type=int, default=24, help="cells per string (= the window L)")
     rule110.add_argument("--strings", type=int, default=4)
+    rule110.add_argument(
+        "--t-in-query", action="store_true", help="query tokens name t too (?1t4), for a mixture of t values"
+    )
     depo = task_parser("depo", "Depo: k-hop retrieval over a directed cycle")
     depo.add_argument("--k", type=int, nargs="+", default=list(range(1, 17)), help="hops drawn for training")
     depo.add_argument("--eval-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="hops for the validation split")

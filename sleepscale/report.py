@@ -167,7 +167,7 @@ def _matches(first: float, first_steps: int, value: float, steps: int) -> bool:
     return abs(first - value) <= max(first / max(first_steps, 1), value / max(steps, 1))
 
 
-def _closest(run: RunResult, target: float, target_steps: int, position: int) -> int | None:
+def evaluation_near(run: RunResult, target: float, target_steps: int, position: int) -> int | None:
     """The step of `run`'s periodic evaluation closest to the budget `target` (tokens: position 0,
     FLOPs: 1), if one is within a training step of it."""
     near = [entry for entry in run.history if entry[3] and _matches(target, target_steps, entry[position], entry[3])]
@@ -188,7 +188,7 @@ def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, 
             if _matches(target, anchor.steps, (run.tokens, run.flops)[position], run.steps):
                 group.append((run, None))
                 continue
-            step = _closest(run, target, anchor.steps, position)
+            step = evaluation_near(run, target, anchor.steps, position)
             if step is not None:
                 group.append((run, step))
         key = tuple((run.name, step) for run, step in group)
@@ -218,7 +218,7 @@ def _at_multiple(runs: list[RunResult], factor: float) -> list[list[tuple[RunRes
             if _matches(target, anchor.steps, run.flops, run.steps):
                 group.append((run, None))
                 continue
-            step = _closest(run, target, anchor.steps, 1)
+            step = evaluation_near(run, target, anchor.steps, 1)
             if step is not None:
                 group.append((run, step))
         if len(group) > 1:

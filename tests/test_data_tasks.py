@@ -66,6 +66,24 @@ def test_rule110_mixes_t_values():
     assert seen == {4, 8, 12}
 
 
+def test_rule110_queries_name_t_when_asked():
+    """`t_in_query`: a mixture's query names the t its label is computed with; without it the
+    vocabulary and parameters are the ones datasets were written with before the option."""
+    task = Rule110Task([2, 4, 8], bits=16, strings=2, t_in_query=True)
+    assert task.vocabulary.symbols[3:] == ["?1t2", "?1t4", "?1t8", "?2t2", "?2t4", "?2t8"]
+    assert task.params()["t_in_query"] is True and "t_in_query" not in Rule110Task([2]).params()
+    assert Rule110Task([2], strings=2).vocabulary.symbols == ["<pad>", "0", "1", "?1", "?2"]
+    for seed in range(30):
+        sample = task.sample(np.random.default_rng(seed))
+        t = sample.meta["difficulty"]["t"]
+        assert [task.vocabulary.symbols[i] for i in sample.input_ids[32:]] == [f"?1t{t}", f"?2t{t}"]
+        strings = (sample.input_ids[:32] == task.vocabulary["1"]).astype(int).reshape(2, 16).tolist()
+        for cells, label in zip(strings, sample.targets[32:]):
+            for _ in range(t):
+                cells = rule110_by_table(cells)
+            assert task.vocabulary.symbols[label] == str(cells[0])
+
+
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_depo_answers_follow_the_cycle(split):
     task = DepoTask() if split == "train" else DepoTask().for_validation()

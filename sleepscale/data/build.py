@@ -37,7 +37,7 @@ def build_command(args) -> None:
             manifest = build_text_dataset(corpus, out, args.seed, args.validation_fraction, args.samples_per_shard)
         else:
             if args.task == "rule110":
-                task = rule110.Rule110Task(args.t, args.bits, args.strings)
+                task = rule110.Rule110Task(args.t, args.bits, args.strings, args.t_in_query)
             elif args.task == "depo":
                 task = depo.DepoTask(args.k, args.eval_k, args.min_nodes, args.max_nodes, args.queries)
             else:
