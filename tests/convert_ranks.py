@@ -63,7 +63,11 @@ def main(model_dir: str, mode: str, out: str) -> None:
 
     if mode == "zero3":  # DeepSpeed's imports and set-up are not loading
         import deepspeed
+        import deepspeed.comm.torch  # noqa: F401  (the submodule, patched below)
 
+        # As `setup_distributed` does for the trainer: on CPU no JIT-compiled shared-memory collective
+        # (a ~90 s compile in a fresh cache), gloo needs none.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         with deepspeed.zero.Init(
             config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
         ):
