@@ -5,6 +5,7 @@ import torch
 from train_helpers import losses, train, write_config
 
 from sleepscale.config_loading import load_config
+from sleepscale.data.build import generate_missing
 from sleepscale.data.loader import ShardLoader
 from sleepscale.model import build_model
 from sleepscale.passes import draw_passes
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
         train={"steps": STEPS, "grad_clip": 0.5},
         sleep={"window": 8, "passes": 2, "checkpoint": "pass"},
     )
-    train(config, "train.steps=1")  # generates the data once
+    generate_missing(load_config(config).data)  # the data, once, as the trainer would (not a launch)
     return tmp, data
 
 
