@@ -6,9 +6,13 @@ single-process model built from the seed); under tensor parallelism from a direc
 it computes what the model built the ordinary way (whole, then sharded) computes, gradients
 included. Rank 0 writes the results as JSON.
 
-    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR tensor|pipeline|zero3[-seed] OUT.json
+    torchrun --nproc_per_node 2 tests/convert_ranks.py MODEL_DIR MODE[,MODE...] OUT.json
+
+MODE: tensor|pipeline|zero3[-seed]; several modes of one layout run one after the other (one start-up),
+each measured from where the previous one left the process (its model freed).
 """
 
+import gc
 import json
 import sys
 import types
@@ -35,13 +39,30 @@ def resident_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def main(model_dir: str, mode: str, out: str) -> None:
+LAYOUTS = {"tensor": (2, 1), "pipeline": (1, 2), "zero3": (1, 1)}
+
+
+def main(model_dir: str, modes: str, out: str) -> None:
+    """`modes`: comma-separated, of one layout (e.g. `tensor,tensor-seed`), measured one after the
+    other on the same ranks; rank 0 writes each mode's results."""
+    dist.init_process_group("gloo")
+    report = {}
+    for mode in modes.split(","):
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, measure(model_dir, mode))
+        report[mode] = results
+        gc.collect()  # the previous mode's model gone before the next measurement
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def measure(model_dir: str, mode: str) -> dict:
     from sleepscale.convert.model_dir import read_description
 
-    dist.init_process_group("gloo")
     mode, seeded = mode.removesuffix("-seed"), mode.endswith("-seed")
-    tensor, pipeline = {"tensor": (2, 1), "pipeline": (1, 2), "zero3": (1, 1)}[mode]
-    groups = init_parallel_groups(tensor, pipeline) if mode != "zero3" else None
+    tensor, pipeline = LAYOUTS[mode]
+    groups = init_parallel_groups(tensor, pipeline) if mode != "zero3" else None  # idempotent
     pattern = None
     if mode == "pipeline":
         blocks = read_description(model_dir)["model"]["pattern"]
@@ -63,7 +84,11 @@ def main(model_dir: str, mode: str, out: str) -> None:
 
     if mode == "zero3":  # DeepSpeed's imports and set-up are not loading
         import deepspeed
+        import deepspeed.comm.torch  # noqa: F401  (the submodule, patched below)
 
+        # As `setup_distributed` does for the trainer: on CPU no JIT-compiled shared-memory collective
+        # (a ~90 s compile in a fresh cache), gloo needs none.
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         with deepspeed.zero.Init(
             config_dict_or_path={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
         ):
@@ -97,7 +122,7 @@ def main(model_dir: str, mode: str, out: str) -> None:
     else:
         equal_to_files = all(torch.equal(p, files.get(name)) for name, p in model.named_parameters())
         equal_forward = None
-    result = {
+    return {
         "rank": dist.get_rank(),
         "peak_bytes": peak,
         "held_bytes": held,
@@ -105,11 +130,6 @@ def main(model_dir: str, mode: str, out: str) -> None:
         "equal_to_files": equal_to_files,
         "equal_forward": equal_forward,
     }
-    results = [None] * dist.get_world_size()
-    dist.all_gather_object(results, result)
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 def _same_as_ordinary_path(model, config, groups) -> bool:

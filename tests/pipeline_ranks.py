@@ -1,7 +1,10 @@
 """Run under torchrun: the statically scheduled pipeline (`sleepscale.parallel.pipeline`) against the
 single-process engine, same weights, several micro-batches; rank 0 writes a JSON report.
 
-    torchrun --nproc_per_node P tests/pipeline_ranks.py OUT.json [--tensor 2]
+    torchrun --nproc_per_node P tests/pipeline_ranks.py OUT.json [--tensor 2,1]
+
+With several tensor-parallel sizes, each layout runs in turn on the same ranks (one start-up for
+both); the report holds each layout's, by tensor-parallel size.
 
 Cases: eviction, N=1, recomputation with truncation, a loop spanning stages, sleep on the context,
 and (without tensor parallelism) each stage's blocks compiled as `train.compile` compiles them.
@@ -217,13 +220,9 @@ def saved_bytes(groups) -> dict:
     return {"few": max(p[groups.pipeline.size()] for p in gathered), "many": max(p[8] for p in gathered)}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--tensor", type=int, default=1)
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    groups = init_parallel_groups(tensor=args.tensor, pipeline=dist.get_world_size() // args.tensor)
+def layout_report(tensor: int) -> dict:
+    """The report of every case at tensor-parallel size `tensor` (the pipeline: the other ranks)."""
+    groups = init_parallel_groups(tensor=tensor, pipeline=dist.get_world_size() // tensor)
     two = groups.pipeline.size() == 2
     cases = {
         "hard": {"pattern": "AG|GA" if two else "A|G|G|A", "eviction": "hard"},
@@ -247,9 +246,31 @@ def main():
         report["compiled"]["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     report["saved_bytes"] = saved_bytes(groups)
     report["forms"] = recomputation_forms(groups)
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument(
+        "--tensor",
+        default="1",
+        help="tensor-parallel sizes, comma-separated: each layout in turn, on the same ranks (a list ending "
+        "in 1 puts the compiled case last, after which no layout runs)",
+    )
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    reports = {}
+    for tensor in (int(size) for size in args.tensor.split(",")):
+        if reports:  # the previous layout's groups make way for this one's
+            from megatron.core import parallel_state
+
+            dist.barrier()
+            parallel_state.destroy_model_parallel()
+        reports[str(tensor)] = layout_report(tensor)
     if dist.get_rank() == 0:
         with open(args.out, "w") as out:
-            json.dump(report, out, indent=1)
+            json.dump(reports, out, indent=1)
     dist.destroy_process_group()
 
 

@@ -232,6 +232,15 @@ def main():
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as out:
             json.dump(report, out, indent=1)
+    if len(sys.argv) > 2:  # the Muon report of tests/planner_optimizer_ranks.py too, on the same ranks
+        from megatron.core import parallel_state
+        from planner_optimizer_ranks import muon_report
+
+        parallel_state.destroy_model_parallel()  # each of its layouts makes its own groups
+        muon = muon_report()
+        if dist.get_rank() == 0:
+            with open(sys.argv[2], "w") as out:
+                json.dump(muon, out, indent=1)
     dist.destroy_process_group()
 
 

@@ -5,6 +5,8 @@
     torchrun --nproc_per_node 2 tests/planner_optimizer_ranks.py OUT.json   # DP2, TP2
     torchrun --nproc_per_node 4 tests/planner_optimizer_ranks.py OUT.json   # TP2 x DP2
 
+(On two ranks tests/planner_communication_ranks.py runs it too, after its own report: one start-up.)
+
 Each layout (tensor x data ranks over the world, megatron's groups as the trainer makes them) at
 `train.zero_stage` 0 and 1: the model is built and tensor-parallelised as the trainer does
 (`build_model`, `parallelize_tensor`) and the optimizer by `build_optimizer` over the trainer's
@@ -254,8 +256,8 @@ def case(tensor: int, data: int, zero_stage: int) -> dict:
     return result
 
 
-def main():
-    dist.init_process_group("gloo")
+def muon_report() -> dict:
+    """Every layout of the world at ZeRO 0 and 1, by case; needs the process group and no megatron groups."""
     torch.set_num_threads(1)
     report = {}
     for tensor, data in layouts(dist.get_world_size()):
@@ -263,6 +265,12 @@ def main():
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, case(tensor, data, zero_stage))
             report[f"TP{tensor}xDP{data}-zero{zero_stage}"] = ranks
+    return report
+
+
+def main():
+    dist.init_process_group("gloo")
+    report = muon_report()
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as out:
             json.dump(report, out, indent=1)

@@ -25,21 +25,29 @@ from sleepscale.planner.communication import (
 from sleepscale.planner.model_states import Parameter, muon_owners
 
 
-@pytest.mark.slow
-def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(tmp_path):
-    out = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def two_rank_reports(tmp_path_factory) -> tuple[dict, dict]:
+    """One two-rank launch: the tensor and pipeline report, then the Muon report on two ranks."""
+    tmp = tmp_path_factory.mktemp("communication")
+    out, muon = tmp / "report.json", tmp / "muon.json"
     subprocess.run(
         torchrun_command(
             int("2"),
             "tests/planner_communication_ranks.py",
             str(out),
+            str(muon),
         ),
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=900,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), json.loads(muon.read_text())
+
+
+@pytest.mark.slow
+def test_predicted_bytes_equal_the_measured_under_tensor_and_pipeline_parallelism(two_rank_reports):
+    report, _ = two_rank_reports
     for case, result in report["tensor"].items():
         assert result["measured"] == result["predicted"], (case, result)  # [forward, backward with recomputation]
         # training gathers no logits: every collective is an all-reduce
@@ -86,12 +94,15 @@ def run_ranks(script: str, out, ranks: int = 2, timeout: int = 300) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4], ids=["DP2-and-TP2", "TP2xDP2"])
-def test_muon_sent_bytes_equal_the_measured_per_rank(tmp_path, ranks):
+def test_muon_sent_bytes_equal_the_measured_per_rank(request, tmp_path, ranks):
     """Per rank and group (tensor, data), at train.zero_stage 0 and 1: the prediction equals the bytes
     counted at Muon's collectives, which equal `Muon.sent_bytes`; the planner's parameters, owners and
     per-rank state are the optimizer's; and each phase of the step holds at its largest the bytes the
-    planner gives it (`_muon_step_phases`, by a census)."""
-    report = run_ranks("tests/planner_optimizer_ranks.py", tmp_path / "report.json", ranks, timeout=600)
+    planner gives it (`_muon_step_phases`, by a census). Two ranks: from the launch above."""
+    if ranks == 2:
+        _, report = request.getfixturevalue("two_rank_reports")
+    else:
+        report = run_ranks("tests/planner_optimizer_ranks.py", tmp_path / "report.json", ranks, timeout=600)
     assert set(report) == (
         {"TP2xDP2-zero0", "TP2xDP2-zero1"}
         if ranks == 4

@@ -73,12 +73,21 @@ def mlflow_runs(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def two_rank_job(slurm, data, tmp_path_factory):
+    """A two-rank train.sbatch job of 6 steps, signalled as before its time limit, requeued and resumed
+    to its end. The ranks wait after step 3 until the signal is there, so it always lands mid-run. One
+    data worker per rank: Slurm signals every process of the step, those workers too."""
     tmp = tmp_path_factory.mktemp("train")
     run = tmp / "run"
     config = write_config(tmp, data, run)
-    job, _ = submit(
-        slurm, "train.sbatch", tmp, str(config), "train.steps=4", env=job_env(SLEEPSCALE_NPROC_PER_NODE="2")
-    )
+    env = job_env(SLEEPSCALE_NPROC_PER_NODE="2", SLEEPSCALE_FAULT_PAUSE_AT_STEP="3")
+    job, _ = submit(slurm, "train.sbatch", tmp, str(config), "train.steps=6", "data.num_workers=1", env=env)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (any(tmp.glob(f"*-{job}.out")) and "rank 0 paused after step 3" in output(tmp, job)):
+        assert time.monotonic() < deadline, "the job never reached step 3"
+        assert slurm.job(job)["JobState"] not in ENDED, slurm.job(job)
+        time.sleep(0.5)
+    # What `#SBATCH --signal=B:USR1@300` does before the time limit: SIGUSR1 to the batch script.
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
     info = slurm.wait_for_state(job, {"COMPLETED"}, JOB_TIMEOUT)
     return job, tmp, run, info
 
@@ -89,10 +98,10 @@ def test_train_sbatch_with_two_ranks_completes_with_a_checkpoint_and_an_mlflow_r
     log = output(tmp, job)
     assert "rank 0 of 2 (local rank 0)" in log and "[rank 1] rank 1 of 2 (local rank 1)" in log
     assert "1 node(s) x 2 process(es)" in log and "training finished" in log
-    assert (run / "checkpoints" / "latest").read_text() == "step-000004"
+    assert (run / "checkpoints" / "latest").read_text() == "step-000006"
     client, (mlflow_run,) = mlflow_runs(run)
     assert mlflow_run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_eval_sbatch_evaluates_the_checkpoint(slurm, two_rank_job):
@@ -100,27 +109,13 @@ def test_eval_sbatch_evaluates_the_checkpoint(slurm, two_rank_job):
     job, _ = submit(slurm, "eval.sbatch", tmp, str(run), "--passes", "1,3", "--no-mlflow", env=job_env())
     slurm.wait_for_state(job, {"COMPLETED"}, JOB_TIMEOUT)
     assert "| difficulty | value | passes | items | accuracy | token_accuracy |" in output(tmp, job)
-    assert (run / "checkpoints" / "step-000004" / "eval-validation.csv").exists()
+    assert (run / "checkpoints" / "step-000006" / "eval-validation.csv").exists()
 
 
-def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(slurm, data, tmp_path):
-    run = tmp_path / "run"
-    config = write_config(tmp_path, data, run)
-    # The ranks wait after step 3 until the signal is there, so it always lands mid-run. One data
-    # worker per rank: Slurm signals every process of the step, those workers too.
-    env = job_env(SLEEPSCALE_NPROC_PER_NODE="2", SLEEPSCALE_FAULT_PAUSE_AT_STEP="3")
-    job, _ = submit(slurm, "train.sbatch", tmp_path, str(config), "train.steps=6", "data.num_workers=1", env=env)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (any(tmp_path.glob(f"*-{job}.out")) and "rank 0 paused after step 3" in output(tmp_path, job)):
-        assert time.monotonic() < deadline, "the job never reached step 3"
-        assert slurm.job(job)["JobState"] not in ENDED, slurm.job(job)
-        time.sleep(0.5)
-    # What `#SBATCH --signal=B:USR1@300` does before the time limit: SIGUSR1 to the batch script.
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    info = slurm.wait_for_state(job, {"COMPLETED"}, JOB_TIMEOUT)
-
+def test_signal_before_the_time_limit_checkpoints_requeues_and_resumes_into_the_same_mlflow_run(two_rank_job):
+    job, tmp, run, info = two_rank_job
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0"
-    log = output(tmp_path, job)
+    log = output(tmp, job)
     assert "stopped by signal at step 3 after writing a checkpoint" in log
     assert "ranks stopped (exit 75); requeueing to resume from the last checkpoint" in log
     assert f"resuming from {run / 'checkpoints' / 'step-000003'} (step 3)" in log
