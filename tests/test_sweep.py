@@ -260,3 +260,14 @@ def test_evaluation_plots_accuracy_against_n_and_against_step(tmp_path):
     assert drawn["t=2 N=4"] == ([10, 20], [240 / 128, 480 / 128]) and len(drawn) == 6
     assert set(metrics(rows)) == {f"eval_accuracy_t{t}_N{n}" for t in (0, 2) for n in (1, 2, 4)}
     assert all(path.stat().st_size > 0 for path in tmp_path.glob("*.png"))
+
+
+def test_a_flops_factor_needs_equal_flops_and_at_least_1(tmp_path, config, capsys):
+    from sleepscale.cli import main
+
+    out = ["--out", str(tmp_path / "sweep")]
+    assert main(["sweep", str(config), "sleep.passes=1,2", "--flops-factor", "2", *out]) == 2
+    assert "--flops-factor 2: give it with --equal-flops" in capsys.readouterr().err
+    assert main(["sweep", str(config), "sleep.passes=1,2", "--equal-flops", "--flops-factor", "0.5", *out]) == 2
+    assert "--flops-factor 0.5: give a multiple >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "sweep").exists()  # refused before anything was made
