@@ -174,6 +174,15 @@ def evaluation_near(run: RunResult, target: float, target_steps: int, position: 
     return min(near, key=lambda entry: abs(entry[position] - target))[3] if near else None
 
 
+def _run_at(run: RunResult, target: float, target_steps: int, position: int) -> tuple[RunResult, int | None] | None:
+    """`run` where it spent the budget `target` (tokens: position 0, FLOPs: 1): at its end (step
+    None) or at its periodic evaluation nearest it, within a training step; None if neither."""
+    if _matches(target, target_steps, (run.tokens, run.flops)[position], run.steps):
+        return run, None
+    step = evaluation_near(run, target, target_steps, position)
+    return None if step is None else (run, step)
+
+
 def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, int | None]]]:
     """Runs compared at one budget (training tokens: position 0, FLOPs: 1), in groups of two or
     more: for every finished run's final budget, each finished run at its end (step None) or at a
@@ -185,12 +194,9 @@ def _points(runs: list[RunResult], position: int) -> list[list[tuple[RunResult, 
     for anchor in finished:
         target, group = (anchor.tokens, anchor.flops)[position], []
         for run in finished:
-            if _matches(target, anchor.steps, (run.tokens, run.flops)[position], run.steps):
-                group.append((run, None))
-                continue
-            step = evaluation_near(run, target, anchor.steps, position)
-            if step is not None:
-                group.append((run, step))
+            found = _run_at(run, target, anchor.steps, position)
+            if found is not None:
+                group.append(found)
         key = tuple((run.name, step) for run, step in group)
         if len(group) > 1 and key not in seen:
             seen.add(key)
@@ -213,14 +219,9 @@ def _at_multiple(runs: list[RunResult], factor: float) -> list[list[tuple[RunRes
     for anchor in finished:
         target, group = anchor.flops * factor, [(anchor, None)]
         for run in finished:
-            if run is anchor:
-                continue
-            if _matches(target, anchor.steps, run.flops, run.steps):
-                group.append((run, None))
-                continue
-            step = evaluation_near(run, target, anchor.steps, 1)
-            if step is not None:
-                group.append((run, step))
+            found = None if run is anchor else _run_at(run, target, anchor.steps, 1)
+            if found is not None:
+                group.append(found)
         if len(group) > 1:
             groups.append(group)
     return groups
